@@ -1,0 +1,145 @@
+"""KV cache memory: request rows, KV slot allocation, and the per-layer K/V buffers.
+
+Three pieces, as in SGLang:
+
+- `ReqToTokenPool`: one row per running request; row `r` column `i` holds the KV slot of the
+  request's `i`-th token.
+- `TokenToKVPoolAllocator`: hands out KV slots `1..size` (slot 0 is reserved: padded tokens
+  write their K/V there, so it must never hold a real token).
+- `TokenToKVPool`: the K and V buffers themselves, `[size + 1, kv_heads, head_dim]` per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToTokenPool:
+    """Maps a request row to the KV slots of its tokens."""
+
+    def __init__(self, size: int, max_context_len: int, device: str | torch.device = "cpu") -> None:
+        assert size > 0 and max_context_len > 0, f"need a positive pool shape, got {size} x {max_context_len}"
+        self.size = size
+        self.max_context_len = max_context_len
+        self.device = torch.device(device)
+        # int64 so a row slice indexes the KV buffers directly.
+        self.req_to_token = torch.zeros(size, max_context_len, dtype=torch.int64, device=self.device)  # [rows, ctx]
+        self._free_rows: list[int] = list(range(size))
+
+    def alloc(self, n: int = 1) -> list[int] | None:
+        """Take `n` free rows, or None (taking nothing) when fewer than `n` are free."""
+        if n > len(self._free_rows):
+            return None
+        rows, self._free_rows = self._free_rows[:n], self._free_rows[n:]
+        return rows
+
+    def free(self, idx: int | list[int]) -> None:
+        """Give rows back. The row contents are left as they are (the next owner overwrites them)."""
+        if isinstance(idx, int):
+            self._free_rows.append(idx)
+        else:
+            self._free_rows.extend(int(i) for i in idx)
+
+    def available_size(self) -> int:
+        return len(self._free_rows)
+
+    def clear(self) -> None:
+        self._free_rows = list(range(self.size))
+
+
+class TokenToKVPoolAllocator:
+    """Hands out KV slots 1..size; slot 0 is reserved (padding writes go there).
+
+    The free list is one int64 tensor: `alloc` slices its head, `free` concatenates onto its
+    tail, so neither walks the slots in Python.
+    """
+
+    def __init__(self, size: int, device: str | torch.device = "cpu") -> None:
+        assert size > 0, f"the KV pool needs at least one slot, got size={size}"
+        self.size = size
+        self.device = torch.device(device)
+        self.clear()
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Take `n` slots -> int64 [n], or None (taking nothing) when fewer than `n` are free."""
+        if n > self._free.numel():
+            return None
+        out, self._free = self._free[:n], self._free[n:]
+        return out
+
+    def free(self, indices: torch.Tensor) -> None:
+        """Give slots back; an empty tensor is a no-op. No double-free check (see `free_slots`)."""
+        if indices.numel() == 0:
+            return
+        self._free = torch.cat((self._free, indices.to(device=self.device, dtype=torch.int64).reshape(-1)))
+
+    def available_size(self) -> int:
+        return int(self._free.numel())
+
+    def clear(self) -> None:
+        self._free = torch.arange(1, self.size + 1, dtype=torch.int64, device=self.device)
+
+    def free_slots(self) -> torch.Tensor:
+        """Debug aid: a copy of the free list (for invariant checks in tests)."""
+        return self._free.clone()
+
+
+class TokenToKVPool:
+    """Per-layer K and V buffers [size + 1, kv_heads, head_dim] (row 0 = reserved slot)."""
+
+    def __init__(
+        self,
+        size: int,
+        dtype: torch.dtype,
+        head_num: int,
+        head_dim: int,
+        layer_num: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.size = size
+        self.dtype = dtype
+        self.head_num = head_num
+        self.head_dim = head_dim
+        self.layer_num = layer_num
+        self.device = torch.device(device)
+        shape = (size + 1, head_num, head_dim)
+        self.k_buffer: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layer_num)
+        ]
+        self.v_buffer: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layer_num)
+        ]
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.k_buffer[layer_id]  # [size + 1, Hkv, D]
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.v_buffer[layer_id]  # [size + 1, Hkv, D]
+
+    def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffer[layer_id], self.v_buffer[layer_id]
+
+    def set_kv_buffer(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [T, Hkv, D] into slots loc [T] of one layer, cast to the pool dtype."""
+        if k.dtype != self.dtype:
+            k = k.to(self.dtype)
+        if v.dtype != self.dtype:
+            v = v.to(self.dtype)
+        self.k_buffer[layer_id][loc] = k
+        self.v_buffer[layer_id][loc] = v
+
+    @staticmethod
+    def bytes_per_token(dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int) -> int:
+        """Bytes one token's K and V take over all layers."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * head_num * head_dim * layer_num * itemsize
+
+    @classmethod
+    def size_for_budget(cls, budget_bytes: int, dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int) -> int:
+        """The largest `size` whose buffers (size + 1 rows, counting the reserved slot) fit the budget."""
+        per_token = cls.bytes_per_token(dtype, head_num, head_dim, layer_num)
+        return max(budget_bytes // per_token - 1, 0)
+
+    def mem_bytes(self) -> int:
+        """Bytes held by all K and V buffers."""
+        return sum(b.numel() * b.element_size() for b in self.k_buffer + self.v_buffer)

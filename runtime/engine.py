@@ -1,0 +1,217 @@
+"""`loom.Engine`: SGLang's offline API over the scheduler, in one process.
+
+    engine = Engine(model_path=...)
+    engine.generate(prompt="...", sampling_params={...})  -> {"text", "output_ids", "meta_info"}
+
+The engine hands messages to the scheduler through a local `SchedulerIO` and steps it until
+every request it submitted has its final answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from transformers import AutoTokenizer, GenerationConfig
+
+from loom.runtime.messages import AbortReq, BatchTokenIDOut, FlushCacheOut, FlushCacheReq
+from loom.runtime.model_runner import ModelRunner
+from loom.runtime.scheduler import Scheduler
+from loom.runtime.server_args import ServerArgs
+from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+
+class LocalIO:
+    """The scheduler's I/O when it runs in the caller's thread."""
+
+    def __init__(self) -> None:
+        self.inbox: deque[Any] = deque()
+        self.outbox: deque[Any] = deque()
+
+    def recv(self) -> list[Any]:
+        msgs = list(self.inbox)
+        self.inbox.clear()
+        return msgs
+
+    def send(self, msg: Any) -> None:
+        self.outbox.append(msg)
+
+
+def eos_token_ids(model_path: str, config: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json, config.json and the tokenizer (all that are set)."""
+    ids: set[int] = set()
+    sources: list[Any] = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    try:
+        sources.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
+    except (OSError, ValueError):
+        pass
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        if model_path is None:
+            raise ValueError("Engine needs model_path: a folder in the Hugging Face layout")
+        unknown = set(kwargs) - set(ServerArgs.field_names())
+        if unknown:
+            raise ValueError(
+                f"unknown engine argument(s) {sorted(unknown)} (expected some of: {', '.join(ServerArgs.field_names())})"
+            )
+        self.server_args = ServerArgs(model_path=str(model_path), **kwargs)
+        args = self.server_args
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        self.model_runner = ModelRunner(args)
+        self.io = LocalIO()
+        self.scheduler = Scheduler(
+            args,
+            self.model_runner,
+            self.io,
+            decode_tail=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            eos_token_ids=eos_token_ids(args.model_path, self.model_runner.hf_config, self.tokenizer),
+        )
+        self.tokenizer_manager = TokenizerManager(
+            self.tokenizer,
+            context_len=self.model_runner.context_len,
+            vocab_size=self.model_runner.vocab_size,
+            max_total_tokens=self.model_runner.max_total_tokens,
+        )
+        self._states: dict[str, ReqState] = {}
+        self._deltas: dict[str, list[str]] = {}
+        self._closed = False
+        self._flush_result: FlushCacheOut | None = None
+
+    # ------------------------------------------------------------------ API
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] = 0,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one prompt (-> dict) or a list of prompts (-> list of dicts, same order).
+
+        With stream=True (single prompt) returns an iterator of {"text": delta, "output_ids":
+        new ids, "meta_info": ...} chunks, the last one carrying the finish_reason.
+        Raises ValueError naming the input when a request is malformed; nothing is submitted then."""
+        self._check_open()
+        reqs, states, is_batch = self.tokenizer_manager.tokenize_batch(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+            stream=stream,
+            rid=rid,
+        )
+        for state in states:
+            if state.rid in self._states:
+                raise ValueError(f"rid {state.rid!r} is already in use by a running request")
+        if stream:
+            if is_batch:
+                raise ValueError("stream=True takes a single prompt, not a list")
+            return self._stream(reqs[0], states[0])
+        for req, state in zip(reqs, states):
+            self._states[req.rid] = state
+            self.io.inbox.append(req)
+        try:
+            self._run_until(lambda: all(s.finished for s in states))
+        finally:
+            for state in states:
+                self._states.pop(state.rid, None)
+        results = [self.tokenizer_manager.result(s) for s in states]
+        return results if is_batch else results[0]
+
+    def _stream(self, req, state: ReqState) -> Iterator[dict]:
+        self._states[req.rid] = state
+        self._deltas[req.rid] = []
+        self.io.inbox.append(req)
+        sent_ids = 0
+        try:
+            while True:
+                self._run_until(lambda: state.finished or bool(self._deltas[req.rid]))
+                text = "".join(self._deltas[req.rid])
+                self._deltas[req.rid].clear()
+                chunk = self.tokenizer_manager.result(state)
+                chunk["text"] = text
+                chunk["output_ids"] = state.output_ids[sent_ids:]
+                sent_ids = len(state.output_ids)
+                # Decide before yielding: other streams may finish this request while we wait.
+                last = state.finished
+                yield chunk
+                if last:
+                    return
+        finally:
+            if not state.finished:  # the consumer stopped early: abort and release its memory
+                self.io.inbox.append(AbortReq(req.rid, "the stream was closed by the caller"))
+                self._run_until(lambda: state.finished)
+            self._states.pop(req.rid, None)
+            self._deltas.pop(req.rid, None)
+
+    def _run_until(self, done) -> None:
+        while not done():
+            self.scheduler.step()
+            self._drain()
+            if not done() and not self.scheduler.has_work() and not self.io.inbox:
+                raise RuntimeError("the scheduler went idle before every request finished (a lost request)")
+
+    def _drain(self) -> None:
+        while self.io.outbox:
+            msg = self.io.outbox.popleft()
+            if isinstance(msg, BatchTokenIDOut):
+                for out in msg.outputs:
+                    state = self._states.get(out.rid)
+                    if state is None:
+                        continue
+                    delta = self.tokenizer_manager.process_output(state, out)
+                    if out.rid in self._deltas and (delta or state.finished):
+                        self._deltas[out.rid].append(delta)
+            elif isinstance(msg, FlushCacheOut):
+                self._flush_result = msg
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix. Returns False (and flushes nothing) while requests run."""
+        self._check_open()
+        self._flush_result = None
+        self.io.inbox.append(FlushCacheReq())
+        self.scheduler.step()
+        self._drain()
+        result = self._flush_result
+        return bool(result and result.success)
+
+    def get_server_info(self) -> dict[str, Any]:
+        return {
+            **self.server_args.to_dict(),
+            "max_total_tokens": self.model_runner.max_total_tokens,
+            "context_length": self.model_runner.context_len,
+            "memory": self.scheduler.memory_report(),
+            "stats": dict(self.scheduler.stats),
+        }
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Engine was shut down")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,87 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+The vocabulary is padded to a multiple of tp_size and split into contiguous ranges, one per rank.
+Rows past the real vocabulary are zero and their logits are cut off again in `compute_logits`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.runtime.layers.linear import (
+    LoadedWeight,
+    copy_checked,
+    loaded_shape,
+    read_shard,
+    skinny_linear,
+    tensor_parallel_all_reduce,
+)
+
+
+def tensor_parallel_all_gather(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """x: [N, V / tp] on each rank -> [N, V], ranks in order along the last dim."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("tp_size > 1 needs torch.distributed to be initialised before the forward pass")
+    parts = [torch.empty_like(x) for _ in range(tp_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """weight: [V_padded / tp, hidden]; rank r holds token ids [r * V_padded / tp, (r + 1) * V_padded / tp)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        assert 0 <= tp_rank < tp_size, f"tp_rank={tp_rank} is outside [0, tp_size={tp_size})"
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        padded = -(-num_embeddings // tp_size) * tp_size
+        self.per_rank = padded // tp_size
+        self.vocab_start = tp_rank * self.per_rank
+        self.vocab_end = min(self.vocab_start + self.per_rank, num_embeddings)  # real rows held here: [start, end)
+        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: None = None) -> None:
+        assert shard_id is None, f"embeddings have no packed shards, got shard_id={shard_id!r}"
+        rows, cols = loaded_shape(loaded)
+        if (rows, cols) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(
+                f"embedding weight has shape {(rows, cols)}, the config says {(self.num_embeddings, self.embedding_dim)}"
+            )
+        real = max(self.vocab_end - self.vocab_start, 0)
+        if real:
+            copy_checked(param.data[:real], read_shard(loaded, 0, self.vocab_start, real), "embedding")
+        param.data[real:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [T] -> [T, hidden]
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local = torch.where(outside, 0, input_ids - self.vocab_start)
+        out = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0)
+        return tensor_parallel_all_reduce(out)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end}) on this rank"
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, split over the vocabulary like the embedding (and tied to it when asked)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("ParallelLMHead is applied through compute_logits(hidden_states)")
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype)."""
+        logits = skinny_linear(hidden_states, self.weight)  # [N, V_padded / tp]
+        if self.tp_size > 1:
+            logits = tensor_parallel_all_gather(logits, self.tp_size)
+        if logits.shape[-1] != self.num_embeddings:
+            logits = logits[:, : self.num_embeddings]
+        return logits.float()

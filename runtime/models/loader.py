@@ -1,0 +1,159 @@
+"""Build a native model from a Hugging Face folder and stream its safetensors weights into it.
+
+The model is built directly on the target device in the target dtype (parameters are
+`torch.empty`, so nothing is initialised twice); each checkpoint tensor is then read once, as a
+lazy safetensors slice that the parameter's `weight_loader` cuts to this rank's shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig
+
+from loom.runtime.layers.linear import LoadedWeight, default_weight_loader
+from loom.runtime.models import get_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Buffers some checkpoints carry that the native model recomputes.
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def checkpoint_dtype(config: Any) -> torch.dtype | None:
+    """The dtype the checkpoint was saved in (`dtype` in Transformers 5, `torch_dtype` before), if stated."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = _DTYPE_NAMES.get(value.removeprefix("torch."))
+    return value if isinstance(value, torch.dtype) else None
+
+
+def resolve_model_dir(model_path: str | os.PathLike) -> pathlib.Path:
+    """A local folder as is; otherwise a hub id already in the local Hugging Face cache (no download)."""
+    path = pathlib.Path(model_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"model path {str(path)!r} is a file; expected a folder with config.json")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return pathlib.Path(snapshot_download(str(model_path), local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available locally"
+        raise FileNotFoundError(
+            f"model path {str(model_path)!r} is neither a local folder nor a model in the local Hugging Face cache"
+        ) from exc
+
+
+def weight_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of the checkpoint: those named by the index, or the single file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names weight files that are not in {model_dir}: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = f" (found {others}; convert them to safetensors)" if others else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}{hint}")
+    return files
+
+
+def iter_checkpoint(files: list[pathlib.Path]) -> Iterator[tuple[str, LoadedWeight]]:
+    """(name, lazy slice) for every tensor, file by file; a slice reads bytes only when indexed."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, LoadedWeight]], source: str = "checkpoint") -> None:
+    """Copy checkpoint tensors (Hugging Face names) into `model`; ValueError naming any that are missing.
+
+    q/k/v and gate/up projections go to their packed parameter through `model.packed_modules_mapping`.
+    """
+    params = dict(model.named_parameters())  # a tied lm_head is listed once, as the embedding
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(model, "tie_word_embeddings", False)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for name, loaded in weights:
+        if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard_id = name, None
+        for proj, (packed_name, shard) in packed.items():
+            if f".{proj}." in name:
+                target, shard_id = name.replace(f".{proj}.", f".{packed_name}."), shard
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, loaded, shard_id)
+        except ValueError as exc:
+            raise ValueError(f"{source}: cannot load {name!r}: {exc}") from exc
+        seen.add(name)
+    if unexpected:
+        logger.warning("%s: ignored %d weights the model has no place for: %s", source, len(unexpected), unexpected[:8])
+    expected: set[str] = set()
+    for pname in params:
+        sources = [pname.replace(f".{p}.", f".{proj}.") for proj, (p, _) in packed.items() if f".{p}." in pname]
+        expected.update(sources or [pname])
+    missing = sorted(expected - seen)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise ValueError(f"{source} is missing weights the model needs: {shown}")
+
+
+def load_model(
+    model_path: str | os.PathLike,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> tuple[nn.Module, Any]:
+    """-> (model in eval mode on `device` with `dtype` parameters, the Transformers config).
+
+    `dtype` is explicit: the caller resolves "auto" (see `checkpoint_dtype`).
+
+    Raises:
+        FileNotFoundError: no such folder, no safetensors weights, or a shard named by the index is absent.
+        ValueError: an unsupported architecture, or weights missing / shaped unlike the config says.
+        NotImplementedError: a feature of the config not supported yet (sliding window, rope type).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (resolve 'auto' first), got {dtype!r}")
+    model_dir = resolve_model_dir(model_path)
+    config = AutoConfig.from_pretrained(model_dir)
+    model_class = get_model_class(config)
+    files = weight_files(model_dir)
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
+    load_weights(model, iter_checkpoint(files), source=f"checkpoint {model_dir}")
+    return model.eval(), config

@@ -1,0 +1,495 @@
+"""The scheduler: receive requests, pick a batch, run it, process the results; repeat.
+
+    step():  recv -> get_next_batch -> run (ModelRunner.forward + logits + sample) -> process result -> send
+
+The scheduler talks to the world only through `io` (`recv() -> list[msg]`, `send(msg)`), so the
+same loop runs in-process under `loom.Engine` and in its own process behind ZeroMQ.
+
+KV memory accounting (checked after every step when `debug_check_memory` is on):
+
+    free slots + evictable (tree) + protected (tree, locked) + held by running requests == capacity
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from loom.radix_cache import ChunkCache, RadixCache
+from loom.runtime.messages import (
+    AbortReq,
+    BatchTokenIDOut,
+    FlushCacheOut,
+    FlushCacheReq,
+    TokenIDOut,
+    TokenizedGenerateReq,
+)
+from loom.runtime.model_runner import ModelRunner
+from loom.runtime.sampling import SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
+from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.schedule_batch import ExtendPlan, Req, build_decode_batch, build_extend_batch
+from loom.runtime.schedule_policy import SchedulePolicy
+from loom.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# Future-token reservation (as SGLang): admit new requests only while the running ones keep room
+# for `new_token_ratio` of their remaining max_new_tokens; the ratio decays while nothing is
+# retracted and jumps back up after a retraction.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+RESERVE_CLIP = 4096
+
+
+class SchedulerIO(Protocol):
+    def recv(self) -> list[Any]: ...
+
+    def send(self, msg: Any) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        args: ServerArgs,
+        model_runner: ModelRunner,
+        io: SchedulerIO,
+        decode_tail: Callable[[list[int]], str],
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.args = args
+        self.runner = model_runner
+        self.io = io
+        self.decode_tail = decode_tail  # token ids -> text, for stop-string checks
+        self.eos_token_ids = eos_token_ids
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        if args.disable_radix_cache:
+            self.tree_cache = ChunkCache(self.req_to_token_pool, self.allocator)
+        else:
+            self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator)
+        self.radix = isinstance(self.tree_cache, RadixCache)
+        self.policy = SchedulePolicy(args.schedule_policy, self.tree_cache, args.enable_in_batch_prefix_sharing)
+
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.max_running = min(args.max_running_requests, self.req_to_token_pool.size)
+        self.chunk_size = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
+        self.outbox: list[TokenIDOut] = []
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retracted": 0, "steps": 0}
+
+    # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Run one scheduler iteration. Returns False when there was nothing to do."""
+        self.process_input(self.io.recv())
+        did_work = False
+        plan = self.get_new_prefill_batch()
+        if plan is not None:
+            self._guarded(plan.reqs, plan.forward_batch.out_cache_loc, lambda: self.run_extend(plan))
+            did_work = True
+        elif self.running:
+            self.prepare_decode()
+            if self.running:
+                reqs = list(self.running)
+                out_cache_loc = self._alloc_slots(len(reqs))
+                assert out_cache_loc is not None, "prepare_decode made room for every running request"
+                self._guarded(reqs, out_cache_loc, lambda: self.run_decode(reqs, out_cache_loc))
+                did_work = True
+        self.flush_outbox()
+        if did_work:
+            self.stats["steps"] += 1
+            if self.args.debug_check_memory:
+                self.check_memory()
+        return did_work
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req)
+
+    def _guarded(self, reqs: list[Req], out_cache_loc: torch.Tensor, fn: Callable[[], None]) -> None:
+        """A failing batch aborts its own requests with the error; the scheduler keeps serving.
+
+        The batch's new slots (`out_cache_loc`) are freed: the failed step's KV is never cached."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported to every request of the batch
+            logger.exception("batch of %d requests failed", len(reqs))
+            self.allocator.free(out_cache_loc)
+            for req in reqs:
+                # A newly admitted request's row holds just its cached prefix.
+                req.kv_len = max(req.kv_len, req.prefix_len)
+                if not req.finished:
+                    self.finish(req, {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"})
+            self.running = [r for r in self.running if not r.finished]
+            if self.chunked_req is not None and self.chunked_req.finished:
+                self.chunked_req = None
+
+    # ------------------------------------------------------------------ input
+    def process_input(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            if isinstance(msg, TokenizedGenerateReq):
+                self.add_request(msg)
+            elif isinstance(msg, AbortReq):
+                self.abort_request(msg.rid, msg.message)
+            elif isinstance(msg, FlushCacheReq):
+                self.io.send(self.flush_cache())
+            else:
+                logger.error("scheduler got an unknown message %r", type(msg).__name__)
+
+    def add_request(self, msg: TokenizedGenerateReq) -> None:
+        try:
+            params = SamplingParams.from_dict(msg.sampling_params)
+            if not msg.input_ids:
+                raise ValueError("input_ids is empty")
+        except ValueError as exc:  # the front validates; this guards other senders
+            self.outbox.append(
+                TokenIDOut(msg.rid, [], {"type": "abort", "message": str(exc)}, len(msg.input_ids), 0, 0)
+            )
+            return
+        req = Req(
+            msg.rid,
+            list(msg.input_ids),
+            params,
+            return_logprob=msg.return_logprob,
+            logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num,
+            stream=msg.stream,
+            eos_token_ids=self.eos_token_ids,
+        )
+        if req.return_logprob and req.logprob_start_len == 0:
+            # The first prompt token has no logprob: nothing precedes it.
+            req.pending_input_logprobs.append((None, req.origin_input_ids[0]))
+            req.pending_input_top.append(None)
+            req.input_logprob_pos = 1
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str, message: str) -> None:
+        for i, req in enumerate(self.waiting):
+            if req.rid == rid:
+                del self.waiting[i]
+                self.finish(req, {"type": "abort", "message": message})
+                return
+        for req in self.running + ([self.chunked_req] if self.chunked_req else []):
+            if req.rid == rid:
+                self.finish(req, {"type": "abort", "message": message})
+                self.running = [r for r in self.running if r is not req]
+                if self.chunked_req is req:
+                    self.chunked_req = None
+                return
+
+    def flush_cache(self) -> FlushCacheOut:
+        if self.has_work():
+            return FlushCacheOut(False, "cannot flush the cache while requests are running or waiting")
+        self.tree_cache.reset()
+        self.req_to_token_pool.clear()
+        self.allocator.clear()
+        return FlushCacheOut(True)
+
+    # ------------------------------------------------------------------ scheduling
+    def get_new_prefill_batch(self) -> ExtendPlan | None:
+        if not self.waiting and self.chunked_req is None:
+            return None
+        in_flight = [self.chunked_req] if self.chunked_req else []
+        if self.waiting:
+            self.policy.order(self.waiting)
+        tracker = self.policy.new_round(in_flight)
+
+        rem_chunk = min(self.chunk_size, self.args.max_prefill_tokens)
+        physical = self.allocator.available_size() + self.tree_cache.evictable_size()
+        batch: list[Req] = []
+        new_reqs: list[Req] = []
+
+        if self.chunked_req is not None:
+            # A started prefill continues first, on whatever memory is physically there.
+            req = self.chunked_req
+            req.extend_input_len = min(len(req.fill_ids) - req.kv_len, rem_chunk, physical)
+            if req.extend_input_len <= 0:
+                return None  # decode until running requests give memory back
+            req.is_chunked = req.kv_len + req.extend_input_len < len(req.fill_ids)
+            rem_chunk -= req.extend_input_len
+            physical -= req.extend_input_len
+            batch.append(req)
+        rem_tokens = physical - sum(self._reserve(r) for r in self.running)
+
+        for req in self.waiting:
+            if rem_chunk <= 0 or (batch and batch[-1].is_chunked):
+                break
+            if len(self.running) + len(batch) >= self.max_running:
+                break
+            if tracker.should_delay(req):
+                continue
+            extend = len(req.fill_ids) - req.prefix_len
+            reserve = self._reserve(req)
+            if extend + reserve > rem_tokens and (batch or self.running):
+                break  # no room now; retry when memory frees up
+            evictable_before = self.tree_cache.evictable_size()
+            self.tree_cache.inc_lock_ref(req.last_node)
+            rem_tokens -= evictable_before - self.tree_cache.evictable_size()
+            budget = min(rem_chunk, max(rem_tokens, 0))
+            if extend > budget:
+                if budget <= 0:
+                    self.tree_cache.dec_lock_ref(req.last_node)
+                    break
+                extend = budget
+            req.extend_input_len = extend
+            req.is_chunked = req.prefix_len + extend < len(req.fill_ids)
+            rem_chunk -= extend
+            rem_tokens -= extend + reserve
+            batch.append(req)
+            new_reqs.append(req)
+            tracker.add(req)
+
+        if not batch:
+            return None
+        admitted = set(map(id, new_reqs))
+        self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        for req in new_reqs:
+            if not req.admitted_once:
+                req.admitted_once = True
+                req.cached_tokens = req.prefix_len
+                self.stats["prompt_tokens"] += len(req.origin_input_ids)
+                self.stats["cached_tokens"] += req.prefix_len
+            req.req_pool_idx = self._alloc_row()
+        out_cache_loc = self._alloc_slots(sum(r.extend_input_len for r in batch))
+        assert out_cache_loc is not None, "admission promised memory that eviction could not free"
+        return build_extend_batch(batch, out_cache_loc, self.req_to_token_pool.req_to_token)
+
+    def _reserve(self, req: Req) -> int:
+        return int(min(req.remaining_new_tokens, RESERVE_CLIP) * self.new_token_ratio)
+
+    def _alloc_row(self) -> int:
+        rows = self.req_to_token_pool.alloc(1)
+        assert rows is not None, "req_to_token_pool has a row for every admitted request by construction"
+        return rows[0]
+
+    def _alloc_slots(self, n: int) -> torch.Tensor | None:
+        if n > self.allocator.available_size():
+            self.tree_cache.evict(n - self.allocator.available_size())
+        return self.allocator.alloc(n)
+
+    def prepare_decode(self) -> None:
+        """Make room for one new token per running request: evict, then retract if still short."""
+        self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, MIN_NEW_TOKEN_RATIO)
+        need = len(self.running)
+        if need > self.allocator.available_size():
+            self.tree_cache.evict(need - self.allocator.available_size())
+        if need <= self.allocator.available_size():
+            return
+        # Retract the requests with the fewest outputs (cheapest to redo) until the rest fit.
+        self.running.sort(key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
+        retracted: list[Req] = []
+        while len(self.running) > 1 and len(self.running) > self.allocator.available_size():
+            req = self.running.pop()
+            self.release(req, cache=False)
+            req.reset_for_retract()
+            retracted.append(req)
+            self.tree_cache.evict(max(len(self.running) - self.allocator.available_size(), 0))
+        if len(self.running) > self.allocator.available_size():
+            req = self.running.pop()
+            self.finish(req, {"type": "abort", "message": "out of KV cache memory: the request outgrew the whole pool"})
+        if retracted:
+            self.stats["retracted"] += len(retracted)
+            logger.info("KV cache full: retracted %d request(s) back to the queue", len(retracted))
+            self.waiting = retracted[::-1] + self.waiting
+            total_max = sum(r.sampling_params.max_new_tokens for r in self.running) or 1
+            decoded = sum(len(r.output_ids) for r in self.running)
+            self.new_token_ratio = min(1.0, max(self.new_token_ratio, (decoded + 50 * len(self.running)) / total_max))
+
+    # ------------------------------------------------------------------ running batches
+    def run_extend(self, plan: ExtendPlan) -> None:
+        hidden = self.runner.forward(plan.forward_batch)
+        sample_rows: list[int] = []
+        sample_reqs: list[Req] = []
+        logits = None
+        if plan.logit_rows:
+            logits = self.runner.compute_logits(hidden[plan.logit_rows])  # [N, V]
+        logprobs = None
+        if logits is not None and any(r.return_logprob for r in plan.reqs):
+            logprobs = compute_logprobs(logits)
+        for row, (i, pos) in enumerate(plan.row_owner):
+            req = plan.reqs[i]
+            if pos < len(req.origin_input_ids) and req.wants_input_logprobs() and pos == req.input_logprob_pos:
+                token = req.origin_input_ids[pos]
+                req.pending_input_logprobs.append((float(logprobs[row, token]), token))
+                if req.top_logprobs_num:
+                    req.pending_input_top.append(gather_top_logprobs(logprobs[row : row + 1], [req.top_logprobs_num])[0])
+                req.input_logprob_pos += 1
+            elif pos == len(req.fill_ids) and not req.is_chunked and req.remaining_new_tokens > 0:
+                sample_rows.append(row)
+                sample_reqs.append(req)
+
+        next_ids = self._sample(logits, logprobs, sample_rows, sample_reqs)
+        sampled = dict(zip(map(id, sample_reqs), next_ids))
+
+        for req in plan.reqs:
+            req.kv_len = req.prefix_len + req.extend_input_len
+            self._cache_progress(req)
+            if req.is_chunked:
+                self.chunked_req = req
+                continue
+            if self.chunked_req is req:
+                self.chunked_req = None
+            token = sampled.get(id(req))
+            if token is None:  # max_new_tokens == 0: prefill only
+                self.finish(req, {"type": "length", "length": 0})
+                continue
+            self._append_token(req, token)
+            if req.finished:
+                continue
+            self.running.append(req)
+
+    def run_decode(self, reqs: list[Req], out_cache_loc: torch.Tensor) -> None:
+        fb = build_decode_batch(reqs, out_cache_loc, self.req_to_token_pool.req_to_token)
+        hidden = self.runner.forward(fb)
+        logits = self.runner.compute_logits(hidden)  # [B, V]
+        logprobs = compute_logprobs(logits) if any(r.return_logprob for r in reqs) else None
+        next_ids = self._sample(logits, logprobs, list(range(len(reqs))), reqs)
+        for req, token in zip(reqs, next_ids):
+            req.kv_len += 1
+            self._append_token(req, token)
+        self.running = [r for r in self.running if not r.finished]
+
+    def _sample(self, logits, logprobs, rows: list[int], reqs: list[Req]) -> list[int]:
+        if not rows:
+            return []
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        logits = logits.index_select(0, rows_t) if len(rows) != logits.shape[0] else logits
+        info = SamplingBatchInfo.from_params(
+            [r.sampling_params for r in reqs],
+            output_ids=[r.output_ids for r in reqs],
+            prompt_ids=[r.origin_input_ids for r in reqs],
+            vocab_size=logits.shape[-1],
+            device=logits.device,
+            generators=[r.generator for r in reqs],
+            banned_ids=[self._banned_ids(r) for r in reqs],
+        )
+        next_ids = sample(logits, info).tolist()
+        if logprobs is not None:
+            for row, req, token in zip(rows, reqs, next_ids):
+                if req.return_logprob:
+                    req.pending_output_logprobs.append((float(logprobs[row, token]), token))
+                    if req.top_logprobs_num:
+                        req.pending_output_top.append(
+                            gather_top_logprobs(logprobs[row : row + 1], [req.top_logprobs_num])[0]
+                        )
+        return next_ids
+
+    def _banned_ids(self, req: Req) -> list[int]:
+        if len(req.output_ids) >= req.sampling_params.min_new_tokens:
+            return []
+        banned = set(req.stop_token_ids)
+        if not req.sampling_params.ignore_eos:
+            banned |= req.eos_token_ids
+        return sorted(banned)
+
+    def _cache_progress(self, req: Req) -> None:
+        """Share the request's computed tokens through the radix tree (so waiting requests and
+        the next chunk reuse them); the tree then owns and protects those slots."""
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        tokens = req.fill_ids[: req.kv_len]
+        new_indices, new_node = self.tree_cache.cache_unfinished(tokens, row[: req.kv_len].clone(), req.prefix_len, req.last_node)
+        row[: new_indices.numel()] = new_indices
+        req.prefix_indices, req.last_node = new_indices, new_node
+
+    # ------------------------------------------------------------------ finishing
+    def _append_token(self, req: Req, token: int) -> None:
+        req.output_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        reason = self._check_finished(req, token)
+        if reason is not None:
+            self.finish(req, reason)
+        elif req.stream:
+            self._emit(req)
+
+    def _check_finished(self, req: Req, token: int) -> dict | None:
+        params = req.sampling_params
+        n_out = len(req.output_ids)
+        if n_out >= params.min_new_tokens:
+            if token in req.stop_token_ids or (not params.ignore_eos and token in req.eos_token_ids):
+                return {"type": "stop", "matched": token}
+            if params.stop:
+                longest = max(len(s.encode()) for s in params.stop)
+                tail = self.decode_tail(req.output_ids[-(longest + 2) :])
+                for stop in params.stop:
+                    if stop in tail:
+                        return {"type": "stop", "matched": stop}
+        if n_out >= params.max_new_tokens:
+            return {"type": "length", "length": params.max_new_tokens}
+        if req.kv_len + 1 >= self.runner.context_len:
+            return {"type": "length", "length": n_out, "message": "reached the model's context length"}
+        return None
+
+    def finish(self, req: Req, reason: dict) -> None:
+        req.finished_reason = reason
+        if req.req_pool_idx is not None:
+            self.release(req, cache=True)
+        self._emit(req)
+
+    def release(self, req: Req, cache: bool) -> None:
+        """Give back the request's KV: with cache=True its tokens go into the radix tree,
+        otherwise (retraction) the slots it alone holds are freed. Unlocks its prefix either way."""
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        owned = req.prefix_len if self.radix else 0  # a chunk cache owns nothing
+        if cache:
+            tokens = req.fill_ids[: req.kv_len]
+            self.tree_cache.cache_finished(tokens, row[: req.kv_len].clone(), owned, req.last_node)
+        else:
+            self.allocator.free(row[owned : req.kv_len].clone())
+            self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx = None
+
+    # ------------------------------------------------------------------ output
+    def _emit(self, req: Req) -> None:
+        self.outbox.append(
+            TokenIDOut(
+                rid=req.rid,
+                new_token_ids=req.output_ids[req.sent_output_len :],
+                finished_reason=req.finished_reason,
+                prompt_tokens=len(req.origin_input_ids),
+                completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens,
+                input_token_logprobs=req.pending_input_logprobs,
+                output_token_logprobs=req.pending_output_logprobs,
+                input_top_logprobs=req.pending_input_top,
+                output_top_logprobs=req.pending_output_top,
+            )
+        )
+        req.sent_output_len = len(req.output_ids)
+        req.pending_input_logprobs, req.pending_input_top = [], []
+        req.pending_output_logprobs, req.pending_output_top = [], []
+
+    def flush_outbox(self) -> None:
+        if self.outbox:
+            self.io.send(BatchTokenIDOut(self.outbox))
+            self.outbox = []
+
+    # ------------------------------------------------------------------ checks
+    def held_tokens(self) -> int:
+        reqs = self.running + ([self.chunked_req] if self.chunked_req else [])
+        return sum(r.kv_len - (r.prefix_len if self.radix else 0) for r in reqs)
+
+    def check_memory(self) -> None:
+        free = self.allocator.available_size()
+        evictable = self.tree_cache.evictable_size()
+        protected = self.tree_cache.protected_size()
+        held = self.held_tokens()
+        total = free + evictable + protected + held
+        assert total == self.allocator.size, (
+            f"KV pool leak: free {free} + evictable {evictable} + protected {protected} + held {held} "
+            f"= {total} != capacity {self.allocator.size}"
+        )
+
+    def memory_report(self) -> dict[str, int]:
+        return {
+            "capacity": self.allocator.size,
+            "free": self.allocator.available_size(),
+            "evictable": self.tree_cache.evictable_size(),
+            "protected": self.tree_cache.protected_size(),
+            "held": self.held_tokens(),
+        }

@@ -1,0 +1,49 @@
+"""Engine configuration: one dataclass shared by `loom.Engine`, `loom serve` and the scheduler."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(slots=True)
+class ServerArgs:
+    model_path: str
+    tokenizer_path: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, the checkpoint's dtype on GPU)
+    device: str = "auto"  # auto | cpu | cuda
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    max_total_tokens: int | None = None  # KV slots; default: mem_fraction_static of free memory
+    mem_fraction_static: float = 0.25  # share of (free) memory given to the KV pool when max_total_tokens is None
+    chunked_prefill_size: int = 2048  # max new tokens per prefill step; <= 0 disables chunking
+    max_prefill_tokens: int = 16384  # max new tokens in one prefill batch
+    max_running_requests: int = 128
+    schedule_policy: str = "lpm"  # lpm | fcfs
+    disable_radix_cache: bool = False
+    attention_backend: str = "auto"
+    random_seed: int | None = None
+    enable_in_batch_prefix_sharing: bool = True
+    debug_check_memory: bool = False  # assert the KV-pool invariant after every scheduler step
+
+    def __post_init__(self) -> None:
+        if os.environ.get("LOOM_DEBUG_MEMORY") == "1":
+            self.debug_check_memory = True
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
+        for name in ("max_total_tokens", "context_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 8):
+                raise ValueError(f"{name} must be an int >= 8 or None, got {value!r}")
+        if not isinstance(self.max_running_requests, int) or self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,59 @@
+"""Shared pytest fixtures.
+
+Tiny random-weight checkpoints in the Hugging Face layout (see `loom.demo_model`), built once
+per test session under pytest's temp dir. A test module that needs a checkpoint with its own
+seed or shape calls `make_tiny_model(arch, **kwargs)`; equal arguments share one folder, so
+treat the folders as read-only.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from loom.demo_model import ARCHS, build_tiny_checkpoint
+
+MakeTinyModel = Callable[..., pathlib.Path]
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> MakeTinyModel:
+    """`make(arch="llama", **build_tiny_checkpoint_kwargs) -> Path`, cached by its arguments."""
+    built: dict[tuple[str, tuple[tuple[str, Any], ...]], pathlib.Path] = {}
+
+    def make(arch: str = "llama", **kwargs: Any) -> pathlib.Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **kwargs)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model_dir(request: pytest.FixtureRequest, make_tiny_model: MakeTinyModel) -> pathlib.Path:
+    """The default tiny checkpoint of each architecture in turn (the test runs once per arch)."""
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(make_tiny_model: MakeTinyModel) -> pathlib.Path:
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(make_tiny_model: MakeTinyModel) -> pathlib.Path:
+    return make_tiny_model("qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(make_tiny_model: MakeTinyModel) -> pathlib.Path:
+    return make_tiny_model("qwen3")
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(make_tiny_model: MakeTinyModel) -> pathlib.Path:
+    return make_tiny_model("mistral")
