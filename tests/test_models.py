@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -19,20 +20,33 @@ from loom.kernels.attention import TorchNativeAttnBackend, create_attention_back
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool
 from loom.runtime.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from loom.runtime.layers.linear import skinny_linear
 from loom.runtime.layers.rotary import rope_inv_freq, rope_parameters
 from loom.runtime.models import get_model_class
 from loom.runtime.models.loader import checkpoint_dtype, load_model
 
+if TYPE_CHECKING:
+    from conftest import MakeTinyModel
+
+Case = tuple[pathlib.Path, torch.nn.Module, torch.nn.Module, Any]  # (checkpoint, HF model, loom model, config)
 ATOL = 1e-4
 VOCAB = 512
-CASES = ["llama", "llama-tied", "qwen2", "qwen3", "mistral"]
+# name -> build_tiny_checkpoint arguments; qwen3-hd32 has head_dim != hidden / heads, as real Qwen3 models do.
+CASES: dict[str, dict[str, Any]] = {
+    "llama": dict(arch="llama"),
+    "llama-tied": dict(arch="llama", tie_word_embeddings=True),
+    "qwen2": dict(arch="qwen2"),
+    "qwen3": dict(arch="qwen3"),
+    "qwen3-hd32": dict(arch="qwen3", head_dim=32, tie_word_embeddings=True),
+    "mistral": dict(arch="mistral"),
+}
 
 
 class Harness:
     """Drives a loom model the way the scheduler does: pools, slot allocation, ForwardBatch."""
 
     def __init__(
-        self, model: torch.nn.Module, config, dtype: torch.dtype = torch.float32, slots: int = 2048, tp_size: int = 1
+        self, model: torch.nn.Module, config: Any, dtype: torch.dtype = torch.float32, slots: int = 2048, tp_size: int = 1
     ) -> None:
         self.model, self.dtype = model, dtype
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -86,11 +100,10 @@ class Harness:
         return list(logits.split(new_lens))
 
 
-@pytest.fixture(scope="module", params=CASES)
-def case(request, make_tiny_model):
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request: pytest.FixtureRequest, make_tiny_model: MakeTinyModel) -> Case:
     """(checkpoint dir, HF model, loom model, config) for each architecture."""
-    arch, _, tied = request.param.partition("-")
-    path = make_tiny_model(arch, tie_word_embeddings=bool(tied))
+    path = make_tiny_model(**CASES[request.param])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model, config = load_model(path, torch.float32)
     return path, hf, model, config
@@ -105,7 +118,7 @@ def random_ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_prefill_ragged_batch_matches_hf(case):
+def test_prefill_ragged_batch_matches_hf(case: Case) -> None:
     _, hf, model, config = case
     prompts = [random_ids(n, seed) for seed, n in enumerate([7, 19, 1, 12])]
     out = Harness(model, config).run([0, 1, 2, 3], prompts)
@@ -113,7 +126,7 @@ def test_prefill_ragged_batch_matches_hf(case):
         torch.testing.assert_close(logits, hf_logits(hf, ids), atol=ATOL, rtol=0)
 
 
-def test_extend_reads_cached_prefix(case):
+def test_extend_reads_cached_prefix(case: Case) -> None:
     _, hf, model, config = case
     seqs = [random_ids(n, 10 + i) for i, n in enumerate([16, 9, 13])]
     h = Harness(model, config)
@@ -124,7 +137,7 @@ def test_extend_reads_cached_prefix(case):
     torch.testing.assert_close(out[2], hf_logits(hf, seqs[2]), atol=ATOL, rtol=0)
 
 
-def test_batched_decode_matches_hf(case):
+def test_batched_decode_matches_hf(case: Case) -> None:
     _, hf, model, config = case
     lens, steps = [3, 11, 6], 4
     seqs = [random_ids(n + steps, 20 + i) for i, n in enumerate(lens)]
@@ -134,13 +147,14 @@ def test_batched_decode_matches_hf(case):
     for step in range(steps):
         rows = [0, 1, 2] if step % 2 == 0 else [2, 0]  # the batch composition changes between steps
         if step % 2:
-            h.run([1], [[seqs[1][lens[1] + step]]], decode=True)  # a batch of one
+            single = h.run([1], [[seqs[1][lens[1] + step]]], decode=True)[0]  # a batch of one
+            torch.testing.assert_close(single[0], full[1][lens[1] + step], atol=ATOL, rtol=0)
         out = h.run(rows, [[seqs[r][lens[r] + step]] for r in rows], decode=True)
         for r, logits in zip(rows, out):
             torch.testing.assert_close(logits[0], full[r][lens[r] + step], atol=ATOL, rtol=0)
 
 
-def test_greedy_continuation_matches_generate(case):
+def test_greedy_continuation_matches_generate(case: Case) -> None:
     _, hf, model, config = case
     prompts = [random_ids(5, 30), random_ids(9, 31)]
     h = Harness(model, config)
@@ -164,7 +178,7 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def test_sharded_checkpoint_loads_identically(make_tiny_model):
+def test_sharded_checkpoint_loads_identically(make_tiny_model: MakeTinyModel) -> None:
     single, _ = load_model(make_tiny_model("qwen2"), torch.float32)
     sharded_dir = make_tiny_model("qwen2", num_shards=3)
     assert (sharded_dir / "model.safetensors.index.json").is_file()
@@ -175,7 +189,7 @@ def test_sharded_checkpoint_loads_identically(make_tiny_model):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_packed_weights_hold_the_checkpoint_tensors(make_tiny_model):
+def test_packed_weights_hold_the_checkpoint_tensors(make_tiny_model: MakeTinyModel) -> None:
     path = make_tiny_model("qwen2")
     model, _ = load_model(path, torch.float32)
     saved = load_file(path / "model.safetensors")
@@ -187,7 +201,7 @@ def test_packed_weights_hold_the_checkpoint_tensors(make_tiny_model):
     assert torch.equal(model.model.layers[1].mlp.gate_up_proj.weight, gate_up)
 
 
-def test_tied_embeddings_share_one_tensor(make_tiny_model):
+def test_tied_embeddings_share_one_tensor(make_tiny_model: MakeTinyModel) -> None:
     path = make_tiny_model("llama", tie_word_embeddings=True)
     assert "lm_head.weight" not in load_file(path / "model.safetensors")
     model, _ = load_model(path, torch.float32)
@@ -199,7 +213,7 @@ def copy_checkpoint(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     return dst
 
 
-def test_missing_weight_is_named(make_tiny_model, tmp_path):
+def test_missing_weight_is_named(make_tiny_model: MakeTinyModel, tmp_path: pathlib.Path) -> None:
     path = copy_checkpoint(make_tiny_model("llama"), tmp_path / "ckpt")
     state = load_file(path / "model.safetensors")
     del state["model.layers.1.self_attn.k_proj.weight"]
@@ -208,7 +222,7 @@ def test_missing_weight_is_named(make_tiny_model, tmp_path):
         load_model(path, torch.float32)
 
 
-def test_missing_files_are_named(make_tiny_model, tmp_path):
+def test_missing_files_are_named(make_tiny_model: MakeTinyModel, tmp_path: pathlib.Path) -> None:
     path = copy_checkpoint(make_tiny_model("llama", num_shards=2), tmp_path / "ckpt")
     (path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
@@ -221,7 +235,7 @@ def test_missing_files_are_named(make_tiny_model, tmp_path):
         load_model(tmp_path / "nowhere", torch.float32)
 
 
-def test_unsupported_configs_fail_clearly(make_tiny_model):
+def test_unsupported_configs_fail_clearly(make_tiny_model: MakeTinyModel) -> None:
     config = AutoConfig.from_pretrained(make_tiny_model("mistral"))
     assert checkpoint_dtype(config) == torch.float32
     config.architectures = ["GPT2LMHeadModel"]
@@ -235,7 +249,7 @@ def test_unsupported_configs_fail_clearly(make_tiny_model):
     get_model_class(config)(config)
 
 
-def test_bfloat16_loads_and_runs(make_tiny_model):
+def test_bfloat16_loads_and_runs(make_tiny_model: MakeTinyModel) -> None:
     path = make_tiny_model("qwen3")
     model, config = load_model(path, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -265,7 +279,7 @@ def test_bfloat16_loads_and_runs(make_tiny_model):
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
     ],  # fmt: skip
 )
-def test_rope_frequencies_match_transformers(scaling):
+def test_rope_frequencies_match_transformers(scaling: dict[str, Any]) -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -277,7 +291,7 @@ def test_rope_frequencies_match_transformers(scaling):
     assert our_scale == pytest.approx(ref_scale)
 
 
-def test_llama3_rope_model_matches_hf(make_tiny_model, tmp_path):
+def test_llama3_rope_model_matches_hf(make_tiny_model: MakeTinyModel, tmp_path: pathlib.Path) -> None:
     path = copy_checkpoint(make_tiny_model("llama"), tmp_path / "llama3")
     raw = json.loads((path / "config.json").read_text())
     raw["rope_parameters"] = raw["rope_scaling"] = {
@@ -299,7 +313,7 @@ def test_llama3_rope_model_matches_hf(make_tiny_model, tmp_path):
 # ----------------------------------------------------------------------------- tensor-parallel shards
 
 
-def test_tensor_parallel_shards_reassemble_the_full_layer():
+def test_tensor_parallel_shards_reassemble_the_full_layer() -> None:
     """Each rank's weight_loader keeps its slice; the ranks' partial results add up to the full layer."""
     gen = torch.Generator().manual_seed(0)
     hidden, d, heads, kv_heads, inter, tp = 16, 4, 4, 2, 24, 2
@@ -357,7 +371,7 @@ def _tensor_parallel_worker(rank: int, path: str, rendezvous: str, out: str) -> 
 
 
 @pytest.mark.slow
-def test_tensor_parallel_model_matches_single_rank(make_tiny_model, tmp_path):
+def test_tensor_parallel_model_matches_single_rank(make_tiny_model: MakeTinyModel, tmp_path: pathlib.Path) -> None:
     """Two gloo ranks, each loading only its shards, produce the single-rank logits."""
     path = make_tiny_model("qwen2")  # q/k/v biases too; 4 heads, 2 KV heads -> one KV head per rank
     out = tmp_path / "tp_logits.pt"
@@ -371,7 +385,18 @@ def test_tensor_parallel_model_matches_single_rank(make_tiny_model, tmp_path):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-def test_attention_backend_registry():
+@pytest.mark.parametrize("rows", [1, 5, 32, 33])
+@pytest.mark.parametrize("out_features", [96, 97])  # 97 rows cannot be cut into blocks: plain F.linear
+def test_skinny_linear_equals_linear(rows: int, out_features: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 40, generator=gen), torch.randn(out_features, 40, generator=gen), torch.randn(out_features)
+    for bias in (None, b):
+        got = skinny_linear(x, w, bias)
+        assert got.shape == (rows, out_features) and got.is_contiguous()
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_backend_registry() -> None:
     assert isinstance(create_attention_backend("auto", "cpu"), TorchNativeAttnBackend)
     with pytest.raises(ValueError, match="not available yet"):
         create_attention_backend("triton", "cpu")

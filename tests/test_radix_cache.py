@@ -30,8 +30,9 @@ def put(cache: RadixCache, alloc: TokenToKVPoolAllocator, key: list[int]) -> tor
     return slots
 
 
-def tree_map(cache: RadixCache) -> dict[tuple[int, ...], int]:
-    """Every cached token as {prefix ending at it: its slot}; checks the tree's structure too."""
+def tree_map(cache: RadixCache, holders: list[tuple[int, ...]] | None = None) -> dict[tuple[int, ...], int]:
+    """Every cached token as {prefix ending at it: its slot}; checks the tree's structure, and
+    with `holders` (the locked paths) that each node's lock_ref counts the paths covering it."""
     out: dict[tuple[int, ...], int] = {}
     stack: list[tuple[TreeNode, tuple[int, ...]]] = [(cache.root_node, ())]
     while stack:
@@ -44,6 +45,8 @@ def tree_map(cache: RadixCache) -> dict[tuple[int, ...], int]:
             for tok, slot in zip(child.key, child.value.tolist()):
                 p += (tok,)
                 out[p] = slot
+            if holders is not None:
+                assert child.lock_ref == sum(h[: len(p)] == p for h in holders), child
             stack.append((child, p))
     return out
 
@@ -235,9 +238,11 @@ class RadixVsReference(RuleBasedStateMachine):
         self.touch(key, m)
         return idx, node
 
+    def holders(self) -> list[tuple[int, ...]]:
+        return [p for _, p in self.locks] + [tuple(r["tokens"][: r["prefix_len"]]) for r in self.reqs]
+
     def locked(self) -> set[tuple[int, ...]]:
-        paths = [p for _, p in self.locks] + [tuple(r["tokens"][: r["prefix_len"]]) for r in self.reqs]
-        return {p[:j] for p in paths for j in range(1, len(p) + 1)}
+        return {p[:j] for p in self.holders() for j in range(1, len(p) + 1)}
 
     def outside(self) -> list[int]:
         return [s for r in self.reqs for s in r["kv"][r["prefix_len"] :].tolist()]
@@ -352,9 +357,8 @@ class RadixVsReference(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------
     @invariant()
     def tree_matches_reference(self) -> None:
-        assert tree_map(self.cache) == self.ref
-        locked = self.locked()
-        assert self.cache.protected_size() == len(locked)
+        assert tree_map(self.cache, self.holders()) == self.ref
+        assert self.cache.protected_size() == len(self.locked())
         assert self.cache.evictable_size() + self.cache.protected_size() == self.cache.total_size() == len(self.ref)
 
     @invariant()

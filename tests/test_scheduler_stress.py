@@ -19,7 +19,7 @@ from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateRe
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("stress"), arch="llama", vocab_size=256, seed=6)
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("stress"), arch="llama", vocab_size=320, seed=6)
     built = {
         radix_off: loom.Engine(
             model_path=str(path),

@@ -53,12 +53,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     MKL's sgemv / skinny sgemm streamed weights at ~10 GB/s on an AMD EPYC (memory reads run at
     ~35 GB/s), while `bmm` over the weight cut into row blocks reaches ~35 GB/s, even on one thread.
-    Same products and sums per output, so the result matches `F.linear` to rounding.
+    Each output is still one dot product, so the result equals `F.linear` up to summation order.
     x: [M, in], weight: [out, in] -> [M, out]
     """
     m = x.shape[0]
     out_features, in_features = weight.shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or m > SKINNY_ROWS or x.dim() != 2:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or m > SKINNY_ROWS or x.dim() != 2 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     blocks = max(torch.get_num_threads(), 2)
     if out_features % blocks:
@@ -121,7 +121,9 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__(in_features, out_features, bias, tp_rank, tp_size)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: Any = None) -> None:
@@ -131,7 +133,9 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks: rank r holds rows [r * out/tp, (r + 1) * out/tp)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         self.out_per_rank = divide(out_features, tp_size, "output features")
         super().__init__(in_features, self.out_per_rank, bias, tp_rank, tp_size)
 

@@ -113,7 +113,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, flags: dict[str, bool], tp_rank: int, tp_size: int):
+    def __init__(
+        self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, flags: dict[str, bool], tp_rank: int, tp_size: int
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, rotary_emb, tp_rank=tp_rank, tp_size=tp_size, **flags)
         self.mlp = LlamaMLP(config, tp_rank, tp_size)
