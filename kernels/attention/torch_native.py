@@ -111,13 +111,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         o = torch.empty_like(q)
         gqa = layer.num_heads != layer.num_kv_heads
         for req in self.extend_metadata:
-            qr = q[req.q_start : req.q_end].transpose(0, 1)  # [H, n, D]
-            kr = self._gather("k", k_buf, req.kv_indices).transpose(0, 1)  # [Hkv, S, D]
-            vr = self._gather("v", v_buf, req.kv_indices).transpose(0, 1)
+            # 4-D inputs: on the CPU, 3-D ones miss the fused kernel (6x slower for a causal prefill).
+            qr = q[req.q_start : req.q_end].transpose(0, 1)[None]  # [1, H, n, D]
+            kr = self._gather("k", k_buf, req.kv_indices).transpose(0, 1)[None]  # [1, Hkv, S, D]
+            vr = self._gather("v", v_buf, req.kv_indices).transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(
                 qr, kr, vr, attn_mask=req.mask, is_causal=req.mask is None, scale=layer.scaling, enable_gqa=gqa
-            )  # [H, n, D]
-            o[req.q_start : req.q_end] = out.transpose(0, 1)
+            )  # [1, H, n, D]
+            o[req.q_start : req.q_end] = out[0].transpose(0, 1)
         return o
 
     def forward_decode(
