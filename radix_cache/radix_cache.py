@@ -104,7 +104,13 @@ class RadixCache:
         if self.disable or len(key) == 0:
             return MatchResult(self._empty(), self.root_node)
         key = _as_list(key)
-        now = self._tick()
+        node, _, values = self._walk(key, self._tick())
+        indices = torch.cat(values) if values else self._empty()
+        return MatchResult(indices, node)
+
+    def _walk(self, key: Sequence[int], now: int) -> tuple[TreeNode, int, list[torch.Tensor]]:
+        """Follow `key` from the root, splitting the last node on a partial match, marking the
+        path as used at `now` -> (node where the match ends, matched length, slot tensors)."""
         node = self.root_node
         node.last_access_time = now
         values: list[torch.Tensor] = []
@@ -118,8 +124,7 @@ class RadixCache:
             values.append(child.value)
             node = child
             pos += n  # after a split key[pos] differs from node's only child: the loop ends
-        indices = torch.cat(values) if values else self._empty()
-        return MatchResult(indices, node)
+        return node, pos, values
 
     def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
         """Cut `child` after `split_len` tokens; returns the new upper half (now child's parent)."""
@@ -149,17 +154,7 @@ class RadixCache:
             return 0
         key = _as_list(key)
         now = self._tick()
-        node = self.root_node
-        node.last_access_time = now
-        pos = 0
-        while pos < len(key) and key[pos] in node.children:
-            child = node.children[key[pos]]
-            n = _common_prefix_len(child.key, key[pos : pos + len(child.key)])
-            if n < len(child.key):
-                child = self._split_node(child, n)
-            child.last_access_time = now
-            node = child
-            pos += n
+        node, pos, _ = self._walk(key, now)
         if pos < len(key):
             new = TreeNode(list(key[pos:]), value[pos:].clone(), node)
             new.last_access_time = now
