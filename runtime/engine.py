@@ -24,6 +24,9 @@ from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
 
 logger = logging.getLogger(__name__)
 
+# Steps in a row that run nothing while requests wait: a scheduling bug, reported, never a hang.
+MAX_IDLE_STEPS = 1000
+
 
 class LocalIO:
     """The scheduler's I/O when it runs in the caller's thread."""
@@ -164,11 +167,17 @@ class Engine:
             self._deltas.pop(req.rid, None)
 
     def _run_until(self, done) -> None:
+        stalled = 0
         while not done():
-            self.scheduler.step()
+            progressed = self.scheduler.step()
             self._drain()
-            if not done() and not self.scheduler.has_work() and not self.io.inbox:
+            if done():
+                return
+            if not self.scheduler.has_work() and not self.io.inbox:
                 raise RuntimeError("the scheduler went idle before every request finished (a lost request)")
+            stalled = 0 if progressed else stalled + 1
+            if stalled > MAX_IDLE_STEPS:
+                raise RuntimeError(f"the scheduler holds requests but cannot run any: {self.scheduler.memory_report()}")
 
     def _drain(self) -> None:
         while self.io.outbox:

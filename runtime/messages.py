@@ -58,3 +58,52 @@ class TokenIDOut:
 @dataclass(slots=True)
 class BatchTokenIDOut:
     outputs: list[TokenIDOut]
+
+
+# ---------------------------------------------------------------------- serving (processes)
+@dataclass(slots=True)
+class SchedulerReady:
+    """Scheduler -> (detokenizer) -> front, once the model is loaded: the front answers only then."""
+
+    context_len: int
+    vocab_size: int
+    max_total_tokens: int
+
+
+@dataclass(slots=True)
+class DetokenizeInit:
+    """How the detokenizer should decode one request (sent ahead of its first tokens)."""
+
+    rid: str
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    stop: list[str] = field(default_factory=list)
+    no_stop_trim: bool = False
+
+
+@dataclass(slots=True)
+class StrOut:
+    """One request's scheduler output with its text: the new visible delta, and the final text once
+    the request finished."""
+
+    out: TokenIDOut
+    text_delta: str
+    final_text: str | None = None
+
+
+@dataclass(slots=True)
+class BatchStrOut:
+    outputs: list[StrOut]
+
+
+@dataclass(slots=True)
+class SchedulerInfoReq:
+    pass
+
+
+@dataclass(slots=True)
+class SchedulerInfoOut:
+    memory: dict[str, int]
+    stats: dict[str, int]
+    running: int
+    waiting: int
