@@ -1,0 +1,208 @@
+"""Triton decode and extend attention against their torch references, under Triton's interpreter on
+the CPU (on a GPU when there is one): ragged batches, prefix lengths 0 and > 0, GQA ratios 1 and 4,
+head dims 64 and 128, fp32 and fp16 (bf16 only on a GPU: the interpreter's bf16 `tl.dot` is wrong);
+then the `triton` backend against `torch_native` through the same ForwardBatch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from loom.kernels.attention import TorchNativeAttnBackend, create_attention_backend
+from loom.kernels.attention.base import AttentionLayer
+from loom.radix_cache import ReqToTokenPool, TokenToKVPool
+from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+
+CUDA = torch.cuda.is_available()
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+# `triton.jit` (Triton's own tl.* library included) reads TRITON_INTERPRET when a kernel is defined: the
+# kernels are built here, at collection, with the interpreter on; then it is switched off so that no other
+# test module sees it, and the `interpreter` fixture switches it on again for this module's tests
+# (Triton reads it again at launch).
+_saved = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import loom.kernels.triton as kt
+finally:
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+assert CUDA or kt.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 could be set"
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def random_pool(slots: int, kv_heads: int, d: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(slots, kv_heads, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(slots, kv_heads, d, generator=gen).to(DEVICE, dtype)
+    return k, v, gen
+
+
+def slot_table(lens: list[int], slots: int, gen: torch.Generator) -> torch.Tensor:
+    """[len(lens) + 1, max_len] slots, rows in reverse order of the requests (row i+1 <- request i
+    would be too regular), each request's slots scattered over the pool."""
+    table = torch.zeros(len(lens) + 1, max(lens) + 3, dtype=torch.int64)
+    perm = torch.randperm(slots - 1, generator=gen) + 1  # slot 0 is the pool's padding slot
+    used = 0
+    for i, n in enumerate(lens):
+        table[len(lens) - i, :n] = perm[used : used + n]
+        used += n
+    return table.to(DEVICE)
+
+
+GEOMETRIES = [(4, 4, 64), (8, 2, 128)]  # (heads, kv_heads, head_dim): GQA ratio 1 at d=64, 4 at d=128
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, d", GEOMETRIES)
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_matches_torch(dtype, heads, kv_heads, d, splits) -> None:
+    lens = [1, 45, 7, 20]  # ragged; with 4 splits the 1-token request has three empty splits
+    k_buf, v_buf, gen = random_pool(128, kv_heads, d, dtype, seed=heads + d)
+    table = slot_table(lens, 128, gen)
+    rows = torch.tensor([len(lens) - i for i in range(len(lens))], device=DEVICE)
+    q = torch.randn(len(lens), heads, d, generator=gen).to(DEVICE, dtype)
+    seq_lens = torch.tensor(lens, device=DEVICE)
+    out = kt.decode_attention(q, k_buf, v_buf, table, rows, seq_lens, d**-0.5, splits)
+    ref = kt.decode_attention_torch(q, k_buf, v_buf, table, rows, seq_lens, d**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, d", GEOMETRIES)
+def test_extend_attention_matches_torch(dtype, heads, kv_heads, d) -> None:
+    prefix_lens, extend_lens = [0, 30, 5], [7, 36, 1]  # no prefix; a prefix with 2 query blocks; 1 new token
+    seq = [p + n for p, n in zip(prefix_lens, extend_lens)]
+    k_buf, v_buf, gen = random_pool(128, kv_heads, d, dtype, seed=heads * d)
+    table = slot_table(seq, 128, gen)
+    rows = torch.tensor([len(seq) - i for i in range(len(seq))], device=DEVICE)
+    q = torch.randn(sum(extend_lens), heads, d, generator=gen).to(DEVICE, dtype)
+    starts = torch.tensor([0, 7, 43], device=DEVICE)
+    as_t = lambda xs: torch.tensor(xs, device=DEVICE)  # noqa: E731
+    out = kt.extend_attention(
+        q, k_buf, v_buf, table, rows, starts, as_t(prefix_lens), as_t(extend_lens), max(extend_lens), d**-0.5
+    )
+    ref = kt.extend_attention_torch(q, k_buf, v_buf, table.cpu(), rows, prefix_lens, extend_lens, d**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+class Steps:
+    """Feeds one layer's q/k/v through a backend the way the model runner does (pools, slots, ForwardBatch)."""
+
+    def __init__(self, backend, kv_heads: int, d: int, dtype: torch.dtype) -> None:
+        self.backend = backend
+        self.pool = TokenToKVPool(400, dtype, kv_heads, d, 1, DEVICE)
+        self.req_pool = ReqToTokenPool(4, 128, DEVICE)
+        self.next_slot, self.lens = 1, {}
+
+    def run(self, rows: list[int], new: list[int], q, k, v, decode: bool = False) -> torch.Tensor:
+        prefix = [self.lens.get(r, 0) for r in rows]
+        locs = []
+        for r, p, n in zip(rows, prefix, new):
+            slots = torch.arange(self.next_slot, self.next_slot + n, device=DEVICE)
+            self.next_slot += n
+            self.req_pool.req_to_token[r, p : p + n] = slots
+            self.lens[r] = p + n
+            locs.append(slots)
+        seq = [p + n for p, n in zip(prefix, new)]
+        fb = ForwardBatch(
+            mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+            batch_size=len(rows),
+            input_ids=torch.zeros(sum(new), dtype=torch.int64, device=DEVICE),
+            positions=torch.zeros(sum(new), dtype=torch.int64, device=DEVICE),
+            out_cache_loc=torch.cat(locs),
+            req_pool_indices=torch.tensor(rows, device=DEVICE),
+            seq_lens=torch.tensor(seq, device=DEVICE),
+            seq_lens_cpu=seq,
+            extend_prefix_lens_cpu=[] if decode else prefix,
+            extend_seq_lens_cpu=[] if decode else new,
+            req_to_token_pool=self.req_pool,
+            token_to_kv_pool=self.pool,
+            attn_backend=self.backend,
+        )
+        self.backend.init_forward_metadata(fb)
+        layer = AttentionLayer(0, q.shape[1], k.shape[1], q.shape[2], q.shape[2] ** -0.5)
+        return self.backend.forward(q, k, v, layer, fb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backend_matches_torch_native(dtype) -> None:
+    """Prefill, an extend over cached prefixes, then batched decode: the same outputs and the same pool."""
+    heads, kv_heads, d = 8, 2, 64
+    triton_steps = Steps(create_attention_backend("triton", DEVICE), kv_heads, d, dtype)
+    native_steps = Steps(TorchNativeAttnBackend(DEVICE), kv_heads, d, dtype)
+    gen = torch.Generator().manual_seed(7)
+
+    def both(rows: list[int], new: list[int], decode: bool = False) -> None:
+        t = sum(new)
+        qkv = torch.randn(t, heads + 2 * kv_heads, d, generator=gen).to(DEVICE, dtype)
+        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # views, as the model passes them
+        got = triton_steps.run(rows, new, q, k, v, decode)
+        want = native_steps.run(rows, new, q, k, v, decode)
+        torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+    both([0, 1], [9, 3])  # prefill, no prefix
+    both([1, 2, 0], [17, 4, 2])  # extend: prefixes 3, 0, 9
+    for _ in range(2):
+        both([2, 0, 1], [1, 1, 1], decode=True)
+    both([1], [1], decode=True)  # a batch of one
+    assert torch.equal(triton_steps.pool.k_buffer[0], native_steps.pool.k_buffer[0])
+    assert torch.equal(triton_steps.pool.v_buffer[0], native_steps.pool.v_buffer[0])
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's limitation")
+def test_interpreter_refuses_bfloat16() -> None:
+    steps = Steps(create_attention_backend("triton", DEVICE), 2, 64, torch.bfloat16)
+    q, k, v = torch.randn(3, 4, 64, dtype=torch.bfloat16), *torch.randn(2, 3, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="not bfloat16"):
+        steps.run([0], [3], q, k, v)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter is for machines without a GPU")
+def test_triton_imported_before_the_interpreter_is_named() -> None:
+    code = (
+        "import os, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from loom.kernels.attention import create_attention_backend\n"
+        "create_attention_backend('triton', 'cpu')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "imported before TRITON_INTERPRET=1 was set" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_registry_picks_triton_only_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loom.kernels.attention.triton_backend import TritonAttnBackend
+
+    assert isinstance(create_attention_backend("auto", "cpu"), TorchNativeAttnBackend)  # auto stays native on CPU
+    assert isinstance(create_attention_backend("triton", "cpu"), TritonAttnBackend)  # the interpreter is on here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="'triton' is not available yet on device 'cpu'.*TRITON_INTERPRET=1"):
+        create_attention_backend("triton", "cpu")
+    with pytest.raises(ValueError, match=r"unknown attention backend 'nope'.*'torch_native', 'triton'"):
+        create_attention_backend("nope", "cpu")
