@@ -24,6 +24,7 @@ from itertools import chain
 
 import torch
 
+from loom.runtime.constrained.bitmask import apply_token_bitmask_
 from loom.runtime.sampling_params import SamplingParams
 
 
@@ -54,6 +55,8 @@ class SamplingBatchInfo:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf
     generators: list[torch.Generator | None]  # one per row; None: the global RNG
     vocab_size: int
+    # Grammar masks: (packed bitmask [G, ceil(V / 32)] int32, the G rows it applies to); None: no grammar.
+    vocab_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_params(
@@ -157,6 +160,7 @@ def apply_penalties_and_bans(logits: torch.Tensor, info: SamplingBatchInfo) -> N
     frequency:  logit -= f * count(token in output)
     presence:   logit -= p * (count(token in output) > 0)
     bans:       logit = -inf
+    grammar:    logit = -inf for tokens the row's grammar does not allow here
     """
     # logits: [B, V] fp32
     if info.repetition_penalties is not None:
@@ -168,6 +172,8 @@ def apply_penalties_and_bans(logits: torch.Tensor, info: SamplingBatchInfo) -> N
         logits.sub_(info.presence_penalties * (info.output_counts > 0))
     if info.banned is not None:
         logits[info.banned] = float("-inf")
+    if info.vocab_mask is not None:
+        apply_token_bitmask_(logits, info.vocab_mask[0], info.vocab_mask[1])
 
 
 def sample(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

@@ -52,6 +52,9 @@ class Req:
 
         self.output_ids: list[int] = []
         self.finished_reason: dict[str, Any] | None = None
+        # The request's grammar matcher (regex / json_schema): its state has accepted every output
+        # token, so a retracted request's re-prefill does not feed it tokens again.
+        self.grammar: Any = None
 
         # KV state
         self.req_pool_idx: int | None = None

@@ -5,6 +5,12 @@
 The scheduler talks to the world only through `io` (`recv() -> list[msg]`, `send(msg)`), so the
 same loop runs in-process under `loom.Engine` and in its own process behind ZeroMQ.
 
+Grammars (regex / json_schema): a request's grammar compiles on `constrained.GrammarBackend`'s
+threads while the request sits in `grammar_queue` (never in the batch); once compiled it joins
+`waiting` with its matcher in `req.grammar`. Each step the rows with a grammar get a packed
+bitmask (`_grammar_mask`) applied to their logits before sampling, and `_append_token` feeds the
+sampled token to the matcher; batches without grammars skip both.
+
 KV memory accounting (checked after every step when `debug_check_memory` is on):
 
     free slots + evictable (tree) + protected (tree, locked) + held by running requests == capacity
@@ -13,12 +19,16 @@ KV memory accounting (checked after every step when `debug_check_memory` is on):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from typing import Any, Protocol
 
 import torch
 
 from loom.radix_cache import ChunkCache, RadixCache
+from loom.runtime.constrained import GrammarBackend, GrammarError, allocate_token_bitmask, grammar_source
 from loom.runtime.messages import (
     AbortReq,
     BatchTokenIDOut,
@@ -81,6 +91,9 @@ class Scheduler:
         self.max_running = min(args.max_running_requests, self.req_to_token_pool.size)
         self.chunk_size = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
         self.outbox: list[TokenIDOut] = []
+        # Requests whose grammar is still compiling (off this thread): (req, future, deadline).
+        self.grammar_queue: list[tuple[Req, Future, float]] = []
+        self.grammar_backend: GrammarBackend | None = None  # built on the first grammar request
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retracted": 0, "steps": 0}
 
     # ------------------------------------------------------------------ the loop
@@ -88,6 +101,8 @@ class Scheduler:
     def step(self) -> bool:
         """Run one scheduler iteration. Returns False when there was nothing to do."""
         self.process_input(self.io.recv())
+        if self.grammar_queue:
+            self.poll_grammars()
         did_work = False
         plan = self.get_new_prefill_batch()
         if plan is not None:
@@ -109,7 +124,7 @@ class Scheduler:
         return did_work
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req)
+        return bool(self.waiting or self.running or self.chunked_req or self.grammar_queue)
 
     def _guarded(self, reqs: list[Req], out_cache_loc: torch.Tensor, fn: Callable[[], None]) -> None:
         """A failing batch aborts its own requests with the error; the scheduler keeps serving.
@@ -166,9 +181,59 @@ class Scheduler:
             req.pending_input_logprobs.append((None, req.origin_input_ids[0]))
             req.pending_input_top.append(None)
             req.input_logprob_pos = 1
+        grammar = grammar_source(params)
+        if grammar is not None:
+            backend = self.get_grammar_backend()
+            deadline = time.monotonic() + backend.compile_timeout_s
+            self.grammar_queue.append((req, backend.compile(*grammar), deadline))
+            return
         self.waiting.append(req)
 
+    # ------------------------------------------------------------------ grammars
+    def get_grammar_backend(self) -> GrammarBackend:
+        if self.grammar_backend is None:
+            def token_bytes() -> dict[int, bytes]:
+                from transformers import AutoTokenizer
+
+                from loom.runtime.constrained import token_bytes as read_token_bytes
+
+                return read_token_bytes(AutoTokenizer.from_pretrained(self.args.tokenizer_path or self.args.model_path))
+
+            self.grammar_backend = GrammarBackend(token_bytes, self.runner.vocab_size, self.eos_token_ids)
+        return self.grammar_backend
+
+    def poll_grammars(self) -> None:
+        """Move requests whose grammar compiled to the waiting queue; finish those whose grammar
+        failed or timed out. When there is nothing else to do, wait briefly for a compilation."""
+        if not (self.waiting or self.running or self.chunked_req):
+            wait_futures([f for _, f, _ in self.grammar_queue], timeout=0.05, return_when=FIRST_COMPLETED)
+        now = time.monotonic()
+        pending: list[tuple[Req, Future, float]] = []
+        for req, fut, deadline in self.grammar_queue:
+            if fut.done():
+                exc = fut.exception()
+                if exc is None:
+                    req.grammar = fut.result().matcher()
+                    self.waiting.append(req)
+                else:
+                    msg = str(exc) if isinstance(exc, GrammarError) else f"grammar compilation failed: {type(exc).__name__}: {exc}"
+                    self.finish(req, {"type": "abort", "message": msg})
+            elif now > deadline:
+                assert self.grammar_backend is not None
+                kind, source = grammar_source(req.sampling_params)
+                self.grammar_backend.forget(kind, source)
+                limit = self.grammar_backend.compile_timeout_s
+                self.finish(req, {"type": "abort", "message": f"{kind} took longer than {limit:g}s to compile; simplify it"})
+            else:
+                pending.append((req, fut, deadline))
+        self.grammar_queue = pending
+
     def abort_request(self, rid: str, message: str) -> None:
+        for i, (req, _, _) in enumerate(self.grammar_queue):
+            if req.rid == rid:
+                del self.grammar_queue[i]
+                self.finish(req, {"type": "abort", "message": message})
+                return
         for i, req in enumerate(self.waiting):
             if req.rid == rid:
                 del self.waiting[i]
@@ -368,6 +433,8 @@ class Scheduler:
             generators=[r.generator for r in reqs],
             banned_ids=[self._banned_ids(r) for r in reqs],
         )
+        if any(r.grammar is not None for r in reqs):
+            info.vocab_mask = self._grammar_mask(reqs, logits.shape[-1])
         next_ids = sample(logits, info).tolist()
         if logprobs is not None:
             for row, req, token in zip(rows, reqs, next_ids):
@@ -378,6 +445,15 @@ class Scheduler:
                             gather_top_logprobs(logprobs[row : row + 1], [req.top_logprobs_num])[0]
                         )
         return next_ids
+
+    @staticmethod
+    def _grammar_mask(reqs: list[Req], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed bitmask [G, ceil(V / 32)] int32, the G batch rows it belongs to) for the rows with a grammar."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        bitmask = allocate_token_bitmask(len(rows), vocab_size)
+        for j, i in enumerate(rows):
+            reqs[i].grammar.fill_mask(bitmask[j])
+        return bitmask, torch.tensor(rows, dtype=torch.int64)
 
     def _banned_ids(self, req: Req) -> list[int]:
         if len(req.output_ids) >= req.sampling_params.min_new_tokens:
@@ -400,7 +476,12 @@ class Scheduler:
     def _append_token(self, req: Req, token: int) -> None:
         req.output_ids.append(token)
         self.stats["generated_tokens"] += 1
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            self.finish(req, {"type": "abort", "message": f"internal error: sampled token {token} is not allowed by the grammar"})
+            return
         reason = self._check_finished(req, token)
+        if reason is None and req.grammar is not None and req.grammar.is_terminated():
+            reason = {"type": "stop", "matched": token if token in req.eos_token_ids else None}
         if reason is not None:
             self.finish(req, reason)
         elif req.stream:

@@ -1,0 +1,95 @@
+"""Compiling grammars off the scheduler's thread, with a bounded cache.
+
+    backend.compile(kind, source) -> Future[CompiledRegex]     (cached by (kind, source), LRU)
+    compiled.matcher()            -> a per-request grammar object
+
+The scheduler keeps a request whose future is not done aside and polls it each step, so a slow
+compilation never stalls the batch. Futures that fail carry a `GrammarError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.outlines_backend import CompiledRegex, build_vocabulary
+from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
+
+GRAMMAR_KINDS = ("regex", "json_schema", "ebnf")
+
+
+def grammar_source(params: Any) -> tuple[str, str] | None:
+    """(kind, source) of the grammar a request's SamplingParams asks for, or None."""
+    for kind in GRAMMAR_KINDS:
+        source = getattr(params, kind)
+        if source is not None:
+            return kind, source
+    return None
+
+
+class GrammarBackend:
+    def __init__(
+        self,
+        token_bytes: Callable[[], dict[int, bytes]] | dict[int, bytes],
+        vocab_size: int,
+        eos_token_ids: frozenset[int],
+        *,
+        max_workers: int = 2,
+        cache_size: int = 128,
+        compile_timeout_s: float = 30.0,
+        whitespace_pattern: str = DEFAULT_WHITESPACE,
+    ) -> None:
+        """token_bytes: token id -> bytes (or a function returning it, called once, lazily, on a
+        worker thread: loading a tokenizer takes a while)."""
+        self._token_bytes = token_bytes
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.cache_size = cache_size
+        self.compile_timeout_s = compile_timeout_s
+        self.whitespace_pattern = whitespace_pattern
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar")
+        self._vocab: Any = None
+        self._vocab_lock = threading.Lock()
+
+    def compile(self, kind: str, source: str) -> Future:
+        """A future of the compiled grammar; the same (kind, source) shares one compilation."""
+        key = (kind, source)
+        fut = self._cache.get(key)
+        if fut is not None:
+            self._cache.move_to_end(key)
+            return fut
+        fut = self._pool.submit(self._compile, kind, source)
+        self._cache[key] = fut
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return fut
+
+    def forget(self, kind: str, source: str) -> None:
+        """Drop a cache entry (a compilation that timed out is retried from scratch next time)."""
+        self._cache.pop((kind, source), None)
+
+    def _compile(self, kind: str, source: str) -> CompiledRegex:
+        if kind == "regex":
+            regex = source
+        elif kind == "json_schema":
+            regex = schema_to_regex(source, self.whitespace_pattern)
+        elif kind == "ebnf":
+            raise GrammarError("ebnf grammars are not supported yet; use regex or json_schema")
+        else:
+            raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
+        return CompiledRegex(regex, self._vocabulary(), self.vocab_size, self.eos_token_ids)
+
+    def _vocabulary(self) -> Any:
+        with self._vocab_lock:
+            if self._vocab is None:
+                tb = self._token_bytes() if callable(self._token_bytes) else self._token_bytes
+                self._vocab = build_vocabulary(tb, self.eos_token_ids)
+            return self._vocab
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,63 @@
+"""Packed token bitmasks: bit i of word i // 32 set = token i allowed (int32 words, as xgrammar).
+
+    bitmask: [B, ceil(V / 32)] int32  ->  apply_token_bitmask_(logits [B, V], bitmask): disallowed -> -inf
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+assert sys.byteorder == "little", "the bitmask's byte view assumes a little-endian host"
+_SHIFTS = torch.arange(32, dtype=torch.int32)  # [32]
+_BYTE_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # [8]
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allocate_token_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
+    """An all-allowed bitmask [B, ceil(V / 32)] int32 (every bit set: -1)."""
+    return torch.full((batch_size, bitmask_width(vocab_size)), -1, dtype=torch.int32)
+
+
+def pack_allowed(token_ids: list[int], vocab_size: int) -> torch.Tensor:
+    """Allowed token ids -> one packed row [ceil(V / 32)] int32; ids >= vocab_size are dropped."""
+    width = bitmask_width(vocab_size)
+    allowed = torch.zeros(width * 32, dtype=torch.bool)
+    if token_ids:
+        ids = torch.tensor(token_ids, dtype=torch.int64)
+        allowed[ids[ids < vocab_size]] = True
+    words = (allowed.view(width, 32).to(torch.int64) << _SHIFTS.to(torch.int64)).sum(dim=-1)  # [W] in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, W] int32 -> [B, V] uint8, nonzero where the bit is set. Works on the bytes (a
+    little-endian int32's bit i is bit i % 8 of its byte i // 8): 4x less memory than shifting words."""
+    # bitmask: [B, W]
+    weights = _BYTE_BITS.to(bitmask.device)  # [8]
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [B, 4W]
+    return (as_bytes.unsqueeze(-1) & weights).reshape(bitmask.shape[0], -1)[:, :vocab_size]  # [B, V]
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, W] int32 -> [B, V] bool (True: allowed). Vectorised bit ops, no Python loop."""
+    return _bits(bitmask, vocab_size).ne(0)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Set disallowed logits to -inf in place. `rows` (int64 [R]) picks the logits rows the R
+    bitmask rows belong to; None: bitmask row i is logits row i."""
+    # logits: [B, V]; bitmask: [R, W]
+    disallowed = _bits(bitmask.to(logits.device), logits.shape[-1]).eq(0)  # [R, V]
+    if rows is None or rows.numel() == logits.shape[0]:
+        if rows is not None and not torch.equal(rows.cpu(), torch.arange(logits.shape[0])):
+            disallowed = disallowed[torch.argsort(rows.to(logits.device))]
+        logits.masked_fill_(disallowed, float("-inf"))
+    else:
+        rows = rows.to(logits.device)
+        sub = logits.index_select(0, rows).masked_fill_(disallowed, float("-inf"))  # [R, V]
+        logits.index_copy_(0, rows, sub)

@@ -1,0 +1,47 @@
+"""A tokenizer's vocabulary as byte strings, the alphabet grammar automata run over.
+
+Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) spell each byte as one printable character
+(GPT-2's `bytes_to_unicode`); SentencePiece tokenizers spell a space as U+2581 and raw bytes as
+`<0xNN>`. Special and added tokens (chat markers, EOS) get no bytes: a grammar never emits them,
+EOS is handled apart (allowed exactly where the grammar may end).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+@functools.lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-character -> byte map (the inverse of `bytes_to_unicode`)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _sentencepiece_bytes(token: str) -> bytes:
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return bytes([int(token[3:5], 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+def token_bytes(tokenizer: Any) -> dict[int, bytes]:
+    """token id -> the bytes it stands for, for every ordinary (non-special, non-added) token."""
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    skip = set(getattr(tokenizer, "all_special_ids", ())) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    decoder = byte_decoder()
+    ordinary = {s: i for s, i in vocab.items() if i not in skip}
+    byte_level = all(c in decoder for s in ordinary for c in s)
+    out: dict[int, bytes] = {}
+    for s, i in ordinary.items():
+        b = bytes(decoder[c] for c in s) if byte_level else _sentencepiece_bytes(s)
+        if b:
+            out[i] = b
+    return out
