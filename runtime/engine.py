@@ -214,6 +214,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self._closed = True
+        if self.scheduler.grammar_backend is not None:
+            self.scheduler.grammar_backend.shutdown()
 
     def _check_open(self) -> None:
         if self._closed:
