@@ -54,6 +54,63 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Help for every engine flag of `loom serve` (one per ServerArgs field but model_path).
+_ENGINE_FLAG_HELP = {
+    "tokenizer_path": "tokenizer folder (default: the model folder)",
+    "dtype": "weight and activation dtype; auto: float32 on CPU, the checkpoint's dtype on GPU",
+    "device": "where the model runs: auto (cuda when available), cpu or cuda",
+    "context_length": "max tokens per sequence (default: the model's max_position_embeddings)",
+    "max_total_tokens": "KV cache slots (default: --mem-fraction-static of free memory)",
+    "mem_fraction_static": "share of free memory given to the KV cache when --max-total-tokens is not set",
+    "chunked_prefill_size": "max new prompt tokens per prefill step; <= 0 disables chunked prefill",
+    "max_prefill_tokens": "max new prompt tokens in one prefill batch",
+    "max_running_requests": "max requests decoding at once",
+    "schedule_policy": "waiting-queue order: lpm (longest cached prefix first) or fcfs",
+    "disable_radix_cache": "do not share prefixes between requests (a plain chunk cache)",
+    "attention_backend": "attention kernels: auto, torch_native, triton or flashinfer",
+    "random_seed": "seed for sampling without a per-request seed",
+    "enable_in_batch_prefix_sharing": "let requests of one prefill batch share a common prefix (--no-... to disable)",
+    "debug_check_memory": "assert the KV-pool invariant after every scheduler step (slow; for debugging)",
+}
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    import dataclasses
+    import typing
+
+    from loom.runtime.server_args import ServerArgs
+
+    hints = typing.get_type_hints(ServerArgs)
+    for f in dataclasses.fields(ServerArgs):
+        if f.name == "model_path":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = _ENGINE_FLAG_HELP.get(f.name, f.name.replace("_", " "))
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            continue
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        shown = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(flag, type=base, default=f.default, help=helptext + shown)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from loom.runtime.http_server import serve
+    from loom.runtime.server_args import ServerArgs
+
+    engine_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerArgs) if f.name != "model_path"}
+    try:
+        server_args = ServerArgs(model_path=args.model, **engine_args)
+    except ValueError as exc:
+        print(f"loom serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(server_args, host=args.host, port=args.port, api_key=args.api_key,
+                 served_model_name=args.served_model_name, log_level=args.log_level)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loom",
@@ -71,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-total-tokens", type=int, default=None, help="KV cache slots (default: from memory)")
     demo.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate per question")
     demo.set_defaults(func=_demo)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: SGLang's native API (/generate) and the OpenAI API (/v1/...)",
+        description="Start the engine processes (scheduler, detokenizer) and an HTTP server in front of them.",
+    )
+    serve.add_argument("--model", "--model-path", dest="model", required=True, help="a Hugging Face model folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=30000, help="port to listen on (default: 30000)")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    serve.add_argument("--served-model-name", default=None, help="model name in the OpenAI API (default: the --model path)")
+    _add_engine_flags(serve)
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -1,0 +1,421 @@
+"""`AsyncEngine`: the front of the served engine, in the server's event loop.
+
+Starts the scheduler and detokenizer processes, tokenizes and validates requests (the
+`TokenizerManager`), keeps the request table, and streams results back:
+
+    front --PUSH--> scheduler --PUSH--> detokenizer --PUSH--> front (PULL, this object)
+
+Every request that enters gets exactly one final answer: its result, an abort, or
+`EngineDeadError` when a child process died (the HTTP layer answers 503 and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from transformers import AutoTokenizer
+
+from loom.runtime.detokenizer_process import run_detokenizer_process
+from loom.runtime.ipc import IpcPaths, decode, encode
+from loom.runtime.messages import (
+    AbortReq,
+    BatchStrOut,
+    FlushCacheOut,
+    FlushCacheReq,
+    SchedulerInfoOut,
+    SchedulerInfoReq,
+    SchedulerReady,
+)
+from loom.runtime.scheduler_process import run_scheduler_process
+from loom.runtime.server_args import ServerArgs
+from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.25
+REPLY_TIMEOUT_S = 30.0
+
+
+class FrontMetrics:
+    """Prometheus metrics the front measures (the scheduler's gauges are read at scrape time)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.prompt_tokens = Counter("loom_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("loom_generation_tokens", "Generated tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("loom_cached_tokens", "Prompt tokens served from the radix cache", registry=r)
+        self.requests = Counter("loom_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.ttft = Histogram("loom_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
+        self.itl = Histogram("loom_inter_token_latency_seconds", "Time between output tokens", registry=r,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))  # fmt: skip
+        self.e2e = Histogram("loom_e2e_request_latency_seconds", "Request latency, arrival to last token", registry=r,
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
+        self.running = Gauge("loom_num_running_reqs", "Requests decoding", registry=r)
+        self.queued = Gauge("loom_num_queued_reqs", "Requests waiting for admission", registry=r)
+        self.kv_usage = Gauge("loom_kv_cache_usage", "Share of KV slots in use (not free, not evictable)", registry=r)
+        self.cache_hit_rate = Gauge("loom_cache_hit_rate", "Share of prompt tokens served from the radix cache", registry=r)
+
+    def observe(self, state: ReqState, n_new: int, last_time: float | None, now: float) -> None:
+        if n_new:
+            if last_time is None:
+                self.ttft.observe(now - state.created)
+            else:
+                for _ in range(n_new):
+                    self.itl.observe((now - last_time) / n_new)
+        if state.finished:
+            self.prompt_tokens.inc(state.prompt_tokens)
+            self.generation_tokens.inc(state.completion_tokens)
+            self.cached_tokens.inc(state.cached_tokens)
+            self.requests.labels(state.finished_reason.get("type", "unknown")).inc()
+            self.e2e.observe(now - state.created)
+
+    def set_scheduler_gauges(self, info: SchedulerInfoOut) -> None:
+        self.running.set(info.running)
+        self.queued.set(info.waiting)
+        mem = info.memory
+        self.kv_usage.set((mem["capacity"] - mem["free"] - mem["evictable"]) / max(mem["capacity"], 1))
+        self.cache_hit_rate.set(info.stats.get("cached_tokens", 0) / max(info.stats.get("prompt_tokens", 0), 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineDeadError(RuntimeError):
+    """A child process died: the engine cannot answer any request any more."""
+
+
+class RemoteText:
+    """Stands in for `DecodeState` at the front: the detokenizer process did the decoding, the
+    front only keeps the text it was sent (same `take_delta` / `output_text` contract)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.final: str | None = None
+        self.sent = 0
+
+    def push(self, delta: str, final: str | None) -> None:
+        self.text += delta
+        if final is not None:
+            self.final = final
+
+    def feed(self, new_ids: list[int]) -> None:  # decoding happened in the detokenizer
+        pass
+
+    def finish(self, finished_reason: dict | None) -> None:
+        pass
+
+    @property
+    def output_text(self) -> str:
+        return self.final if self.final is not None else self.text
+
+    def take_delta(self) -> str:
+        text = self.output_text
+        delta = text[self.sent :]
+        self.sent = max(self.sent, len(text))
+        return delta
+
+
+@dataclass
+class _Entry:
+    index: int
+    state: ReqState
+    queue: asyncio.Queue  # shared by the requests of one generate call: (index, delta) or _DEAD
+    sent_ids: int = 0
+    last_token_time: float | None = None
+
+
+_DEAD = object()
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: Any
+    started: float = field(default_factory=time.monotonic)
+
+
+class AsyncEngine:
+    def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
+        self.server_args = server_args
+        self.log_level = log_level
+        self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path or server_args.model_path)
+        self.tokenizer_manager: TokenizerManager | None = None
+        self.ready: SchedulerReady | None = None
+        self.dead_reason: str | None = None
+        self.on_death: Callable[[str], None] | None = None
+        self._reqs: dict[str, _Entry] = {}
+        self._children: list[_Child] = []
+        self._paths: IpcPaths | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._replies: dict[type, asyncio.Future] = {}
+        self._reply_lock = asyncio.Lock()
+        self._closed = False
+        self.metrics = FrontMetrics()
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self, timeout_s: float = 600.0) -> None:
+        """Start the processes and return once the scheduler has loaded the model.
+
+        Raises EngineDeadError when a child dies first, TimeoutError after `timeout_s`."""
+        self._paths = paths = IpcPaths.create()
+        self._ctx = zmq.Context()
+        self._actx = zmq.asyncio.Context()
+        self._pull = self._actx.socket(zmq.PULL)
+        self._pull.bind(paths.to_front)
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.connect(paths.to_scheduler)
+        spawn = mp.get_context("spawn")
+        args = self.server_args
+        me = os.getpid()
+        for name, target, targs in (
+            ("detokenizer", run_detokenizer_process, (args.tokenizer_path or args.model_path, paths, me, self.log_level)),
+            ("scheduler", run_scheduler_process, (args.to_dict(), paths, me, self.log_level)),
+        ):
+            proc = spawn.Process(target=target, args=targs, name=f"loom-{name}", daemon=True)
+            proc.start()
+            self._children.append(_Child(name, proc))
+        deadline = time.monotonic() + timeout_s
+        while self.ready is None:
+            self._check_children()
+            if self.dead_reason:
+                await self.shutdown()
+                raise EngineDeadError(self.dead_reason)
+            if time.monotonic() > deadline:
+                await self.shutdown()
+                raise TimeoutError(f"the scheduler was not ready after {timeout_s:.0f}s")
+            if await self._pull.poll(200):
+                msg = decode(await self._pull.recv())
+                if isinstance(msg, SchedulerReady):
+                    self.ready = msg
+        self.tokenizer_manager = TokenizerManager(
+            self.tokenizer,
+            context_len=self.ready.context_len,
+            vocab_size=self.ready.vocab_size,
+            max_total_tokens=self.ready.max_total_tokens,
+        )
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch_loop())]
+
+    async def shutdown(self) -> None:
+        """Stop the children (SIGTERM, then SIGKILL), close the sockets, remove the socket folder."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for child in self._children:
+            if child.proc.is_alive():
+                child.proc.terminate()
+        for child in self._children:
+            child.proc.join(5)
+            if child.proc.is_alive():
+                child.proc.kill()
+                child.proc.join(5)
+        self._fail_all("the server is shutting down")
+        for sock in (getattr(self, "_pull", None), getattr(self, "_push", None)):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._paths is not None:
+            self._paths.remove()
+
+    @property
+    def ipc_dir(self) -> str | None:
+        return self._paths.root if self._paths else None
+
+    @property
+    def child_pids(self) -> dict[str, int]:
+        return {c.name: c.proc.pid for c in self._children}
+
+    def _check_children(self) -> None:
+        if self._closed or self.dead_reason:
+            return
+        for child in self._children:
+            code = child.proc.exitcode
+            if code is not None:
+                self._die(f"the {child.name} process died (exit code {code}); the server cannot serve requests")
+                return
+
+    def _die(self, reason: str) -> None:
+        if self.dead_reason:
+            return
+        self.dead_reason = reason
+        logger.error(reason)
+        self._fail_all(reason)
+        if self.on_death is not None:
+            self.on_death(reason)
+
+    def _fail_all(self, reason: str) -> None:
+        for entry in list(self._reqs.values()):
+            entry.queue.put_nowait(_DEAD)
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+
+    async def _watch_loop(self) -> None:
+        while not self.dead_reason:
+            self._check_children()
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _recv_loop(self) -> None:
+        try:
+            await self._recv_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave requests waiting forever
+            logger.exception("the front's receive loop failed")
+            self._die(f"the front's receive loop failed: {type(exc).__name__}: {exc}")
+
+    async def _recv_forever(self) -> None:
+        while True:
+            self._dispatch(decode(await self._pull.recv()))
+
+    def _dispatch(self, msg: Any) -> None:
+        """Fold one message from the detokenizer into the request table (no awaiting in here)."""
+        if isinstance(msg, BatchStrOut):
+            for out in msg.outputs:
+                entry = self._reqs.get(out.out.rid)
+                if entry is None:
+                    continue  # its caller left (aborted); nothing to answer
+                entry.state.decode.push(out.text_delta, out.final_text)
+                delta = self.tokenizer_manager.process_output(entry.state, out.out)
+                now = time.perf_counter()
+                n_new = len(out.out.new_token_ids)
+                self.metrics.observe(entry.state, n_new, entry.last_token_time, now)
+                if n_new:
+                    entry.last_token_time = now
+                entry.queue.put_nowait((entry.index, delta, out.out.finished_reason is not None))
+        else:
+            fut = self._replies.get(type(msg))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _send(self, msg: Any) -> None:
+        self._push.send(encode(msg))
+
+    def check_alive(self) -> None:
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        if self._closed or self.tokenizer_manager is None:
+            raise EngineDeadError("the engine is not running")
+
+    # ------------------------------------------------------------------ requests
+    async def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] = 0,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Async generator. stream=False: yields once, the result dict (a list for a batch), as
+        `loom.Engine.generate`. stream=True: yields chunks {"text": delta, "output_ids": new ids,
+        "meta_info", "index"}; each request's last chunk carries its finish_reason.
+
+        Raises ValueError (bad input, nothing submitted) or EngineDeadError. Closing the
+        iterator early aborts the unfinished requests, which frees their KV memory."""
+        self.check_alive()
+        reqs, states, is_batch = self.tokenizer_manager.tokenize_batch(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+            stream=stream,
+            rid=rid,
+        )
+        seen = set()
+        for state in states:
+            if state.rid in self._reqs or state.rid in seen:
+                raise ValueError(f"rid {state.rid!r} is already in use by a running request")
+            seen.add(state.rid)
+        queue: asyncio.Queue = asyncio.Queue()
+        entries = []
+        for i, (req, state) in enumerate(zip(reqs, states)):
+            state.decode = RemoteText()
+            entry = _Entry(i, state, queue)
+            entries.append(entry)
+            self._reqs[req.rid] = entry
+            self._send(req)
+        try:
+            unfinished = len(entries)
+            while unfinished:
+                # Take everything that arrived: the states already hold all of it.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                texts: dict[int, str] = {}
+                for item in items:
+                    if item is _DEAD:
+                        raise EngineDeadError(self.dead_reason or "the engine stopped")
+                    index, delta, final = item
+                    texts[index] = texts.get(index, "") + delta
+                    unfinished -= final
+                if not stream:
+                    continue
+                for index, text in texts.items():
+                    entry = entries[index]
+                    if text or entry.state.finished or len(entry.state.output_ids) > entry.sent_ids:
+                        chunk = self.tokenizer_manager.result(entry.state)
+                        chunk["text"] = text
+                        chunk["output_ids"] = entry.state.output_ids[entry.sent_ids :]
+                        chunk["index"] = index
+                        entry.sent_ids = len(entry.state.output_ids)
+                        yield chunk
+            if not stream:
+                results = [self.tokenizer_manager.result(e.state) for e in entries]
+                yield results if is_batch else results[0]
+        finally:
+            for entry in entries:
+                self._reqs.pop(entry.state.rid, None)
+                if not entry.state.finished and not self.dead_reason and not self._closed:
+                    self._send(AbortReq(entry.state.rid, "the client went away"))
+
+    def abort(self, rid: str) -> bool:
+        """Abort a running request by rid; its caller gets an abort finish_reason. False: unknown rid."""
+        self.check_alive()
+        if rid not in self._reqs:
+            return False
+        self._send(AbortReq(rid, "aborted by /abort_request"))
+        return True
+
+    async def _ask(self, req: Any, reply_type: type) -> Any:
+        self.check_alive()
+        async with self._reply_lock:
+            fut = asyncio.get_running_loop().create_future()
+            self._replies[reply_type] = fut
+            self._send(req)
+            try:
+                return await asyncio.wait_for(fut, REPLY_TIMEOUT_S)
+            finally:
+                self._replies.pop(reply_type, None)
+
+    async def flush_cache(self) -> FlushCacheOut:
+        return await self._ask(FlushCacheReq(), FlushCacheOut)
+
+    async def scheduler_info(self) -> SchedulerInfoOut:
+        return await self._ask(SchedulerInfoReq(), SchedulerInfoOut)
+
+    async def health_generate(self) -> None:
+        """Run one tiny greedy generation end to end; raises if the engine cannot."""
+        async for _ in self.generate(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0}):
+            pass
+
+    @property
+    def num_running(self) -> int:
+        return len(self._reqs)

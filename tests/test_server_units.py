@@ -1,0 +1,125 @@
+"""The serving layer's pieces without processes: the wire codec, the detokenizer, the front's
+request table (streamed deltas add up to the final text however messages bunch up)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from transformers import AutoTokenizer
+
+from loom.demo_model import build_tiny_checkpoint
+from loom.runtime.async_engine import AsyncEngine, FrontMetrics, RemoteText
+from loom.runtime.detokenizer_process import Detokenizer
+from loom.runtime.http_server import _param_of
+from loom.runtime.ipc import IpcPaths, decode, encode
+from loom.runtime.messages import (
+    AbortReq,
+    BatchStrOut,
+    BatchTokenIDOut,
+    DetokenizeInit,
+    StrOut,
+    TokenIDOut,
+    TokenizedGenerateReq,
+)
+from loom.runtime.tokenizer_manager import TokenizerManager
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("units"), arch="qwen2", vocab_size=512, seed=5)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_codec_round_trips_every_message_shape():
+    msgs = [
+        TokenizedGenerateReq("r1", [1, 2, 3], {"temperature": 0.5, "stop": ["\n"]}, True, 0, 2, True),
+        AbortReq("r1", "bye"),
+        BatchStrOut([StrOut(TokenIDOut("r1", [4], {"type": "stop", "matched": 4}, 3, 1, 0, [(None, 1), (-0.5, 2)]), "x", "x")]),
+    ]
+    for msg in msgs:
+        assert decode(encode(msg)) == msg
+
+
+def test_codec_refuses_unknown_and_malformed_messages():
+    with pytest.raises(ValueError, match="malformed"):
+        decode(msgspec.msgpack.encode(("os.system", {"command": "true"})))
+    with pytest.raises(ValueError, match="malformed"):
+        decode(msgspec.msgpack.encode(("AbortReq", {"rid": 5})))
+    with pytest.raises(ValueError, match="malformed"):
+        decode(b"\xff\x00garbage")
+
+
+def test_ipc_dir_is_private_and_removed():
+    paths = IpcPaths.create()
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(paths.root).st_mode) == 0o700
+    assert paths.to_front.startswith("ipc://" + paths.root)
+    paths.remove()
+    assert not os.path.exists(paths.root)
+
+
+def test_detokenizer_deltas_add_up_and_stop_is_trimmed(tokenizer):
+    ids = tokenizer.encode("Hello world, this is a test", add_special_tokens=False)  # the scheduler stops at " test"
+    detok = Detokenizer(tokenizer)
+    detok.handle(DetokenizeInit("r", stop=[" test"]))
+    deltas, final = [], None
+    for i, tok in enumerate(ids):
+        reason = {"type": "stop", "matched": " test"} if i == len(ids) - 1 else None
+        (out,) = detok.handle(BatchTokenIDOut([TokenIDOut("r", [tok], reason, 3, i + 1, 0)])).outputs
+        deltas.append(out.text_delta)
+        final = out.final_text
+    assert final == "Hello world, this is a" == "".join(deltas)
+    assert "r" not in detok.states  # forgotten once finished
+
+
+def test_stream_deltas_survive_bunched_messages(tokenizer):
+    """All of a request's messages arrive before its consumer runs: nothing may be lost."""
+
+    async def run() -> tuple[list[dict], str]:
+        engine = AsyncEngine.__new__(AsyncEngine)
+        engine.dead_reason, engine._closed, engine._reqs = None, False, {}
+        engine.metrics = FrontMetrics()
+        engine.tokenizer_manager = TokenizerManager(tokenizer, context_len=2048, vocab_size=512, max_total_tokens=2048)
+        sent: list = []
+        engine._send = sent.append
+        ids = [215, 114, 225, 271, 114, 229]  # byte tokens: U+FFFD appears mid-stream
+        detok = Detokenizer(tokenizer)
+        agen = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 6}, stream=True)
+        first = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0)  # the request is sent
+        (req,) = sent
+        detok.handle(DetokenizeInit(req.rid))
+        for i, tok in enumerate(ids):
+            reason = {"type": "length", "length": 6} if i == len(ids) - 1 else None
+            engine._dispatch(detok.handle(BatchTokenIDOut([TokenIDOut(req.rid, [tok], reason, 3, i + 1, 0)])))
+        chunks = [await first] + [c async for c in agen]
+        return chunks, tokenizer.decode(ids)
+
+    chunks, whole = asyncio.run(run())
+    assert "".join(c["text"] for c in chunks) == whole
+    assert sum((c["output_ids"] for c in chunks), []) == [215, 114, 225, 271, 114, 229]
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
+
+
+def test_remote_text_takes_final_text():
+    rt = RemoteText()
+    rt.push("ab", None)
+    assert rt.take_delta() == "ab"
+    rt.push("c", "abc")
+    assert rt.take_delta() == "c" and rt.output_text == "abc"
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ("sampling_params.top_p must be a number", "sampling_params.top_p"),
+        ("input_ids[1] has 3000 tokens", "input_ids[1]"),
+        ("give exactly one of `prompt` or `input_ids`", None),
+    ],
+)
+def test_error_messages_name_their_field(message, param):
+    assert _param_of(message) == param
