@@ -4,9 +4,6 @@ there is one): fp32 and fp16 (bf16 only on a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,35 +12,7 @@ from loom.radix_cache import TokenToKVPool
 from loom.runtime.layers.layernorm import RMSNorm
 from loom.runtime.layers.rotary import RotaryEmbedding
 
-CUDA = torch.cuda.is_available()
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-# `triton.jit` (Triton's own tl.* library included) reads TRITON_INTERPRET when a kernel is defined: the
-# kernels are built here, at collection, with the interpreter on; then it is switched off so that no other
-# test module sees it, and the `interpreter` fixture switches it on again for this module's tests
-# (Triton reads it again at launch).
-_saved = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import loom.kernels.triton as kt
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-assert CUDA or kt.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 could be set"
-
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
+from triton_setup import DEVICE, DTYPES, TOL, interpreter, kt  # noqa: F401  (interpreter: autouse fixture)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
