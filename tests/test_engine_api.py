@@ -57,15 +57,20 @@ def test_stop_token_ids_and_min_new_tokens(engine):
     assert target not in later["output_ids"][:5]
 
 
-def test_eos_stops_unless_ignored(engine):
-    eos = engine.tokenizer.eos_token_id
-    # Force EOS by giving it as the only allowed continuation is not possible without grammars;
-    # instead check that ignore_eos=False stops at EOS whenever the model emits it.
-    outs = engine.generate(["p"] * 4, {"temperature": 1.5, "max_new_tokens": 64, "seed": 7})
-    for out in outs:
-        ids = out["output_ids"]
-        if eos in ids:
-            assert ids.index(eos) == len(ids) - 1 and out["meta_info"]["finish_reason"]["matched"] == eos
+def test_eos_stops_generation_unless_ignored(engine):
+    """Find greedy continuations that reach an EOS id when EOS is ignored; without ignore_eos
+    the same requests stop right there, EOS included in output_ids and left out of the text."""
+    eos_ids = engine.scheduler.eos_token_ids
+    prompts = [[i, i + 7] for i in range(3, 259)]
+    free = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True})
+    hits = [(p, o["output_ids"]) for p, o in zip(prompts, free) if set(o["output_ids"]) & eos_ids]
+    assert hits, "no greedy continuation reached EOS: pick other prompts"
+    for prompt, ids in hits:
+        first = next(i for i, t in enumerate(ids) if t in eos_ids)
+        out = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 24})
+        assert out["output_ids"] == ids[: first + 1]
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[first]}
+        assert out["text"] == engine.tokenizer.decode(ids[:first], skip_special_tokens=True)
 
 
 def test_prefill_only(engine):
