@@ -144,6 +144,10 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
             "served_model_name": app.state.served_model_name,
             "context_length": engine.ready.context_len if engine.ready else None,
             "vocab_size": engine.ready.vocab_size if engine.ready else None,
+            # What a front end needs to render chat roles itself (the language's chat roles).
+            "chat_template": getattr(engine.tokenizer, "chat_template", None),
+            "bos_token": getattr(engine.tokenizer, "bos_token", None),
+            "eos_token": getattr(engine.tokenizer, "eos_token", None),
         }
 
     @app.get("/get_server_info")

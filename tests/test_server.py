@@ -175,7 +175,9 @@ def test_generate_logprobs(server):
 
 
 def test_info_routes_and_flush(server, model_dir):
-    assert server.client.get("/get_model_info").json()["model_path"] == str(model_dir)
+    info = server.client.get("/get_model_info").json()
+    assert info["model_path"] == str(model_dir)
+    assert "{%" in info["chat_template"] and info["eos_token"]
     info = server.info()
     assert info["max_total_tokens"] == MAX_TOTAL_TOKENS and info["memory"]["capacity"] == MAX_TOTAL_TOKENS
     assert server.client.get("/health_generate").status_code == 200
