@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loom.runtime.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.server_args import ServerArgs
+from loom.runtime.protocol import error_body
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,7 @@ class RequestError(ValueError):
 
 
 def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None) -> JSONResponse:
-    err_type = err_type or ("invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message, param, err_type), status_code=status)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
