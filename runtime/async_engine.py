@@ -36,6 +36,7 @@ from loom.runtime.messages import (
     SchedulerInfoReq,
     SchedulerReady,
 )
+from loom.runtime.protocol import RequestError
 from loom.runtime.scheduler_process import run_scheduler_process
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
@@ -124,6 +125,17 @@ class RemoteText:
         delta = text[self.sent :]
         self.sent = max(self.sent, len(text))
         return delta
+
+
+def _rejection(state: ReqState, index: int | None) -> RequestError | None:
+    """The client error behind a request the scheduler refused (an invalid grammar), if any: the
+    caller answers it as a 4xx instead of a result with an abort finish_reason."""
+    reason = state.finished_reason or {}
+    status = reason.get("status_code")
+    if reason.get("type") != "abort" or not isinstance(status, int) or not 400 <= status < 500:
+        return None
+    where = f"request {index}: " if index is not None else ""
+    return RequestError(where + str(reason.get("message", "rejected")), reason.get("param"), status)
 
 
 @dataclass
@@ -352,6 +364,7 @@ class AsyncEngine:
             entries.append(entry)
             self._reqs[req.rid] = entry
             self._send(req)
+        yielded = False
         try:
             unfinished = len(entries)
             while unfinished:
@@ -366,6 +379,10 @@ class AsyncEngine:
                     index, delta, final = item
                     texts[index] = texts.get(index, "") + delta
                     unfinished -= final
+                    if final and not yielded:
+                        rejected = _rejection(entries[index].state, index if is_batch else None)
+                        if rejected is not None:
+                            raise rejected  # the finally below aborts the batch's other requests
                 if not stream:
                     continue
                 for index, text in texts.items():
@@ -376,6 +393,7 @@ class AsyncEngine:
                         chunk["output_ids"] = entry.state.output_ids[entry.sent_ids :]
                         chunk["index"] = index
                         entry.sent_ids = len(entry.state.output_ids)
+                        yielded = True
                         yield chunk
             if not stream:
                 results = [self.tokenizer_manager.result(e.state) for e in entries]

@@ -24,20 +24,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loom.runtime.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.protocol import error_body
+from loom.runtime.protocol import RequestError, error_body
 
 logger = logging.getLogger(__name__)
 
 DEATH_EXIT_DELAY_S = 1.0  # let the 503 answers go out before the server stops
-
-
-class RequestError(ValueError):
-    """A client mistake: answered with `status` and a message naming `param`."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param = param
-        self.status = status
 
 
 def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None) -> JSONResponse:

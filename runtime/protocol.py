@@ -69,6 +69,15 @@ def decode_reply(data: bytes) -> FrontReply:
         raise ValueError(f"not a FrontReply ({{id, type, body}} as msgpack): {exc}") from None
 
 
+class RequestError(ValueError):
+    """A client mistake: answered with `status` (HTTP-like) and a message naming the field `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
 def error_body(status: int, message: str, param: str | None = None, err_type: str | None = None) -> dict[str, Any]:
     """The error JSON the HTTP server and the front door both send."""
     err_type = err_type or ("invalid_request_error" if status < 500 else "server_error")

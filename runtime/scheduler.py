@@ -217,16 +217,23 @@ class Scheduler:
                     self.waiting.append(req)
                 else:
                     msg = str(exc) if isinstance(exc, GrammarError) else f"grammar compilation failed: {type(exc).__name__}: {exc}"
-                    self.finish(req, {"type": "abort", "message": msg})
+                    self.finish(req, self._grammar_rejected(req, msg))
             elif now > deadline:
                 assert self.grammar_backend is not None
                 kind, source = grammar_source(req.sampling_params)
                 self.grammar_backend.forget(kind, source)
                 limit = self.grammar_backend.compile_timeout_s
-                self.finish(req, {"type": "abort", "message": f"{kind} took longer than {limit:g}s to compile; simplify it"})
+                self.finish(req, self._grammar_rejected(req, f"{kind} took longer than {limit:g}s to compile; simplify it"))
             else:
                 pending.append((req, fut, deadline))
         self.grammar_queue = pending
+
+    @staticmethod
+    def _grammar_rejected(req: Req, message: str) -> dict:
+        """The abort of a request whose grammar cannot be used: the user's mistake, so the server
+        answers 400 naming the grammar's field (SGLang marks such aborts with a status code too)."""
+        kind, _source = grammar_source(req.sampling_params)
+        return {"type": "abort", "message": message, "status_code": 400, "param": f"sampling_params.{kind}"}
 
     def abort_request(self, rid: str, message: str) -> None:
         for i, (req, _, _) in enumerate(self.grammar_queue):

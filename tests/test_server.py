@@ -358,6 +358,25 @@ def test_constrained_decoding_through_both_apis(server, oai, model_name):
         assert isinstance(json.loads(r.choices[0].message.content)["a"], int)
 
 
+def test_invalid_grammar_answers_400_naming_the_field(server, oai, model_name):
+    bad = {"text": "x", "sampling_params": {"max_new_tokens": 8, "regex": "([0-9]"}}
+    r = server.client.post("/generate", json=bad)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "sampling_params.regex" and "regex" in err["message"]
+    r = server.client.post("/generate", json={**bad, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.regex"
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 3}}}
+    r = server.client.post("/generate", json={"text": ["x", "y"], "sampling_params": {"max_new_tokens": 4, "json_schema": json.dumps(schema)}})
+    assert r.status_code == 400 and "multipleOf" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="multipleOf"):
+        oai.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})  # fmt: skip
+    # The server keeps serving, and a valid grammar in the same breath works.
+    ok = server.client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 8, "regex": "[a-c]{2}"}})
+    assert ok.status_code == 200 and len(ok.json()["text"]) == 2
+
+
 def test_openai_errors(oai, model_name):
     with pytest.raises(openai.NotFoundError, match="unknown model"):
         oai.completions.create(model="no-such-model", prompt="x", max_tokens=2)
