@@ -107,8 +107,12 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loom serve: {exc}", file=sys.stderr)
         return 2
+    if not args.http and not args.zmq_address:
+        print("loom serve: --no-http needs --zmq-address (otherwise nothing could reach the server)", file=sys.stderr)
+        return 2
     return serve(server_args, host=args.host, port=args.port, api_key=args.api_key,
-                 served_model_name=args.served_model_name, log_level=args.log_level)  # fmt: skip
+                 served_model_name=args.served_model_name, log_level=args.log_level, zmq_address=args.zmq_address,
+                 http=args.http, parent_pid=args.parent_pid)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=30000, help="port to listen on (default: 30000)")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
     serve.add_argument("--served-model-name", default=None, help="model name in the OpenAI API (default: the --model path)")
+    serve.add_argument("--zmq-address", default=None,
+                       help="also bind the ZeroMQ front door (loom.Runtime's wire, msgpack) at this address: "
+                            "ipc:///path/to/socket, or tcp://HOST:PORT only if you trust that network")  # fmt: skip
+    serve.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                       help="serve HTTP (--no-http: only the ZeroMQ front door; needs --zmq-address)")  # fmt: skip
+    serve.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone (loom.Runtime sets it)")
     _add_engine_flags(serve)
     serve.set_defaults(func=_serve)
     return parser

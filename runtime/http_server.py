@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import signal
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loom.runtime import native_api
 from loom.runtime.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.protocol import RequestError, error_body
@@ -64,14 +64,6 @@ async def first_then_rest(agen: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[
             await agen.aclose()  # aborts what is unfinished when the client left
 
     return first, rest()
-
-
-_GENERATE_KEYS = {
-    "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-    "return_text_in_logprobs", "stream", "rid",
-}  # fmt: skip
-# Keys SGLang's clients may send that change nothing here.
-_GENERATE_IGNORED = {"image_data", "lora_path", "custom_logit_processor", "bootstrap_host", "modalities", "log_metrics"}
 
 
 class ApiKeyMiddleware:
@@ -127,34 +119,11 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
 
     @app.get("/get_model_info")
     async def get_model_info():
-        return {
-            "model_path": engine.server_args.model_path,
-            "tokenizer_path": engine.server_args.tokenizer_path or engine.server_args.model_path,
-            "is_generation": True,
-            "served_model_name": app.state.served_model_name,
-            "context_length": engine.ready.context_len if engine.ready else None,
-            "vocab_size": engine.ready.vocab_size if engine.ready else None,
-            # What a front end needs to render chat roles itself (the language's chat roles).
-            "chat_template": getattr(engine.tokenizer, "chat_template", None),
-            "bos_token": getattr(engine.tokenizer, "bos_token", None),
-            "eos_token": getattr(engine.tokenizer, "eos_token", None),
-        }
+        return native_api.model_info(engine, app.state.served_model_name)
 
     @app.get("/get_server_info")
     async def get_server_info():
-        info = await engine.scheduler_info()
-        return {
-            **engine.server_args.to_dict(),
-            "max_total_tokens": engine.ready.max_total_tokens,
-            "context_length": engine.ready.context_len,
-            "memory": info.memory,
-            "stats": info.stats,
-            "num_running_reqs": info.running,
-            "num_waiting_reqs": info.waiting,
-            "version": "0.1.0",
-            "pids": {"front": os.getpid(), **engine.child_pids},
-            "ipc_dir": engine.ipc_dir,
-        }
+        return await native_api.server_info(engine)
 
     @app.get("/metrics")
     async def metrics():
@@ -163,61 +132,23 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        out = await engine.flush_cache()
-        if out.success:
-            return Response("Cache flushed.\n", status_code=200)
-        return error_response(400, f"cache not flushed: {out.message}")
+        await native_api.flush_cache(engine)
+        return Response("Cache flushed.\n", status_code=200)
 
     @app.post("/abort_request")
     async def abort_request(request: Request):
-        body = await read_json(request)
-        rid = body.get("rid")
-        if not isinstance(rid, str) or not rid:
-            raise RequestError("rid must be a non-empty string", "rid")
-        found = engine.abort(rid)
-        return {"success": found}
+        return {"success": engine.abort(native_api.parse_abort(await read_json(request)))}
 
     @app.post("/generate")
     async def generate(request: Request):
-        body = await read_json(request)
-        unknown = set(body) - _GENERATE_KEYS - _GENERATE_IGNORED
-        if unknown:
-            raise RequestError(f"unknown field(s) {sorted(unknown)}; expected some of {sorted(_GENERATE_KEYS)}", sorted(unknown)[0])
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(f"stream must be a bool, got {stream!r}", "stream")
-        kwargs = dict(
-            prompt=body.get("text"),
-            input_ids=body.get("input_ids"),
-            sampling_params=body.get("sampling_params"),
-            return_logprob=body.get("return_logprob", False),
-            logprob_start_len=body.get("logprob_start_len"),
-            top_logprobs_num=body.get("top_logprobs_num", 0),
-            return_text_in_logprobs=body.get("return_text_in_logprobs", False),
-            rid=body.get("rid"),
-        )
-        if kwargs["prompt"] is not None and kwargs["input_ids"] is not None:
-            raise RequestError("give exactly one of `text` or `input_ids`", "text")
-        if kwargs["prompt"] is None and kwargs["input_ids"] is None:
-            raise RequestError("give one of `text` (a string or list of strings) or `input_ids`", "text")
+        kwargs, stream = native_api.parse_generate(await read_json(request))
         if not stream:
-            agen = engine.generate(**kwargs)
-            return await _await_result(request, agen)
-        agen = engine.generate(**kwargs, stream=True)
-        _first, chunks = await first_then_rest(agen)
+            return await _await_result(request, engine.generate(**kwargs))
+        _first, chunks = await first_then_rest(engine.generate(**kwargs, stream=True))
 
         async def events() -> AsyncIterator[str]:
-            # SGLang streams cumulative text and ids per request.
-            texts: dict[int, str] = {}
-            ids: dict[int, list[int]] = {}
             try:
-                async for chunk in chunks:
-                    i = chunk.pop("index")
-                    texts[i] = texts.get(i, "") + chunk["text"]
-                    ids.setdefault(i, []).extend(chunk["output_ids"])
-                    chunk["text"], chunk["output_ids"] = texts[i], list(ids[i])
-                    if isinstance(kwargs["prompt"], list) or (kwargs["input_ids"] and isinstance(kwargs["input_ids"][0], list)):
-                        chunk["index"] = i
+                async for chunk in native_api.cumulative_chunks(chunks, native_api.is_batch(kwargs)):
                     yield sse(chunk)
             except EngineDeadError as exc:
                 yield sse({"error": {"message": str(exc), "code": 503}})
@@ -258,13 +189,17 @@ def _param_of(message: str) -> str | None:
 
 
 def serve(server_args: ServerArgs, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None,
-          served_model_name: str | None = None, log_level: str = "warning") -> int:  # fmt: skip
-    """Run the server until SIGINT/SIGTERM (-> 0) or a child process dies (-> 1)."""
-    return asyncio.run(_serve(server_args, host, port, api_key, served_model_name, log_level))
+          served_model_name: str | None = None, log_level: str = "warning", zmq_address: str | None = None,
+          http: bool = True, parent_pid: int | None = None) -> int:  # fmt: skip
+    """Run the server until SIGINT/SIGTERM (-> 0) or a child process dies (-> 1).
+
+    zmq_address: also bind the ZeroMQ front door there (`ipc://...` or `tcp://...`); http=False
+    serves only that. parent_pid: exit when that process is gone (`loom.Runtime` sets it)."""
+    return asyncio.run(_serve(server_args, host, port, api_key, served_model_name, log_level, zmq_address, http, parent_pid))
 
 
 async def _serve(server_args: ServerArgs, host: str, port: int, api_key: str | None, served_model_name: str | None,
-                 log_level: str) -> int:  # fmt: skip
+                 log_level: str, zmq_address: str | None, http: bool, parent_pid: int | None) -> int:  # fmt: skip
     engine = AsyncEngine(server_args, log_level=log_level)
     # A signal while the model loads stops the start-up at once.
     loop = asyncio.get_running_loop()
@@ -282,12 +217,54 @@ async def _serve(server_args: ServerArgs, host: str, port: int, api_key: str | N
         starting.result()  # raises if a child died or start-up timed out
     finally:
         waiting.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-            # uvicorn re-raises the signal it caught once it has stopped: ignore that, we clean up and exit 0.
-            signal.signal(sig, lambda *_: None)
+        if http:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+                # uvicorn re-raises the signal it caught once it has stopped: ignore that, we clean up and exit 0.
+                signal.signal(sig, lambda *_: None)
         if not starting.done() or starting.cancelled() or starting.exception() is not None:
             await engine.shutdown()
+    served_model_name = served_model_name or server_args.model_path
+    door = None
+    watcher = None
+    try:
+        if zmq_address:
+            from loom.runtime.front_door import FrontDoor
+
+            door = FrontDoor(engine, zmq_address, served_model_name)
+            await door.start()
+        if parent_pid is not None:
+            watcher = asyncio.create_task(_watch_parent(parent_pid, stopping))
+        if http:
+            await _serve_http(engine, host, port, api_key, served_model_name, log_level, stopping)
+        else:
+            engine.on_death = lambda reason: loop.call_later(DEATH_EXIT_DELAY_S, stopping.set)
+            print(f"loom serve: ready on {zmq_address} (model {server_args.model_path})", flush=True)
+            await stopping.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        dead = engine.dead_reason
+        if door is not None:
+            await door.close()
+        await engine.shutdown()
+    if dead:
+        logger.error("exiting: %s", dead)
+        return 1
+    return 0
+
+
+async def _watch_parent(parent_pid: int, stopping: asyncio.Event) -> None:
+    from loom.runtime.ipc import parent_gone
+
+    while not parent_gone(parent_pid):
+        await asyncio.sleep(1.0)
+    logger.warning("the parent process %d is gone; stopping", parent_pid)
+    stopping.set()
+
+
+async def _serve_http(engine: AsyncEngine, host: str, port: int, api_key: str | None, served_model_name: str,
+                      log_level: str, stopping: asyncio.Event) -> None:  # fmt: skip
     app = create_app(engine, api_key, served_model_name)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
@@ -296,13 +273,10 @@ async def _serve(server_args: ServerArgs, host: str, port: int, api_key: str | N
         asyncio.get_running_loop().call_later(DEATH_EXIT_DELAY_S, setattr, server, "should_exit", True)
 
     engine.on_death = on_death
-    print(f"loom serve: ready on http://{host}:{port} (model {server_args.model_path})", flush=True)
+    stop_task = asyncio.create_task(stopping.wait())  # a gone parent stops the HTTP server too
+    stop_task.add_done_callback(lambda _t: setattr(server, "should_exit", True))
+    print(f"loom serve: ready on http://{host}:{port} (model {engine.server_args.model_path})", flush=True)
     try:
         await server.serve()
     finally:
-        dead = engine.dead_reason
-        await engine.shutdown()
-    if dead:
-        logger.error("exiting: %s", dead)
-        return 1
-    return 0
+        stop_task.cancel()
