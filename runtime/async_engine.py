@@ -332,12 +332,15 @@ class AsyncEngine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        reject_invalid: bool = True,
     ) -> AsyncIterator[Any]:
         """Async generator. stream=False: yields once, the result dict (a list for a batch), as
         `loom.Engine.generate`. stream=True: yields chunks {"text": delta, "output_ids": new ids,
         "meta_info", "index"}; each request's last chunk carries its finish_reason.
 
-        Raises ValueError (bad input, nothing submitted) or EngineDeadError. Closing the
+        Raises ValueError (bad input, nothing submitted) or EngineDeadError. A request the scheduler
+        refuses (an invalid grammar) raises RequestError before any output when `reject_invalid`;
+        otherwise it is a result with an abort finish_reason like any other. Closing the
         iterator early aborts the unfinished requests, which frees their KV memory."""
         self.check_alive()
         reqs, states, is_batch = self.tokenizer_manager.tokenize_batch(
@@ -379,7 +382,7 @@ class AsyncEngine:
                     index, delta, final = item
                     texts[index] = texts.get(index, "") + delta
                     unfinished -= final
-                    if final and not yielded:
+                    if final and reject_invalid and not yielded:
                         rejected = _rejection(entries[index].state, index if is_batch else None)
                         if rejected is not None:
                             raise rejected  # the finally below aborts the batch's other requests

@@ -60,7 +60,11 @@ def eos_token_ids(model_path: str, config: Any, tokenizer: Any) -> frozenset[int
     return frozenset(ids)
 
 
-class Engine:
+class LocalEngine:
+    """The engine in the caller's thread: the scheduler steps only while `generate` waits. For tests
+    and debugging (its scheduler and model runner are plain attributes); `loom.Engine` is this API
+    on the serving processes."""
+
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         if model_path is None:
             raise ValueError("Engine needs model_path: a folder in the Hugging Face layout")
@@ -221,8 +225,118 @@ class Engine:
         if self._closed:
             raise RuntimeError("this Engine was shut down")
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> "LocalEngine":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+class ProcessEngine:
+    """`loom.Engine` on the serving processes: a `loom serve --no-http` child (front, scheduler and
+    detokenizer processes) reached through its ZeroMQ front door. Same API as the in-process
+    engine; the scheduler's objects are not reachable from here, `get_server_info()` reports them."""
+
+    def __init__(self, model_path: str | None = None, *, log_level: str = "warning", **kwargs: Any) -> None:
+        from loom.runtime.launch import ServerProcess
+        from loom.runtime.protocol import FrontDoorClient
+
+        if model_path is None:
+            raise ValueError("Engine needs model_path: a folder in the Hugging Face layout")
+        unknown = set(kwargs) - set(ServerArgs.field_names())
+        if unknown:
+            raise ValueError(
+                f"unknown engine argument(s) {sorted(unknown)} (expected some of: {', '.join(ServerArgs.field_names())})"
+            )
+        self.server_args = ServerArgs(model_path=str(model_path), **kwargs)  # validates before any process starts
+        self._server = ServerProcess(str(model_path), log_level=log_level, **kwargs)
+        self._client = FrontDoorClient(self._server.address, is_dead=self._server_gone)
+        self._tokenizer: Any = None
+        self._closed = False
+
+    def _server_gone(self) -> str | None:
+        code = self._server.proc.poll()
+        if code is None:
+            return None
+        return f"the engine's server process exited with code {code}:\n{self._server.log_tail()[-2000:]}"
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            args = self.server_args
+            self._tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        return self._tokenizer
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] = 0,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """As the in-process engine: a dict (or a list of dicts for a list of prompts); with
+        stream=True (single prompt) an iterator of chunks whose `text` is the new text only.
+        Raises ValueError naming the input when a request is malformed."""
+        self._check_open()
+        body: dict[str, Any] = {
+            "sampling_params": sampling_params, "return_logprob": return_logprob,
+            "logprob_start_len": logprob_start_len, "top_logprobs_num": top_logprobs_num,
+            "return_text_in_logprobs": return_text_in_logprobs, "rid": rid, "stream": stream,
+            "reject_invalid": False,  # an invalid grammar aborts its own request, as in-process
+        }  # fmt: skip
+        if prompt is not None:
+            body["text"] = prompt
+        if input_ids is not None:
+            body["input_ids"] = input_ids
+        if not stream:
+            return self._client.call("generate", body)
+        if isinstance(prompt, list) or (input_ids and isinstance(input_ids[0], list)):
+            raise ValueError("stream=True takes a single prompt, not a list")
+        return self._stream(body)
+
+    def _stream(self, body: dict[str, Any]) -> Iterator[dict]:
+        # The front door streams cumulative text and ids (SGLang's wire); the engine API gives deltas.
+        text_sent, ids_sent = 0, 0
+        for chunk in self._client.stream("generate", body):
+            text, ids = chunk["text"], chunk["output_ids"]
+            chunk["text"], chunk["output_ids"] = text[text_sent:], ids[ids_sent:]
+            text_sent, ids_sent = len(text), len(ids)
+            yield chunk
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix. Returns False (and flushes nothing) while requests run."""
+        self._check_open()
+        try:
+            self._client.call("flush_cache")
+        except ValueError:
+            return False
+        return True
+
+    def get_server_info(self) -> dict[str, Any]:
+        self._check_open()
+        return self._client.call("get_server_info")
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._client.close()
+        self._server.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Engine was shut down")
+
+    def __enter__(self) -> "ProcessEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+Engine = LocalEngine  # flips to ProcessEngine once every in-process user says LocalEngine

@@ -12,7 +12,7 @@ from loom.runtime.protocol import RequestError
 
 GENERATE_KEYS = {
     "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-    "return_text_in_logprobs", "stream", "rid",
+    "return_text_in_logprobs", "stream", "rid", "reject_invalid",
 }  # fmt: skip
 # Keys SGLang clients may send that mean nothing for a text-only engine: accepted and ignored.
 GENERATE_IGNORED = {"image_data", "lora_path", "custom_logit_processor", "bootstrap_host", "modalities", "log_metrics"}
@@ -24,9 +24,10 @@ def parse_generate(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     unknown = set(body) - GENERATE_KEYS - GENERATE_IGNORED
     if unknown:
         raise RequestError(f"unknown field(s) {sorted(unknown)}; expected some of {sorted(GENERATE_KEYS)}", sorted(unknown)[0])
+    for flag in ("stream", "reject_invalid"):
+        if not isinstance(body.get(flag, False), bool):
+            raise RequestError(f"{flag} must be a bool, got {body[flag]!r}", flag)
     stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(f"stream must be a bool, got {stream!r}", "stream")
     kwargs = dict(
         prompt=body.get("text"),
         input_ids=body.get("input_ids"),
@@ -36,6 +37,9 @@ def parse_generate(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         top_logprobs_num=body.get("top_logprobs_num", 0),
         return_text_in_logprobs=body.get("return_text_in_logprobs", False),
         rid=body.get("rid"),
+        # Loom's own: False keeps an invalid grammar's abort as that request's result (loom.Engine)
+        # instead of failing the whole call with a 400.
+        reject_invalid=body.get("reject_invalid", True),
     )
     if kwargs["prompt"] is not None and kwargs["input_ids"] is not None:
         raise RequestError("give exactly one of `text` or `input_ids`", "text")

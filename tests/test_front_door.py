@@ -15,7 +15,7 @@ import zmq
 
 import loom
 from loom.demo_model import build_tiny_checkpoint
-from loom.launch import ServerProcess, engine_flags
+from loom.runtime.launch import ServerProcess, engine_flags
 from loom.runtime.protocol import FrontReply, FrontRequest, decode_reply, encode
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
@@ -186,7 +186,7 @@ def test_server_stops_when_its_parent_dies(model_dir, tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import json, sys\n"
-        "from loom.launch import ServerProcess\n"
+        "from loom.runtime.launch import ServerProcess\n"
         f"srv = ServerProcess({str(model_dir)!r}, max_total_tokens=256)\n"
         "print(json.dumps({'pid': srv.proc.pid, 'address': srv.address}), flush=True)\n"
         "import os; os._exit(0)\n"
