@@ -71,6 +71,8 @@ _ENGINE_FLAG_HELP = {
     "random_seed": "seed for sampling without a per-request seed",
     "enable_in_batch_prefix_sharing": "let requests of one prefill batch share a common prefix (--no-... to disable)",
     "debug_check_memory": "assert the KV-pool invariant after every scheduler step (slow; for debugging)",
+    "dp_size": "data-parallel replicas (each its own scheduler and KV cache) behind one front",
+    "dp_routing": "how the front picks a replica: cache_aware (longest cached prefix, then least load) or round_robin",
 }
 
 

@@ -75,6 +75,8 @@ class LocalEngine:
             )
         self.server_args = ServerArgs(model_path=str(model_path), **kwargs)
         args = self.server_args
+        if args.dp_size > 1:
+            raise ValueError("dp_size > 1 runs replicas in their own processes: use loom.Engine or loom serve, not LocalEngine")
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self.model_runner = ModelRunner(args)
         self.io = LocalIO()

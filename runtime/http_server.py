@@ -200,7 +200,12 @@ def serve(server_args: ServerArgs, host: str = "127.0.0.1", port: int = 30000, a
 
 async def _serve(server_args: ServerArgs, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  log_level: str, zmq_address: str | None, http: bool, parent_pid: int | None) -> int:  # fmt: skip
-    engine = AsyncEngine(server_args, log_level=log_level)
+    if server_args.dp_size > 1:
+        from loom.runtime.dp_router import DataParallelEngine
+
+        engine: Any = DataParallelEngine(server_args, log_level=log_level)
+    else:
+        engine = AsyncEngine(server_args, log_level=log_level)
     # A signal while the model loads stops the start-up at once.
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -92,7 +92,10 @@ def model_info(engine: AsyncEngine, served_model_name: str) -> dict[str, Any]:
 
 async def server_info(engine: AsyncEngine) -> dict[str, Any]:
     info = await engine.scheduler_info()
+    replicas = getattr(engine, "replica_infos", None)  # data parallel: each replica's own figures too
+    extra = {"replicas": [{"memory": i.memory, "stats": i.stats} for i in await replicas()]} if replicas else {}
     return {
+        **extra,
         **engine.server_args.to_dict(),
         "max_total_tokens": engine.ready.max_total_tokens,
         "context_length": engine.ready.context_len,

@@ -24,6 +24,8 @@ class ServerArgs:
     random_seed: int | None = None
     enable_in_batch_prefix_sharing: bool = True
     debug_check_memory: bool = False  # assert the KV-pool invariant after every scheduler step
+    dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
+    dp_routing: str = "cache_aware"  # cache_aware | round_robin
 
     def __post_init__(self) -> None:
         if os.environ.get("LOOM_DEBUG_MEMORY") == "1":
@@ -38,6 +40,10 @@ class ServerArgs:
                 raise ValueError(f"{name} must be an int >= 8 or None, got {value!r}")
         if not isinstance(self.max_running_requests, int) or self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
+        if not isinstance(self.dp_size, int) or self.dp_size < 1:
+            raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
+        if self.dp_routing not in ("cache_aware", "round_robin"):
+            raise ValueError(f"dp_routing must be 'cache_aware' or 'round_robin', got {self.dp_routing!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
 
