@@ -1,4 +1,5 @@
-"""Online serving benchmark: `loom serve` with the radix cache on vs off, side by side in one run.
+"""Online serving benchmark: `loom serve` with the radix cache on vs off (or any servers named with
+`--compare`, e.g. data-parallel routing policies), side by side in one run.
 
 The script starts `python -m loom serve` twice on free 127.0.0.1 ports, one server after the
 other (radix cache on, then `--disable-radix-cache`), and drives each with the same workload
@@ -20,6 +21,8 @@ on/off ratios. Output is a markdown table on stdout; progress and notes go to st
 
     python benchmarks/bench_serving.py                      # demo model, defaults (~1 min on 2 CPU cores)
     python benchmarks/bench_serving.py --model /path/to/model --num-requests 256 --request-rate 16
+    python benchmarks/bench_serving.py --num-prefixes 8 --compare 'cache-aware=--dp-size 2' \
+        --compare 'round-robin=--dp-size 2 --dp-routing round_robin'   # data-parallel routing
 
 The defaults (256 requests at 16 req/s) put the demo model's radix-off server near saturation on
 2 CPU cores (it sustains about 15 req/s on this workload); at much lower rates both servers just
@@ -90,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrival times")
     p.add_argument("--only", choices=("on", "off"), default=None,
                    help="run only one server: radix cache on, or off (default: both)")
+    p.add_argument("--compare", action="append", default=None, metavar="NAME=FLAGS",
+                   help="instead of radix on/off, compare these servers (repeat the option), e.g. "
+                        "--compare 'cache-aware=--dp-size 2' --compare 'round-robin=--dp-size 2 --dp-routing round_robin'")
     p.add_argument("--server-args", default="",
                    help="extra flags for `loom serve`, one quoted string, e.g. \"--max-total-tokens 20000\"")
     p.add_argument("--startup-timeout", type=float, default=600.0,
@@ -156,15 +162,12 @@ def free_port() -> int:
 class Server:
     """`python -m loom serve` as a subprocess on a free 127.0.0.1 port; SIGTERM on stop()."""
 
-    def __init__(self, model: str, radix: bool, extra: list[str], startup_timeout: float) -> None:
+    def __init__(self, model: str, flags: list[str], startup_timeout: float) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"loom-serve-{'on' if radix else 'off'}-", suffix=".log",
-                                               delete=False)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="loom-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "loom", "serve", "--model", model, "--host", HOST, "--port", str(self.port)]
-        if not radix:
-            cmd.append("--disable-radix-cache")
-        self.cmd = cmd + extra
+        self.cmd = cmd + flags
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 
@@ -352,13 +355,13 @@ def ratio(a: float, b: float) -> str:
 
 def markdown_table(summaries: dict[str, dict[str, float]]) -> str:
     names = list(summaries)
-    both = names == ["radix on", "radix off"]
-    head = ["metric", *names] + (["on / off"] if both else [])
+    both = len(names) == 2
+    head = ["metric", *names] + ([f"{names[0]} / {names[1]}"] if both else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, label, fmt in ROWS:
         cells = [fmt.format(summaries[n][key]) for n in names]
         if both:
-            on, off = summaries["radix on"][key], summaries["radix off"][key]
+            on, off = summaries[names[0]][key], summaries[names[1]][key]
             cells.append("" if key in ("completed", "failed", "cached_fraction") else ratio(on, off))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -375,15 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = args.model
     extra = shlex.split(args.server_args)
-    configs = [("radix on", True), ("radix off", False)]
+    configs = [("radix on", []), ("radix off", ["--disable-radix-cache"])]
     if args.only:
         configs = [c for c in configs if c[0] == f"radix {args.only}"]
+    if args.compare:
+        configs = []
+        for spec in args.compare:
+            name, sep, flags = spec.partition("=")
+            if not sep or not name:
+                raise SystemExit(f"--compare takes NAME=FLAGS, got {spec!r}")
+            configs.append((name, shlex.split(flags)))
 
     reqs: list[Request] | None = None
     summaries: dict[str, dict[str, float]] = {}
     outputs: dict[str, list[list[int] | None]] = {}
-    for label, radix in configs:
-        server = Server(model, radix, extra, args.startup_timeout)
+    for label, flags in configs:
+        server = Server(model, flags + extra, args.startup_timeout)
         try:
             server.start()
             if reqs is None:
@@ -414,16 +424,16 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(server.log.name)  # keep the log only when something failed
 
     assert reqs is not None
-    print("\n## Serving: radix cache on vs off\n")
+    print(f"\n## Serving: {' vs '.join(summaries)}\n")
     print(f"{len(reqs)} requests, Poisson {args.request_rate} req/s, {args.shared_prefix_fraction:.0%} with one of "
           f"{args.num_prefixes} shared {args.prefix_len}-token prefixes, own prompt {args.input_len[0]}-"
           f"{args.input_len[1]} tokens, output {args.output_len[0]}-{args.output_len[1]} tokens, seed {args.seed}; "
           f"model {model}\n")
     print(markdown_table(summaries))
     if len(outputs) == 2:
-        a, b = outputs["radix on"], outputs["radix off"]
+        (name_a, a), (name_b, b) = outputs.items()
         same = sum(x is not None and x == y for x, y in zip(a, b))
-        print(f"\n(greedy output ids equal between radix on and off: {same}/{len(reqs)})")
+        print(f"\n(greedy output ids equal between {name_a} and {name_b}: {same}/{len(reqs)})")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
                                                       "model": model, "results": summaries}, indent=2))
