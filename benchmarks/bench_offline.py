@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -23,15 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import loom
-from loom.demo_model import smollm2_135m_shape
-
-
-def model_dir() -> Path:
-    root = Path(os.environ.get("LOOM_CACHE", Path.home() / ".cache" / "loom")) / "bench-smollm2-135m"
-    if not (root / "config.json").exists() or not any(root.glob("*.safetensors")):
-        print(f"building a SmolLM2-135M-shaped random model in {root} ...", file=sys.stderr)
-        smollm2_135m_shape(root)
-    return root
+from loom.demo_model import bench_model_path as model_dir
 
 
 def fewshot_workload(programs: int, prefix_len: int, question_len: int, vocab: int, seed: int = 0):

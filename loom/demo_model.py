@@ -400,6 +400,15 @@ def smollm2_135m_shape(path: str | os.PathLike, **overrides: Any) -> pathlib.Pat
     return build_tiny_checkpoint(path, **shape)
 
 
+def bench_model_path() -> pathlib.Path:
+    """The SmolLM2-135M-shaped random model the benchmarks share, built once under the cache dir."""
+    root = cache_dir() / "bench-smollm2-135m"
+    if not (root / "config.json").exists() or not any(root.glob("*.safetensors")):
+        print(f"building a SmolLM2-135M-shaped random model in {root} ...", file=sys.stderr)
+        smollm2_135m_shape(root)
+    return root
+
+
 _DEMO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 

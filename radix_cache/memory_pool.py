@@ -84,8 +84,18 @@ class TokenToKVPoolAllocator:
         return self._free.clone()
 
 
+FP8_E4M3_MAX = 448.0
+# fp8 scales are set from the first K/V a layer stores: its largest magnitude times this margin
+# maps to the top of the fp8 range, so later, larger values still fit (beyond it they saturate).
+FP8_CALIBRATION_MARGIN = 4.0
+
+
 class TokenToKVPool:
-    """Per-layer K and V buffers [size + 1, kv_heads, head_dim] (row 0 = reserved slot)."""
+    """Per-layer K and V buffers [size + 1, kv_heads, head_dim] (row 0 = reserved slot).
+
+    `kv_dtype=torch.float8_e4m3fn` stores K and V in fp8 with one scale per layer for K and one for
+    V (given, or calibrated on the layer's first write); `dequantize` turns gathered rows back into
+    the compute `dtype`. Attention backends call it whenever `quantized` is set."""
 
     def __init__(
         self,
@@ -95,20 +105,28 @@ class TokenToKVPool:
         head_dim: int,
         layer_num: int,
         device: str | torch.device = "cpu",
+        kv_dtype: torch.dtype | None = None,
+        scales: tuple[list[float], list[float]] | None = None,
     ) -> None:
         self.size = size
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
+        self.quantized = self.kv_dtype == torch.float8_e4m3fn
+        if kv_dtype is not None and kv_dtype.is_floating_point and kv_dtype.itemsize == 1 and not self.quantized:
+            raise ValueError(f"fp8 KV cache supports float8_e4m3fn, got {kv_dtype}")
         self.head_num = head_num
         self.head_dim = head_dim
         self.layer_num = layer_num
         self.device = torch.device(device)
         shape = (size + 1, head_num, head_dim)
         self.k_buffer: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layer_num)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(layer_num)
         ]
         self.v_buffer: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layer_num)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(layer_num)
         ]
+        self.k_scale: list[float | None] = list(scales[0]) if scales else [None] * layer_num
+        self.v_scale: list[float | None] = list(scales[1]) if scales else [None] * layer_num
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         return self.k_buffer[layer_id]  # [size + 1, Hkv, D]
@@ -120,16 +138,30 @@ class TokenToKVPool:
         return self.k_buffer[layer_id], self.v_buffer[layer_id]
 
     def set_kv_buffer(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k, v [T, Hkv, D] into slots loc [T] of one layer, cast to the pool dtype."""
-        if k.dtype != self.dtype:
-            k = k.to(self.dtype)
-        if v.dtype != self.dtype:
-            v = v.to(self.dtype)
+        """Write k, v [T, Hkv, D] into slots loc [T] of one layer, cast (or quantized) to the pool's KV dtype."""
+        if self.quantized:
+            if self.k_scale[layer_id] is None:
+                self.k_scale[layer_id] = _fp8_scale(k)
+                self.v_scale[layer_id] = _fp8_scale(v)
+            k = _quantize(k, self.k_scale[layer_id])
+            v = _quantize(v, self.v_scale[layer_id])
+        if k.dtype != self.kv_dtype:
+            k = k.to(self.kv_dtype)
+        if v.dtype != self.kv_dtype:
+            v = v.to(self.kv_dtype)
         self.k_buffer[layer_id][loc] = k
         self.v_buffer[layer_id][loc] = v
 
+    def dequantize(self, layer_id: int, which: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows gathered from this layer's K ("k") or V ("v") buffer -> `dtype` (default: the compute dtype)."""
+        dtype = dtype or self.dtype
+        if not self.quantized:
+            return rows if rows.dtype == dtype else rows.to(dtype)
+        scale = (self.k_scale if which == "k" else self.v_scale)[layer_id]
+        return rows.to(dtype).mul_(1.0 if scale is None else scale)
+
     @staticmethod
-    def bytes_per_token(dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int) -> int:
+    def bytes_per_token(dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int) -> int:  # dtype: the KV dtype
         """Bytes one token's K and V take over all layers."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * head_num * head_dim * layer_num * itemsize
@@ -143,3 +175,12 @@ class TokenToKVPool:
     def mem_bytes(self) -> int:
         """Bytes held by all K and V buffers."""
         return sum(b.numel() * b.element_size() for b in self.k_buffer + self.v_buffer)
+
+
+def _fp8_scale(x: torch.Tensor) -> float:
+    amax = float(x.detach().abs().amax()) if x.numel() else 0.0
+    return max(amax * FP8_CALIBRATION_MARGIN / FP8_E4M3_MAX, 1e-6)
+
+
+def _quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return (x.float() / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)

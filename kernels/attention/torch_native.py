@@ -113,8 +113,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         for req in self.extend_metadata:
             # 4-D inputs: on the CPU, 3-D ones miss the fused kernel (6x slower for a causal prefill).
             qr = q[req.q_start : req.q_end].transpose(0, 1)[None]  # [1, H, n, D]
-            kr = self._gather("k", k_buf, req.kv_indices).transpose(0, 1)[None]  # [1, Hkv, S, D]
-            vr = self._gather("v", v_buf, req.kv_indices).transpose(0, 1)[None]
+            kr = pool.dequantize(layer.layer_id, "k", self._gather("k", k_buf, req.kv_indices), q.dtype).transpose(0, 1)[None]
+            vr = pool.dequantize(layer.layer_id, "v", self._gather("v", v_buf, req.kv_indices), q.dtype).transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(
                 qr, kr, vr, attn_mask=req.mask, is_causal=req.mask is None, scale=layer.scaling, enable_gqa=gqa
             )  # [1, H, n, D]
@@ -135,31 +135,37 @@ class TorchNativeAttnBackend(AttentionBackend):
         # Group the query heads by KV head so K/V are never repeated: q [B, Hkv, G, D].
         qg = q.view(b, hkv, h // hkv, d)
         # index_select into reused buffers, not k_buf[indices] (~4x slower on the CPU).
-        kr = self._gather("k", k_buf, meta.kv_indices.view(-1)).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
-        vr = self._gather("v", v_buf, meta.kv_indices.view(-1)).view(b, -1, hkv, d).transpose(1, 2)
+        lid = layer.layer_id
+        kr = pool.dequantize(lid, "k", self._gather("k", k_buf, meta.kv_indices.view(-1)), q.dtype)
+        vr = pool.dequantize(lid, "v", self._gather("v", v_buf, meta.kv_indices.view(-1)), q.dtype)
+        kr = kr.view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+        vr = vr.view(b, -1, hkv, d).transpose(1, 2)
         if meta.prefix_indices is None:
             out = F.scaled_dot_product_attention(qg, kr, vr, attn_mask=meta.mask, scale=layer.scaling)  # [B, Hkv, G, D]
             return out.reshape(b, h, d)
-        return self._cascade_decode(qg, kr, vr, k_buf, v_buf, meta, layer.scaling).reshape(b, h, d)
+        kp = pool.dequantize(lid, "k", self._gather("kp", k_buf, meta.prefix_indices), torch.float32)
+        vp = pool.dequantize(lid, "v", self._gather("vp", v_buf, meta.prefix_indices), torch.float32)
+        return self._cascade_decode(qg, kr, vr, kp, vp, meta, layer.scaling).reshape(b, h, d)
 
     def _cascade_decode(
         self,
         qg: torch.Tensor,
         ks: torch.Tensor,
         vs: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
+        kp: torch.Tensor,
+        vp: torch.Tensor,
         meta: DecodeMetadata,
         scale: float,
     ) -> torch.Tensor:
         """Exact attention over [shared prefix | own suffix] with the prefix read once.
 
-        qg: [B, Hkv, G, D]; ks/vs: [B, Hkv, S, D] (each row's suffix) -> [B, Hkv, G, D]."""
+        qg: [B, Hkv, G, D]; ks/vs: [B, Hkv, S, D] (each row's suffix); kp/vp: [P, Hkv, D] fp32 (the
+        shared prefix's rows) -> [B, Hkv, G, D]."""
         b, hkv, g, d = qg.shape
         dtype = qg.dtype
         f32 = torch.float32
-        kp = self._gather("kp", k_buf, meta.prefix_indices).transpose(0, 1).to(f32)  # [Hkv, P, D]
-        vp = self._gather("vp", v_buf, meta.prefix_indices).transpose(0, 1).to(f32)
+        kp = kp.transpose(0, 1)  # [Hkv, P, D]
+        vp = vp.transpose(0, 1)
         qf = qg.to(f32)
         # Prefix: every query of every row at once, [Hkv, B*G, D] x [Hkv, D, P].
         q_all = qf.permute(1, 0, 2, 3).reshape(hkv, b * g, d)
