@@ -39,7 +39,7 @@ def run_loom(path: Path, prompts: list[list[int]], new_tokens: int, **engine_kw)
         t0 = time.perf_counter()
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         elapsed = time.perf_counter() - t0
-        stats = dict(engine.scheduler.stats)
+        stats = dict(engine.get_server_info()["stats"])
     return elapsed, [o["output_ids"] for o in outs], stats
 
 

@@ -1,0 +1,199 @@
+"""Decode and prefill throughput against Transformers and the memory-bandwidth roofline, in one run.
+
+For a random-weight Llama-shaped model (1B parameters by default, like Llama-3.2-1B), on the
+device at hand (CUDA when there is one):
+
+- decode tok/s at each `--batches` size: Loom (`LocalEngine`, the scheduler in this process, so
+  the figure is the engine's and not the wire's) and Transformers `generate` on the same weights;
+- the roofline: a decode step must read every weight and every cached K/V once, so at batch B
+  it cannot beat B / ((weight bytes + B * KV bytes per sequence) / copy bandwidth), with the
+  bandwidth measured here by a device-to-device copy;
+- prefill tok/s (a batch of prompts, no decoding) for both.
+
+Decode rates are (tokens of N steps - tokens of 1 step) / (time of N steps - time of 1 step), so
+prefill and start-up do not count. Targets on a GPU (issue 6): batch-1 decode >= 70 % of the
+roofline; >= 3x Transformers at batch 32.
+
+    python benchmarks/bench_gpu.py                                  # on a GPU: 1B model, batches 1 32 128
+    python benchmarks/bench_gpu.py --shape smollm2 --batches 1 8    # a CPU-sized smoke run
+
+Nothing here asserts a time: the figures are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True,
+               rope_theta=500000.0, rms_norm_eps=1e-5),
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=[*SHAPES, "smollm2"], default="1b", help="model shape (random weights, built once)")
+    p.add_argument("--model", default=None, help="a Hugging Face model folder instead of a random one")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128], help="decode batch sizes")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence for decode")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps measured per batch")
+    p.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill measurement")
+    p.add_argument("--prefill-len", type=int, default=1024, help="tokens per prompt in the prefill measurement")
+    p.add_argument("--attention-backend", default="auto", help="Loom's attention backend")
+    p.add_argument("--skip-hf", action="store_true", help="Loom and the roofline only")
+    return p.parse_args(argv)
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    from loom.demo_model import bench_model_path, build_tiny_checkpoint, cache_dir
+
+    if args.shape == "smollm2":
+        return bench_model_path()  # the one the CPU benchmarks share
+    root = cache_dir() / f"bench-{args.shape}"
+    if not (root / "config.json").exists() or not any(root.glob("*.safetensors")):
+        print(f"building a {args.shape}-shaped random model in {root} (once) ...", file=sys.stderr)
+        build_tiny_checkpoint(root, **SHAPES[args.shape])
+    return root
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s a device-to-device copy reads (it also writes as much: count both, as the roofline's
+    reads compete with nothing else)."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, length), generator=g).tolist()
+
+
+def loom_rates(engine: Any, args: argparse.Namespace, vocab: int) -> tuple[dict[int, float], float]:
+    def timed(ids: list[list[int]], steps: int) -> float:
+        t0 = time.perf_counter()
+        engine.generate(input_ids=ids, sampling_params={"max_new_tokens": steps, "ignore_eos": True, "temperature": 0})
+        return time.perf_counter() - t0
+
+    decode = {}
+    for b in tqdm(args.batches, desc="loom decode", file=sys.stderr):
+        ids = prompts(b, args.prompt_len, vocab, seed=b)
+        timed(ids[:1], 2)  # warm-up
+        engine.flush_cache()
+        t1 = timed(ids, 1)
+        engine.flush_cache()
+        tn = timed(ids, args.new_tokens)
+        engine.flush_cache()
+        decode[b] = b * (args.new_tokens - 1) / max(tn - t1, 1e-9)
+    ids = prompts(args.prefill_batch, args.prefill_len, vocab, seed=7)
+    t0 = time.perf_counter()
+    engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0})
+    prefill = args.prefill_batch * args.prefill_len / (time.perf_counter() - t0)
+    engine.flush_cache()
+    return decode, prefill
+
+
+@torch.inference_mode()
+def hf_rates(model: Any, args: argparse.Namespace, vocab: int, device: torch.device) -> tuple[dict[int, float], float]:
+    def timed(ids: list[list[int]], steps: int) -> float:
+        x = torch.tensor(ids, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                       pad_token_id=0)  # fmt: skip
+        sync(device)
+        return time.perf_counter() - t0
+
+    decode = {}
+    for b in tqdm(args.batches, desc="transformers decode", file=sys.stderr):
+        ids = prompts(b, args.prompt_len, vocab, seed=b)
+        timed(ids[:1], 2)
+        t1, tn = timed(ids, 1), timed(ids, args.new_tokens)
+        decode[b] = b * (args.new_tokens - 1) / max(tn - t1, 1e-9)
+    x = torch.tensor(prompts(args.prefill_batch, args.prefill_len, vocab, seed=7), device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    model(x)
+    sync(device)
+    prefill = x.numel() / (time.perf_counter() - t0)
+    return decode, prefill
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loom.runtime.engine import LocalEngine
+    from loom.runtime.model_runner import resolve_device, resolve_dtype
+
+    path = model_path(args)
+    device = resolve_device(args.device)
+    config = AutoConfig.from_pretrained(path)
+    dtype = resolve_dtype(args.dtype, device, config)
+    dtype_name = str(dtype).removeprefix("torch.")
+    bandwidth = copy_bandwidth(device)
+    max_batch = max(max(args.batches), args.prefill_batch)
+    context = args.prompt_len + args.new_tokens
+    slots = max(max_batch * max(context, args.prefill_len) + 256, 4096)
+    with LocalEngine(model_path=str(path), dtype=dtype_name, device=device.type, max_total_tokens=slots,
+                     max_running_requests=max_batch, chunked_prefill_size=-1, max_prefill_tokens=max(slots, 16384),
+                     attention_backend=args.attention_backend) as engine:  # fmt: skip
+        runner = engine.model_runner
+        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        kv_per_token = runner.token_to_kv_pool.bytes_per_token(
+            runner.kv_dtype, runner.num_kv_heads, runner.head_dim, runner.num_layers)  # fmt: skip
+        vocab = runner.vocab_size
+        loom_decode, loom_prefill = loom_rates(engine, args, vocab)
+    hf_decode: dict[int, float] = {}
+    hf_prefill = float("nan")
+    if not args.skip_hf:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        hf_decode, hf_prefill = hf_rates(model, args, vocab, device)
+        del model
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n## Decode and prefill on {name}\n")
+    print(f"model {path} ({weight_bytes / 1e9:.2f} GB of {dtype_name} weights), prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} decode steps; attention backend {args.attention_backend}; "
+          f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")  # fmt: skip
+    print("| batch | Loom tok/s | Transformers tok/s | Loom / HF | roofline tok/s | Loom % of roofline |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for b in args.batches:
+        kv_read = b * kv_per_token * (args.prompt_len + args.new_tokens / 2)  # mean context over the steps
+        roof = b / ((weight_bytes + kv_read) / bandwidth)
+        hf = hf_decode.get(b, float("nan"))
+        print(f"| {b} | {loom_decode[b]:.1f} | {hf:.1f} | {loom_decode[b] / hf:.2f}x | {roof:.1f} | "
+              f"{100 * loom_decode[b] / roof:.0f} % |")  # fmt: skip
+    print(f"\nprefill ({args.prefill_batch} x {args.prefill_len} tokens): Loom {loom_prefill:.0f} tok/s, "
+          f"Transformers {hf_prefill:.0f} tok/s ({loom_prefill / hf_prefill:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
