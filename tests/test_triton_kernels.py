@@ -85,3 +85,20 @@ def test_store_kv_matches_set_kv_buffer(dtype) -> None:
     kt.store_kv(ours.k_buffer[0], ours.v_buffer[0], loc, k, v)
     ref.set_kv_buffer(0, loc, k, v)
     assert torch.equal(ours.k_buffer[0], ref.k_buffer[0]) and torch.equal(ours.v_buffer[0], ref.v_buffer[0])
+
+
+def test_engine_mask_apply_dispatches_to_the_kernel_with_rows() -> None:
+    """The scheduler's apply_token_bitmask_ (rows subset, as for a batch where only some requests
+    have grammars) gives the same logits through the Triton kernel as through torch."""
+    from loom.runtime.constrained.bitmask import apply_token_bitmask_
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 100, generator=gen)
+    bitmask = torch.randint(-(2**31), 2**31, (2, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+    rows = torch.tensor([3, 1])
+    for r in (rows, None):
+        want, got = logits.clone(), logits.clone()
+        mask = bitmask if r is not None else torch.cat([bitmask, bitmask, bitmask[:1]])
+        apply_token_bitmask_(want, mask, r, use_triton=False)
+        apply_token_bitmask_(got, mask, r, use_triton=True)
+        assert torch.equal(want, got)

@@ -48,10 +48,25 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return _bits(bitmask, vocab_size).ne(0)
 
 
-def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+def apply_token_bitmask_(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None, use_triton: bool | None = None
+) -> None:
     """Set disallowed logits to -inf in place. `rows` (int64 [R]) picks the logits rows the R
-    bitmask rows belong to; None: bitmask row i is logits row i."""
+    bitmask rows belong to; None: bitmask row i is logits row i. `use_triton` (default: on CUDA)
+    runs the Triton kernel, one program per row block, instead of unpacking the bits with torch."""
     # logits: [B, V]; bitmask: [R, W]
+    if use_triton if use_triton is not None else logits.is_cuda:
+        from loom.kernels.triton.bitmask import apply_token_bitmask_inplace
+
+        bitmask = bitmask.to(logits.device)
+        if rows is None and logits.stride(-1) == 1:
+            apply_token_bitmask_inplace(logits, bitmask.contiguous())
+            return
+        rows = torch.arange(logits.shape[0], device=logits.device) if rows is None else rows.to(logits.device)
+        sub = logits.index_select(0, rows).contiguous()  # [R, V]
+        apply_token_bitmask_inplace(sub, bitmask.contiguous())
+        logits.index_copy_(0, rows, sub)
+        return
     disallowed = _bits(bitmask.to(logits.device), logits.shape[-1]).eq(0)  # [R, V]
     if rows is None or rows.numel() == logits.shape[0]:
         if rows is not None and not torch.equal(rows.cpu(), torch.arange(logits.shape[0])):
