@@ -86,6 +86,7 @@ class LocalEngine:
             self.io,
             decode_tail=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             eos_token_ids=eos_token_ids(args.model_path, self.model_runner.hf_config, self.tokenizer),
+            tokenize=lambda text: self.tokenizer.encode(text, add_special_tokens=False),
         )
         self.tokenizer_manager = TokenizerManager(
             self.tokenizer,

@@ -8,7 +8,8 @@ Token bookkeeping of one request (all counts in tokens):
     kv_len                                            tokens whose KV is in the request's row;
                                                       slots [prefix_len, kv_len) are held by it alone
 
-During decode the newest output token has no KV yet: it is the next step's input.
+During decode the newest output token has no KV yet: it is the next step's input. After a
+jump-forward several do (`pending_len` > 1); the next step computes them together.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class Req:
         return self.kv_len - self.prefix_len if self.req_pool_idx is not None else 0
 
     @property
+    def pending_len(self) -> int:
+        """Tokens of fill_ids without KV: the next step's input (1 in decode, more after a jump-forward)."""
+        return len(self.origin_input_ids) + len(self.output_ids) - self.kv_len
+
+    @property
     def remaining_new_tokens(self) -> int:
         return max(self.sampling_params.max_new_tokens - len(self.output_ids), 0)
 
@@ -136,9 +142,14 @@ class ExtendPlan:
     row_owner: list[tuple[int, int]]  # (request index, position in fill_ids of the token the row predicts)
 
 
-def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, req_to_token: torch.Tensor) -> ExtendPlan:
+def build_extend_batch(
+    reqs: list[Req], out_cache_loc: torch.Tensor, req_to_token: torch.Tensor, *, from_kv_len: bool = False
+) -> ExtendPlan:
     """Flatten the new tokens of `reqs` (each has prefix_indices, req_pool_idx, extend_input_len set)
-    into one EXTEND ForwardBatch and write their slots into the req_to_token rows."""
+    into one EXTEND ForwardBatch and write their slots into the req_to_token rows.
+
+    from_kv_len: running requests instead (a decode step after a jump-forward): each extends its
+    row from kv_len over its pending tokens; the row already holds the slots before kv_len."""
     input_ids: list[int] = []
     positions: list[int] = []
     prefix_lens: list[int] = []
@@ -147,14 +158,15 @@ def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, req_to_toke
     row_owner: list[tuple[int, int]] = []
     offset = 0
     for i, req in enumerate(reqs):
-        start, n = req.prefix_len, req.extend_input_len
+        start, n = (req.kv_len, req.pending_len) if from_kv_len else (req.prefix_len, req.extend_input_len)
         fill = req.fill_ids
         input_ids.extend(fill[start : start + n])
         positions.extend(range(start, start + n))
         prefix_lens.append(start)
         extend_lens.append(n)
         row = req_to_token[req.req_pool_idx]
-        row[:start] = req.prefix_indices
+        if not from_kv_len:
+            row[:start] = req.prefix_indices
         row[start : start + n] = out_cache_loc[offset : offset + n]
         end = start + n  # tokens with KV after this step
         # Rows for prompt logprobs: position p predicts token p + 1.

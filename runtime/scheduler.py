@@ -11,6 +11,12 @@ threads while the request sits in `grammar_queue` (never in the batch); once com
 bitmask (`_grammar_mask`) applied to their logits before sampling, and `_append_token` feeds the
 sampled token to the matcher; batches without grammars skip both.
 
+Jump-forward (`jump_forward.py`, off with `disable_jump_forward`): when, after a sampled token,
+the grammar forces a string, the request's last unsent token is backed off and replaced by the
+canonical tokenization of it + the forced string. Those tokens have no KV yet; the next decode
+step computes them all at once: a step in which some request has more than one such token runs
+as an extend from each request's `kv_len` (`build_extend_batch(..., from_kv_len=True)`).
+
 KV memory accounting (checked after every step when `debug_check_memory` is on):
 
     free slots + evictable (tree) + protected (tree, locked) + held by running requests == capacity
@@ -29,6 +35,7 @@ import torch
 
 from loom.radix_cache import ChunkCache, RadixCache
 from loom.runtime.constrained import GrammarBackend, GrammarError, allocate_token_bitmask, grammar_source
+from loom.runtime.jump_forward import MAX_BACKOFF, plan_jump_forward
 from loom.runtime.messages import (
     AbortReq,
     BatchTokenIDOut,
@@ -69,12 +76,15 @@ class Scheduler:
         io: SchedulerIO,
         decode_tail: Callable[[list[int]], str],
         eos_token_ids: frozenset[int],
+        tokenize: Callable[[str], list[int]] | None = None,
     ) -> None:
         self.args = args
         self.runner = model_runner
         self.io = io
         self.decode_tail = decode_tail  # token ids -> text, for stop-string checks
         self.eos_token_ids = eos_token_ids
+        self.tokenize = tokenize  # text -> token ids (no special tokens), for jump-forward
+        self.jump_forward = tokenize is not None and not args.disable_jump_forward
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.allocator = model_runner.token_to_kv_pool_allocator
         if args.disable_radix_cache:
@@ -94,7 +104,10 @@ class Scheduler:
         # Requests whose grammar is still compiling (off this thread): (req, future, deadline).
         self.grammar_queue: list[tuple[Req, Future, float]] = []
         self.grammar_backend: GrammarBackend | None = None  # built on the first grammar request
-        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retracted": 0, "steps": 0}
+        self.stats = {
+            "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retracted": 0, "steps": 0,
+            "decode_steps": 0, "jump_forwards": 0, "jump_forward_tokens": 0,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -112,9 +125,10 @@ class Scheduler:
             self.prepare_decode()
             if self.running:
                 reqs = list(self.running)
-                out_cache_loc = self._alloc_slots(len(reqs))
+                out_cache_loc = self._alloc_slots(sum(r.pending_len for r in reqs))
                 assert out_cache_loc is not None, "prepare_decode made room for every running request"
                 self._guarded(reqs, out_cache_loc, lambda: self.run_decode(reqs, out_cache_loc))
+                self.stats["decode_steps"] += 1
                 did_work = True
         self.flush_outbox()
         if did_work:
@@ -345,9 +359,10 @@ class Scheduler:
         return self.allocator.alloc(n)
 
     def prepare_decode(self) -> None:
-        """Make room for one new token per running request: evict, then retract if still short."""
+        """Make room for the new tokens of every running request (one each, more after a
+        jump-forward): evict, then retract if still short."""
         self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, MIN_NEW_TOKEN_RATIO)
-        need = len(self.running)
+        need = sum(r.pending_len for r in self.running)
         if need > self.allocator.available_size():
             self.tree_cache.evict(need - self.allocator.available_size())
         if need <= self.allocator.available_size():
@@ -355,13 +370,14 @@ class Scheduler:
         # Retract the requests with the fewest outputs (cheapest to redo) until the rest fit.
         self.running.sort(key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
         retracted: list[Req] = []
-        while len(self.running) > 1 and len(self.running) > self.allocator.available_size():
+        while len(self.running) > 1 and need > self.allocator.available_size():
             req = self.running.pop()
+            need -= req.pending_len
             self.release(req, cache=False)
             req.reset_for_retract()
             retracted.append(req)
-            self.tree_cache.evict(max(len(self.running) - self.allocator.available_size(), 0))
-        if len(self.running) > self.allocator.available_size():
+            self.tree_cache.evict(max(need - self.allocator.available_size(), 0))
+        if need > self.allocator.available_size():
             req = self.running.pop()
             self.finish(req, {"type": "abort", "message": "out of KV cache memory: the request outgrew the whole pool"})
         if retracted:
@@ -416,13 +432,17 @@ class Scheduler:
             self.running.append(req)
 
     def run_decode(self, reqs: list[Req], out_cache_loc: torch.Tensor) -> None:
-        fb = build_decode_batch(reqs, out_cache_loc, self.req_to_token_pool.req_to_token)
-        hidden = self.runner.forward(fb)
+        req_to_token = self.req_to_token_pool.req_to_token
+        if all(r.pending_len == 1 for r in reqs):
+            hidden = self.runner.forward(build_decode_batch(reqs, out_cache_loc, req_to_token))  # [B, H]
+        else:  # jump-forwarded tokens: compute them all in this step, as an extend
+            plan = build_extend_batch(reqs, out_cache_loc, req_to_token, from_kv_len=True)
+            hidden = self.runner.forward(plan.forward_batch)[plan.logit_rows]  # [B, H]
         logits = self.runner.compute_logits(hidden)  # [B, V]
         logprobs = compute_logprobs(logits) if any(r.return_logprob for r in reqs) else None
         next_ids = self._sample(logits, logprobs, list(range(len(reqs))), reqs)
         for req, token in zip(reqs, next_ids):
-            req.kv_len += 1
+            req.kv_len += req.pending_len
             self._append_token(req, token)
         self.running = [r for r in self.running if not r.finished]
 
@@ -487,12 +507,49 @@ class Scheduler:
             self.finish(req, {"type": "abort", "message": f"internal error: sampled token {token} is not allowed by the grammar"})
             return
         reason = self._check_finished(req, token)
+        if reason is None and req.grammar is not None and self.jump_forward and self._jump_forward(req):
+            reason = self._check_finished(req, req.output_ids[-1])
         if reason is None and req.grammar is not None and req.grammar.is_terminated():
             reason = {"type": "stop", "matched": token if token in req.eos_token_ids else None}
         if reason is not None:
             self.finish(req, reason)
         elif req.stream:
             self._emit(req)
+
+    def _jump_forward(self, req: Req) -> bool:
+        """Append the string the grammar forces, canonically tokenized (see `jump_forward.py`).
+
+        Only tokens not yet sent to the client are backed off, so streamed text never changes
+        (the detokenizer needs no rollback), and only those whose KV the request holds alone, so
+        no radix-tree node is touched. Skipped for requests that want logprobs (the forced tokens
+        were never sampled: a logprob for them would be made up) and for stop strings / stop
+        tokens (checked per sampled token; a forced string is not scanned for them)."""
+        params = req.sampling_params
+        if req.return_logprob or params.stop or params.stop_token_ids:
+            return False
+        n_fill = len(req.origin_input_ids) + len(req.output_ids)
+        backoff = min(MAX_BACKOFF, len(req.output_ids) - req.sent_output_len, n_fill - req.prefix_len)
+        max_new = min(req.remaining_new_tokens, self.runner.context_len - 1 - n_fill)
+        if max_new <= 0:
+            return False
+        assert self.tokenize is not None
+        recent = req.fill_ids[-(backoff + 1) :]
+        jump = plan_jump_forward(req.grammar, recent, backoff, max_new, self.decode_tail, self.tokenize)
+        if jump is None:
+            return False
+        if jump.backoff:
+            # Backed-off tokens that already have KV give their slots back; the step recomputes them.
+            start = n_fill - jump.backoff
+            if start < req.kv_len:
+                row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+                self.allocator.free(row[start : req.kv_len].clone())
+                req.kv_len = start
+            del req.output_ids[-jump.backoff :]
+        req.output_ids.extend(jump.new_ids)
+        self.stats["jump_forwards"] += 1
+        self.stats["jump_forward_tokens"] += jump.gain
+        self.stats["generated_tokens"] += jump.gain
+        return True
 
     def _check_finished(self, req: Req, token: int) -> dict | None:
         params = req.sampling_params
@@ -508,7 +565,7 @@ class Scheduler:
                         return {"type": "stop", "matched": stop}
         if n_out >= params.max_new_tokens:
             return {"type": "length", "length": params.max_new_tokens}
-        if req.kv_len + 1 >= self.runner.context_len:
+        if len(req.origin_input_ids) + n_out >= self.runner.context_len:
             return {"type": "length", "length": n_out, "message": "reached the model's context length"}
         return None
 

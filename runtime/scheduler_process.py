@@ -99,6 +99,7 @@ def run_scheduler_process(args_dict: dict[str, Any], paths: IpcPaths, parent_pid
         io,
         decode_tail=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         eos_token_ids=eos_token_ids(args.model_path, runner.hf_config, tokenizer),
+        tokenize=lambda text: tokenizer.encode(text, add_special_tokens=False),
     )
     io.scheduler = scheduler
     io.send(SchedulerReady(runner.context_len, runner.vocab_size, runner.max_total_tokens))

@@ -24,6 +24,7 @@ class ServerArgs:
     random_seed: int | None = None
     enable_in_batch_prefix_sharing: bool = True
     debug_check_memory: bool = False  # assert the KV-pool invariant after every scheduler step
+    disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/jump_forward.py)
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin
 
