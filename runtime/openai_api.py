@@ -22,7 +22,7 @@ _COMMON = {
     "top_p", "seed", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "user",
     # SGLang's extras (extra_body)
     "top_k", "min_p", "ignore_eos", "repetition_penalty", "min_tokens", "stop_token_ids", "skip_special_tokens",
-    "no_stop_trim", "regex", "ebnf", "json_schema", "rid",
+    "no_stop_trim", "regex", "ebnf", "lark", "json_schema", "rid",
 }  # fmt: skip
 _COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_KEYS = _COMMON | {"messages", "response_format", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}
@@ -58,7 +58,7 @@ def sampling_from_openai(body: dict, allowed: set[str]) -> dict[str, Any]:
         ("min_p", "min_p"), ("ignore_eos", "ignore_eos"), ("repetition_penalty", "repetition_penalty"),
         ("min_tokens", "min_new_tokens"), ("stop_token_ids", "stop_token_ids"),
         ("skip_special_tokens", "skip_special_tokens"), ("no_stop_trim", "no_stop_trim"), ("regex", "regex"),
-        ("ebnf", "ebnf"), ("json_schema", "json_schema"),
+        ("ebnf", "ebnf"), ("lark", "lark"), ("json_schema", "json_schema"),
     ):  # fmt: skip
         if body.get(key) is not None:
             params[name] = body[key]

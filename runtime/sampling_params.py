@@ -23,7 +23,7 @@ GREEDY_TEMPERATURE_EPS = 1e-6
 MAX_NEW_TOKENS_UNLIMITED = 2**31 - 1
 
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-_GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
+_GRAMMAR_KEYS = ("regex", "json_schema", "ebnf", "lark")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 
 # Keys SGLang's clients send that Loom maps onto its own fields.
@@ -32,7 +32,7 @@ _ALIASES = {"sampling_seed": "seed"}
 # ask for nothing (None or empty), refused with the reason otherwise.
 _UNSUPPORTED = {
     "stop_regex": "stop_regex is not supported; use `stop` with plain strings",
-    "structural_tag": "structural_tag is not supported; use `json_schema`, `regex` or `ebnf`",
+    "structural_tag": "structural_tag is not supported; use `json_schema`, `regex`, `ebnf` or `lark`",
     "logit_bias": "logit_bias is not supported",
     "custom_params": "custom_params needs a custom logit processor, which Loom does not support",
 }
@@ -80,7 +80,8 @@ class SamplingParams:
     n: int = 1
     regex: str | None = None
     json_schema: str | None = None  # a JSON string; a dict is accepted -> json.dumps
-    ebnf: str | None = None
+    ebnf: str | None = None  # GBNF, start rule `root`
+    lark: str | None = None  # Lark grammar syntax, start rule `start`
 
     def __post_init__(self) -> None:
         # Friendly forms -> canonical ones. Wrong types are left for `validate` to name.
@@ -207,9 +208,10 @@ class SamplingParams:
             if not isinstance(getattr(self, key), str):
                 raise _fail(key, "a string or null", getattr(self, key))
         if len(given) > 1:
-            raise ValueError(f"sampling_params: at most one of regex, json_schema, ebnf may be set, got {', '.join(given)}")
-        if self.ebnf is not None and not self.ebnf.strip():
-            raise _fail("ebnf", "a non-empty grammar", self.ebnf)
+            raise ValueError(f"sampling_params: at most one of {', '.join(_GRAMMAR_KEYS)} may be set, got {', '.join(given)}")
+        for key in ("ebnf", "lark"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise _fail(key, "a non-empty grammar", getattr(self, key))
         if self.json_schema is not None:
             try:
                 schema = json.loads(self.json_schema)

@@ -66,7 +66,7 @@ def test_invalid_grammars_abort_alone(engine):
             free,
             {"regex": "(unclosed", "max_new_tokens": 5},
             {"json_schema": json.dumps({"type": "number", "maximum": 3.5}), "max_new_tokens": 5},
-            {"ebnf": 'root ::= "x"', "max_new_tokens": 5},
+            {"ebnf": 'root ::= "x" nope', "max_new_tokens": 5},
             {"regex": "[0-9]{2}", "temperature": 1.0, "max_new_tokens": 8},
         ],
     )
@@ -74,7 +74,7 @@ def test_invalid_grammars_abort_alone(engine):
     assert reasons[0] == {"type": "length", "length": 5}
     assert reasons[1]["type"] == "abort" and "(unclosed" in reasons[1]["message"]
     assert reasons[2]["type"] == "abort" and "'maximum'" in reasons[2]["message"]
-    assert reasons[3]["type"] == "abort" and "ebnf" in reasons[3]["message"] and "not supported" in reasons[3]["message"]
+    assert reasons[3]["type"] == "abort" and "ebnf" in reasons[3]["message"] and "'nope'" in reasons[3]["message"]
     assert outs[1]["output_ids"] == [] and outs[2]["output_ids"] == []
     fullmatch("[0-9]{2}", outs[4])
     assert engine.scheduler.grammar_queue == [] and not engine.scheduler.has_work()

@@ -123,8 +123,8 @@ def test_cache_invalid_and_unsupported(toy):
     assert toy.compile("regex", "a+") is a  # one compilation per (kind, source)
     with pytest.raises(GrammarError, match="cannot be compiled"):
         toy.compile("regex", "(").result()
-    with pytest.raises(GrammarError, match="not supported yet"):
-        toy.compile("ebnf", 'root ::= "a"').result()
+    with pytest.raises(GrammarError, match="'nope', which is not defined"):
+        toy.compile("ebnf", 'root ::= "a" nope').result()
     small = GrammarBackend(TOY, V, frozenset({EOS}), cache_size=2)
     for r in ("a", "b", "c"):
         small.compile("regex", r)

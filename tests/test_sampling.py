@@ -54,6 +54,7 @@ def test_from_dict_takes_every_key_and_round_trips():
         "regex": None,
         "json_schema": '{"type": "object"}',
         "ebnf": None,
+        "lark": None,
     }
     assert set(d) == {f.name for f in fields(SamplingParams)}, "the test must cover every field"
     p = SamplingParams.from_dict(d)
@@ -154,7 +155,7 @@ BAD = [
     ({"json_schema": "{"}, "sampling_params.json_schema must be valid JSON"),
     ({"json_schema": "[1, 2]"}, "sampling_params.json_schema must be a JSON object"),
     ({"json_schema": 5}, "sampling_params.json_schema must be a string"),
-    ({"regex": "a+", "json_schema": "{}"}, "at most one of regex, json_schema, ebnf may be set, got regex, json_schema"),
+    ({"regex": "a+", "json_schema": "{}"}, "at most one of regex, json_schema, ebnf, lark may be set, got regex, json_schema"),
     ({"regex": "a+", "ebnf": "root ::= 'a'"}, "at most one of regex, json_schema, ebnf"),
     ({"stop_regex": ["a+"]}, "sampling_params.stop_regex is not supported"),
     ({"structural_tag": "{}"}, "sampling_params.structural_tag is not supported"),

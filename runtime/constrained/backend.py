@@ -15,11 +15,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, TokenVocab, compile_grammar
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.outlines_backend import CompiledRegex, build_vocabulary
 from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
 
-GRAMMAR_KINDS = ("regex", "json_schema", "ebnf")
+GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
 
 
 def grammar_source(params: Any) -> tuple[str, str] | None:
@@ -73,13 +74,13 @@ class GrammarBackend:
         """Drop a cache entry (a compilation that timed out is retried from scratch next time)."""
         self._cache.pop((kind, source), None)
 
-    def _compile(self, kind: str, source: str) -> CompiledRegex:
+    def _compile(self, kind: str, source: str) -> CompiledRegex | CompiledEbnf:
         if kind == "regex":
             regex = source
         elif kind == "json_schema":
             regex = schema_to_regex(source, self.whitespace_pattern)
-        elif kind == "ebnf":
-            raise GrammarError("ebnf grammars are not supported yet; use regex or json_schema")
+        elif kind in EBNF_KINDS:  # GBNF or Lark syntax, on Lark's LALR tables (ebnf.py)
+            return compile_grammar(kind, source, self._token_vocab())
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
         return CompiledRegex(regex, self._vocabulary(), self.vocab_size, self.eos_token_ids)
@@ -90,6 +91,14 @@ class GrammarBackend:
                 tb = self._token_bytes() if callable(self._token_bytes) else self._token_bytes
                 self._vocab = build_vocabulary(tb, self.eos_token_ids)
             return self._vocab
+
+    def _token_vocab(self) -> TokenVocab:
+        with self._vocab_lock:
+            if callable(self._token_bytes):
+                self._token_bytes = self._token_bytes()  # resolved once; _vocabulary reuses it
+            if getattr(self, "_ebnf_vocab", None) is None:
+                self._ebnf_vocab = TokenVocab.build(self._token_bytes, self.vocab_size, self.eos_token_ids)
+            return self._ebnf_vocab
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

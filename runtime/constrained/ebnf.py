@@ -1,0 +1,504 @@
+"""EBNF grammars (GBNF, or Lark's own syntax) as per-request token masks, on Lark's LALR tables.
+
+    compile_grammar(kind, source, vocab) -> CompiledEbnf  ->  .matcher() -> EbnfGrammar per request
+
+A position is a set of configurations (LALR stack, lexer state): the stack is Lark's LALR(1)
+parser state stack (interned, so a configuration is one int), the lexer state is a byte DFA
+state of the terminal being read. Lexing is nondeterministic: a lexeme may end wherever its
+terminal accepts, and the next one starts on the same byte, so a token can close one terminal
+and open the next, overlapping terminals are all tried, and the language is the grammar's own
+(what Earley with a complete dynamic lexer accepts), not a longest-match lexer's subset.
+
+A mask is computed without re-lexing each token: per lexer state (grammar-wide, once) one
+vectorised pass over the vocabulary gives the tokens that stay inside the lexeme (a packed mask)
+and a trie of the remainders of tokens that end it; only those remainders are walked against
+the parser. Masks are cached per position, so a state seen before costs one copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import lark
+import numpy as np
+import torch
+
+from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.ebnf_automaton import ByteDFA, regex_to_dfa
+from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
+from loom.runtime.constrained.errors import GrammarError
+
+EBNF_KINDS = ("ebnf", "lark")
+MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
+MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
+_CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
+
+# Lark's common.lark spells ESCAPED_STRING with a look-behind, which has no automaton; this is
+# the same set of lexemes: quoted, no raw newline, every backslash escapes the next character.
+_EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
+
+Trie = list  # [children: dict[int, Trie], token ids: list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVocab:
+    """The vocabulary as the mask walks it: every non-EOS token with bytes, as a padded matrix,
+    plus suffix tries (built lazily, shared by every grammar compiled for this vocabulary)."""
+
+    ids: np.ndarray  # [N] int64 token ids
+    data: np.ndarray  # [N, L] uint8, zero-padded
+    lens: np.ndarray  # [N] int64
+    by_id: dict[int, bytes]
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    _tries: dict[int, Trie] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> TokenVocab:
+        items = sorted((i, b) for i, b in token_bytes.items() if b and i not in eos_token_ids and i < vocab_size)
+        width = max((len(b) for _, b in items), default=1)
+        data = np.zeros((len(items), width), dtype=np.uint8)
+        for row, (_, b) in enumerate(items):
+            data[row, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+        ids = np.array([i for i, _ in items], dtype=np.int64)
+        lens = np.array([len(b) for _, b in items], dtype=np.int64)
+        return cls(ids, data, lens, dict(items), vocab_size, frozenset(eos_token_ids))
+
+    def pack(self, token_ids: np.ndarray | list[int]) -> np.ndarray:
+        """token ids -> packed words [ceil(V / 32)] uint32 (bit i % 32 of word i // 32)."""
+        width = bitmask_width(self.vocab_size)
+        bits = np.zeros(width * 32, dtype=bool)
+        bits[np.asarray(token_ids, dtype=np.int64)] = True
+        return np.packbits(bits, bitorder="little").view(np.uint32)
+
+    def suffix_trie(self, offset: int) -> Trie:
+        """A trie of every token's bytes from `offset` on (tokens at least offset + 1 long), each
+        node [children by byte, ids of the tokens whose suffix ends there]."""
+        trie = self._tries.get(offset)
+        if trie is None:
+            with self._lock:
+                if offset in self._tries:  # built by another thread meanwhile
+                    return self._tries[offset]
+                root: Trie = [{}, []]
+                for i, b in self.by_id.items():
+                    if len(b) > offset:
+                        node = root
+                        for byte in b[offset:]:
+                            child = node[0].get(byte)
+                            if child is None:
+                                child = node[0][byte] = [{}, []]
+                            node = child
+                        node[1].append(i)
+                trie = self._tries[offset] = root
+        return trie
+
+
+def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> lark.Lark:
+    try:
+        return lark.Lark(source, parser="lalr", lexer="basic", start=start)
+    except lark.exceptions.LarkError as e:
+        msg = str(e)
+        for lark_name, name in sorted(rule_names.items(), key=lambda kv: -len(kv[0])):
+            msg = msg.replace(lark_name, name)
+        if "Reduce/Reduce collision" in msg:
+            msg += "\n(the grammar must be LALR(1) once its regular rules are folded into terminals; make the alternatives differ earlier)"
+        raise GrammarError(f"{kind} grammar: {msg.strip()}") from None
+
+
+class CompiledEbnf:
+    """A grammar's LALR table, terminal automata and caches, shared by every request using it.
+
+    Masks and memos are filled lazily from the scheduler's thread (the one thread that steps
+    requests); compilation itself runs on a backend worker."""
+
+    def __init__(self, source: str, start: str, vocab: TokenVocab, kind: str = "lark", rule_names: dict[str, str] | None = None) -> None:
+        self.kind = kind
+        self.lark_source = source
+        self.start = start
+        self.vocab = vocab
+        parser = _build_lark(source, start, kind, rule_names or {})
+        table = parser.parser.parser.parser.parse_table
+        self._lark = parser
+
+        # terminals -> byte DFAs; lexer states get grammar-wide ids (one config = stack * n + lexer id)
+        self.terminal_names = [t.name for t in parser.terminals]
+        index = {name: k for k, name in enumerate(self.terminal_names)}
+        self.ignored = frozenset(index[n] for n in parser.ignore_tokens)
+        self.dfas: list[ByteDFA] = []
+        for t in parser.terminals:
+            pattern = t.pattern.to_regexp()
+            dfa = regex_to_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}")
+            if dfa.accepting[0]:
+                raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches the empty string; terminals must match at least one character")
+            if dfa.dead == 0:
+                raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches nothing")
+            self.dfas.append(dfa)
+        self.offsets: list[int] = []
+        self.trans: list[list[int]] = []  # lexer id -> 256 next lexer ids (-1: dead)
+        self.accepting: list[bool] = []
+        self.lex_terminal: list[int] = []
+        self.first_bytes: list[frozenset[int]] = []
+        for k, dfa in enumerate(self.dfas):
+            base = len(self.trans)
+            self.offsets.append(base)
+            for q in range(dfa.dead):
+                row = [int(x) + base if x != dfa.dead else -1 for x in dfa.table[q]]
+                self.trans.append(row)
+                self.accepting.append(bool(dfa.accepting[q]))
+                self.lex_terminal.append(k)
+                self.first_bytes.append(frozenset(b for b in range(256) if row[b] >= 0))
+        self.boundary = len(self.trans)  # "between lexemes": only at the very start
+        self.n_lex = self.boundary + 1
+
+        # the LALR table: per state, terminal index -> ("shift", state) / ("reduce", (nonterminal, size))
+        self._end = len(self.terminal_names)
+        self._actions: dict[int, dict[int, tuple[bool, object]]] = {}
+        self._goto: dict[int, dict[str, int]] = {}
+        for state, acts in table.states.items():
+            a: dict[int, tuple[bool, object]] = {}
+            g: dict[str, int] = {}
+            for sym, (action, arg) in acts.items():
+                is_shift = action.name == "Shift"
+                if sym == "$END":
+                    a[self._end] = (is_shift, arg if is_shift else (arg.origin.name, len(arg.expansion)))
+                elif sym in index:
+                    a[index[sym]] = (is_shift, arg if is_shift else (arg.origin.name, len(arg.expansion)))
+                else:
+                    g[sym] = arg
+            self._actions[state] = a
+            self._goto[state] = g
+        self._end_state = table.end_states[start]
+
+        # interned stacks: id -> (top state, parent id)
+        self._top: list[int] = [table.start_states[start]]
+        self._parent: list[int] = [-1]
+        self._interned: dict[tuple[int, int], int] = {}
+
+        self._after: dict[tuple[int, int], int | None] = {}
+        self._startable: dict[int, tuple[int, ...]] = {}
+        self._can_end: dict[int, bool] = {}
+        self._step1: dict[int, tuple[int, ...]] = {}
+        self._step: dict[tuple[frozenset[int], int], frozenset[int]] = {}
+        self._inside: dict[int, np.ndarray] = {}
+        self._splits: dict[int, dict[int, np.ndarray]] = {}
+        self._suffixes: dict[tuple[int, int], np.ndarray] = {}
+        self._word_cache: dict[frozenset[int], np.ndarray] = {}
+        self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
+        self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
+        self._forced: dict[frozenset[int], bytes] = {}
+        self.initial: frozenset[int] = frozenset({0 * self.n_lex + self.boundary})
+        if not self.startable(0) and not self.stack_can_end(0):
+            raise GrammarError(f"{kind} grammar: the start rule {start!r} matches nothing")
+
+    def matcher(self) -> EbnfGrammar:
+        return EbnfGrammar(self)
+
+    # ------------------------------------------------------------------ the parser
+    def _push(self, parent: int, state: int) -> int:
+        key = (parent, state)
+        sid = self._interned.get(key)
+        if sid is None:
+            sid = self._interned[key] = len(self._top)
+            self._top.append(state)
+            self._parent.append(parent)
+        return sid
+
+    def _feed(self, sid: int, terminal: int) -> int | None:
+        """The stack after shifting `terminal` (reducing first as LALR does); None: not acceptable.
+        For the end marker, returns the stack on acceptance (reduced to the end state)."""
+        while True:
+            act = self._actions[self._top[sid]].get(terminal)
+            if act is None:
+                return None
+            is_shift, arg = act
+            if is_shift:
+                return self._push(sid, arg)  # type: ignore[arg-type]
+            origin, size = arg  # type: ignore[misc]
+            for _ in range(size):
+                sid = self._parent[sid]
+            sid = self._push(sid, self._goto[self._top[sid]][origin])
+            if terminal == self._end and self._top[sid] == self._end_state:
+                return sid
+
+    def after(self, sid: int, terminal: int) -> int | None:
+        """The stack once a lexeme of `terminal` is complete (ignored terminals leave it as is)."""
+        if terminal in self.ignored:
+            return sid
+        key = (sid, terminal)
+        if key not in self._after:
+            self._after[key] = self._feed(sid, terminal)
+        return self._after[key]
+
+    def startable(self, sid: int) -> tuple[int, ...]:
+        """Terminals a new lexeme may be of at this stack: shiftable ones plus the ignored."""
+        out = self._startable.get(sid)
+        if out is None:
+            acts = self._actions[self._top[sid]]
+            out = tuple(sorted({t for t in acts if t != self._end and self.after(sid, t) is not None} | self.ignored))
+            self._startable[sid] = out
+        return out
+
+    def stack_can_end(self, sid: int) -> bool:
+        if sid not in self._can_end:
+            self._can_end[sid] = self._feed(sid, self._end) is not None
+        return self._can_end[sid]
+
+    # ------------------------------------------------------------------ the lexer over bytes
+    def _step_one(self, config: int, byte: int) -> tuple[int, ...]:
+        key = config * 256 + byte
+        out = self._step1.get(key)
+        if out is not None:
+            return out
+        sid, lex = divmod(config, self.n_lex)
+        res: list[int] = []
+        if lex == self.boundary:
+            starts: int | None = sid
+        else:
+            nxt = self.trans[lex][byte]
+            if nxt >= 0:
+                res.append(sid * self.n_lex + nxt)
+            starts = self.after(sid, self.lex_terminal[lex]) if self.accepting[lex] else None
+        if starts is not None:
+            base = starts * self.n_lex
+            for t in self.startable(starts):
+                nxt = self.trans[self.offsets[t]][byte]
+                if nxt >= 0:
+                    res.append(base + nxt)
+        out = self._step1[key] = tuple(res)
+        return out
+
+    def step(self, configs: frozenset[int], byte: int) -> frozenset[int]:
+        key = (configs, byte)
+        out = self._step.get(key)
+        if out is None:
+            if len(self._step) > _CACHE_LIMIT:
+                self._step.clear()
+                self._step1.clear()
+            found: set[int] = set()
+            for c in configs:
+                found.update(self._step_one(c, byte))
+            if len(found) > MAX_CONFIGS:
+                found = set(sorted(found)[:MAX_CONFIGS])
+            out = self._step[key] = frozenset(found)
+        return out
+
+    def walk(self, configs: frozenset[int], data: bytes) -> frozenset[int]:
+        for b in data:
+            configs = self.step(configs, b)
+            if not configs:
+                break
+        return configs
+
+    def can_end(self, configs: frozenset[int]) -> bool:
+        for c in configs:
+            sid, lex = divmod(c, self.n_lex)
+            if lex == self.boundary:
+                if self.stack_can_end(sid):
+                    return True
+            elif self.accepting[lex]:
+                after = self.after(sid, self.lex_terminal[lex])
+                if after is not None and self.stack_can_end(after):
+                    return True
+        return False
+
+    def _lexemes(self, config: int) -> tuple[int, list[int]]:
+        """(stack, the lexer ids a configuration stands for: itself, or every lexeme that may start)."""
+        sid, lex = divmod(config, self.n_lex)
+        if lex == self.boundary:
+            return sid, [self.offsets[t] for t in self.startable(sid)]
+        return sid, [lex]
+
+    # ------------------------------------------------------------------ masks
+    def _scan(self, lex: int) -> None:
+        """One vectorised pass of the vocabulary through the lexeme's DFA from lexer state `lex`:
+        the tokens that stay inside it, and per offset j >= 1 the tokens that may end it after
+        their first j bytes (packed masks)."""
+        v = self.vocab
+        k = self.lex_terminal[lex]
+        dfa = self.dfas[k]
+        idx = np.arange(len(v.ids))
+        st = np.full(len(v.ids), lex - self.offsets[k], dtype=np.int32)  # [n] DFA states
+        inside: list[np.ndarray] = []
+        splits: dict[int, np.ndarray] = {}
+        for j in range(v.data.shape[1] + 1):
+            done = v.lens[idx] == j
+            if done.any():
+                inside.append(idx[done])
+                keep = ~done
+                idx, st = idx[keep], st[keep]
+            if not len(idx):
+                break
+            if j:  # ending at j == 0 is the boundary's own mask (see mask())
+                hit = dfa.accepting[st]
+                if hit.any():
+                    splits[j] = v.pack(v.ids[idx[hit]])
+            st = dfa.table[st, v.data[idx, j]]
+            live = st != dfa.dead
+            idx, st = idx[live], st[live]
+        self._inside[lex] = v.pack(v.ids[np.concatenate(inside)] if inside else [])
+        self._splits[lex] = splits
+
+    def _walk(self, node: Trie, configs: frozenset[int], out: list[int]) -> None:
+        for b, child in node[0].items():
+            nxt = self.step(configs, b)
+            if nxt:
+                out.extend(child[1])
+                if child[0]:
+                    self._walk(child, nxt, out)
+
+    def _suffix_words(self, offset: int, sid: int) -> np.ndarray:
+        """Tokens whose bytes from `offset` on are accepted from a lexeme boundary at stack `sid`."""
+        key = (offset, sid)
+        words = self._suffixes.get(key)
+        if words is None:
+            found: list[int] = []
+            self._walk(self.vocab.suffix_trie(offset), frozenset({sid * self.n_lex + self.boundary}), found)
+            words = self._suffixes[key] = self.vocab.pack(found)
+        return words
+
+    def _words(self, configs: frozenset[int]) -> np.ndarray:
+        """Packed non-EOS tokens allowed from `configs` (cached).
+
+        A token either stays inside a lexeme (the scanned `inside` mask), or ends it after j bytes
+        and the rest starts at a boundary at the stack after it: j == 0 is the boundary's own
+        mask (recursion; a lexeme's start states never accept), j >= 1 is a walk of the suffix
+        trie at j, shared by every lexer state that ends there, masked by those that may."""
+        words = self._word_cache.get(configs)
+        if words is not None:
+            return words
+        words = np.zeros(bitmask_width(self.vocab.vocab_size), dtype=np.uint32)
+        for c in configs:
+            sid, lexes = self._lexemes(c)
+            for lex in lexes:
+                if lex not in self._inside:
+                    self._scan(lex)
+                words |= self._inside[lex]
+                splits = self._splits[lex]
+                if not splits and not self.accepting[lex]:
+                    continue
+                after = self.after(sid, self.lex_terminal[lex])
+                if after is None:
+                    continue
+                if self.accepting[lex]:
+                    words |= self._words(frozenset({after * self.n_lex + self.boundary}))
+                for j, enders in splits.items():
+                    words |= self._suffix_words(j, after) & enders
+        if len(self._word_cache) > _CACHE_LIMIT // 100:
+            self._word_cache.clear()
+        self._word_cache[configs] = words
+        return words
+
+    def mask(self, configs: frozenset[int]) -> tuple[torch.Tensor, bool]:
+        """-> (packed mask [ceil(V / 32)] int32, whether any non-EOS token is allowed)."""
+        hit = self._masks.get(configs)
+        if hit is not None:
+            return hit
+        words = self._words(configs)
+        more = bool(words.any())
+        if self.can_end(configs):
+            words = words | self._eos_words
+        if len(self._masks) > _CACHE_LIMIT // 100:
+            self._masks.clear()
+        entry = self._masks[configs] = (torch.from_numpy(words.view(np.int32)), more)
+        return entry
+
+    def next_bytes(self, configs: frozenset[int]) -> frozenset[int]:
+        found: set[int] = set()
+        for c in configs:
+            sid, lexes = self._lexemes(c)
+            for lex in lexes:
+                found |= self.first_bytes[lex]
+                if self.accepting[lex] and c % self.n_lex != self.boundary:
+                    after = self.after(sid, self.lex_terminal[lex])
+                    if after is not None:
+                        for t in self.startable(after):
+                            found |= self.first_bytes[self.offsets[t]]
+        return frozenset(found)
+
+    def forced_bytes(self, configs: frozenset[int]) -> bytes:
+        out = self._forced.get(configs)
+        if out is None:
+            buf = bytearray()
+            cur = configs
+            while len(buf) < MAX_FORCED and cur and not self.can_end(cur):
+                nxt = self.next_bytes(cur)
+                if len(nxt) != 1:
+                    break
+                (b,) = nxt
+                buf.append(b)
+                cur = self.step(cur, b)
+            out = self._forced[configs] = bytes(buf)
+        return out
+
+
+class EbnfGrammar:
+    """One request's position in a compiled EBNF grammar (the interface of RegexGrammar).
+
+    accept_token(id) -> bool (False: not allowed here; the state is unchanged); fill_mask(row);
+    is_terminated(): EOS accepted, or the grammar may end and nothing but EOS may follow;
+    rollback(k); copy(); forced_bytes(): the bytes every continuation from here starts with.
+    """
+
+    def __init__(self, compiled: CompiledEbnf) -> None:
+        self.compiled = compiled
+        self.states: list[frozenset[int]] = [compiled.initial]  # one per accepted token after the first
+        self.finished = False
+
+    @property
+    def state(self) -> frozenset[int]:
+        return self.states[-1]
+
+    def accept_token(self, token_id: int) -> bool:
+        if self.finished:
+            return False
+        c = self.compiled
+        if token_id in c.vocab.eos_token_ids:
+            if not c.can_end(self.state):
+                return False
+            self.states.append(self.state)
+            self.finished = True
+            return True
+        data = c.vocab.by_id.get(token_id)
+        if data is None:
+            return False
+        nxt = c.walk(self.state, data)
+        if not nxt:
+            return False
+        self.states.append(nxt)
+        return True
+
+    def fill_mask(self, bitmask_row: torch.Tensor) -> None:
+        # bitmask_row: [ceil(V / 32)] int32
+        bitmask_row.copy_(self.compiled.mask(self.state)[0])
+
+    def is_terminated(self) -> bool:
+        return self.finished or (self.compiled.can_end(self.state) and not self.compiled.mask(self.state)[1])
+
+    def forced_bytes(self) -> bytes:
+        return b"" if self.finished else self.compiled.forced_bytes(self.state)
+
+    def rollback(self, k: int) -> None:
+        if k < 0 or k > len(self.states) - 1:
+            raise ValueError(f"cannot roll back {k} tokens: only {len(self.states) - 1} were accepted")
+        if k:
+            del self.states[-k:]
+            self.finished = False
+
+    def copy(self) -> EbnfGrammar:
+        other = EbnfGrammar(self.compiled)
+        other.states = list(self.states)
+        other.finished = self.finished
+        return other
+
+
+def compile_grammar(kind: str, source: str, vocab: TokenVocab) -> CompiledEbnf:
+    """kind "ebnf" (GBNF, start rule `root`) or "lark" (Lark syntax, start rule `start`).
+    Raises GrammarError naming the line or rule and what was expected."""
+    if kind == "ebnf":
+        tr = gbnf_to_lark(source)
+        return CompiledEbnf(tr.source, tr.start, vocab, "ebnf", tr.rule_names)
+    if kind == "lark":
+        return CompiledEbnf(source, "start", vocab, "lark")
+    raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {EBNF_KINDS}")
