@@ -73,6 +73,12 @@ _ENGINE_FLAG_HELP = {
     "debug_check_memory": "assert the KV-pool invariant after every scheduler step (slow; for debugging)",
     "dp_size": "data-parallel replicas (each its own scheduler and KV cache) behind one front",
     "dp_routing": "how the front picks a replica: cache_aware (longest cached prefix, then least load) or round_robin",
+    "tp_size": "tensor-parallel ranks over all nodes: each holds 1/tp of the weights and KV heads, one process per "
+               "rank (gloo on CPU, NCCL on GPU; one GPU per rank)",
+    "nnodes": "machines the tensor-parallel ranks span (tp-size / nnodes ranks on each)",
+    "node_rank": "this machine's index among --nnodes: 0 serves HTTP; the others run only their ranks and join node 0",
+    "dist_init_addr": "HOST:PORT on node 0 where the ranks meet (torch.distributed TCP rendezvous); needed with "
+                      "--nnodes > 1, otherwise a free local port",
 }
 
 
@@ -109,6 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loom serve: {exc}", file=sys.stderr)
         return 2
+    if server_args.node_rank > 0:  # a worker node: only its scheduler ranks, which join node 0's
+        from loom.runtime.scheduler_process import run_worker_node
+
+        return run_worker_node(server_args, log_level=args.log_level)
     if not args.http and not args.zmq_address:
         print("loom serve: --no-http needs --zmq-address (otherwise nothing could reach the server)", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from loom.runtime.messages import (
     SchedulerReady,
 )
 from loom.runtime.protocol import RequestError
-from loom.runtime.scheduler_process import run_scheduler_process
+from loom.runtime.scheduler_process import spawn_scheduler_ranks
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
 
@@ -192,11 +192,12 @@ class AsyncEngine:
         me = os.getpid()
         for name, target, targs in (
             ("detokenizer", run_detokenizer_process, (args.tokenizer_path or args.model_path, paths, me, self.log_level)),
-            ("scheduler", run_scheduler_process, (args.to_dict(), paths, me, self.log_level)),
         ):
             proc = spawn.Process(target=target, args=targs, name=f"loom-{name}", daemon=True)
             proc.start()
             self._children.append(_Child(name, proc))
+        # One scheduler per tensor-parallel rank of this node; all are watched like the detokenizer.
+        self._children += [_Child(name, proc) for name, proc in spawn_scheduler_ranks(args, paths, self.log_level)]
         deadline = time.monotonic() + timeout_s
         while self.ready is None:
             self._check_children()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig
@@ -13,6 +14,9 @@ from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocat
 from loom.runtime.forward_batch import ForwardBatch
 from loom.runtime.models.loader import load_model
 from loom.runtime.server_args import ServerArgs
+
+if TYPE_CHECKING:
+    from loom.runtime.distributed import TpGroup
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +55,35 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs) -> None:
+    def __init__(self, args: ServerArgs, tp: TpGroup | None = None) -> None:
+        """tp: this process's tensor-parallel rank (None: a single rank). The model then holds only
+        this rank's shard of the weights, and the KV pool only this rank's KV heads."""
+        if args.tp_size > 1 and tp is None:
+            raise ValueError(
+                f"tp_size={args.tp_size} runs one scheduler process per rank: serve it with `loom serve --tp-size "
+                f"{args.tp_size}` (or loom.Runtime / ProcessEngine), not in-process"
+            )
         self.args = args
-        self.device = resolve_device(args.device)
+        self.tp_rank, self.tp_size = (tp.rank, tp.size) if tp else (0, 1)
+        self.device = tp.device if tp else resolve_device(args.device)
         if args.random_seed is not None:
             torch.manual_seed(args.random_seed)
         config = AutoConfig.from_pretrained(args.model_path)
         self.dtype = resolve_dtype(args.dtype, self.device, config)
-        self.model, self.hf_config = load_model(args.model_path, self.dtype, device=self.device)
+        self.model, self.hf_config = load_model(
+            args.model_path, self.dtype, device=self.device, tp_rank=self.tp_rank, tp_size=self.tp_size
+        )
         cfg = self.hf_config
         self.vocab_size = cfg.vocab_size
         self.context_len = args.context_length or getattr(cfg, "max_position_embeddings", 4096)
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        # This rank's KV heads (all of them with one rank; one replicated head when ranks outnumber them).
+        self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
         size = args.max_total_tokens or self._size_from_memory()
+        if tp is not None:
+            size = tp.min_over_ranks(size)  # every rank's scheduler must make the same allocations
         self.token_to_kv_pool = TokenToKVPool(
             size, self.dtype, self.num_kv_heads, self.head_dim, self.num_layers, device=self.device
         )

@@ -1,17 +1,25 @@
-"""The scheduler process: ModelRunner + Scheduler behind ZeroMQ.
+"""The scheduler process: ModelRunner + Scheduler behind ZeroMQ, one process per tensor-parallel rank.
 
 PULL from the front (requests, aborts, flushes) and PUSH to the detokenizer (token ids, replies).
 The loop steps the scheduler while it has work and otherwise blocks on a poll of its socket, so
 an idle server burns no CPU.
+
+With tp_size > 1 there is one such process per rank; only rank 0 talks ZeroMQ and the others
+follow it (`runtime/tp_scheduler.py`). An idle rank 0 still steps once a second, which keeps the
+others' waits in its broadcast well inside the collective timeout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -24,6 +32,10 @@ from loom.runtime.messages import (
     TokenizedGenerateReq,
 )
 from loom.runtime.server_args import ServerArgs
+
+if TYPE_CHECKING:  # imported in the scheduler process only: the front stays free of torch
+    from loom.runtime.distributed import TpGroup
+    from loom.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -78,37 +90,152 @@ class ZmqIO:
         self.pull.poll(timeout_ms)
 
 
-def run_scheduler_process(args_dict: dict[str, Any], paths: IpcPaths, parent_pid: int, log_level: str) -> None:
-    """Process entry point. Exits when the parent goes away; any crash ends the process non-zero."""
+def run_scheduler_process(
+    args_dict: dict[str, Any], paths: IpcPaths | None, parent_pid: int, log_level: str, tp_rank: int = 0
+) -> None:
+    """Process entry point. Exits when the parent goes away; any crash ends the process non-zero.
+
+    With tp_size > 1 this is rank `tp_rank`; ranks > 0 need no `paths` (only rank 0 talks ZeroMQ)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when we stop
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s scheduler: %(message)s")
+    who = "scheduler" if args_dict.get("tp_size", 1) == 1 else f"scheduler rank {tp_rank}"
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s {who}: %(message)s")
     from transformers import AutoTokenizer
 
+    from loom.runtime.distributed import TpGroup
     from loom.runtime.engine import eos_token_ids
     from loom.runtime.model_runner import ModelRunner
     from loom.runtime.scheduler import Scheduler
+    from loom.runtime.tp_scheduler import TensorParallelScheduler, TpFollowerIO, TpLeaderIO
 
     args = ServerArgs(**args_dict)
+    tp: TpGroup | None = None
+    if args.tp_size > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_per_node))  # ranks share the node's cores
+        tp = TpGroup.init(args, tp_rank)
     ctx = zmq.Context()
-    io = ZmqIO(ctx, paths)
+    zmq_io = ZmqIO(ctx, paths) if tp_rank == 0 else None
+    io: Any = zmq_io if tp is None else TpLeaderIO(zmq_io, tp) if tp_rank == 0 else TpFollowerIO(tp)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
-    runner = ModelRunner(args)
-    scheduler = Scheduler(
+    runner = ModelRunner(args, tp)
+    extra: dict[str, Any] = {} if tp is None else {"tp": tp}
+    scheduler = (Scheduler if tp is None else TensorParallelScheduler)(
         args,
         runner,
         io,
         decode_tail=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         eos_token_ids=eos_token_ids(args.model_path, runner.hf_config, tokenizer),
         tokenize=lambda text: tokenizer.encode(text, add_special_tokens=False),
+        **extra,
     )
-    io.scheduler = scheduler
-    io.send(SchedulerReady(runner.context_len, runner.vocab_size, runner.max_total_tokens))
+    if tp is not None:
+        tp.barrier()  # every rank has its model and KV pool before rank 0 says ready
+    if zmq_io is not None:
+        zmq_io.scheduler = scheduler
+        zmq_io.send(SchedulerReady(runner.context_len, runner.vocab_size, runner.max_total_tokens))
     logger.info("ready (pid %d)", os.getpid())
+    try:
+        if tp_rank == 0:
+            _leader_loop(scheduler, zmq_io, parent_pid, tp)
+        else:
+            _follower_loop(scheduler, parent_pid)
+    except RuntimeError as exc:  # a collective failed: a peer died or hung past the timeout
+        if tp is None:
+            raise
+        logger.error("tensor-parallel rank %d lost its peers: %s", tp_rank, exc)
+        sys.exit(1)
+
+
+def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup | None) -> None:
+    terminated = False
+    if tp is not None:  # on SIGTERM (the front stops), leave between steps and take the other ranks along
+
+        def on_sigterm(*_: Any) -> None:
+            nonlocal terminated
+            terminated = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
     while True:
+        if terminated:
+            tp.stop_others()
+            sys.exit(0)
         if scheduler.step():
             continue
         # Nothing ran: block on the socket; briefly while requests wait (e.g. grammars compiling).
         io.wait(PENDING_POLL_MS if scheduler.has_work() else IDLE_POLL_MS)
         if parent_gone(parent_pid):
             logger.warning("the front process is gone; exiting")
+            if tp is not None:
+                tp.stop_others()
             sys.exit(0)
+
+
+def _follower_loop(scheduler: Scheduler, parent_pid: int) -> None:
+    while True:
+        scheduler.step()  # blocks in rank 0's broadcast, which comes at least once a second
+        if parent_gone(parent_pid):  # our node's launcher is gone: leave, and rank 0 fails with us
+            logger.error("the process that started this rank is gone; exiting")
+            sys.exit(1)
+
+
+def _free_local_addr() -> str:
+    """"127.0.0.1:PORT" with a port that was free a moment ago: the rendezvous of a one-node server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def spawn_scheduler_ranks(args: ServerArgs, paths: IpcPaths | None, log_level: str) -> list[tuple[str, Any]]:
+    """Start this node's scheduler processes -> [(name, process)]; ranks node_rank * tp_per_node + i."""
+    if args.tp_size > 1 and args.dist_init_addr is None:
+        args = dataclasses.replace(args, dist_init_addr=_free_local_addr())
+    spawn = mp.get_context("spawn")
+    first = args.node_rank * args.tp_per_node
+    procs = []
+    for rank in range(first, first + args.tp_per_node):
+        name = "scheduler" if args.tp_size == 1 else f"scheduler rank {rank}"
+        proc = spawn.Process(
+            target=run_scheduler_process,
+            args=(args.to_dict(), paths, os.getpid(), log_level, rank),
+            name=f"loom-{name.replace(' ', '-')}",
+            daemon=True,
+        )
+        proc.start()
+        procs.append((name, proc))
+    return procs
+
+
+def run_worker_node(args: ServerArgs, log_level: str = "warning") -> int:
+    """`loom serve --node-rank N` (N > 0): run this node's ranks until they stop.
+
+    -> 0 when node 0 stopped them (or on SIGINT / SIGTERM), 1 when one of them died."""
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    procs = spawn_scheduler_ranks(args, None, log_level)
+    logger.warning("node %d: ranks %s joining %s", args.node_rank, [n for n, _ in procs], args.dist_init_addr)
+    code = 0
+    while not stopping:
+        exited = [(name, p.exitcode) for name, p in procs if p.exitcode is not None]
+        if any(c != 0 for _, c in exited):
+            name, c = next((n, c) for n, c in exited if c != 0)
+            print(f"loom serve: the {name} process died (exit code {c}); node {args.node_rank} stops", file=sys.stderr)
+            code = 1
+            break
+        if len(exited) == len(procs):
+            break  # node 0 stopped every rank
+        time.sleep(0.25)
+    for _, p in procs:
+        if p.is_alive():
+            p.terminate()
+    for _, p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    return code

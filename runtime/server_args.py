@@ -27,6 +27,10 @@ class ServerArgs:
     disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/jump_forward.py)
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin
+    tp_size: int = 1  # tensor-parallel ranks (all nodes together), one scheduler process each
+    nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
+    node_rank: int = 0  # this machine's index; node 0 serves HTTP, the others run only their ranks
+    dist_init_addr: str | None = None  # host:port of the torch.distributed rendezvous (default: a free local port)
 
     def __post_init__(self) -> None:
         if os.environ.get("LOOM_DEBUG_MEMORY") == "1":
@@ -45,8 +49,31 @@ class ServerArgs:
             raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
         if self.dp_routing not in ("cache_aware", "round_robin"):
             raise ValueError(f"dp_routing must be 'cache_aware' or 'round_robin', got {self.dp_routing!r}")
+        self._check_parallel()
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+
+    def _check_parallel(self) -> None:
+        for name in ("tp_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes} (the same ranks per node)")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be an int in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("nnodes > 1 needs dist_init_addr=HOST:PORT, an address of node 0 that every node can reach")
+        if self.nnodes > 1 and self.dp_size > 1:
+            raise ValueError("dp_size > 1 with nnodes > 1 is not supported yet; run one server per node instead")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be HOST:PORT (e.g. 10.0.0.1:29500), got {self.dist_init_addr!r}")
+
+    @property
+    def tp_per_node(self) -> int:
+        return self.tp_size // self.nnodes
 
     @classmethod
     def field_names(cls) -> list[str]:
