@@ -71,6 +71,8 @@ _ENGINE_FLAG_HELP = {
     "random_seed": "seed for sampling without a per-request seed",
     "enable_in_batch_prefix_sharing": "let requests of one prefill batch share a common prefix (--no-... to disable)",
     "debug_check_memory": "assert the KV-pool invariant after every scheduler step (slow; for debugging)",
+    "grammar_backend": "what compiles regex / json_schema / ebnf constraints: outlines (outlines-core, built in), "
+                       "xgrammar or llguidance (these two need: pip install 'loom[grammar]')",
     "dp_size": "data-parallel replicas (each its own scheduler and KV cache) behind one front",
     "dp_routing": "how the front picks a replica: cache_aware (longest cached prefix, then least load) or round_robin",
     "tp_size": "tensor-parallel ranks over all nodes: each holds 1/tp of the weights and KV heads, one process per "

@@ -213,7 +213,9 @@ class Scheduler:
 
                 return read_token_bytes(AutoTokenizer.from_pretrained(self.args.tokenizer_path or self.args.model_path))
 
-            self.grammar_backend = GrammarBackend(token_bytes, self.runner.vocab_size, self.eos_token_ids)
+            self.grammar_backend = GrammarBackend(
+                token_bytes, self.runner.vocab_size, self.eos_token_ids, grammar_backend=self.args.grammar_backend
+            )
         return self.grammar_backend
 
     def poll_grammars(self) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, fields
+
+
+# Grammar backend -> the module it needs (checked when ServerArgs is built, before any process starts).
+GRAMMAR_BACKENDS = {"outlines": "outlines_core", "xgrammar": "xgrammar", "llguidance": "llguidance"}
 
 
 @dataclass(slots=True)
@@ -24,6 +29,7 @@ class ServerArgs:
     random_seed: int | None = None
     enable_in_batch_prefix_sharing: bool = True
     debug_check_memory: bool = False  # assert the KV-pool invariant after every scheduler step
+    grammar_backend: str = "outlines"  # outlines | xgrammar | llguidance (the last two: pip install loom[grammar])
     disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/jump_forward.py)
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin
@@ -45,6 +51,13 @@ class ServerArgs:
                 raise ValueError(f"{name} must be an int >= 8 or None, got {value!r}")
         if not isinstance(self.max_running_requests, int) or self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
+        if self.grammar_backend not in GRAMMAR_BACKENDS:
+            raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)}, got {self.grammar_backend!r}")
+        if importlib.util.find_spec(GRAMMAR_BACKENDS[self.grammar_backend]) is None:
+            raise ValueError(
+                f"grammar_backend {self.grammar_backend!r} needs the {self.grammar_backend} package, which is not "
+                "installed: pip install 'loom[grammar]' (or pick another grammar_backend)"
+            )
         if not isinstance(self.dp_size, int) or self.dp_size < 1:
             raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
         if self.dp_routing not in ("cache_aware", "round_robin"):

@@ -19,6 +19,7 @@ from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, TokenVocab, 
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.outlines_backend import CompiledRegex, build_vocabulary
 from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
+from loom.runtime.server_args import GRAMMAR_BACKENDS
 
 GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
 
@@ -43,9 +44,15 @@ class GrammarBackend:
         cache_size: int = 128,
         compile_timeout_s: float = 30.0,
         whitespace_pattern: str = DEFAULT_WHITESPACE,
+        grammar_backend: str = "outlines",
     ) -> None:
         """token_bytes: token id -> bytes (or a function returning it, called once, lazily, on a
-        worker thread: loading a tokenizer takes a while)."""
+        worker thread: loading a tokenizer takes a while). grammar_backend: outlines (this
+        package's own compilers), xgrammar or llguidance (their compilers, on the same vocabulary)."""
+        if grammar_backend not in GRAMMAR_BACKENDS:
+            raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)}, got {grammar_backend!r}")
+        self.grammar_backend = grammar_backend
+        self._native: Any = None  # the xgrammar / llguidance compiler, built on first use
         self._token_bytes = token_bytes
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -75,6 +82,8 @@ class GrammarBackend:
         self._cache.pop((kind, source), None)
 
     def _compile(self, kind: str, source: str) -> CompiledRegex | CompiledEbnf:
+        if self.grammar_backend != "outlines":  # regex, json_schema, ebnf (GBNF) and lark, each natively
+            return self._native_compiler().compile(kind, source)
         if kind == "regex":
             regex = source
         elif kind == "json_schema":
@@ -99,6 +108,18 @@ class GrammarBackend:
             if getattr(self, "_ebnf_vocab", None) is None:
                 self._ebnf_vocab = TokenVocab.build(self._token_bytes, self.vocab_size, self.eos_token_ids)
             return self._ebnf_vocab
+
+    def _native_compiler(self) -> Any:
+        """The xgrammar or llguidance compiler over this vocabulary (imported here: both are optional)."""
+        with self._vocab_lock:
+            if self._native is None:
+                tb = self._token_bytes() if callable(self._token_bytes) else self._token_bytes
+                if self.grammar_backend == "xgrammar":
+                    from loom.runtime.constrained.xgrammar_backend import XGrammarCompiler as native
+                else:
+                    from loom.runtime.constrained.llguidance_backend import LLGuidanceCompiler as native
+                self._native = native(tb, self.vocab_size, self.eos_token_ids)
+            return self._native
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
