@@ -1,0 +1,100 @@
+"""Per-step mask time of EBNF grammars (runtime/constrained/ebnf.py) on a ~49k-token vocabulary.
+
+    python benchmarks/bench_ebnf_mask.py [--vocab-size 49152] [--runs 20] [--steps 200]
+
+Each run samples a document token by token under the mask (uniformly among allowed tokens,
+preferring short ones so that strings close and documents end), timing every `fill_mask`.
+"cold" is the first run on a fresh compiled grammar (every state new); "warm" are the runs after,
+sharing the compiled grammar as requests of a server do. Compilation (with its warm-up of the
+first mask and the suffix tries) is timed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+from loom.demo_model import tiny_tokenizer
+from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, unpack_bitmask
+from loom.runtime.constrained.vocabulary import byte_decoder
+
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"""
+JSON_LARK = r"""
+start: value
+?value: dict | list | ESCAPED_STRING | SIGNED_NUMBER | "true" | "false" | "null"
+list : "[" [value ("," value)*] "]"
+dict : "{" [pair ("," pair)*] "}"
+pair : ESCAPED_STRING ":" value
+%import common.ESCAPED_STRING
+%import common.SIGNED_NUMBER
+%import common.WS
+%ignore WS
+"""
+ARITH_GBNF = r"""
+root ::= expr
+expr ::= term (ws [-+] ws term)*
+term ::= factor (ws [*/] ws factor)*
+factor ::= [0-9]+ ("." [0-9]+)? | "(" ws expr ws ")" | "-" factor
+ws ::= " "?
+"""
+
+
+def run(compiled, vocab: TokenVocab, rnd: random.Random, steps: int) -> list[float]:
+    g = compiled.matcher()
+    row = allocate_token_bitmask(1, vocab.vocab_size)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        g.fill_mask(row[0])
+        times.append(time.perf_counter() - t0)
+        allowed = unpack_bitmask(row, vocab.vocab_size)[0].nonzero().view(-1).tolist()
+        if any(t in vocab.eos_token_ids for t in allowed) and rnd.random() < 0.3:
+            break
+        short = [t for t in allowed if t in vocab.by_id and len(vocab.by_id[t]) <= 2]
+        pool = short if short and rnd.random() < 0.8 else [t for t in allowed if t in vocab.by_id]
+        if not pool:
+            break
+        assert g.accept_token(rnd.choice(pool))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab-size", type=int, default=49152)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    tok = tiny_tokenizer(args.vocab_size)
+    dec = byte_decoder()
+    tb = {i: bytes(dec[c] for c in s) for s, i in tok.get_vocab().items() if i >= 3}
+    vocab = TokenVocab.build(tb, args.vocab_size, frozenset({0}))
+    print(f"vocabulary: {len(vocab.ids)} tokens (vocab_size {args.vocab_size})")
+    print(f"{'grammar':<12} {'compile ms':>10} {'cold p50':>9} {'cold p99':>9} {'warm p50':>9} {'warm p99':>9} {'warm max':>9} {'masks':>6}")
+    for name, kind, source in [("json gbnf", "ebnf", JSON_GBNF), ("json lark", "lark", JSON_LARK), ("arith gbnf", "ebnf", ARITH_GBNF)]:
+        t0 = time.perf_counter()
+        compiled = compile_grammar(kind, source, vocab)
+        compile_ms = (time.perf_counter() - t0) * 1e3
+        rnd = random.Random(0)
+        cold = np.array(run(compiled, vocab, rnd, args.steps)) * 1e3
+        warm = np.array([t for _ in range(args.runs) for t in run(compiled, vocab, rnd, args.steps)]) * 1e3
+        p = lambda a, q: np.percentile(a, q)  # noqa: E731
+        print(
+            f"{name:<12} {compile_ms:>10.0f} {p(cold, 50):>9.3f} {p(cold, 99):>9.2f} {p(warm, 50):>9.3f} {p(warm, 99):>9.2f}"
+            f" {warm.max():>9.1f} {len(warm):>6}"
+        )
+    print("times in ms per fill_mask")
+
+
+if __name__ == "__main__":
+    main()
