@@ -349,16 +349,28 @@ def test_real_tokenizer_masks_equal_brute_force(real_vocab, source):
         assert g.accept_token(token)
 
 
+_COMPILED: dict[str, object] = {}
+_ENDED: dict[str, int] = {}
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.sampled_from(["json", "arith", "choices"]), seed=st.integers(0, 2**16))
 def test_sampled_text_parses_with_lark_earley(real_vocab, which, seed):
     source = {"json": JSON_GBNF, "arith": ARITH_GBNF, "choices": CHOICES_GBNF}[which]
-    compiled = compile_grammar("ebnf", source, real_vocab)
-    text, ended = sample(compiled, torch.Generator().manual_seed(seed), 2048)
+    if which not in _COMPILED:  # shared across examples, as a server shares a compiled grammar
+        _COMPILED[which] = compile_grammar("ebnf", source, real_vocab)
+    text, ended = sample(_COMPILED[which], torch.Generator().manual_seed(seed), 2048)
+    _ENDED[which] = _ENDED.get(which, 0) + ended
     if ended:
         earley_oracle(source).parse(text.decode("utf-8"))  # raises if the grammar does not accept it
         if which == "json":
             json.loads(text)
+
+
+def test_sampling_ends_often_enough_to_check():
+    # (runs after the property test in file order) most samples must end, or it checked little
+    if _ENDED:
+        assert sum(_ENDED.values()) >= 10, _ENDED
 
 
 # ----------------------------------------------------------------------------- the engine
