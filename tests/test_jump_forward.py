@@ -215,10 +215,14 @@ def test_regex_outputs_match_at_temperature_one(engines):
         assert re.fullmatch(regex, out["text"]), out["text"]
 
 
-def test_memory_invariant_holds_under_tight_kv_memory(model_path):
+@pytest.mark.parametrize("disable_radix_cache", [False, True])
+def test_memory_invariant_holds_under_tight_kv_memory(model_path, disable_radix_cache):
     # Little KV memory: requests are retracted and re-prefilled with jump-forwarded tokens in flight;
     # debug_check_memory asserts free + evictable + protected + held == capacity after every step.
-    with loom.Engine(model_path=model_path, max_total_tokens=320, chunked_prefill_size=16, debug_check_memory=True) as eng:
+    with loom.Engine(
+        model_path=model_path, max_total_tokens=320, chunked_prefill_size=16, debug_check_memory=True,
+        disable_radix_cache=disable_radix_cache,
+    ) as eng:  # fmt: skip
         eng.scheduler.new_token_ratio = 0.0  # admit optimistically: decoding then outgrows the pool
         outs = eng.generate([f"Order {i}:" for i in range(10)], [schema_params(temperature=1.0, seed=i) for i in range(10)])
         for out in outs:
@@ -226,6 +230,20 @@ def test_memory_invariant_holds_under_tight_kv_memory(model_path):
         stats = eng.scheduler.stats
         assert stats["jump_forwards"] > 0 and stats["retracted"] > 0, stats
         eng.scheduler.check_memory()
+        assert eng.scheduler.held_tokens() == 0
+
+
+def test_backing_off_tokens_with_kv_frees_their_slots(model_path, monkeypatch):
+    # With a back-off of 2 the token before the sampled one already has KV: its slot is freed and
+    # the next step recomputes it (the memory invariant is checked after every step).
+    import loom.runtime.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MAX_BACKOFF", 2)
+    with loom.Engine(model_path=model_path, max_total_tokens=2048, debug_check_memory=True) as eng:
+        outs = eng.generate([f"Order {i}:" for i in range(4)], [schema_params(temperature=1.0, seed=i) for i in range(4)])
+        for out in outs:
+            valid(out)
+        assert eng.scheduler.stats["jump_forwards"] > 0
         assert eng.scheduler.held_tokens() == 0
 
 
