@@ -1,0 +1,296 @@
+"""JSONSchemaBench coverage and speed of the grammar backends (outlines, xgrammar, llguidance).
+
+For each backend and each dataset (a seeded sample of N schemas per dataset):
+
+- compile: success rate; failures split into refused (a GrammarError naming the problem),
+  crashed (any other exception) and timed out; compile time p50 / p90;
+- a generated sample per compiled schema: a seeded random walk under the mask (Gumbel noise over
+  the vocabulary, as a random-weight model at temperature 1 would give, with a growing bonus on
+  tokens holding '"', '}', ']' or ',' so that outputs close within the budget); per-mask time p50 / p99;
+- outputs: valid (json.loads + `jsonschema` with the schema's own draft, formats not asserted),
+  invalid, or unfinished (the token budget ran out first).
+
+Every job runs in a worker process so that a hung or crashed compilation costs only its own job.
+
+    python benchmarks/bench_grammar.py                       # ../shared/jsonschemabench, 6 per dataset
+    python benchmarks/bench_grammar.py --per-dataset 20 --markdown out.md --csv out.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import pathlib
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BACKENDS = ("outlines", "xgrammar", "llguidance")
+DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "jsonschemabench"
+EOS = 0  # the demo tokenizers' <|endoftext|>
+
+
+@dataclass
+class JobResult:
+    backend: str
+    dataset: str
+    schema: str
+    status: str  # compiled | refused | crashed | timeout
+    message: str = ""
+    compile_s: float = 0.0
+    mask_s: list[float] = field(default_factory=list)
+    output: str = ""  # valid | invalid | unfinished | "" (not compiled)
+    detail: str = ""
+
+
+# ----------------------------------------------------------------------------- worker process
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(vocab_size: int, tokenizer: str | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from loom.runtime.constrained import token_bytes
+
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(tokenizer)
+        tb, eos = token_bytes(hf), frozenset({hf.eos_token_id})
+        width = max(len(hf), max(tb) + 1)
+    else:
+        from loom.demo_model import tiny_tokenizer
+
+        tok = tiny_tokenizer(vocab_size)
+
+        class HFLike:  # the slice of a Hugging Face tokenizer that `token_bytes` reads
+            all_special_ids = [0, 1, 2]
+            added_tokens_decoder = {0: None, 1: None, 2: None}
+
+            def get_vocab(self) -> dict[str, int]:
+                return tok.get_vocab(with_added_tokens=True)
+
+        tb, eos, width = token_bytes(HFLike()), frozenset({EOS}), vocab_size
+    closer = torch.zeros(width)
+    for i, b in tb.items():
+        if any(c in b for c in b'"}],'):
+            closer[i] = 1.0
+    _STATE.update(token_bytes=tb, eos=eos, width=width, closer=closer, backends={})
+
+
+def _backend(name: str) -> Any:
+    from loom.runtime.constrained import GrammarBackend
+
+    if name not in _STATE["backends"]:
+        backend = GrammarBackend(_STATE["token_bytes"], _STATE["width"], _STATE["eos"], grammar_backend=name, max_workers=1)
+        backend._vocabulary() if name == "outlines" else backend._native_compiler()  # kept out of compile times
+        _STATE["backends"][name] = backend
+    return _STATE["backends"][name]
+
+
+def run_job(backend_name: str, dataset: str, path: str, max_tokens: int, seed: int) -> JobResult:
+    import torch
+
+    from loom.runtime.constrained import GrammarError, allocate_token_bitmask, unpack_bitmask
+
+    schema = json.loads(pathlib.Path(path).read_text())
+    schema = schema.get("schema", schema) if "tests" in schema else schema  # maskbench cases wrap the schema
+    res = JobResult(backend_name, dataset, pathlib.Path(path).name, "compiled")
+    backend = _backend(backend_name)
+    t0 = time.perf_counter()
+    try:
+        compiled = backend._compile("json_schema", json.dumps(schema))
+    except GrammarError as e:
+        res.status, res.message = "refused", str(e)[:300]
+        return res
+    except Exception as e:  # noqa: BLE001 - a crash is what is being counted
+        res.status, res.message = "crashed", f"{type(e).__name__}: {str(e)[:300]}"
+        return res
+    res.compile_s = time.perf_counter() - t0
+
+    width, tb, eos = _STATE["width"], _STATE["token_bytes"], _STATE["eos"]
+    gen = torch.Generator().manual_seed(seed)
+    grammar = compiled.matcher()
+    row = allocate_token_bitmask(1, width)
+    out = bytearray()
+    res.output = "unfinished"
+    for step in range(max_tokens):
+        t = time.perf_counter()
+        grammar.fill_mask(row[0])
+        res.mask_s.append(time.perf_counter() - t)
+        allowed = unpack_bitmask(row, width)[0]  # [V] bool
+        if not allowed.any():
+            res.output, res.detail = "invalid", "empty mask before the end"
+            break
+        if any(allowed[e] for e in eos):
+            token = min(e for e in eos if allowed[e])
+        else:
+            u = torch.rand(width, generator=gen).clamp_min(1e-12)
+            scores = -torch.log(-torch.log(u)) + _STATE["closer"] * max(0.0, (step - 32) / 16)
+            token = int(scores.masked_fill(~allowed, float("-inf")).argmax())
+        if not grammar.accept_token(token):
+            res.output, res.detail = "invalid", f"masked token {token} refused"
+            break
+        if token in eos:
+            res.output = _validate(bytes(out), schema)
+            break
+        out += tb.get(token, b"")
+        if grammar.is_terminated():
+            res.output = _validate(bytes(out), schema)
+            break
+    if res.output != "valid":
+        res.detail = res.detail or bytes(out[:160]).decode("utf-8", "replace")
+    return res
+
+
+def _validate(text: bytes, schema: Any) -> str:
+    import jsonschema
+
+    try:
+        instance = json.loads(text.decode("utf-8"))
+        jsonschema.validators.validator_for(schema)(schema).validate(instance)
+    except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError, RecursionError):
+        return "invalid"
+    return "valid"
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def sample_schemas(data: pathlib.Path, datasets: list[str], n: int, seed: int) -> list[tuple[str, pathlib.Path]]:
+    if not data.is_dir():
+        raise SystemExit(f"--data {data}: not a folder; expected the JSONSchemaBench datasets (one folder per split)")
+    out = []
+    for ds in datasets:
+        files = sorted((data / ds).glob("*.json"))
+        if not files:
+            raise SystemExit(f"--data {data}: no {ds}/*.json; expected one folder per dataset")
+        out += [(ds, f) for f in random.Random(f"{seed}/{ds}").sample(files, min(n, len(files)))]
+    return out
+
+
+def run_all(args: argparse.Namespace) -> list[JobResult]:
+    ctx = mp.get_context("spawn")
+    jobs = sample_schemas(args.data, args.datasets, args.per_dataset, args.seed)
+    results: list[JobResult] = []
+
+    def new_pool() -> Any:
+        return ctx.Pool(1, initializer=_init_worker, initargs=(args.vocab_size, args.tokenizer))
+
+    for backend in args.backends:
+        pool = new_pool()
+        for i, (ds, path) in enumerate(jobs):
+            job = pool.apply_async(run_job, (backend, ds, str(path), args.max_tokens, args.seed + i))
+            try:
+                res = job.get(timeout=args.timeout + (60 if i == 0 else 0))  # the first job loads the vocabulary
+            except mp.TimeoutError:
+                res = JobResult(backend, ds, path.name, "timeout", f"over {args.timeout:g}s (compile + sample)")
+                pool.terminate()
+                pool = new_pool()
+            except Exception as e:  # noqa: BLE001 - the worker died (a crash in native code)
+                res = JobResult(backend, ds, path.name, "crashed", f"worker died: {type(e).__name__}: {e}")
+                pool.terminate()
+                pool = new_pool()
+            results.append(res)
+            if args.verbose:
+                print(f"{backend:<10} {ds:<16} {path.name:<28} {res.status:<8} {res.output:<10} {res.message[:90]}", file=sys.stderr)
+        pool.terminate()
+    return results
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def summarise(results: list[JobResult], datasets: list[str], backends: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for ds in [*datasets, "ALL"]:
+        for b in backends:
+            rs = [r for r in results if r.backend == b and (ds == "ALL" or r.dataset == ds)]
+            ok = [r for r in rs if r.status == "compiled"]
+            masks = [m for r in ok for m in r.mask_s]
+            comp = [r.compile_s for r in ok]
+            p = {k: _pct(comp, q) for k, q in (("c50", 50), ("c90", 90))} | {k: _pct(masks, q) for k, q in (("m50", 50), ("m99", 99))}
+            rows.append({
+                "dataset": ds, "backend": b, "n": len(rs),
+                "compiled": len(ok), "refused": sum(r.status == "refused" for r in rs),
+                "crashed": sum(r.status == "crashed" for r in rs), "timeout": sum(r.status == "timeout" for r in rs),
+                "compile_p50_ms": p["c50"] and p["c50"] * 1e3, "compile_p90_ms": p["c90"] and p["c90"] * 1e3,
+                "mask_p50_us": p["m50"] and p["m50"] * 1e6, "mask_p99_us": p["m99"] and p["m99"] * 1e6,
+                "valid": sum(r.output == "valid" for r in ok), "invalid": sum(r.output == "invalid" for r in ok),
+                "unfinished": sum(r.output == "unfinished" for r in ok),
+            })  # fmt: skip
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def f(x: float | None, nd: int = 0) -> str:
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    lines = [
+        "| dataset | backend | compiled | refused | crash / timeout | compile p50 / p90 ms | mask p50 / p99 µs | valid | invalid | unfinished |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['backend']} | {r['compiled']}/{r['n']} | {r['refused']} | {r['crashed']} / {r['timeout']} "
+            f"| {f(r['compile_p50_ms'], 1)} / {f(r['compile_p90_ms'], 1)} | {f(r['mask_p50_us'])} / {f(r['mask_p99_us'])} "
+            f"| {r['valid']} | {r['invalid']} | {r['unfinished']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA, help="the JSONSchemaBench folder (one subfolder per dataset)")
+    parser.add_argument("--datasets", nargs="+", default=None, help="dataset folders (default: every one but maskbench)")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--per-dataset", type=int, default=6, help="schemas sampled per dataset")
+    parser.add_argument("--max-tokens", type=int, default=400, help="token budget of each generated sample")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per schema (compile + sample) before it counts as timed out")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="size of the locally trained byte-level BPE tokenizer")
+    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer folder to use instead")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", type=pathlib.Path, default=None, help="also write the table here")
+    parser.add_argument("--csv", type=pathlib.Path, default=None, help="also write one row per (dataset, backend) here")
+    parser.add_argument("--failures", type=pathlib.Path, default=None, help="write every refused / crashed / invalid job (JSON lines)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per job on stderr")
+    args = parser.parse_args(argv)
+    args.data = args.data.resolve()
+    if args.datasets is None:
+        args.datasets = sorted(p.name for p in args.data.iterdir() if p.is_dir() and p.name != "maskbench") if args.data.is_dir() else []
+    t0 = time.perf_counter()
+    results = run_all(args)
+    rows = summarise(results, args.datasets, args.backends)
+    table = markdown_table(rows)
+    print(table)
+    print(f"\n{len(results)} jobs in {time.perf_counter() - t0:.0f}s; vocabulary: "
+          f"{args.tokenizer or f'trained byte-level BPE, {args.vocab_size} tokens'}")  # fmt: skip
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.csv:
+        with args.csv.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.failures:
+        with args.failures.open("w") as fh:
+            for r in results:
+                if r.status != "compiled" or r.output != "valid":
+                    fh.write(json.dumps({k: v for k, v in asdict(r).items() if k != "mask_s"}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
