@@ -73,6 +73,8 @@ _ENGINE_FLAG_HELP = {
     "debug_check_memory": "assert the KV-pool invariant after every scheduler step (slow; for debugging)",
     "grammar_backend": "what compiles regex / json_schema / ebnf constraints: outlines (outlines-core, built in), "
                        "xgrammar or llguidance (these two need: pip install 'loom[grammar]')",
+    "disable_jump_forward": "decode grammar-forced text one token per step instead of appending it at once",
+    "kv_cache_dtype": "KV cache storage: auto (the model dtype) or fp8_e4m3 (1 byte per value, a scale per layer)",
     "dp_size": "data-parallel replicas (each its own scheduler and KV cache) behind one front",
     "dp_routing": "how the front picks a replica: cache_aware (longest cached prefix, then least load) or round_robin",
     "tp_size": "tensor-parallel ranks over all nodes: each holds 1/tp of the weights and KV heads, one process per "

@@ -81,16 +81,23 @@ class ModelRunner:
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
+        self.kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8_e4m3" else self.dtype
         size = args.max_total_tokens or self._size_from_memory()
         if tp is not None:
             size = tp.min_over_ranks(size)  # every rank's scheduler must make the same allocations
         self.token_to_kv_pool = TokenToKVPool(
-            size, self.dtype, self.num_kv_heads, self.head_dim, self.num_layers, device=self.device
+            size, self.dtype, self.num_kv_heads, self.head_dim, self.num_layers, device=self.device, kv_dtype=self.kv_dtype
         )
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(size, device=self.device)
         # One row per running request, +1 for a request in the middle of a chunked prefill.
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests + 1, self.context_len + 1, device=self.device)
-        self.attn_backend = create_attention_backend(args.attention_backend, self.device)
+        backend = args.attention_backend
+        if self.token_to_kv_pool.quantized and backend not in ("auto", "torch_native"):
+            raise ValueError(f"kv_cache_dtype='fp8_e4m3' works with attention_backend 'torch_native' (or 'auto') so far, "
+                             f"not {backend!r}")  # fmt: skip
+        if self.token_to_kv_pool.quantized:
+            backend = "torch_native"  # the only backend that reads an fp8 KV cache so far
+        self.attn_backend = create_attention_backend(backend, self.device)
         self.max_total_tokens = size
         logger.info(
             "model %s loaded: %s on %s, KV pool %d tokens (%.1f MiB), context %d",
@@ -98,7 +105,7 @@ class ModelRunner:
         )
 
     def _size_from_memory(self) -> int:
-        per_token = TokenToKVPool.bytes_per_token(self.dtype, self.num_kv_heads, self.head_dim, self.num_layers)
+        per_token = TokenToKVPool.bytes_per_token(self.kv_dtype, self.num_kv_heads, self.head_dim, self.num_layers)
         budget = int(available_memory_bytes(self.device) * self.args.mem_fraction_static)
         size = budget // per_token
         if self.device.type == "cpu":

@@ -29,8 +29,9 @@ class ServerArgs:
     random_seed: int | None = None
     enable_in_batch_prefix_sharing: bool = True
     debug_check_memory: bool = False  # assert the KV-pool invariant after every scheduler step
-    grammar_backend: str = "outlines"  # outlines | xgrammar | llguidance (the last two: pip install loom[grammar])
     disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/jump_forward.py)
+    grammar_backend: str = "outlines"  # outlines | xgrammar | llguidance (the last two: pip install loom[grammar])
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8_e4m3 (half the KV memory of bf16, per-layer scales)
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin
     tp_size: int = 1  # tensor-parallel ranks (all nodes together), one scheduler process each
@@ -51,6 +52,8 @@ class ServerArgs:
                 raise ValueError(f"{name} must be an int >= 8 or None, got {value!r}")
         if not isinstance(self.max_running_requests, int) or self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
         if self.grammar_backend not in GRAMMAR_BACKENDS:
             raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)}, got {self.grammar_backend!r}")
         if importlib.util.find_spec(GRAMMAR_BACKENDS[self.grammar_backend]) is None:
