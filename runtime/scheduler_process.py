@@ -144,7 +144,8 @@ def run_scheduler_process(
         if tp is None:
             raise
         logger.error("tensor-parallel rank %d lost its peers: %s", tp_rank, exc)
-        sys.exit(1)
+        logging.shutdown()
+        os._exit(1)  # at once: interpreter teardown with a broken process group can take seconds
 
 
 def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup | None) -> None:

@@ -183,9 +183,17 @@ def test_tp2_gives_the_tokens_of_tp1_and_transformers(
     assert stats["retracted"] > 0, f"the KV pool was meant to be too small for the batch: {stats}"
 
 
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing children of `pid` (its scheduler ranks; not the resource tracker)."""
+    return [c for c in child_pids(pid) if b"spawn_main" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
 @pytest.mark.slow
-def test_two_nodes_over_loopback(models: dict[str, pathlib.Path], server_stopper: list[Server]) -> None:
-    """`--nnodes 2`: node 0 serves HTTP with rank 0, node 1 runs only rank 1; both join one rendezvous."""
+@pytest.mark.parametrize("ending", ["node 0 stops", "node 1's rank dies"])
+def test_two_nodes_over_loopback(ending: str, models: dict[str, pathlib.Path], server_stopper: list[Server]) -> None:
+    """`--nnodes 2`: node 0 serves HTTP with rank 0, node 1 runs only rank 1; both join one rendezvous.
+
+    Stopping node 0 stops node 1 cleanly; a rank that dies on node 1 fails node 0's server (503)."""
     path, prompts = models["qwen2"], _workload()[:4]
     rendezvous = f"127.0.0.1:{free_port()}"
     common = ["--nnodes", "2", "--dist-init-addr", rendezvous]
@@ -199,9 +207,18 @@ def test_two_nodes_over_loopback(models: dict[str, pathlib.Path], server_stopper
         srv.wait_ready()
         assert "scheduler rank 1" not in srv.info()["pids"], "node 0 must start only its own rank"
         assert [o["output_ids"] for o in _generate(srv, prompts)] == [hf_greedy(path, p, NEW_TOKENS) for p in prompts]
-        srv.stop()  # node 0 stops: it tells node 1's rank to stop, and node 1 exits cleanly
-        assert srv.proc.returncode == 0
-        assert node1.wait(60) == 0, node1.stdout.read()
+        if ending == "node 0 stops":
+            srv.stop()  # rank 0 tells node 1's rank to stop, and node 1 exits cleanly
+            assert srv.proc.returncode == 0
+            assert node1.wait(60) == 0, node1.stdout.read()
+            return
+        (rank1,) = _spawned_children(node1.pid)
+        os.kill(rank1, signal.SIGKILL)
+        assert srv.proc.wait(60) != 0  # rank 0's next broadcast finds its peer gone; the front exits
+        out = srv.proc.stdout.read()
+        assert "lost its peers" in out and "scheduler rank 0 process died" in out, out
+        assert node1.wait(60) == 1
+        assert "scheduler rank 1 process died" in node1.stdout.read()
     finally:
         if node1.poll() is None:
             node1.kill()
