@@ -9,9 +9,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,16 +19,9 @@ import pytest
 
 import loom
 from loom.demo_model import build_tiny_checkpoint
+from server_proc import API_KEY, MAX_TOTAL_TOKENS, Server, free_port  # noqa: F401  (test_tp imports these from here)
 
-API_KEY = "test-key-123"
-MAX_TOTAL_TOKENS = 2048
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_pids(pid: int) -> set[int]:
@@ -56,47 +46,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-class Server:
-    def __init__(self, model: pathlib.Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "loom", "serve", "--model", str(model), "--port", str(self.port),
-               "--max-total-tokens", str(MAX_TOTAL_TOKENS), *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.headers = {"Authorization": f"Bearer {API_KEY}"} if "--api-key" in extra else {}
-        self.client: httpx.Client | None = None
-
-    def wait_ready(self) -> "Server":
-        if self.client is not None:
-            return self
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, f"server exited early:\n{self.proc.stdout.read()}"
-            assert time.monotonic() < deadline, "server not ready in 120s"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
-        return self
-
-    def info(self) -> dict:
-        return self.client.get("/get_server_info").json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.client is not None:
-            self.client.close()
 
 
 @pytest.fixture(scope="module")
