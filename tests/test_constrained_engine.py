@@ -143,7 +143,7 @@ def test_slow_compilation_times_out_without_stalling_others(engine):
     saved = backend.compile_timeout_s
     backend.compile_timeout_s = 0.2
     try:
-        slow = r'"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt]){0,14}"'  # ~1-2 s to build the automaton
+        slow = r'"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt]){0,2000}"'  # ~40k DFA states: seconds to build
         outs = engine.generate(["slow", "fast"], [{"regex": slow, "max_new_tokens": 20}, {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}])
     finally:
         backend.compile_timeout_s = saved

@@ -122,9 +122,8 @@ def test_rollback_and_copy_are_independent(toy):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param("outlines", marks=pytest.mark.xfail(strict=True, reason="outlines-core 0.2.14 drops token "
-                  "transitions that leave a final state for a non-final one")), "xgrammar", "llguidance"],
-)  # fmt: skip
+    ["outlines", "xgrammar", "llguidance"],  # outlines-core 0.2.14's Index dropped these; Loom's regex DFA does not
+)
 @pytest.mark.parametrize(("regex", "tokens", "expected"), [("(ab|c)+", [3], 1), ("[0-2]+(-[0-2]+)?", [8], 10)])
 def test_tokens_leaving_a_final_state_are_allowed(toys, name, regex, tokens, expected):
     """After "ab" in (ab|c)+ the text may go on with "a"; after "1" in [0-2]+(-[0-2]+)? with "-"."""

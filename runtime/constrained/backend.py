@@ -17,7 +17,7 @@ from typing import Any
 
 from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, TokenVocab, compile_grammar
 from loom.runtime.constrained.errors import GrammarError
-from loom.runtime.constrained.outlines_backend import CompiledRegex, build_vocabulary
+from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
 from loom.runtime.server_args import GRAMMAR_BACKENDS
 
@@ -61,7 +61,6 @@ class GrammarBackend:
         self.whitespace_pattern = whitespace_pattern
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar")
-        self._vocab: Any = None
         self._vocab_lock = threading.Lock()
 
     def compile(self, kind: str, source: str) -> Future:
@@ -92,19 +91,12 @@ class GrammarBackend:
             return compile_grammar(kind, source, self._token_vocab())
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
-        return CompiledRegex(regex, self._vocabulary(), self.vocab_size, self.eos_token_ids)
-
-    def _vocabulary(self) -> Any:
-        with self._vocab_lock:
-            if self._vocab is None:
-                tb = self._token_bytes() if callable(self._token_bytes) else self._token_bytes
-                self._vocab = build_vocabulary(tb, self.eos_token_ids)
-            return self._vocab
+        return CompiledRegex(regex, self._token_vocab())  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index
 
     def _token_vocab(self) -> TokenVocab:
         with self._vocab_lock:
             if callable(self._token_bytes):
-                self._token_bytes = self._token_bytes()  # resolved once; _vocabulary reuses it
+                self._token_bytes = self._token_bytes()  # resolved once; _native_compiler reuses it
             if getattr(self, "_ebnf_vocab", None) is None:
                 self._ebnf_vocab = TokenVocab.build(self._token_bytes, self.vocab_size, self.eos_token_ids)
             return self._ebnf_vocab

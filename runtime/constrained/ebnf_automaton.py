@@ -326,11 +326,18 @@ def _minimise(table: np.ndarray, accepting: np.ndarray) -> ByteDFA:
 def regex_to_dfa(pattern: str, where: str = "regex") -> ByteDFA:
     """Compile a Python regex (whole-string match) to a minimal byte DFA. `where` names the
     terminal in errors. Raises GrammarError for syntax errors and constructs with no automaton."""
+    nfa, start, final = build_nfa(pattern, where)
+    table, accepting = _determinise(nfa, start, final)
+    return _minimise(table, accepting)
+
+
+def build_nfa(pattern: str, where: str = "regex") -> tuple[_NFA, int, int]:
+    """A Python regex -> (Thompson NFA over UTF-8 byte ranges, start state, final state); shared
+    with regex_dfa.py, which determinises it over byte classes. Raises GrammarError as regex_to_dfa."""
     try:
         parsed = _p.parse(pattern, 0)
     except re.error as e:
         raise GrammarError(f"{where}: invalid regex {pattern!r}: {e}") from None
     nfa = _NFA()
     start, final = _build(nfa, parsed.data, parsed.state.flags, where)
-    table, accepting = _determinise(nfa, start, final)
-    return _minimise(table, accepting)
+    return nfa, start, final

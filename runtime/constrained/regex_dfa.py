@@ -1,0 +1,352 @@
+"""Regex grammars on Loom's own byte DFA: exact token masks, shared by every request using a regex.
+
+    CompiledRegex(regex, vocab)  (a DFA over byte classes + masks cached per mask class)  ->  .matcher() -> RegexGrammar
+
+Why not outlines-core's `Index`: 0.2.14 drops the token transitions that leave a final state for a
+continuation needing two or more characters through non-final states (after `1` in
+`[0-9]+(\\.[0-9]+)?` the `.` is never allowed), silently narrowing the language, and its build
+explodes on long counted repetitions. Here the mask is exact: a token is allowed iff its bytes lead
+the DFA to a state from which acceptance is still reachable; EOS iff the state accepts.
+
+The automaton: the regex's Thompson NFA over UTF-8 byte ranges (ebnf_automaton.build_nfa) ->
+subset construction over *byte classes* (bytes no edge tells apart share a column, ~20 columns
+instead of 256) -> the states that cannot reach acceptance collapsed into one dead state. It is not
+minimised; masks are shared instead by *mask class*: states that agree on liveness after every
+string up to the longest token's length have the same mask (a `maxLength: 200` string has ~800
+states but a few dozen mask classes).
+
+A mask is computed once per mask class, lazily: one vectorised pass of the vocabulary (the
+TokenVocab ebnf.py walks) through the DFA, starting from the tokens whose first byte is live and
+dropping tokens as they die.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+from loom.runtime.constrained.ebnf import TokenVocab
+from loom.runtime.constrained.ebnf_automaton import build_nfa
+from loom.runtime.constrained.errors import GrammarError
+
+MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
+COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
+MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
+
+
+class CompiledRegex:
+    """A regex's DFA over a vocabulary plus caches (masks per mask class, forced bytes per state),
+    computed once and shared by every request's RegexGrammar.
+
+    Raises GrammarError for invalid regexes, constructs with no automaton (look-arounds, anchors,
+    back-references), regexes matching nothing, and automata past MAX_DFA_STATES or the time limit."""
+
+    def __init__(
+        self, regex: str, vocab: TokenVocab, *, max_states: int = MAX_DFA_STATES, time_limit_s: float = COMPILE_TIME_LIMIT_S
+    ) -> None:
+        self.regex = regex
+        self.vocab = vocab
+        self.vocab_size = vocab.vocab_size
+        self.eos_token_ids = vocab.eos_token_ids
+        shown = f"regex {regex[:200]!r}{'...' if len(regex) > 200 else ''}"
+        table, byte_class, accepting = _determinise(regex, shown, max_states, time_limit_s)
+        self.table = table  # [S + 1, C] int32; row S is the dead state
+        self.byte_class = byte_class  # [256] int64
+        self.accepting = accepting  # [S + 1] bool
+        self.dead = table.shape[0] - 1
+        self.initial_state = 0
+        self._rows: list[list[int]] = table.tolist()  # the same table for per-byte Python walks
+        self._cls: list[int] = byte_class.tolist()
+        max_len = int(vocab.lens.max()) if len(vocab.lens) else 1
+        self.mask_class = _mask_classes(table, self.dead, max_len)  # [S + 1] int64
+        self._first = _first_byte_rows(vocab)
+        self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
+        self._words: dict[int, np.ndarray] = {}  # mask class -> packed non-EOS tokens (uint32)
+        self._masks: dict[tuple[int, bool], tuple[torch.Tensor, bool]] = {}
+        self._forced: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        self.mask(self.initial_state)  # warm up on the compiling thread, not the scheduler's
+        self.forced_bytes(self.initial_state)
+
+    @property
+    def num_states(self) -> int:
+        return self.dead
+
+    def matcher(self) -> RegexGrammar:
+        return RegexGrammar(self)
+
+    def is_final(self, state: int) -> bool:
+        return bool(self.accepting[state])
+
+    def next_state(self, state: int, token_id: int) -> int | None:
+        """The state after the token's bytes, or None when they lead nowhere (or it has no bytes)."""
+        data = self.vocab.by_id.get(token_id)
+        if data is None:
+            return None
+        rows, cls, dead = self._rows, self._cls, self.dead
+        for b in data:
+            state = rows[state][cls[b]]
+            if state == dead:
+                return None
+        return state
+
+    def mask(self, state: int) -> tuple[torch.Tensor, bool]:
+        """-> (packed mask [ceil(V / 32)] int32, whether any non-EOS token is allowed)."""
+        key = (int(self.mask_class[state]), bool(self.accepting[state]))
+        entry = self._masks.get(key)
+        if entry is None:
+            words = self._words.get(key[0])
+            if words is None:
+                words = self._words[key[0]] = self._scan(state)
+            more = bool(words.any())
+            if key[1]:
+                words = words | self._eos_words
+            entry = (torch.from_numpy(words.view(np.int32)), more)
+            with self._lock:
+                self._masks[key] = entry
+        return entry
+
+    def _scan(self, state: int) -> np.ndarray:
+        """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive: one pass
+        over the vocabulary matrix, byte position by byte position, from the tokens whose first
+        byte is live; tokens leave the pass when they end (allowed) or die."""
+        v, table, bc, dead = self.vocab, self.table, self.byte_class, self.dead
+        row = table[state][bc]  # [256] next state per byte
+        live_first = np.flatnonzero(row != dead)
+        parts = [self._first[b] for b in live_first.tolist() if len(self._first[b])]
+        if not parts:
+            return v.pack([])
+        idx = np.concatenate(parts)  # [n] rows of v.data
+        st = row[v.data[idx, 0]]  # [n] states after the first byte, all live
+        allowed: list[np.ndarray] = []
+        j = 1
+        while len(idx):
+            done = v.lens[idx] == j
+            if done.any():
+                allowed.append(idx[done])
+                idx, st = idx[~done], st[~done]
+                if not len(idx):
+                    break
+            st = table[st, bc[v.data[idx, j]]]
+            live = st != dead
+            idx, st = idx[live], st[live]
+            j += 1
+        return v.pack(v.ids[np.concatenate(allowed)] if allowed else [])
+
+    def forced_bytes(self, state: int) -> bytes:
+        """The longest byte string every accepted continuation from `state` starts with: follow the
+        states with exactly one live byte, stopping at an accepting one (EOS may end the text there).
+        b"" when none. Cached per state."""
+        forced = self._forced.get(state)
+        if forced is None:
+            out, q, dead = bytearray(), state, self.dead
+            while not self.accepting[q] and len(out) < MAX_FORCED_BYTES:
+                live = np.flatnonzero(self.table[q][self.byte_class] != dead)
+                if len(live) != 1:
+                    break
+                b = int(live[0])
+                out.append(b)
+                q = self._rows[q][self._cls[b]]
+            forced = bytes(out)
+            with self._lock:
+                self._forced[state] = forced
+        return forced
+
+
+class RegexGrammar:
+    """One request's position in a compiled regex.
+
+    accept_token(id) -> bool (False: the token is not allowed here; the state is unchanged);
+    fill_mask(row) writes the allowed tokens into one packed bitmask row;
+    is_terminated(): EOS was accepted, or the state is final and nothing but EOS may follow;
+    forced_bytes(): the bytes every accepted continuation starts with (b"" when none or at a final state);
+    rollback(k) undoes the last k accepted tokens; copy() is an independent matcher at the same state.
+    """
+
+    def __init__(self, compiled: CompiledRegex) -> None:
+        self.compiled = compiled
+        self.states: list[int] = [compiled.initial_state]  # states[-1] is current; one per accepted token after
+        self.finished = False  # EOS accepted
+
+    @property
+    def state(self) -> int:
+        return self.states[-1]
+
+    def accept_token(self, token_id: int) -> bool:
+        if self.finished:
+            return False
+        if token_id in self.compiled.eos_token_ids:
+            if not self.compiled.is_final(self.state):
+                return False
+            self.states.append(self.state)
+            self.finished = True
+            return True
+        nxt = self.compiled.next_state(self.state, token_id)
+        if nxt is None:
+            return False
+        self.states.append(nxt)
+        return True
+
+    def fill_mask(self, bitmask_row: torch.Tensor) -> None:
+        # bitmask_row: [ceil(V / 32)] int32
+        bitmask_row.copy_(self.compiled.mask(self.state)[0])
+
+    def allowed_non_eos(self) -> bool:
+        return self.compiled.mask(self.state)[1]
+
+    def is_terminated(self) -> bool:
+        return self.finished or (self.compiled.is_final(self.state) and not self.allowed_non_eos())
+
+    def forced_bytes(self) -> bytes:
+        return b"" if self.finished else self.compiled.forced_bytes(self.state)
+
+    def rollback(self, k: int) -> None:
+        if k < 0 or k > len(self.states) - 1:
+            raise ValueError(f"cannot roll back {k} tokens: only {len(self.states) - 1} were accepted")
+        if k:
+            del self.states[-k:]
+            self.finished = False
+
+    def copy(self) -> RegexGrammar:
+        other = RegexGrammar(self.compiled)
+        other.states = list(self.states)
+        other.finished = self.finished
+        return other
+
+
+# ----------------------------------------------------------------------------- the automaton
+
+
+def _determinise(regex: str, shown: str, max_states: int, time_limit_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """regex -> (table [S + 1, C] int32 over byte classes, byte -> class [256], accepting [S + 1]),
+    live states only, start 0, dead last."""
+    try:
+        nfa, start, final = build_nfa(regex)
+    except GrammarError as e:  # "regex: invalid regex '...': why" -> "regex '...' cannot be compiled: why"
+        why = str(e).removeprefix("regex: ").replace(f"invalid regex {regex!r}: ", "")
+        raise GrammarError(f"{shown} cannot be compiled: {why}") from None
+    cuts = {0, 256}
+    for edges in nfa.edges:
+        for a, b, _ in edges:
+            cuts.update((a, b + 1))
+    bounds = sorted(cuts)
+    byte_class = np.zeros(256, dtype=np.int64)
+    for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        byte_class[lo:hi] = k
+    n_cls = len(bounds) - 1
+    moves: list[list[tuple[int, int]]] = [
+        [(c, t) for a, b, t in edges for c in range(int(byte_class[a]), int(byte_class[b]) + 1)] for edges in nfa.edges
+    ]
+    # A subset only needs the states that read a byte, plus the final one: fewer, and more shared, keys.
+    keep = [bool(m) or s == final for s, m in enumerate(moves)]
+    closures: dict[frozenset[int], frozenset[int]] = {}
+
+    def closure(seeds: frozenset[int]) -> frozenset[int]:
+        out = closures.get(seeds)
+        if out is None:
+            todo, seen = list(seeds), set(seeds)
+            while todo:
+                for t in nfa.eps[todo.pop()]:
+                    if t not in seen:
+                        seen.add(t)
+                        todo.append(t)
+            out = closures[seeds] = frozenset(s for s in seen if keep[s])
+        return out
+
+    first = closure(frozenset({start}))
+    index = {first: 0}
+    order = [first]
+    rows: list[list[int]] = []
+    deadline = time.monotonic() + time_limit_s
+    while len(rows) < len(order):
+        if len(order) > max_states:
+            raise GrammarError(f"{shown} needs more than {max_states} automaton states; use smaller repetition bounds")
+        if len(rows) % 64 == 0 and time.monotonic() > deadline:
+            raise GrammarError(f"{shown} takes longer than {time_limit_s:.0f} s to compile; use smaller repetition bounds")
+        targets: list[list[int]] = [[] for _ in range(n_cls)]
+        for s in order[len(rows)]:
+            for c, t in moves[s]:
+                targets[c].append(t)
+        row = [-1] * n_cls
+        for c, ts in enumerate(targets):
+            if ts:
+                nxt = closure(frozenset(ts))
+                q = index.get(nxt)
+                if q is None:
+                    q = index[nxt] = len(order)
+                    order.append(nxt)
+                row[c] = q
+        rows.append(row)
+    n = len(order)
+    table = np.array(rows, dtype=np.int64).reshape(n, n_cls)
+    table[table < 0] = n  # a sink for "no move"
+    accepting = np.array([final in s for s in order] + [False], dtype=bool)
+    live = _co_reachable(table, accepting[:n])
+    if not live[0]:
+        raise GrammarError(f"{shown} matches nothing")
+    new_of = np.cumsum(live) - 1  # live states keep their order (start stays 0)
+    dead = int(live.sum())
+    remap = np.append(np.where(live, new_of, dead), dead)  # [n + 1]
+    out = np.full((dead + 1, n_cls), dead, dtype=np.int32)
+    out[:dead] = remap[table[live]]
+    acc = np.zeros(dead + 1, dtype=bool)
+    acc[:dead] = accepting[:n][live]
+    return out, byte_class, acc
+
+
+def _co_reachable(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """[n] bool: states from which an accepting state is reachable (table [n, C], n = no move)."""
+    n, n_cls = table.shape
+    src = np.repeat(np.arange(n), n_cls)
+    dst = table.reshape(-1)
+    has = dst < n
+    src, dst = src[has], dst[has]
+    by_dst = np.argsort(dst, kind="stable")
+    src = src[by_dst]
+    starts = np.searchsorted(dst[by_dst], np.arange(n + 1))
+    live = accepting.copy()
+    todo = np.flatnonzero(accepting).tolist()
+    while todo:
+        q = todo.pop()
+        for p in src[starts[q] : starts[q + 1]].tolist():
+            if not live[p]:
+                live[p] = True
+                todo.append(p)
+    return live
+
+
+def _mask_classes(table: np.ndarray, dead: int, depth: int) -> np.ndarray:
+    """[S + 1] class ids: states in one class are dead or alive alike after every string of at most
+    `depth` bytes, so no token of at most `depth` bytes tells them apart (Moore refinement, `depth`
+    rounds at most, from {live, dead})."""
+    cls = (np.arange(table.shape[0]) == dead).astype(np.int64)
+    count = 2
+    for _ in range(depth):
+        sig = np.concatenate([cls[:, None], cls[table]], axis=1)  # [S + 1, C + 1]
+        _, refined = np.unique(sig, axis=0, return_inverse=True)
+        refined = refined.reshape(-1)
+        new_count = int(refined.max()) + 1
+        cls = refined
+        if new_count == count:
+            break
+        count = new_count
+    return cls
+
+
+_FIRST_ROWS: dict[int, tuple[TokenVocab, list[np.ndarray]]] = {}
+_FIRST_LOCK = threading.Lock()
+
+
+def _first_byte_rows(vocab: TokenVocab) -> list[np.ndarray]:
+    """Per first byte, the rows of vocab.data starting with it (once per vocabulary)."""
+    with _FIRST_LOCK:
+        hit = _FIRST_ROWS.get(id(vocab))
+        if hit is None or hit[0] is not vocab:
+            first = vocab.data[:, 0] if len(vocab.ids) else np.zeros(0, dtype=np.uint8)
+            by = np.argsort(first, kind="stable")
+            starts = np.searchsorted(first[by], np.arange(257))
+            hit = _FIRST_ROWS[id(vocab)] = (vocab, [by[starts[b] : starts[b + 1]] for b in range(256)])
+        return hit[1]

@@ -1,0 +1,191 @@
+"""Regex masks on Loom's byte DFA (runtime/constrained/regex_dfa.py): the cases outlines-core's Index
+got wrong, a brute-force reference on random regexes, long string bounds, and decimals end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import loom
+from loom.runtime.constrained import GrammarBackend, GrammarError, TokenVocab, allocate_token_bitmask, unpack_bitmask
+from loom.runtime.constrained.regex_dfa import CompiledRegex
+
+V = 40
+
+
+def allowed(grammar, vocab_size: int = V) -> set[int]:
+    row = allocate_token_bitmask(1, vocab_size)
+    grammar.fill_mask(row[0])
+    return set(unpack_bitmask(row, vocab_size)[0].nonzero().view(-1).tolist())
+
+
+# ----------------------------------------------------------------------------- outlines-core 0.2.14's misses
+
+ISSUE_EOS = 3
+ISSUE_VOCAB = {0: b"1", 1: b".", 2: b"2", 4: b".2", 5: b"x"}
+
+
+@pytest.mark.parametrize(
+    ("regex", "after_one"),
+    [
+        (r"1\.2", {1, 4}),
+        (r"1(\.2)?", {1, 3, 4}),  # outlines-core: {3, 4}, no "."
+        (r"1(x2)?", {3, 5}),  # outlines-core: {3}, no "x"
+        (r"1(xx)?", {3, 5}),  # outlines-core: {3}, only EOS
+    ],
+)
+def test_continuations_out_of_a_final_state(regex, after_one):
+    backend = GrammarBackend(ISSUE_VOCAB, 8, frozenset({ISSUE_EOS}))
+    g = backend.compile("regex", regex).result(timeout=30).matcher()
+    assert allowed(g, 8) == {0}
+    assert g.accept_token(0)
+    assert allowed(g, 8) == after_one
+    assert (ISSUE_EOS in after_one) == g.compiled.is_final(g.state)
+
+
+def test_decimal_numbers_are_reachable():
+    vocab = {1: b"1", 2: b"2", 3: b".", 4: b"12", 5: b".5", 6: b"5"}
+    backend = GrammarBackend(vocab, 8, frozenset({0}))
+    g = backend.compile("regex", r"[0-9]+(\.[0-9]+)?").result(timeout=30).matcher()
+    assert g.accept_token(4)
+    assert allowed(g, 8) == {0, 1, 2, 3, 4, 5, 6}  # more digits, ".", ".5" or EOS
+    assert g.accept_token(3) and allowed(g, 8) == {1, 2, 4, 6}  # a digit must follow "."
+    assert not g.is_terminated() and g.accept_token(6) and 0 in allowed(g, 8)
+
+
+# ----------------------------------------------------------------------------- a brute-force reference
+
+ALPHABET = "abc"
+TOKENS = ["a", "b", "c", "ab", "ba", "bc", "ca", "cc", "abc", "aab"]
+TOY_EOS = 0
+TOY = {i + 1: t.encode() for i, t in enumerate(TOKENS)}
+
+
+def _node():
+    """Random regexes over ALPHABET as (text, slack): `slack` bounds how many more characters a
+    prefix of a match needs to complete (so a search to that depth is an exact reference)."""
+    atoms = st.sampled_from([("a", 1), ("b", 1), ("c", 1), ("[ab]", 1), ("[bc]", 1), ("ab", 2), ("ca", 2)])
+
+    def extend(inner):
+        quant = st.sampled_from(["?", "*", "+", "{2}", "{1,2}", "{0,2}", "{2,}"])
+        group = inner.flatmap(lambda n: quant.map(lambda q: (f"(?:{n[0]}){q}", n[1] * (2 if q.startswith("{2") else 1))))
+        alt = st.tuples(inner, inner).map(lambda p: (f"(?:{p[0][0]}|{p[1][0]})", max(p[0][1], p[1][1])))
+        cat = st.tuples(inner, inner).map(lambda p: (p[0][0] + p[1][0], p[0][1] + p[1][1]))
+        return st.one_of(group, alt, cat)
+
+    return st.recursive(atoms, extend, max_leaves=6).filter(lambda n: n[1] <= 5)
+
+
+def _completions(depth: int) -> list[str]:
+    return ["".join(s) for n in range(depth + 1) for s in itertools.product(ALPHABET, repeat=n)]
+
+
+def _viable(pattern: re.Pattern, text: str, completions: list[str], memo: dict) -> bool:
+    """Is `text` a prefix of some match? Full-match every completion (all strings up to the depth)."""
+    hit = memo.get(text)
+    if hit is None:
+        hit = memo[text] = any(pattern.fullmatch(text + c) for c in completions)
+    return hit
+
+
+@pytest.fixture(scope="module")
+def toy() -> GrammarBackend:
+    return GrammarBackend(TOY, V, frozenset({TOY_EOS}))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(node=_node(), data=st.data())
+def test_masks_equal_the_brute_force_reference_along_random_walks(toy, node, data):
+    regex, slack = node
+    pattern = re.compile(regex)
+    g = toy.compile("regex", regex).result(timeout=30).matcher()
+    memo: dict[str, bool] = {}
+    completions = _completions(slack)
+    text = ""
+    for _ in range(5):
+        want = {t for t, b in TOY.items() if _viable(pattern, text + b.decode(), completions, memo)}
+        if pattern.fullmatch(text):
+            want.add(TOY_EOS)
+        assert allowed(g) == want, (regex, text)
+        forced = g.forced_bytes().decode()
+        assert all(c.startswith(forced) for c in completions if pattern.fullmatch(text + c)), (regex, text, forced)
+        assert g.is_terminated() == (want == {TOY_EOS})
+        steps = sorted(want - {TOY_EOS})
+        if not steps:
+            break
+        token = data.draw(st.sampled_from(steps))
+        assert g.accept_token(token)
+        text += TOY[token].decode()
+    refused = [t for t in TOY if t not in allowed(g)]
+    for t in refused:  # a refused token leaves the state as it was
+        before = g.state
+        assert not g.accept_token(t) and g.state == before
+
+
+# ----------------------------------------------------------------------------- bounds and limits
+
+
+def test_long_string_bounds_compile_and_end_exactly():
+    schema = {"type": "string", "minLength": 150, "maxLength": 200}
+    byte_vocab = {i: bytes([i]) for i in range(1, 128)}
+    backend = GrammarBackend(byte_vocab, 128, frozenset({0}))
+    h = backend.compile("json_schema", json.dumps(schema)).result(timeout=60).matcher()
+    assert h.accept_token(ord('"'))
+    for i in range(200):
+        assert (ord('"') in allowed(h, 128)) == (i >= 150), i
+        assert h.accept_token(ord("x"))
+    assert allowed(h, 128) == {ord('"')} and h.forced_bytes() == b'"'
+    assert h.accept_token(ord('"')) and h.is_terminated()
+
+
+def test_exploding_automata_are_refused_with_a_clear_error():
+    vocab = TokenVocab.build({1: b"a", 2: b"b"}, 4, frozenset({0}))
+    with pytest.raises(GrammarError, match="more than 2000 automaton states"):
+        CompiledRegex(r"(a|b)*a(a|b){12}", vocab, max_states=2000)
+    with pytest.raises(GrammarError, match="cannot be compiled: look-aheads"):
+        CompiledRegex(r"a(?=b)", vocab)
+    with pytest.raises(GrammarError, match="matches nothing"):
+        CompiledRegex(r"[^\x00-\U0010FFFF]", vocab)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+NUMBER_SCHEMA = {
+    "type": "object",
+    "properties": {"price": {"type": "number"}, "weight": {"type": "number"}},
+    "required": ["price", "weight"],
+}
+
+
+@pytest.fixture(scope="module")
+def engine(make_tiny_model):
+    path = make_tiny_model("qwen2", vocab_size=512, seed=11)
+    with loom.Engine(model_path=str(path), max_total_tokens=8192, debug_check_memory=True) as eng:
+        yield eng
+
+
+def test_json_numbers_at_temperature_one_produce_decimals_and_validate(engine):
+    params = [{"json_schema": json.dumps(NUMBER_SCHEMA), "temperature": 1.0, "max_new_tokens": 80, "seed": s} for s in range(12)]
+    outs = engine.generate([f"Item {i}:" for i in range(12)], params)
+    values = []
+    for out in outs:
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        value = json.loads(out["text"])
+        jsonschema.validate(value, NUMBER_SCHEMA)
+        values += [value["price"], value["weight"]]
+    assert any(isinstance(v, float) for v in values), values  # "." after digits is allowed again
+
+
+def test_long_max_length_schema_outputs_validate(engine):
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 200}}, "required": ["note"]}
+    outs = engine.generate(["a", "b"], [{"json_schema": json.dumps(schema), "temperature": 1.0, "max_new_tokens": 300, "seed": s} for s in range(2)])
+    for out in outs:
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        jsonschema.validate(json.loads(out["text"]), schema)
