@@ -3,7 +3,8 @@
 The end-to-end cases run real `loom serve --tp-size 2` processes (marked slow; they still run in
 CI): greedy tokens equal `tp_size=1` and Transformers for Llama, Qwen2 (one KV head for two
 ranks: replicated) and Qwen3 (tied embeddings, a two-file checkpoint), under chunked prefill,
-prefix hits and a KV pool small enough to force eviction and retraction; two "nodes" over
+prefix hits and a KV pool small enough to force eviction and retraction, with a regex grammar and
+seeded sampling beside greedy requests; two "nodes" over
 loopback; a killed rank fails the server with 503 and a non-zero exit, never a hang.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -142,17 +144,27 @@ def _serve(path: pathlib.Path, *extra: str) -> Server:
     return Server(path, "--tp-size", "2", *extra)
 
 
-def _generate(srv: Server, prompts: list[list[int]]) -> list[dict[str, Any]]:
-    r = srv.client.post("/generate", json={"input_ids": prompts, "sampling_params": _greedy()})
+# A grammar (compiled on every rank, its outcome decided by rank 0) and seeded sampling (rank 0's draw).
+OTHER_PARAMS = [
+    {"regex": "(yes|no)-[0-9]{3}", "temperature": 0, "max_new_tokens": 16},
+    {"temperature": 1.0, "top_p": 0.9, "seed": 7, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
+]
+
+
+def _generate(srv: Server, prompts: list[list[int]], params: Any = None) -> list[dict[str, Any]]:
+    r = srv.client.post("/generate", json={"input_ids": prompts, "sampling_params": params or _greedy()})
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def _tp1(path: pathlib.Path, prompts: list[list[int]]) -> list[list[int]]:
+def _tp1(path: pathlib.Path, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(greedy tokens of `prompts`, tokens of prompts[0] under OTHER_PARAMS) from one rank."""
     with loom.Engine(
         model_path=str(path), max_total_tokens=160, chunked_prefill_size=24, debug_check_memory=True
     ) as engine:
-        return [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=_greedy())]
+        greedy = engine.generate(input_ids=prompts, sampling_params=_greedy())
+        other = engine.generate(input_ids=[prompts[0]] * len(OTHER_PARAMS), sampling_params=OTHER_PARAMS)
+        return [o["output_ids"] for o in greedy], [o["output_ids"] for o in other]
 
 
 @pytest.fixture
@@ -172,10 +184,14 @@ def test_tp2_gives_the_tokens_of_tp1_and_transformers(
     srv = _serve(path, *TIGHT)
     server_stopper.append(srv)
     want = [hf_greedy(path, p, NEW_TOKENS) for p in prompts]
-    assert _tp1(path, prompts) == want
+    tp1_greedy, tp1_other = _tp1(path, prompts)
+    assert tp1_greedy == want
     srv.wait_ready()
     first = _generate(srv, prompts)
     assert [o["output_ids"] for o in first] == want
+    other = _generate(srv, [prompts[0]] * len(OTHER_PARAMS), OTHER_PARAMS)
+    assert [o["output_ids"] for o in other] == tp1_other
+    assert re.fullmatch("(yes|no)-[0-9]{3}", other[0]["text"]), other[0]["text"]
     again = _generate(srv, prompts[:3])  # the same prompts once more: served from the radix cache
     assert [o["output_ids"] for o in again] == want[:3]
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
