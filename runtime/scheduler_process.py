@@ -157,19 +157,24 @@ def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup |
             terminated = True
 
         signal.signal(signal.SIGTERM, on_sigterm)
-    while True:
-        if terminated:
-            tp.stop_others()
-            sys.exit(0)
-        if scheduler.step():
-            continue
-        # Nothing ran: block on the socket; briefly while requests wait (e.g. grammars compiling).
-        io.wait(PENDING_POLL_MS if scheduler.has_work() else IDLE_POLL_MS)
-        if parent_gone(parent_pid):
-            logger.warning("the front process is gone; exiting")
-            if tp is not None:
+    try:
+        while True:
+            if terminated:
                 tp.stop_others()
-            sys.exit(0)
+                sys.exit(0)
+            if scheduler.step():
+                continue
+            # Nothing ran: block on the socket; briefly while requests wait (e.g. grammars compiling).
+            io.wait(PENDING_POLL_MS if scheduler.has_work() else IDLE_POLL_MS)
+            if parent_gone(parent_pid):
+                logger.warning("the front process is gone; exiting")
+                if tp is not None:
+                    tp.stop_others()
+                sys.exit(0)
+    except RuntimeError:
+        if terminated:  # the front stops all ranks at once: a peer that went first is no failure
+            os._exit(0)
+        raise
 
 
 def _follower_loop(scheduler: Scheduler, parent_pid: int) -> None:
