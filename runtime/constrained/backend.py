@@ -91,7 +91,12 @@ class GrammarBackend:
             return compile_grammar(kind, source, self._token_vocab())
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
-        return CompiledRegex(regex, self._token_vocab())  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index
+        try:  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index
+            return CompiledRegex(regex, self._token_vocab())
+        except GrammarError as e:
+            if kind == "json_schema":  # the message shows the schema's regex: say where it came from
+                raise GrammarError(f"json_schema cannot be compiled to an automaton: {e}") from None
+            raise
 
     def _token_vocab(self) -> TokenVocab:
         with self._vocab_lock:

@@ -323,11 +323,19 @@ def _mask_classes(table: np.ndarray, dead: int, depth: int) -> np.ndarray:
     `depth` bytes, so no token of at most `depth` bytes tells them apart (Moore refinement, `depth`
     rounds at most, from {live, dead})."""
     cls = (np.arange(table.shape[0]) == dead).astype(np.int64)
+    weights = np.random.default_rng(0).integers(1, 2**63, size=table.shape[1] + 1, dtype=np.uint64) | np.uint64(1)
     count = 2
     for _ in range(depth):
         sig = np.concatenate([cls[:, None], cls[table]], axis=1)  # [S + 1, C + 1]
-        _, refined = np.unique(sig, axis=0, return_inverse=True)
+        # Rows -> one 64-bit hash (np.unique on rows sorts them, ~100x slower), checked exactly
+        # below: every state must have its class representative's row.
+        with np.errstate(over="ignore"):
+            key = (sig.astype(np.uint64) * weights).sum(axis=1)
+        _, first, refined = np.unique(key, return_index=True, return_inverse=True)
         refined = refined.reshape(-1)
+        if not (sig == sig[first[refined]]).all():  # a hash collision: sort the rows themselves
+            _, refined = np.unique(sig, axis=0, return_inverse=True)
+            refined = refined.reshape(-1)
         new_count = int(refined.max()) + 1
         cls = refined
         if new_count == count:
