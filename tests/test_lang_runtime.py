@@ -247,7 +247,7 @@ def test_run_batch_warms_the_shared_prefix(backend) -> None:
 
     states = add.run_batch([{"a": i, "b": i + 1} for i in range(6)], backend=backend, num_threads=6, progress_bar=True, **GREEDY)
     assert [s.error() for s in states] == [None] * 6
-    assert [s.text().split("\n")[-1].startswith(f"A:") for s in states] == [True] * 6
+    assert [s.text().split("\n")[-1].startswith("A:") for s in states] == [True] * 6
     assert [f"What is {i} plus {i + 1}?" in s.text() for i, s in enumerate(states)] == [True] * 6
     shared = len(FEW_SHOT) // 8  # far fewer tokens than characters; any hit on the few-shot block counts
     assert all(s.get_meta_info("answer")["cached_tokens"] > shared for s in states)
