@@ -80,8 +80,8 @@ class TensorParallelScheduler(Scheduler):
         queue = self.grammar_queue
         if self.tp.rank == 0:
             super().poll_grammars()
-            left = set(map(id, (r for r, _, _ in self.grammar_queue)))
-            outcomes = [[i, req.finished_reason] for i, (req, _, _) in enumerate(queue) if id(req) not in left]
+            still_queued = {id(r) for r, _, _ in self.grammar_queue}
+            outcomes = [[i, req.finished_reason] for i, (req, _, _) in enumerate(queue) if id(req) not in still_queued]
             self.tp.broadcast_object(outcomes)
             return
         decided = {i: reason for i, reason in self.tp.broadcast_object(None)}
