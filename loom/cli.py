@@ -75,6 +75,7 @@ _ENGINE_FLAG_HELP = {
                        "xgrammar or llguidance (these two need: pip install 'loom[grammar]')",
     "disable_jump_forward": "decode grammar-forced text one token per step instead of appending it at once",
     "kv_cache_dtype": "KV cache storage: auto (the model dtype) or fp8_e4m3 (1 byte per value, a scale per layer)",
+    "base_gpu_id": "the first GPU to use: tensor-parallel ranks and data-parallel replicas take the following ones",
     "dp_size": "data-parallel replicas (each its own scheduler and KV cache) behind one front",
     "dp_routing": "how the front picks a replica: cache_aware (longest cached prefix, then least load) or round_robin",
     "tp_size": "tensor-parallel ranks over all nodes: each holds 1/tp of the weights and KV heads, one process per "

@@ -64,7 +64,7 @@ class TpGroup:
         local_rank = rank % args.tp_per_node
         device = resolve_device(args.device)
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank)  # one GPU per rank of this node
+            device = torch.device("cuda", args.base_gpu_id + local_rank)  # one GPU per rank of this node
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=dist_timeout_s())
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -158,8 +158,12 @@ class DataParallelEngine:
 
     def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
         self.server_args = server_args
-        one = dataclasses.replace(server_args, dp_size=1)
-        self.replicas = [AsyncEngine(one, log_level=log_level) for _ in range(server_args.dp_size)]
+        # Replica i drives GPUs base_gpu_id + i * tp_per_node onwards, so replicas never share one.
+        self.replicas = [
+            AsyncEngine(dataclasses.replace(server_args, dp_size=1, base_gpu_id=server_args.base_gpu_id + i * server_args.tp_per_node),
+                        log_level=log_level)
+            for i in range(server_args.dp_size)
+        ]  # fmt: skip
         self.metrics = FrontMetrics()
         for r in self.replicas:
             r.metrics = self.metrics  # one set of counters for the whole front

@@ -26,10 +26,15 @@ CPU_MAX_DEFAULT_TOKENS = 1 << 18
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
+    """"auto" -> cuda when available, else cpu; a bare "cuda" -> GPU `gpu_id` (data-parallel
+    replicas and tensor-parallel ranks each take their own)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", gpu_id)
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device, config) -> torch.dtype:
@@ -65,7 +70,7 @@ class ModelRunner:
             )
         self.args = args
         self.tp_rank, self.tp_size = (tp.rank, tp.size) if tp else (0, 1)
-        self.device = tp.device if tp else resolve_device(args.device)
+        self.device = tp.device if tp else resolve_device(args.device, args.base_gpu_id)
         if args.random_seed is not None:
             torch.manual_seed(args.random_seed)
         config = AutoConfig.from_pretrained(args.model_path)

@@ -32,6 +32,7 @@ class ServerArgs:
     disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/jump_forward.py)
     grammar_backend: str = "outlines"  # outlines | xgrammar | llguidance (the last two: pip install loom[grammar])
     kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8_e4m3 (half the KV memory of bf16, per-layer scales)
+    base_gpu_id: int = 0  # the first GPU this server uses; ranks and data-parallel replicas take the next ones
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin
     tp_size: int = 1  # tensor-parallel ranks (all nodes together), one scheduler process each
@@ -61,6 +62,8 @@ class ServerArgs:
                 f"grammar_backend {self.grammar_backend!r} needs the {self.grammar_backend} package, which is not "
                 "installed: pip install 'loom[grammar]' (or pick another grammar_backend)"
             )
+        if not isinstance(self.base_gpu_id, int) or self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be an int >= 0, got {self.base_gpu_id!r}")
         if not isinstance(self.dp_size, int) or self.dp_size < 1:
             raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
         if self.dp_routing not in ("cache_aware", "round_robin"):

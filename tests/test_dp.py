@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,3 +83,19 @@ def test_two_replicas_answer_like_one_engine_and_keep_prefixes_together(model):
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(ServerError):
             engine.generate(prompts, GREEDY)
+
+
+def test_replicas_take_their_own_gpus(monkeypatch):
+    import loom.runtime.dp_router as dpr
+    from loom.runtime.model_runner import resolve_device
+    from loom.runtime.server_args import ServerArgs
+
+    class FakeReplica:  # records the arguments a replica would start with
+        def __init__(self, args, log_level):
+            self.args, self.tokenizer, self.metrics = args, None, None
+
+    monkeypatch.setattr(dpr, "AsyncEngine", FakeReplica)
+    dp = dpr.DataParallelEngine(ServerArgs(model_path="m", dp_size=3, tp_size=2, base_gpu_id=1))
+    assert [r.args.base_gpu_id for r in dp.replicas] == [1, 3, 5] and all(r.args.dp_size == 1 for r in dp.replicas)
+    assert resolve_device("cuda", 3) == torch.device("cuda", 3) and resolve_device("cpu", 3) == torch.device("cpu")
+    assert resolve_device("cuda:2", 5) == torch.device("cuda", 2)
