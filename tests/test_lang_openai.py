@@ -1,0 +1,71 @@
+"""`loom.OpenAI`: programs through the official `openai` package against `loom serve`'s /v1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import loom as sgl
+from loom.demo_model import build_tiny_checkpoint
+from server_proc import Server
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    srv = Server(build_tiny_checkpoint(tmp_path_factory.mktemp("lang-openai"), arch="llama", vocab_size=512, seed=3))
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(server) -> sgl.OpenAI:
+    model = server.client.get("/v1/models").json()["data"][0]["id"]
+    return sgl.OpenAI(model, base_url=server.url + "/v1", api_key="none")
+
+
+def test_chat_gen_matches_the_chat_endpoint(backend, server) -> None:
+    @sgl.function
+    def chat(s, q):
+        s += sgl.system("Be brief.")
+        s += sgl.user(q)
+        s += sgl.assistant(sgl.gen("a", max_tokens=5))
+
+    state = chat.run(q="Say hello.", backend=backend, **GREEDY)
+    assert state.error() is None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    direct = server.client.post("/v1/chat/completions", json={
+        "model": backend.model, "messages": messages, "max_tokens": 5, "temperature": 0,
+    }).json()  # fmt: skip
+    assert state["a"] == direct["choices"][0]["message"]["content"]
+    assert state.messages() == [*messages, {"role": "assistant", "content": state["a"]}]
+    assert state.get_meta_info("a")["completion_tokens"] <= 5
+
+
+def test_plain_text_uses_completions(backend, server) -> None:
+    @sgl.function
+    def story(s):
+        s += "Once upon a time" + sgl.gen("x", max_tokens=4)
+
+    state = story.run(backend=backend, **GREEDY)
+    direct = server.client.post("/v1/completions", json={
+        "model": backend.model, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+    }).json()  # fmt: skip
+    assert state.text() == "Once upon a time" + direct["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("expr, message", [
+    (lambda: sgl.select("c", ["a", "b"]), "no log-probabilities"),
+    (lambda: sgl.gen("c", regex="[0-9]+"), "cannot constrain output to a regex"),
+])  # fmt: skip
+def test_what_the_api_cannot_do_fails_clearly(backend, expr, message) -> None:
+    @sgl.function
+    def prog(s):
+        s += "Pick: " + expr()
+
+    err = prog.run(backend=backend).error()
+    assert isinstance(err, ValueError) and message in str(err)
