@@ -1,0 +1,44 @@
+"""Few-shot classification with run_batch: every program shares the few-shot block, which the
+batch prefills once; each label is a select scored in one request.
+
+    python -m loom serve [--model PATH]
+    python examples/few_shot_classification.py --url http://127.0.0.1:30000
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import loom as sgl
+
+EXAMPLES = [
+    ("The food was wonderful and the staff were kind.", "positive"),
+    ("I waited an hour and the soup was cold.", "negative"),
+    ("A lovely walk by the sea with my grandmother.", "positive"),
+    ("The train was late again and nobody said why.", "negative"),
+]
+FEW_SHOT = "".join(f"Review: {text}\nSentiment: {label}\n\n" for text, label in EXAMPLES)
+
+
+@sgl.function
+def classify(s, review: str):
+    s += FEW_SHOT + f"Review: {review}\nSentiment:" + sgl.select("label", [" positive", " negative"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:30000", help="a running `loom serve`")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+
+    reviews = ["Great coffee, friendly people.", "Broken chair, rude waiter.", "Sunny day, happy kids.",
+               "The room smelled and the bed was hard.", "Best bread in town."]  # fmt: skip
+    states = classify.run_batch([{"review": r} for r in reviews], progress_bar=not args.no_progress)
+    for review, state in zip(reviews, states):
+        meta = state.get_meta_info("label")
+        print(f"{state['label'].strip():>8}  (cached {meta['cached_tokens']:>4} of {meta['prompt_tokens']:>4})  {review}")
+
+
+if __name__ == "__main__":
+    main()

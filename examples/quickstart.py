@@ -1,0 +1,45 @@
+"""Quick start: a chat program with gen, select and streaming.
+
+    python -m loom serve                 # the built-in demo model (random weights: the text is noise)
+    python -m loom serve --model PATH    # or a real checkpoint in the Hugging Face layout
+    python examples/quickstart.py --url http://127.0.0.1:30000
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import loom as sgl
+
+
+@sgl.function
+def multi_turn(s, question_1: str, question_2: str):
+    s += sgl.system("You are a helpful assistant.")
+    s += sgl.user(question_1)
+    s += sgl.assistant(sgl.gen("answer_1", max_tokens=48))
+    s += sgl.user(question_2)
+    s += sgl.assistant(sgl.gen("answer_2", max_tokens=48))
+    s += sgl.user("Was that answer helpful? Reply yes or no.")
+    s += sgl.assistant(sgl.select("helpful", ["yes", "no"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:30000", help="a running `loom serve`")
+    args = parser.parse_args()
+    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+
+    state = multi_turn.run(question_1="What is the capital of France?", question_2="And of Italy?", temperature=0)
+    for message in state.messages():
+        print(f"{message['role']:>9}: {message['content']!r}")
+    print("helpful:", state["helpful"], "| cached tokens of the 2nd answer:", state.get_meta_info("answer_2")["cached_tokens"])
+
+    print("\nstreamed:")
+    streamed = multi_turn.run(question_1="Name a color.", question_2="Another one?", temperature=0, stream=True)
+    for piece in streamed.text_iter("answer_1"):
+        print(piece, end="", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()
