@@ -349,12 +349,15 @@ _FIRST_LOCK = threading.Lock()
 
 
 def _first_byte_rows(vocab: TokenVocab) -> list[np.ndarray]:
-    """Per first byte, the rows of vocab.data starting with it (once per vocabulary)."""
+    """Per first byte, the rows of vocab.data starting with it (once per vocabulary; TokenVocab is
+    frozen and slotted, so the index lives here, keyed by identity, holding the vocabulary)."""
     with _FIRST_LOCK:
         hit = _FIRST_ROWS.get(id(vocab))
         if hit is None or hit[0] is not vocab:
             first = vocab.data[:, 0] if len(vocab.ids) else np.zeros(0, dtype=np.uint8)
             by = np.argsort(first, kind="stable")
             starts = np.searchsorted(first[by], np.arange(257))
+            while len(_FIRST_ROWS) >= 4:  # a few vocabularies at most (one per backend); keep the newest
+                del _FIRST_ROWS[next(iter(_FIRST_ROWS))]
             hit = _FIRST_ROWS[id(vocab)] = (vocab, [by[starts[b] : starts[b + 1]] for b in range(256)])
         return hit[1]
