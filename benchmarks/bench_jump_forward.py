@@ -18,8 +18,8 @@ from pathlib import Path
 
 import jsonschema
 
-import loom
 from loom.demo_model import bench_model_path
+from loom.runtime.engine import LocalEngine
 
 
 def _object(props: dict[str, dict]) -> dict:
@@ -59,7 +59,7 @@ def workload(n: int) -> tuple[list[str], list[dict], list[dict]]:
 
 def run(path: Path, jump_forward: bool, n: int, **engine_kw) -> dict:
     prompts, params, schemas = workload(n)
-    with loom.Engine(model_path=str(path), disable_jump_forward=not jump_forward, **engine_kw) as engine:
+    with LocalEngine(model_path=str(path), disable_jump_forward=not jump_forward, **engine_kw) as engine:
         # Warm-up: compile every schema (cached per engine) and touch every code path once.
         engine.generate(prompts[: len(SCHEMAS)], [{**p, "max_new_tokens": 4} for p in params[: len(SCHEMAS)]])
         engine.flush_cache()

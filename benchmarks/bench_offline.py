@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-import loom
 from loom.demo_model import bench_model_path as model_dir
+from loom.runtime.engine import LocalEngine
 
 
 def fewshot_workload(programs: int, prefix_len: int, question_len: int, vocab: int, seed: int = 0):
@@ -33,7 +33,7 @@ def fewshot_workload(programs: int, prefix_len: int, question_len: int, vocab: i
 
 def run_loom(path: Path, prompts: list[list[int]], new_tokens: int, **engine_kw) -> tuple[float, list[list[int]], dict]:
     params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
-    with loom.Engine(model_path=str(path), **engine_kw) as engine:
+    with LocalEngine(model_path=str(path), **engine_kw) as engine:
         engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})  # warm-up
         engine.flush_cache()
         t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def bench_decode(args, path: Path, hf) -> None:
     print("\n## Decode throughput (tokens/s, 128 new tokens after a 32-token prompt)\n")
     print("| batch | Loom | Transformers | Loom / Transformers |")
     print("|---:|---:|---:|---:|")
-    with loom.Engine(model_path=str(path), max_total_tokens=args.kv_tokens) as engine:
+    with LocalEngine(model_path=str(path), max_total_tokens=args.kv_tokens) as engine:
         loom_decode_tps(engine, 1, 8, 4)  # warm-up
         for batch in args.batches:
             ours = loom_decode_tps(engine, batch, 32, args.decode_tokens)

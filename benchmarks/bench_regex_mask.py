@@ -132,7 +132,7 @@ def main() -> None:
         ("string maxLength 12", "both", schema_to_regex(long_string(12))),
         ("string maxLength 200", "new", schema_to_regex(long_string(200))),
     ]
-    print(f"| workload | path | compile ms | cold p50 ms | cold p99 ms | warm p50 ms | warm p99 ms | masks | automaton |")
+    print("| workload | path | compile ms | cold p50 ms | cold p99 ms | warm p50 ms | warm p99 ms | masks | automaton |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, which, regex in workloads:
         paths = [("old Index", lambda r: bench_old(r, tb, vocab, args.runs, args.steps))] if which == "both" else []

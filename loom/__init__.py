@@ -1,6 +1,7 @@
 """Loom: a structured-generation language runtime.
 
-The face of the project: `loom.Engine` (offline engine), and later the prompt-program language.
+The face of the project: `loom.Engine` (the offline engine), `loom.Runtime` (the engine's processes
+as a language backend) and the prompt-program language (`import loom as sgl`).
 Heavy modules (torch, transformers) load only when first used, so `import loom` stays cheap.
 """
 
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Engine": ("loom.runtime.engine", "Engine"),
+    "LocalEngine": ("loom.runtime.engine", "LocalEngine"),
+    "Runtime": ("loom.local_runtime", "Runtime"),
     "ServerArgs": ("loom.runtime.server_args", "ServerArgs"),
     "SamplingParams": ("loom.runtime.sampling_params", "SamplingParams"),
 }

@@ -24,7 +24,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     engine = loom.Engine(model_path=model, dtype=args.dtype, max_total_tokens=args.max_total_tokens)
-    print(f"engine ready in {time.perf_counter() - t0:.1f}s ({engine.model_runner.dtype}, {engine.model_runner.device})")
+    pids = engine.get_server_info()["pids"]
+    print(f"engine ready in {time.perf_counter() - t0:.1f}s (processes: {', '.join(f'{k} {v}' for k, v in pids.items())})")
 
     # A few-shot prompt shared by every question: the radix cache computes it once.
     shots = "".join(f"Q: What is {a} plus {b}?\nA: {a + b}\n\n" for a, b in [(2, 3), (10, 7), (21, 21), (5, 8)])

@@ -1,10 +1,12 @@
-"""`loom.Engine`: SGLang's offline API over the scheduler, in one process.
+"""`loom.Engine`: SGLang's offline API.
 
     engine = Engine(model_path=...)
     engine.generate(prompt="...", sampling_params={...})  -> {"text", "output_ids", "meta_info"}
 
-The engine hands messages to the scheduler through a local `SchedulerIO` and steps it until
-every request it submitted has its final answer.
+`Engine` (`ProcessEngine`) runs on the serving processes: a `loom serve --no-http` child and its
+scheduler and detokenizer, reached through the ZeroMQ front door. `LocalEngine` runs the same
+scheduler in the caller's thread, stepping it (through a local `SchedulerIO`) until every request
+it submitted has its final answer: for tests, debugging and benchmarks of the engine alone.
 """
 
 from __future__ import annotations
@@ -342,4 +344,4 @@ class ProcessEngine:
         self.shutdown()
 
 
-Engine = LocalEngine  # flips to ProcessEngine once every in-process user says LocalEngine
+Engine = ProcessEngine  # `loom.Engine`: SGLang's offline API on the serving processes

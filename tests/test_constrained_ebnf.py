@@ -12,7 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import loom
 from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import (
     GrammarBackend,
@@ -26,6 +25,7 @@ from loom.runtime.constrained import (
 )
 from loom.runtime.constrained.ebnf_automaton import regex_to_dfa
 from loom.runtime.constrained.ebnf_gbnf import Alt, Chars, Lit, Ref, Rep, Seq, _class_regex, _cp, parse_gbnf
+from loom.runtime.engine import LocalEngine
 
 EOS = 0
 TOY = {
@@ -379,7 +379,7 @@ def test_sampling_ends_often_enough_to_check():
 @pytest.fixture(scope="module")
 def engine(make_tiny_model):
     path = make_tiny_model("qwen2", vocab_size=512, seed=11)
-    with loom.Engine(model_path=str(path), max_total_tokens=4096, debug_check_memory=True) as eng:
+    with LocalEngine(model_path=str(path), max_total_tokens=4096, debug_check_memory=True) as eng:
         yield eng
 
 

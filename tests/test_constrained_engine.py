@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import loom
+from loom.runtime.engine import LocalEngine
 
 SCHEMA = {
     "type": "object",
@@ -29,7 +29,7 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def engine(make_tiny_model):
     path = make_tiny_model("qwen2", vocab_size=512, seed=11)
-    with loom.Engine(model_path=str(path), max_total_tokens=4096, debug_check_memory=True) as eng:
+    with LocalEngine(model_path=str(path), max_total_tokens=4096, debug_check_memory=True) as eng:
         yield eng
 
 
@@ -127,7 +127,7 @@ def test_streaming_a_schema(engine):
 def test_chunked_prefill_and_retraction_keep_grammar_state(make_tiny_model):
     path = make_tiny_model("llama", vocab_size=512, seed=12)
     regex = r"[a-z]{8,12}( [0-9]{1,4}){3,6}"
-    with loom.Engine(
+    with LocalEngine(
         model_path=str(path), max_total_tokens=160, chunked_prefill_size=16, max_running_requests=8, debug_check_memory=True
     ) as eng:
         prompts = [f"prompt number {i} " * 3 for i in range(8)]

@@ -6,12 +6,13 @@ import pytest
 
 import loom
 from loom.demo_model import build_tiny_checkpoint
+from loom.runtime.engine import LocalEngine
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("api"), arch="qwen2", vocab_size=512, seed=5)
-    with loom.Engine(model_path=str(path), max_total_tokens=2048, debug_check_memory=True) as eng:
+    with LocalEngine(model_path=str(path), max_total_tokens=2048, debug_check_memory=True) as eng:
         yield eng
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import loom
 from loom.demo_model import build_tiny_checkpoint
+from loom.runtime.engine import LocalEngine
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 NEW_TOKENS = 12
@@ -60,10 +60,10 @@ def greedy(n: int = NEW_TOKENS) -> dict:
     return {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
 
 
-def make_engine(path, **kw) -> loom.Engine:
+def make_engine(path, **kw) -> LocalEngine:
     kw.setdefault("debug_check_memory", True)
     kw.setdefault("max_total_tokens", 4096)
-    return loom.Engine(model_path=str(path), **kw)
+    return LocalEngine(model_path=str(path), **kw)
 
 
 def assert_golden(path, prompts, outs, n: int = NEW_TOKENS) -> None:

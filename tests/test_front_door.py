@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import zmq
 
-import loom
 from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.launch import ServerProcess, engine_flags
 from loom.runtime.protocol import FrontReply, FrontRequest, decode_reply, encode
+from loom.runtime.engine import LocalEngine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 MAX_TOTAL_TOKENS = 1024
@@ -84,7 +84,7 @@ def test_generate_equals_the_offline_engine(client, model_dir):
     prompts = ["The cat", "A dog and a"]
     done = client.call("generate", {"text": prompts, "sampling_params": GREEDY})
     assert done.type == "done" and [r["text"] for r in done.body]
-    with loom.Engine(model_path=str(model_dir), max_total_tokens=MAX_TOTAL_TOKENS) as engine:
+    with LocalEngine(model_path=str(model_dir), max_total_tokens=MAX_TOTAL_TOKENS) as engine:
         expected = engine.generate(prompts, GREEDY)
     assert [r["output_ids"] for r in done.body] == [r["output_ids"] for r in expected]
     single = client.call("generate", {"text": prompts[0], "sampling_params": GREEDY})

@@ -1,6 +1,6 @@
 """The same grammar cases on every grammar backend (outlines, xgrammar, llguidance): masks agree
 where the languages agree, EOS only at final states, rollback and copy, clear errors, and end to
-end through `loom.Engine(grammar_backend=...)` at temperature 1.0 on a tiny random model."""
+end through `LocalEngine(grammar_backend=...)` at temperature 1.0 on a tiny random model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import re
 import jsonschema
 import pytest
 
-import loom
 from loom.cli import build_parser
 from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import GrammarBackend, GrammarError, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.server_args import ServerArgs
+from loom.runtime.engine import LocalEngine
 
 BACKENDS = ("outlines", "xgrammar", "llguidance")
 EOS = 0
@@ -269,7 +269,7 @@ REGEX = r"(cat|dog)s? [0-9]{1,3}(\.[0-9]{2})?"
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine(request: pytest.FixtureRequest, make_tiny_model):
     path = make_tiny_model("qwen2", vocab_size=512, seed=11)
-    with loom.Engine(model_path=str(path), max_total_tokens=4096, grammar_backend=request.param) as eng:
+    with LocalEngine(model_path=str(path), max_total_tokens=4096, grammar_backend=request.param) as eng:
         yield eng
 
 

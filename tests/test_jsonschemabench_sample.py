@@ -10,7 +10,7 @@ import pathlib
 import jsonschema
 import pytest
 
-import loom
+from loom.runtime.engine import LocalEngine
 
 SAMPLE = sorted((pathlib.Path(__file__).parent / "data" / "jsonschemabench_sample").glob("*.json"))
 
@@ -23,7 +23,7 @@ def load(path: pathlib.Path) -> tuple[dict, str | None]:
 @pytest.fixture(scope="module")
 def engine(make_tiny_model):
     path = make_tiny_model("qwen2", vocab_size=512, seed=11)
-    with loom.Engine(model_path=str(path), max_total_tokens=8192) as eng:
+    with LocalEngine(model_path=str(path), max_total_tokens=8192) as eng:
         yield eng
 
 

@@ -9,10 +9,10 @@ import re
 import jsonschema
 import pytest
 
-import loom
 from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import GrammarBackend, token_bytes
 from loom.runtime.jump_forward import plan_jump_forward, whole_characters
+from loom.runtime.engine import LocalEngine
 
 EOS = 0
 TOY = {1: b"a", 2: b"b", 3: b"ab", 4: b"c", 5: b"\xc3", 6: b"\xa9", 7: b"\xc3\xa9", 8: b"1", 9: b"abc"}
@@ -171,8 +171,8 @@ def model_path(make_tiny_model) -> str:
 @pytest.fixture(scope="module")
 def engines(model_path):
     with (
-        loom.Engine(model_path=model_path, max_total_tokens=4096, debug_check_memory=True) as on,
-        loom.Engine(model_path=model_path, max_total_tokens=4096, debug_check_memory=True, disable_jump_forward=True) as off,
+        LocalEngine(model_path=model_path, max_total_tokens=4096, debug_check_memory=True) as on,
+        LocalEngine(model_path=model_path, max_total_tokens=4096, debug_check_memory=True, disable_jump_forward=True) as off,
     ):
         yield on, off
 
@@ -219,7 +219,7 @@ def test_regex_outputs_match_at_temperature_one(engines):
 def test_memory_invariant_holds_under_tight_kv_memory(model_path, disable_radix_cache):
     # Little KV memory: requests are retracted and re-prefilled with jump-forwarded tokens in flight;
     # debug_check_memory asserts free + evictable + protected + held == capacity after every step.
-    with loom.Engine(
+    with LocalEngine(
         model_path=model_path, max_total_tokens=320, chunked_prefill_size=16, debug_check_memory=True,
         disable_radix_cache=disable_radix_cache,
     ) as eng:  # fmt: skip
@@ -239,7 +239,7 @@ def test_backing_off_tokens_with_kv_frees_their_slots(model_path, monkeypatch):
     import loom.runtime.scheduler as scheduler_module
 
     monkeypatch.setattr(scheduler_module, "MAX_BACKOFF", 2)
-    with loom.Engine(model_path=model_path, max_total_tokens=2048, debug_check_memory=True) as eng:
+    with LocalEngine(model_path=model_path, max_total_tokens=2048, debug_check_memory=True) as eng:
         outs = eng.generate([f"Order {i}:" for i in range(4)], [schema_params(temperature=1.0, seed=i) for i in range(4)])
         for out in outs:
             valid(out)

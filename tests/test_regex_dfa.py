@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import loom
 from loom.runtime.constrained import GrammarBackend, GrammarError, TokenVocab, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.constrained.regex_dfa import CompiledRegex
+from loom.runtime.engine import LocalEngine
 
 V = 40
 
@@ -171,7 +171,7 @@ NUMBER_SCHEMA = {
 @pytest.fixture(scope="module")
 def engine(make_tiny_model):
     path = make_tiny_model("qwen2", vocab_size=512, seed=11)
-    with loom.Engine(model_path=str(path), max_total_tokens=8192, debug_check_memory=True) as eng:
+    with LocalEngine(model_path=str(path), max_total_tokens=8192, debug_check_memory=True) as eng:
         yield eng
 
 

@@ -12,16 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import loom
 from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateReq
+from loom.runtime.engine import LocalEngine
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("stress"), arch="llama", vocab_size=320, seed=6)
     built = {
-        radix_off: loom.Engine(
+        radix_off: LocalEngine(
             model_path=str(path),
             max_total_tokens=120,
             chunked_prefill_size=32,

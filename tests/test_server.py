@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-import loom
 from loom.demo_model import build_tiny_checkpoint
+from loom.runtime.engine import LocalEngine
 from server_proc import API_KEY, MAX_TOTAL_TOKENS, Server, free_port  # noqa: F401  (test_tp imports these from here)
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
@@ -82,7 +82,7 @@ def model_name(oai) -> str:
 def test_generate_matches_offline_engine(server, model_dir):
     prompts = ["Hello there", "The story of a small"]
     outs = server.client.post("/generate", json={"text": prompts, "sampling_params": GREEDY}).json()
-    with loom.Engine(model_path=str(model_dir), max_total_tokens=MAX_TOTAL_TOKENS) as engine:
+    with LocalEngine(model_path=str(model_dir), max_total_tokens=MAX_TOTAL_TOKENS) as engine:
         expected = engine.generate(prompts, GREEDY)
     assert [o["output_ids"] for o in outs] == [e["output_ids"] for e in expected]
     assert [o["text"] for o in outs] == [e["text"] for e in expected]

@@ -26,11 +26,11 @@ import torch
 from test_engine_golden import hf_greedy, random_prompts
 from test_server import Server, alive, child_pids, free_port
 
-import loom
 from loom.cli import build_parser
 from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.models import loader
 from loom.runtime.server_args import ServerArgs
+from loom.runtime.engine import LocalEngine
 
 NEW_TOKENS = 12
 TIGHT = ["--max-total-tokens", "160", "--chunked-prefill-size", "24", "--debug-check-memory"]
@@ -159,7 +159,7 @@ def _generate(srv: Server, prompts: list[list[int]], params: Any = None) -> list
 
 def _tp1(path: pathlib.Path, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
     """(greedy tokens of `prompts`, tokens of prompts[0] under OTHER_PARAMS) from one rank."""
-    with loom.Engine(
+    with LocalEngine(
         model_path=str(path), max_total_tokens=160, chunked_prefill_size=24, debug_check_memory=True
     ) as engine:
         greedy = engine.generate(input_ids=prompts, sampling_params=_greedy())

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SCRIPT = r"""
 import json, sys
 import loom
+from loom.runtime.engine import LocalEngine
 
 path = sys.argv[1]
 shared = list(range(10, 30))  # a 20-token prefix the later prompts share (radix-cache hits)
@@ -32,7 +33,7 @@ greedy = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 result = {}
 for backend in ("torch_native", "triton"):
     # chunked prefill of 8 tokens: the first prompt's later chunks extend over a cached prefix
-    with loom.Engine(model_path=path, attention_backend=backend, max_total_tokens=512, chunked_prefill_size=8,
+    with LocalEngine(model_path=path, attention_backend=backend, max_total_tokens=512, chunked_prefill_size=8,
                      debug_check_memory=True) as eng:
         first = eng.generate(input_ids=prompts[0], sampling_params=greedy)
         rest = eng.generate(input_ids=prompts[1:], sampling_params=[greedy] * 2)  # one extend + batched decode
