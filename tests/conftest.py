@@ -8,6 +8,8 @@ treat the folders as read-only.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,31 @@ from typing import Any
 import pytest
 
 from loom.demo_model import ARCHS, build_tiny_checkpoint
+
+
+def _build_triton_kernels_interpreted() -> None:
+    """Define Loom's Triton kernels under Triton's interpreter on a CPU-only machine, now, before
+    any test module (or a library it imports, such as sglang) imports triton without it: Triton
+    reads TRITON_INTERPRET when it is imported and when a kernel is defined. The variable is
+    restored at once; tests/triton_setup.py switches it on again for the kernel tests only."""
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import loom.kernels.triton  # noqa: F401
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_build_triton_kernels_interpreted()
 
 MakeTinyModel = Callable[..., pathlib.Path]
 
