@@ -185,10 +185,11 @@ def loom_programs(z: Sizes) -> dict[str, Callable]:
         s += sgl.assistant_begin()
         for step in range(z.react_steps):
             s += f"Thought {step + 1}:" + sgl.gen(f"thought_{step}", max_tokens=z.react_tokens, stop="\n", temperature=0)
-            s += f"\nAction {step + 1}: " + sgl.select(f"action_{step}", TOOLS) + "\n"
-            if s[f"action_{step}"] == "finish":
+            s += f"\nAction {step + 1}:" + sgl.select(f"action_{step}", [" " + t for t in TOOLS]) + "\n"
+            action = s[f"action_{step}"].strip()
+            if action == "finish":
                 break
-            s += f"Observation {step + 1}: {observe(s[f'action_{step}'], step)}\n"
+            s += f"Observation {step + 1}: {observe(action, step)}\n"
         s += sgl.assistant_end()
 
     return {"mmlu": mmlu, "hellaswag": hellaswag, "tot": tot, "json": json, "chat": chat, "react": react}
@@ -214,7 +215,7 @@ def loom_answer(workload: str, state: Any, z: Sizes) -> Any:
     if workload in ("mmlu", "hellaswag", "tot"):
         return state[{"mmlu": "answer", "hellaswag": "ending", "tot": "best"}[workload]].strip()
     if workload == "react":
-        return [state[f"action_{i}"] for i in range(z.react_steps) if f"action_{i}" in state]
+        return [state[f"action_{i}"].strip() for i in range(z.react_steps) if f"action_{i}" in state]
     return None
 
 
@@ -285,10 +286,10 @@ class HFRunner:
             for step in range(z.react_steps):
                 text += f"Thought {step + 1}:"
                 text += self.generate(text, z.react_tokens, stop="\n")
-                text += f"\nAction {step + 1}: "
-                action = TOOLS[self.select(text, TOOLS)]
+                text += f"\nAction {step + 1}:"
+                action = TOOLS[self.select(text, [" " + t for t in TOOLS])]
                 actions.append(action)
-                text += action + "\n"
+                text += " " + action + "\n"
                 if action == "finish":
                     break
                 text += f"Observation {step + 1}: {observe(action, step)}\n"
@@ -400,11 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint folder (default: the SmolLM2-135M-shaped random model)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    p.add_argument("--programs", type=int, default=16, help="programs per workload for Loom (both radix settings)")
-    p.add_argument("--hf-programs", type=int, default=3,
+    p.add_argument("--programs", type=int, default=24, help="programs per workload for Loom (both radix settings)")
+    p.add_argument("--hf-programs", type=int, default=4,
                    help="programs per workload for Transformers (the first ones of Loom's); its rate is per program")
     p.add_argument("--max-total-tokens", type=int, default=40000, help="Loom's KV cache size in tokens")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run: 3 programs, 2 for Transformers, short gens")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: 2 programs, 1 for Transformers, short gens")
     p.add_argument("--figure", type=Path, default=Path(__file__).parent / "figures" / "programs.png",
                    help="where the PNG bar chart goes (needs matplotlib)")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG")
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(SEED)
     if args.quick:
-        args.programs, args.hf_programs = 3, 2
+        args.programs, args.hf_programs = 2, 1
         z = Sizes(thought_tokens=4, json_tokens=24, chat_tokens=4, chat_turns=2, react_tokens=4, react_steps=2)
     else:
         z = Sizes()
