@@ -27,6 +27,7 @@ from loom.lang.backend.runtime_zmq import ZmqEndpoint
 from loom.lang.choices import greedy_token_selection, token_length_normalized, unconditional_likelihood_normalized
 from loom.lang.interpreter import ProgramError
 from loom.lang.program import Program, function, get_default_backend, set_default_backend
+from loom.lang.run_trace import RunTrace
 from loom.lang.state import ForkGroup, ProgramState
 
 
@@ -39,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "Backend", "ForkGroup", "NativeBackend", "OpenAI", "Program", "ProgramError", "ProgramState", "RuntimeEndpoint",
+    "Backend", "ForkGroup", "NativeBackend", "OpenAI", "Program", "ProgramError", "ProgramState", "RunTrace", "RuntimeEndpoint",
     "ZmqEndpoint", "assistant", "assistant_begin", "assistant_end", "flush_cache", "function", "gen", "gen_int",
     "gen_string", "get_default_backend", "get_server_info", "greedy_token_selection", "image", "select",
     "set_default_backend", "system", "system_begin", "system_end", "token_length_normalized",

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from loom.lang import ir
 from loom.lang.backend.base import Backend
 from loom.lang.chat_template import ChatTemplate
+from loom.lang.run_trace import CallRecord, ForkRecord
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class StreamExecutor:
         self.stream = stream
         self.arguments = arguments or {}
         self.warmer = warmer
+        self.batch_warmer = warmer  # kept after the first request, for the run's trace
         self.text = ""
         self.messages: list[dict[str, Any]] = []
         self.token_mark: tuple[int, int] | None = None
@@ -70,6 +73,12 @@ class StreamExecutor:
         self._pending = 0  # submitted but not yet done
         self._finished = False
         self._children: list[StreamExecutor] = []
+        # The run's trace (see loom.lang.run_trace): where this state sits in the fork tree, when it
+        # began and ended, and what it asked of the backend, in order.
+        self.branch: tuple[int, ...] = ()
+        self.created = time.perf_counter()
+        self.finished: float | None = None
+        self._records: list[CallRecord | ForkRecord] = []
         self._thread = threading.Thread(target=self._loop, name="loom-program", daemon=True)
         self._thread.start()
 
@@ -128,8 +137,9 @@ class StreamExecutor:
         self.submit(_Commit())
         self.sync()
         children = []
-        for _ in range(n):
+        for i in range(n):
             child = StreamExecutor(self.backend, self.defaults, self.stream, arguments=self.arguments)
+            child.branch = self.branch + (i,)
             with self._cond:
                 child.text, child.messages, child.token_mark = self.text, list(self.messages), self.token_mark
                 child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
@@ -137,7 +147,23 @@ class StreamExecutor:
                 child._scopes, child._template = dict(self._scopes), self._template
             children.append(child)
         self._children += children
+        with self._cond:
+            self._records.append(ForkRecord(children))
         return children
+
+    def trace_records(self) -> list[CallRecord | ForkRecord]:
+        """The calls and forks of this state so far, in order."""
+        with self._cond:
+            return list(self._records)
+
+    def warm_record(self) -> CallRecord | None:
+        """The run_batch prefix prefill this state's wave shared, if any."""
+        return self.batch_warmer.record if self.batch_warmer is not None else None
+
+    def _record(self, kind: str, name: str | None, meta: dict[str, Any], start: float, prompt: str, output: str = "") -> None:
+        record = CallRecord.from_meta(kind, name, self.branch, meta, start, time.perf_counter(), prompt, output)
+        with self._cond:
+            self._records.append(record)
 
     def wait_events(self, start: int) -> tuple[list[StreamEvent], bool]:
         """Stream events from index `start` on (waiting for at least one), and whether more may come."""
@@ -166,6 +192,7 @@ class StreamExecutor:
                         self._pending -= 1
                         self._cond.notify_all()
         finally:
+            self.finished = time.perf_counter()
             if self.warmer is not None:
                 self.warmer.leave(self)  # a program that never asked anything must not hold the batch
 
@@ -196,7 +223,9 @@ class StreamExecutor:
             self._gen(item)
         elif isinstance(item, ir.Select):
             self._before_request()
+            start, prompt = time.perf_counter(), self.text
             decision = self.backend.select(self, list(item.choices), item.temperature, item.choices_method)
+            self._record("select", item.name, decision.meta_info, start, prompt, decision.choice)
             self._append(decision.choice, item.name)
             if item.name is not None:
                 self.set_var(item.name, decision.choice, decision.meta_info)
@@ -225,8 +254,10 @@ class StreamExecutor:
             raise NotImplementedError("image(): Loom's runtime serves text-only models")
         elif isinstance(item, _Commit):
             self._before_request()
+            start = time.perf_counter()
             meta = self.backend.commit(self.text)
             if meta is not None:
+                self._record("commit", None, meta, start, self.text)
                 self.token_mark = (len(self.text), int(meta["prompt_tokens"]))
         else:
             raise TypeError(f"a program cannot append {type(item).__name__}: {item!r}")
@@ -234,7 +265,8 @@ class StreamExecutor:
     def _gen(self, item: ir.Gen) -> None:
         self._before_request()
         params = item.params.merged_over(self.defaults)
-        prompt_chars = len(self.text)
+        prompt, prompt_chars = self.text, len(self.text)
+        start = time.perf_counter()
         meta: dict[str, Any] = {}
         if self.stream:
             pieces = []
@@ -245,6 +277,7 @@ class StreamExecutor:
         else:
             out, meta = self.backend.generate(self, params)
             self._append(out, item.name)
+        self._record("gen", item.name, meta, start, prompt, out)
         if "prompt_tokens" in meta:
             self.token_mark = (prompt_chars, int(meta["prompt_tokens"]))
         if item.name is not None:
@@ -268,6 +301,7 @@ class BatchWarmer:
         self._done = False
         self._mark: tuple[int, int] | None = None
         self.prefix = ""
+        self.record: CallRecord | None = None  # the prefix prefill, for the run's trace
 
     def arrive(self, executor: StreamExecutor) -> tuple[int, int] | None:
         with self._cond:
@@ -295,8 +329,10 @@ class BatchWarmer:
             prefix = prefix[:n]
         try:
             if len(texts) > 1 and len(prefix) >= self.MIN_PREFIX_CHARS:
+                start = time.perf_counter()
                 meta = self.backend.commit(prefix)
                 if meta is not None:
+                    self.record = CallRecord.from_meta("warm", None, (), meta, start, time.perf_counter(), prefix)
                     self.prefix = prefix
                     # Tokens right at a cut mid-word may merge differently in the full text.
                     self._mark = (len(prefix), max(int(meta["prompt_tokens"]) - 1, 0))

@@ -9,6 +9,7 @@ from typing import Any
 
 from loom.lang import ir
 from loom.lang.interpreter import StreamExecutor
+from loom.lang.run_trace import RunTrace
 
 
 class ProgramState:
@@ -97,6 +98,13 @@ class ProgramState:
 
     def sync(self) -> None:
         self.stream_executor.sync()
+
+    def trace(self, title: str = "Loom run") -> RunTrace:
+        """A picture of this finished run: its fork tree, each gen/select with its prompt, cached and
+        new tokens and its time. `state.trace().save("run.html")`; for a whole run_batch,
+        `RunTrace.of(states)`. (`Program.trace(**kwargs)` is another thing: the expressions a
+        program would append, collected without running it.)"""
+        return RunTrace.of(self, title)
 
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
         """The program's text as it is produced (with `run(stream=True)`, token by token); with
