@@ -196,7 +196,7 @@ class _Renderer:
             ("wall-ms", f"{totals.wall_s * 1000:.3f}", f"{totals.wall_s * 1000:.1f} ms"),
         ]
         attrs = " ".join(f'data-{key}="{_esc(value)}"' for key, value, _ in cells)
-        shown = "".join(f'<div class="stat"><b data-field="{key}">{_esc(text)}</b><span>{key.replace("-", " ")}</span></div>'
+        shown = "".join(f'<div class="stat"><b data-field="{key}">{_esc(text)}</b><span>{_STAT_LABELS[key]}</span></div>'
                         for key, _, text in cells)  # fmt: skip
         return f'<div class="{cls}" {attrs}>{shown}</div>'
 
@@ -233,13 +233,15 @@ class _Renderer:
             if isinstance(item, CallRecord):
                 parts.append(self.call(item, program))
                 continue
-            branches = "".join(
-                f'<div class="branch" data-branch="{_branch_id(b.branch)}"><div class="head" style="padding-left:{14 * len(b.branch)}px">branch {_esc(_branch_id(b.branch))}</div>'
-                f"{self.node(b, program)}</div>"
-                for b in item
-            )  # fmt: skip
-            parts.append(f'<div class="fork" data-size="{len(item)}"><div class="head" style="padding-left:{14 * len(node.branch)}px">fork × {len(item)}</div>{branches}</div>')
+            branches = "".join(self.branch(b, program) for b in item)
+            head = f'<div class="head" style="padding-left:{14 * len(node.branch)}px">fork × {len(item)}</div>'
+            parts.append(f'<div class="fork" data-size="{len(item)}">{head}{branches}</div>')
         return "".join(parts)
+
+    def branch(self, node: Node, program: int) -> str:
+        bid = _esc(_branch_id(node.branch))
+        head = f'<div class="head" style="padding-left:{14 * len(node.branch)}px">branch {bid}</div>'
+        return f'<div class="branch" data-branch="{bid}">{head}{self.node(node, program)}</div>'
 
     def page(self) -> str:
         trace = self.trace
@@ -248,15 +250,22 @@ class _Renderer:
             body.append('<section class="program batch-warm"><h2>run_batch: shared prefix</h2>'
                         + "".join(self.call(c, -1) for c in trace.warm) + "</section>")  # fmt: skip
         for i, program in enumerate(trace.programs):
-            totals = Totals.of(list(program.calls()), program.start, program.end)
+            totals = ""
+            if len(trace.programs) > 1:  # one program's totals are the page's
+                totals = self.totals(Totals.of(list(program.calls()), program.start, program.end), "program-totals")
             body.append(f'<section class="program" data-program="{i}"><h2>program {i}</h2>'
-                        f'{self.totals(totals, "program-totals")}{self.node(program, i)}</section>')  # fmt: skip
+                        f'{totals}{self.node(program, i)}</section>')  # fmt: skip
         legend = ('<p class="legend"><i class="cached"></i> cached prompt tokens <i class="new"></i> new prompt tokens '
                   '<i class="completion"></i> completion tokens · time bars share one axis: '
                   f'0 – {self.span * 1000:.1f} ms</p>')  # fmt: skip
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(trace.title)}</title>'
                 f"<style>{_CSS}</style></head><body>{''.join(body[:2])}{legend}{''.join(body[2:])}</body></html>\n")  # fmt: skip
 
+
+_STAT_LABELS = {
+    "calls": "calls", "prompt-tokens": "prompt tokens", "cached-tokens": "cached tokens",
+    "cached-fraction": "of prompt tokens cached", "completion-tokens": "completion tokens", "wall-ms": "wall time",
+}  # fmt: skip
 
 _CSS = """
 body{font:13px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}

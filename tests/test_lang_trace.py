@@ -188,3 +188,26 @@ def test_run_batch_trace_stacks_programs_with_batch_totals(backend) -> None:
 def test_trace_of_rejects_what_is_not_a_state() -> None:
     with pytest.raises(TypeError, match="program states"):
         RunTrace.of(["not a state"])
+
+
+def test_nested_forks_render_from_hand_made_records() -> None:
+    """Without a server: a branch that forks again shows as branch 1 -> branches 1.0 and 1.1."""
+    from loom.lang.run_trace import CallRecord, Node
+
+    def call(name: str, branch: tuple[int, ...], t: float) -> CallRecord:
+        return CallRecord("gen", name, branch, 10, 4, 2, t, t + 0.5, "<p>", "out")
+
+    inner = [Node((1, j), [call(f"leaf{j}", (1, j), 2.0 + j)], 2.0, 3.5 + j) for j in range(2)]
+    outer = [Node((0,), [call("a", (0,), 1.0)], 1.0, 1.5), Node((1,), [call("b", (1,), 1.0), inner], 1.0, 4.5)]
+    root = Node((), [call("root", (), 0.0), outer], 0.0, 4.5)
+    got = parse(RunTrace([root], []).to_html())
+
+    assert [(c["data-name"], c["data-branch"]) for c in got.calls] == [
+        ("root", ""), ("a", "0"), ("b", "1"), ("leaf0", "1.0"), ("leaf1", "1.1")]
+    assert got.branches == ["0", "1", "1.0", "1.1"]
+    assert [f["data-size"] for f in got.forks] == ["2", "2"]
+    assert [c["data-start-ms"] for c in got.calls] == ["0.0", "1000.0", "1000.0", "2000.0", "3000.0"]
+    totals = got.totals[0]
+    assert (totals["data-calls"], totals["data-prompt-tokens"], totals["data-cached-fraction"]) == ("5", "50", "0.4000")
+    assert totals["data-wall-ms"] == "4500.000"
+    assert parse(RunTrace([Node(())], []).to_html()).totals[0]["data-cached-fraction"] == "0.0000"  # no calls
