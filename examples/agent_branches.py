@@ -4,7 +4,8 @@ Each branch picks a tool per step with `select` (scored in one request from the 
 "calls" it (a toy Python function here), and stops at `finish`. The branches share the task's
 prefix in the server's cache; `join` gathers what each found.
 
-    python -m loom serve [--model PATH]
+    python examples/agent_branches.py              # the built-in demo model (random weights)
+    python examples/agent_branches.py --model PATH --trace run.html   # the fork tree, as a picture
     python examples/agent_branches.py --url http://127.0.0.1:30000
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import loom as sgl
+from _backend import add_backend_arguments, backend_from_args, save_trace  # examples/_backend.py
 
 TOOLS = {
     "calculator": lambda query: str(sum(int(t) for t in query.split() if t.isdigit())),
@@ -44,13 +46,17 @@ def agent(s, task: str, num_branches: int = 2, max_steps: int = 3):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:30000", help="a running `loom serve`")
+    add_backend_arguments(parser)
     args = parser.parse_args()
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+    with backend_from_args(args):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     state = agent.run(task="What is 12 plus 30, and who wrote Hamlet?", temperature=0)
     for i, (plan, found) in enumerate(zip(state["plan"], state["found"])):
         print(f"branch {i + 1}: plan={plan!r} tools={found}")
+    save_trace(args, state, "agent_branches: agent")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Few-shot classification with run_batch: every program shares the few-shot block, which the
 batch prefills once; each label is a select scored in one request.
 
-    python -m loom serve [--model PATH]
+    python examples/few_shot_classification.py     # the built-in demo model (random weights)
+    python examples/few_shot_classification.py --model PATH --trace run.html
     python examples/few_shot_classification.py --url http://127.0.0.1:30000
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import loom as sgl
+from _backend import add_backend_arguments, backend_from_args, save_trace  # examples/_backend.py
 
 EXAMPLES = [
     ("The food was wonderful and the staff were kind.", "positive"),
@@ -27,17 +29,21 @@ def classify(s, review: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:30000", help="a running `loom serve`")
+    add_backend_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+    with backend_from_args(args):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     reviews = ["Great coffee, friendly people.", "Broken chair, rude waiter.", "Sunny day, happy kids.",
                "The room smelled and the bed was hard.", "Best bread in town."]  # fmt: skip
     states = classify.run_batch([{"review": r} for r in reviews], progress_bar=not args.no_progress)
     for review, state in zip(reviews, states):
         meta = state.get_meta_info("label")
         print(f"{state['label'].strip():>8}  (cached {meta['cached_tokens']:>4} of {meta['prompt_tokens']:>4})  {review}")
+    save_trace(args, states, "few_shot_classification: classify")
 
 
 if __name__ == "__main__":

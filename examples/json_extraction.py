@@ -1,6 +1,7 @@
 """JSON extraction: a gen constrained by a JSON Schema always parses, whatever the model.
 
-    python -m loom serve [--model PATH]
+    python examples/json_extraction.py             # the built-in demo model (random weights)
+    python examples/json_extraction.py --model PATH [--trace run.html]
     python examples/json_extraction.py --url http://127.0.0.1:30000
 """
 
@@ -10,6 +11,7 @@ import argparse
 import json
 
 import loom as sgl
+from _backend import add_backend_arguments, backend_from_args, save_trace  # examples/_backend.py
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -33,17 +35,22 @@ def extract(s, text: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:30000", help="a running `loom serve`")
+    add_backend_arguments(parser)
     args = parser.parse_args()
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+    with backend_from_args(args):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     texts = ["Anna, 34, lives in Lisbon and can be reached at +35 912 3456.", "Bo is a 7 year old from Oslo."]
-    for state in extract.run_batch([{"text": t} for t in texts], temperature=0):
+    states = extract.run_batch([{"text": t} for t in texts], temperature=0)
+    for state in states:
         if state.error() is not None:
             print("failed:", state.error())
             continue
         person = json.loads(state["person"])  # the schema guarantees it parses
         print(person, "| phone:", state["phone"])
+    save_trace(args, states, "json_extraction: extract")
 
 
 if __name__ == "__main__":

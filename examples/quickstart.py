@@ -1,8 +1,9 @@
 """Quick start: a chat program with gen, select and streaming.
 
-    python -m loom serve                 # the built-in demo model (random weights: the text is noise)
-    python -m loom serve --model PATH    # or a real checkpoint in the Hugging Face layout
-    python examples/quickstart.py --url http://127.0.0.1:30000
+    python examples/quickstart.py                  # the built-in demo model (random weights: the text is noise)
+    python examples/quickstart.py --model PATH     # a real checkpoint in the Hugging Face layout
+    python examples/quickstart.py --url http://127.0.0.1:30000   # a running `loom serve`
+    python examples/quickstart.py --trace run.html # also save a picture of the run
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import loom as sgl
+from _backend import add_backend_arguments, backend_from_args, save_trace  # examples/_backend.py
 
 
 @sgl.function
@@ -25,10 +27,13 @@ def multi_turn(s, question_1: str, question_2: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:30000", help="a running `loom serve`")
+    add_backend_arguments(parser)
     args = parser.parse_args()
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+    with backend_from_args(args):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     state = multi_turn.run(question_1="What is the capital of France?", question_2="And of Italy?", temperature=0)
     for message in state.messages():
         print(f"{message['role']:>9}: {message['content']!r}")
@@ -39,6 +44,7 @@ def main() -> None:
     for piece in streamed.text_iter("answer_1"):
         print(piece, end="", flush=True)
     print()
+    save_trace(args, state, "quickstart: multi_turn")
 
 
 if __name__ == "__main__":
