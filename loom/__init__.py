@@ -21,7 +21,7 @@ _LAZY = {
 }
 # The front-end language (`import loom as sgl` runs SGLang programs), from loom.lang.
 _LANG = (
-    "OpenAI", "ProgramState", "RuntimeEndpoint", "ZmqEndpoint", "assistant", "assistant_begin", "assistant_end",
+    "OpenAI", "ProgramState", "RunTrace", "RuntimeEndpoint", "ZmqEndpoint", "assistant", "assistant_begin", "assistant_end",
     "flush_cache", "function", "gen", "gen_int", "gen_string", "get_server_info", "greedy_token_selection", "image",
     "select", "set_default_backend", "system", "system_begin", "system_end", "token_length_normalized",
     "unconditional_likelihood_normalized", "user", "user_begin", "user_end",
