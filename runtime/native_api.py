@@ -45,7 +45,39 @@ def parse_generate(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         raise RequestError("give exactly one of `text` or `input_ids`", "text")
     if kwargs["prompt"] is None and kwargs["input_ids"] is None:
         raise RequestError("give one of `text` (a string or list of strings) or `input_ids`", "text")
-    return kwargs, stream
+    return fan_out_n(kwargs), stream
+
+
+MAX_N = 128
+
+
+def fan_out_n(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`sampling_params.n` > 1 (parallel sampling, as SGLang's /generate takes it): each prompt is
+    repeated n times with n=1, so the copies share the cached prompt and sample independently;
+    the answer is then a list, the n samples of each prompt next to each other."""
+    params = kwargs["sampling_params"]
+    items = kwargs["prompt"] if kwargs["prompt"] is not None else kwargs["input_ids"]
+    batch = is_batch(kwargs)
+    items = items if batch else [items]
+    per_item = params if isinstance(params, list) else [params] * len(items)
+    if len(per_item) != len(items) or not all(p is None or isinstance(p, dict) for p in per_item):
+        return kwargs  # the tokenizer manager names what is wrong with sampling_params
+    ns = [1 if p is None else p.get("n", 1) for p in per_item]
+    for n in ns:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+            raise RequestError(f"sampling_params.n must be an int in [1, {MAX_N}], got {n!r}", "sampling_params.n")
+    if all(n == 1 for n in ns):
+        return kwargs
+    if kwargs["rid"] is not None:
+        raise RequestError("rid cannot be given with sampling_params.n > 1 (each sample is its own request)", "rid")
+    index = [i for i, n in enumerate(ns) for _ in range(n)]
+    out = dict(kwargs)
+    out["prompt" if kwargs["prompt"] is not None else "input_ids"] = [items[i] for i in index]
+    out["sampling_params"] = [{**(per_item[i] or {}), "n": 1} for i in index]
+    for key in ("return_logprob", "logprob_start_len", "top_logprobs_num"):
+        if isinstance(kwargs[key], list) and len(kwargs[key]) == len(items):
+            out[key] = [kwargs[key][i] for i in index]
+    return out
 
 
 def is_batch(kwargs: dict[str, Any]) -> bool:

@@ -307,6 +307,17 @@ def test_constrained_decoding_through_both_apis(server, oai, model_name):
         assert isinstance(json.loads(r.choices[0].message.content)["a"], int)
 
 
+def test_generate_with_n_samples_each_prompt_n_times(server):
+    body = {"text": ["Once", "Twice"], "sampling_params": {"n": 3, "temperature": 1.0, "max_new_tokens": 6, "ignore_eos": True}}
+    out = server.client.post("/generate", json=body).json()
+    assert len(out) == 6 and all(r["meta_info"]["completion_tokens"] == 6 for r in out)
+    assert len({tuple(r["output_ids"]) for r in out[:3]}) > 1  # independent samples, not one result copied
+    single = server.client.post("/generate", json={"text": "Once", "sampling_params": {"n": 2, "max_new_tokens": 2}}).json()
+    assert isinstance(single, list) and len(single) == 2
+    bad = server.client.post("/generate", json={"text": "x", "sampling_params": {"n": 0}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampling_params.n"
+
+
 def test_invalid_grammar_answers_400_naming_the_field(server, oai, model_name):
     bad = {"text": "x", "sampling_params": {"max_new_tokens": 8, "regex": "([0-9]"}}
     r = server.client.post("/generate", json=bad)
