@@ -16,6 +16,9 @@ from loom.lang.choices import ChoicesMethod, ChoiceScores, Decision
 from loom.lang.ir import SamplingParams
 
 
+SELECT_RECOMPUTE_CHARS = 32  # about 8 tokens
+
+
 class PromptState(Protocol):
     """The executor as a backend sees it."""
 
@@ -129,7 +132,10 @@ class NativeBackend(Backend):
         if not s.text:
             raise ValueError("select() needs some text before it: a choice is scored as a continuation of the prompt")
         mark = s.token_mark
-        if mark is None:
+        # Prompt positions past the mark are recomputed for every choice (their logprobs are asked
+        # for, so they cannot come from the cache): past a few tokens, committing the prompt once
+        # first is cheaper (a run_batch warm-up leaves the mark at the shared prefix, for one).
+        if mark is None or len(s.text) - mark[0] > SELECT_RECOMPUTE_CHARS:
             meta = self.commit(s.text)
             assert meta is not None
             mark = (len(s.text), int(meta["prompt_tokens"]))
