@@ -23,14 +23,8 @@ class Runtime(ZmqEndpoint):
         """engine_args: the engine's arguments (`loom serve --help`), e.g. max_total_tokens,
         tp_size, dp_size, grammar_backend. An unknown one raises TypeError naming it."""
         self.server = ServerProcess(str(model_path), log_level=log_level, timeout_s=timeout_s, **engine_args)
-        super().__init__(self.server.address, is_dead=self._server_gone)
+        super().__init__(self.server.address, is_dead=self.server.exit_reason)
         self._closed = False
-
-    def _server_gone(self) -> str | None:
-        code = self.server.proc.poll()
-        if code is None:
-            return None
-        return f"the runtime's server process exited with code {code}:\n{self.server.log_tail()[-2000:]}"
 
     def shutdown(self) -> None:
         """Stop the processes and remove the socket folder. Idempotent."""

@@ -255,15 +255,9 @@ class ProcessEngine:
             )
         self.server_args = ServerArgs(model_path=str(model_path), **kwargs)  # validates before any process starts
         self._server = ServerProcess(str(model_path), log_level=log_level, **kwargs)
-        self._client = FrontDoorClient(self._server.address, is_dead=self._server_gone)
+        self._client = FrontDoorClient(self._server.address, is_dead=self._server.exit_reason)
         self._tokenizer: Any = None
         self._closed = False
-
-    def _server_gone(self) -> str | None:
-        code = self._server.proc.poll()
-        if code is None:
-            return None
-        return f"the engine's server process exited with code {code}:\n{self._server.log_tail()[-2000:]}"
 
     @property
     def tokenizer(self) -> Any:

@@ -77,6 +77,13 @@ class ServerProcess:
     def log_tail(self) -> str:
         return "".join(self._log)
 
+    def exit_reason(self) -> str | None:
+        """Why the server is gone (its exit code and last log lines), or None while it runs."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        return f"the loom server process exited with code {code}:\n{self.log_tail()[-2000:]}"
+
     def _wait_ready(self, timeout_s: float) -> None:
         """Ask `health` until the front answers: the front door binds only once the model is loaded."""
         ctx = zmq.Context.instance()

@@ -4,7 +4,6 @@ CPU (on a GPU when there is one) without leaking TRITON_INTERPRET into other tes
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,21 +12,13 @@ import torch
 CUDA = torch.cuda.is_available()
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-# `triton.jit` (Triton's own tl.* library included) reads TRITON_INTERPRET when a kernel is defined: the
-# kernels are built here, at collection, with the interpreter on; then it is switched off so that no other
-# test module sees it, and the `interpreter` fixture switches it on again for this module's tests
-# (Triton reads it again at launch).
-_saved = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import loom.kernels.triton as kt
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-assert CUDA or kt.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 could be set"
+# `triton.jit` (Triton's own tl.* library included) reads TRITON_INTERPRET when a kernel is defined:
+# conftest.py builds the kernels with the interpreter on, before anything else can import triton, and
+# switches it off again so that no other test module sees it; the `interpreter` fixture switches it on
+# for this module's tests (Triton reads it again at launch).
+import loom.kernels.triton as kt  # noqa: E402
+
+assert CUDA or kt.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 could be set (see conftest.py)"
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
