@@ -12,8 +12,17 @@ For each backend and each dataset (a seeded sample of N schemas per dataset):
 
 Every job runs in a worker process so that a hung or crashed compilation costs only its own job.
 
+`--vocab-size` picks the locally trained byte-level BPE (8192 by default; 32768 and 131072 for the
+32k / 128k rows of BENCHMARKS.md, see `bench_tokenizer`). `--maskbench` runs MaskBench instead
+(`<data>/maskbench`: a schema plus instances marked valid / invalid): each instance is tokenized
+and fed to the compiled constraint token by token; "valid acc." counts valid instances accepted
+(over every case: a refused schema accepts none), "invalid rej." counts invalid instances rejected
+(over compiled cases only: a refused schema rejects trivially).
+
     python benchmarks/bench_grammar.py                       # ../shared/jsonschemabench, 6 per dataset
     python benchmarks/bench_grammar.py --per-dataset 20 --markdown out.md --csv out.csv
+    python benchmarks/bench_grammar.py --vocab-size 131072 --datasets Glaiveai2K Kubernetes --per-dataset 3
+    python benchmarks/bench_grammar.py --maskbench
 """
 
 from __future__ import annotations
@@ -48,6 +57,64 @@ class JobResult:
     detail: str = ""
 
 
+# ----------------------------------------------------------------------------- tokenizers
+
+
+_LARGE_CORPUS_BYTES = 64_000_000
+
+
+def bench_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer of `vocab_size` tokens, trained locally (no hub).
+
+    Up to 49152 tokens this is `loom.demo_model.tiny_tokenizer` (the stdlib corpus fills it). The
+    stdlib runs out of merges near 58k, so larger vocabularies (the 128k of Llama 3) are trained on
+    the stdlib corpus plus the first 64 MB of `.py` files in site-packages (sorted paths), and cached
+    under the loom cache dir keyed by size and corpus hash.
+    """
+    from loom.demo_model import tiny_tokenizer
+
+    if vocab_size <= 49152:
+        return tiny_tokenizer(vocab_size)
+    import hashlib
+    import site
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from loom.demo_model import SPECIAL_TOKENS, _corpus, cache_dir
+
+    texts = _corpus()
+    total = 0
+    for root in sorted(site.getsitepackages()):
+        for path in sorted(pathlib.Path(root).rglob("*.py")):
+            if total > _LARGE_CORPUS_BYTES:
+                break
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                continue
+            total += len(texts[-1])
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "replace"))
+    cached = cache_dir() / "tokenizers" / f"bench-bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
+    if cached.is_file():
+        return Tokenizer.from_file(str(cached))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tokenizer.save(str(tmp))
+    tmp.replace(cached)
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------- worker process
 
 _STATE: dict[str, Any] = {}
@@ -66,9 +133,7 @@ def _init_worker(vocab_size: int, tokenizer: str | None) -> None:
         tb, eos = token_bytes(hf), frozenset({hf.eos_token_id})
         width = max(len(hf), max(tb) + 1)
     else:
-        from loom.demo_model import tiny_tokenizer
-
-        tok = tiny_tokenizer(vocab_size)
+        tok = bench_tokenizer(vocab_size)
 
         class HFLike:  # the slice of a Hugging Face tokenizer that `token_bytes` reads
             all_special_ids = [0, 1, 2]
@@ -82,7 +147,7 @@ def _init_worker(vocab_size: int, tokenizer: str | None) -> None:
     for i, b in tb.items():
         if any(c in b for c in b'"}],'):
             closer[i] = 1.0
-    _STATE.update(token_bytes=tb, eos=eos, width=width, closer=closer, backends={})
+    _STATE.update(tokenizer=None if tokenizer else tok, token_bytes=tb, eos=eos, width=width, closer=closer, backends={})
 
 
 def _backend(name: str) -> Any:
@@ -90,7 +155,7 @@ def _backend(name: str) -> Any:
 
     if name not in _STATE["backends"]:
         backend = GrammarBackend(_STATE["token_bytes"], _STATE["width"], _STATE["eos"], grammar_backend=name, max_workers=1)
-        backend._vocabulary() if name == "outlines" else backend._native_compiler()  # kept out of compile times
+        backend._token_vocab() if name == "outlines" else backend._native_compiler()  # kept out of compile times
         _STATE["backends"][name] = backend
     return _STATE["backends"][name]
 
@@ -148,6 +213,121 @@ def run_job(backend_name: str, dataset: str, path: str, max_tokens: int, seed: i
     if res.output != "valid":
         res.detail = res.detail or bytes(out[:160]).decode("utf-8", "replace")
     return res
+
+
+# ----------------------------------------------------------------------------- MaskBench
+
+# MaskBench asks whether the compiled constraint accepts each instance, not how it is spaced: an
+# instance counts as accepted when any of these serialisations runs to an accepting state.
+_SEPARATORS = ((",", ":"), (", ", ": "))
+
+
+@dataclass
+class MaskBenchResult:
+    backend: str
+    split: str
+    case: str
+    status: str  # compiled | refused | crashed | timeout
+    valid_accepted: int = 0
+    valid_total: int = 0
+    invalid_rejected: int = 0
+    invalid_total: int = 0
+    message: str = ""
+
+
+def maskbench_split(name: str) -> str:
+    """`Github_easy---o11171.json` -> Github_easy, `BFCL_java_0.json` -> BFCL, `JME_37.json` -> JME."""
+    head = name.split("---")[0] if "---" in name else name.split("_")[0]
+    return head.removesuffix(".json")
+
+
+def _accepts(compiled: Any, text: str) -> bool:
+    tok = _STATE["tokenizer"]
+    grammar = compiled.matcher()
+    for token in tok.encode(text, add_special_tokens=False).ids:
+        if not grammar.accept_token(token):
+            return False
+    if grammar.is_terminated():
+        return True
+    return any(grammar.accept_token(e) for e in _STATE["eos"])
+
+
+def run_maskbench_job(backend_name: str, path: str) -> MaskBenchResult:
+    """Compile one MaskBench case's schema and feed it every test instance, token by token."""
+    from loom.runtime.constrained import GrammarError
+
+    case = json.loads(pathlib.Path(path).read_text())
+    name = pathlib.Path(path).name
+    res = MaskBenchResult(backend_name, maskbench_split(name), name, "compiled")
+    try:
+        compiled = _backend(backend_name)._compile("json_schema", json.dumps(case["schema"]))
+    except GrammarError as e:
+        res.status, res.message = "refused", str(e)[:300]
+    except Exception as e:  # noqa: BLE001 - a crash is what is being counted
+        res.status, res.message = "crashed", f"{type(e).__name__}: {str(e)[:300]}"
+    for test in case["tests"]:
+        if res.status != "compiled" and not test["valid"]:
+            continue  # a refused schema rejects everything: invalid instances count on compiled cases only
+        texts = [json.dumps(test["data"], separators=sep, ensure_ascii=False) for sep in _SEPARATORS]
+        accepted = res.status == "compiled" and any(_accepts(compiled, t) for t in texts)
+        if test["valid"]:
+            res.valid_total += 1
+            res.valid_accepted += accepted
+        else:
+            res.invalid_total += 1
+            res.invalid_rejected += not accepted
+    return res
+
+
+def run_maskbench(args: argparse.Namespace) -> list[MaskBenchResult]:
+    ctx = mp.get_context("spawn")
+    cases = sorted((args.data / "maskbench").glob("*.json"))
+    if not cases:
+        raise SystemExit(f"--data {args.data}: no maskbench/*.json")
+    results: list[MaskBenchResult] = []
+    for backend in args.backends:
+        pool = ctx.Pool(1, initializer=_init_worker, initargs=(args.vocab_size, args.tokenizer))
+        for i, path in enumerate(cases):
+            job = pool.apply_async(run_maskbench_job, (backend, str(path)))
+            try:
+                res = job.get(timeout=args.timeout + (60 if i == 0 else 0))
+            except Exception as e:  # noqa: BLE001 - a timeout or a dead worker: the case counts as not compiled
+                case = json.loads(path.read_text())
+                res = MaskBenchResult(backend, maskbench_split(path.name), path.name, "timeout" if isinstance(e, mp.TimeoutError) else "crashed",
+                                      valid_total=sum(t["valid"] for t in case["tests"]), message=str(e)[:200])  # fmt: skip
+                pool.terminate()
+                pool = ctx.Pool(1, initializer=_init_worker, initargs=(args.vocab_size, args.tokenizer))
+            results.append(res)
+            if args.verbose:
+                print(f"{backend:<10} {res.case:<48} {res.status:<8} valid {res.valid_accepted}/{res.valid_total} "
+                      f"invalid rejected {res.invalid_rejected}/{res.invalid_total} {res.message[:80]}", file=sys.stderr)  # fmt: skip
+        pool.terminate()
+    return results
+
+
+# Published best empirical coverage on the full JSONSchemaBench (paper, Table 4), as the issue lists them.
+PUBLISHED_BEST = {"Glaiveai2K": "0.96 (Guidance)", "Github_easy": "0.86 (Guidance)", "Kubernetes": "0.91 (Guidance)",
+                  "WashingtonPost": "0.94 (llama.cpp)", "Github_hard": "0.41 (Guidance)"}  # fmt: skip
+
+
+def maskbench_table(results: list[MaskBenchResult], backends: list[str]) -> str:
+    splits = sorted({r.split for r in results})
+    lines = [
+        "| split | cases | published best (coverage) | " + " | ".join(f"{b}: compiled / valid acc. / invalid rej." for b in backends) + " |",
+        "|---|---|---|" + "---|" * len(backends),
+    ]
+    for split in [*splits, "ALL"]:
+        cells = []
+        for b in backends:
+            rs = [r for r in results if r.backend == b and (split == "ALL" or r.split == split)]
+            va, vt = sum(r.valid_accepted for r in rs), sum(r.valid_total for r in rs)
+            ir, it = sum(r.invalid_rejected for r in rs), sum(r.invalid_total for r in rs)
+            comp = sum(r.status == "compiled" for r in rs)
+            frac = lambda a, t: f"{a}/{t} ({a / t:.2f})" if t else "-"  # noqa: E731
+            cells.append(f"{comp}/{len(rs)} / {frac(va, vt)} / {frac(ir, it)}")
+        n = len({r.case for r in results if split == "ALL" or r.split == split})
+        lines.append(f"| {split} | {n} | {PUBLISHED_BEST.get(split, '-')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _validate(text: bytes, schema: Any) -> str:
@@ -265,12 +445,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=pathlib.Path, default=None, help="also write the table here")
     parser.add_argument("--csv", type=pathlib.Path, default=None, help="also write one row per (dataset, backend) here")
     parser.add_argument("--failures", type=pathlib.Path, default=None, help="write every refused / crashed / invalid job (JSON lines)")
+    parser.add_argument("--maskbench", action="store_true", help="run MaskBench (data/maskbench) instead: accept valid, reject invalid instances")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per job on stderr")
     args = parser.parse_args(argv)
     args.data = args.data.resolve()
     if args.datasets is None:
         args.datasets = sorted(p.name for p in args.data.iterdir() if p.is_dir() and p.name != "maskbench") if args.data.is_dir() else []
     t0 = time.perf_counter()
+    if args.maskbench:
+        if args.tokenizer:
+            raise SystemExit("--maskbench runs on the locally trained tokenizer (--vocab-size), not --tokenizer")
+        table = maskbench_table(run_maskbench(args), args.backends)
+        print(table)
+        print(f"\nMaskBench in {time.perf_counter() - t0:.0f}s; vocabulary: trained byte-level BPE, {args.vocab_size} tokens")
+        if args.markdown:
+            args.markdown.write_text(table + "\n")
+        return 0
     results = run_all(args)
     rows = summarise(results, args.datasets, args.backends)
     table = markdown_table(rows)
