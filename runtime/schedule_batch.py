@@ -43,13 +43,21 @@ class Req:
         eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.rid = rid
-        self.origin_input_ids = input_ids
         self.sampling_params = sampling_params
         self.return_logprob = return_logprob
         # Prompt logprobs are wanted for prompt tokens [logprob_start_len, len(prompt)).
         self.logprob_start_len = (
             len(input_ids) if (not return_logprob or logprob_start_len < 0) else min(logprob_start_len, len(input_ids))
         )
+        self.prompt_len = len(input_ids)
+        # A prefill-only request (max_new_tokens == 0: scoring, cache warming) computes no KV for
+        # its last prompt token: nothing comes after it, so only that token's logprob matters, and
+        # it comes from the row before (the extend's last row, where sampling would be).
+        self.held_out: int | None = None
+        if sampling_params.max_new_tokens == 0 and len(input_ids) >= 2:
+            self.held_out = input_ids[-1]
+            input_ids = input_ids[:-1]
+        self.origin_input_ids = input_ids
         self.top_logprobs_num = top_logprobs_num if return_logprob else 0
         self.stream = stream
         self.eos_token_ids = eos_token_ids
@@ -122,6 +130,13 @@ class Req:
 
     def wants_input_logprobs(self) -> bool:
         return self.input_logprob_pos < len(self.origin_input_ids)
+
+    def wants_last_row(self) -> bool:
+        """Whether the extend that reaches the end of fill_ids needs its last row's logits: to
+        sample the next token, or for the held-out prompt token's logprob."""
+        if self.held_out is not None:
+            return self.logprob_start_len < self.prompt_len
+        return self.remaining_new_tokens > 0
 
     def max_prefix_len(self) -> int:
         """Longest prefix that may come from the cache: keep >= 1 token to compute, and recompute
@@ -211,7 +226,7 @@ def build_extend_batch(
                 logit_rows.append(offset + p - start)
                 row_owner.append((i, p + 1))
         # Row for sampling the next token: the last one, when this extend reaches the end.
-        if not req.is_chunked:
+        if not req.is_chunked and (from_kv_len or req.wants_last_row()):
             logit_rows.append(offset + n - 1)
             row_owner.append((i, end))
         offset += n

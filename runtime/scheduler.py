@@ -145,6 +145,7 @@ class Scheduler:
         self.stats = {
             "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "retracted": 0, "steps": 0,
             "decode_steps": 0, "overlap_decode_steps": 0, "jump_forwards": 0, "jump_forward_tokens": 0,
+            "extend_tokens": 0,  # tokens computed by extend (prefill) steps
         }  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
@@ -471,10 +472,12 @@ class Scheduler:
             if not req.admitted_once:
                 req.admitted_once = True
                 req.cached_tokens = req.prefix_len
-                self.stats["prompt_tokens"] += len(req.origin_input_ids)
+                self.stats["prompt_tokens"] += req.prompt_len
                 self.stats["cached_tokens"] += req.prefix_len
             req.req_pool_idx = self._alloc_row()
-        out_cache_loc = self._alloc_slots(sum(r.extend_input_len for r in batch))
+        n_extend = sum(r.extend_input_len for r in batch)
+        self.stats["extend_tokens"] += n_extend
+        out_cache_loc = self._alloc_slots(n_extend)
         assert out_cache_loc is not None, "admission promised memory that eviction could not free"
         return build_extend_batch(batch, out_cache_loc, self.req_to_token_pool.req_to_token, device=self.batch_device)
 
@@ -535,11 +538,10 @@ class Scheduler:
         for row, (i, pos) in enumerate(plan.row_owner):
             req = plan.reqs[i]
             if pos < len(req.origin_input_ids) and req.wants_input_logprobs() and pos == req.input_logprob_pos:
-                token = req.origin_input_ids[pos]
-                req.pending_input_logprobs.append((float(logprobs[row, token]), token))
-                if req.top_logprobs_num:
-                    req.pending_input_top.append(gather_top_logprobs(logprobs[row : row + 1], [req.top_logprobs_num])[0])
+                self._record_input_logprob(req, logprobs, row, req.origin_input_ids[pos])
                 req.input_logprob_pos += 1
+            elif pos == req.fill_len and not req.is_chunked and req.held_out is not None:
+                self._record_input_logprob(req, logprobs, row, req.held_out)  # wants_last_row: asked for
             elif pos == req.fill_len and not req.is_chunked and req.remaining_new_tokens > 0:
                 sample_rows.append(row)
                 sample_reqs.append(req)
@@ -563,6 +565,12 @@ class Scheduler:
             if req.finished:
                 continue
             self.running.append(req)
+
+    @staticmethod
+    def _record_input_logprob(req: Req, logprobs: torch.Tensor, row: int, token: int) -> None:
+        req.pending_input_logprobs.append((float(logprobs[row, token]), token))
+        if req.top_logprobs_num:
+            req.pending_input_top.append(gather_top_logprobs(logprobs[row : row + 1], [req.top_logprobs_num])[0])
 
     def run_decode(self, reqs: list[Req], out_cache_loc: torch.Tensor) -> None:
         req_to_token = self.req_to_token_pool.req_to_token
@@ -741,7 +749,7 @@ class Scheduler:
                 rid=req.rid,
                 new_token_ids=req.output_ids[req.sent_output_len :],
                 finished_reason=req.finished_reason,
-                prompt_tokens=len(req.origin_input_ids),
+                prompt_tokens=req.prompt_len,
                 completion_tokens=len(req.output_ids),
                 cached_tokens=req.cached_tokens,
                 input_token_logprobs=req.pending_input_logprobs,

@@ -207,6 +207,31 @@ def test_logprob_start_len_skips_earlier_prompt_tokens(llama_dir):
     assert all(lp is not None for lp, _, _ in entries)
 
 
+@pytest.mark.parametrize("start", [0, 7, 19, 20])
+def test_prefill_only_logprobs_match_transformers(llama_dir, start):
+    """max_new_tokens=0 (choice scoring, cache warming) computes no KV for the last prompt token,
+    which nothing follows: its logprob still comes out, equal to Transformers', and a later
+    request finds every other prompt token cached."""
+    prompt = random_prompts(16, 1, 20, 20)[0]
+    with make_engine(llama_dir) as engine:
+        out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                              logprob_start_len=start, top_logprobs_num=2)  # fmt: skip
+        again = engine.generate(input_ids=prompt + [5], sampling_params=greedy(1))
+    meta = out["meta_info"]
+    assert out["output_ids"] == [] and meta["prompt_tokens"] == len(prompt)
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(llama_dir)(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    entries, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+    assert [tok for _, tok, _ in entries] == prompt[start:] and len(tops) == len(entries)
+    for pos, (lp, tok, _), top in zip(range(start, len(prompt)), entries, tops):
+        if pos == 0:
+            assert lp is None and top is None
+            continue
+        assert abs(lp - float(ref[pos - 1, tok])) < 1e-4, f"prompt position {pos}"
+        assert [t for _, t, _ in top] == torch.topk(ref[pos - 1], 2).indices.tolist()
+    assert again["meta_info"]["cached_tokens"] == len(prompt) - 1
+
+
 def test_bf16_weights_run(tmp_path):
     path = build_tiny_checkpoint(tmp_path / "bf16", arch="qwen3", dtype="bfloat16", seed=3)
     with make_engine(path, dtype="bfloat16") as engine:

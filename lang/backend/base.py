@@ -123,12 +123,12 @@ class NativeBackend(Backend):
     def score_choices(self, s: PromptState, choices: list[str], unconditional: bool = False) -> ChoiceScores:
         """Each choice's token log-probabilities after `s.text`.
 
-        One batched prefill request: [prompt, prompt + choice_1, ...], logprobs from a position
-        just before the prompt's end (so the cached prompt is reused and only its last tokens and
-        the choices are computed). The choice's tokens are those where prompt + choice stops
-        matching the prompt's own tokens, so a token merged across the boundary counts as the
-        choice's first. When the prompt's length in tokens is not known from an earlier answer,
-        a prefill-only request commits the prompt first, which also puts it in the cache."""
+        One batched prefill request, [prompt + choice_1, ...], with logprobs from the end of the
+        cached prompt on, so that only the choices (and any text past the prompt's known length)
+        are computed; where a choice merges with the prompt across the boundary, a request with
+        the prompt alone beside the choices settles which tokens are the choice's. When the
+        prompt's length in tokens is not known from an earlier answer, a prefill-only request
+        commits the prompt first, which also puts it in the cache."""
         if not s.text:
             raise ValueError("select() needs some text before it: a choice is scored as a continuation of the prompt")
         mark = s.token_mark
@@ -140,30 +140,13 @@ class NativeBackend(Backend):
             assert meta is not None
             mark = (len(s.text), int(meta["prompt_tokens"]))
             s.token_mark = mark
-        start = max(mark[1] - 1, 1)
-        body = {
-            "text": [s.text] + [s.text + c for c in choices],
-            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-            "return_logprob": True,
-            "logprob_start_len": start,
-            "return_text_in_logprobs": True,
-        }
-        results = self.transport.generate(body)
-        assert isinstance(results, list) and len(results) == len(choices) + 1, "/generate answered a batch of the wrong size"
-        prompt_ids = [e[1] for e in results[0]["meta_info"]["input_token_logprobs"]]
-        token_logprobs: list[list[float]] = []
-        token_ids: list[list[int]] = []
-        for choice, out in zip(choices, results[1:]):
-            entries = out["meta_info"]["input_token_logprobs"]
-            k = 0
-            while k < min(len(prompt_ids), len(entries)) and entries[k][1] == prompt_ids[k]:
-                k += 1
-            own = entries[k:]
-            if not own:
-                raise ValueError(f"select(): the choice {choice!r} adds no token to the prompt")
-            token_logprobs.append([float(e[0]) for e in own])
-            token_ids.append([int(e[1]) for e in own])
-        metas = [out["meta_info"] for out in results[1:]]
+        own = self._choice_tokens_after_mark(s.text, mark[1], choices)
+        if own is None:  # a choice's tokens merge with the prompt's across the boundary
+            own = self._choice_tokens_by_prompt_ids(s.text, mark[1], choices)
+        results, spans = own
+        token_logprobs = [[float(e[0]) for e in span] for span in spans]
+        token_ids = [[int(e[1]) for e in span] for span in spans]
+        metas = [out["meta_info"] for out in results]
         meta = {
             "prompt_tokens": sum(m["prompt_tokens"] for m in metas),
             "cached_tokens": sum(m.get("cached_tokens", 0) for m in metas),
@@ -172,6 +155,59 @@ class NativeBackend(Backend):
         }
         uncond = self._unconditional(token_ids) if unconditional else None
         return ChoiceScores(list(choices), token_logprobs, token_ids, uncond, meta)
+
+    def _score_request(self, texts: list[str], start: int) -> list[dict[str, Any]]:
+        """One prefill-only batch: the texts' prompt logprobs (with token texts) from token `start` on."""
+        results = self.transport.generate({
+            "text": texts,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": start,
+            "return_text_in_logprobs": True,
+        })  # fmt: skip
+        assert isinstance(results, list) and len(results) == len(texts), "/generate answered a batch of the wrong size"
+        return results
+
+    def _choice_tokens_after_mark(self, text: str, mark_tokens: int, choices: list[str]) -> tuple[list[dict[str, Any]], list[list]] | None:
+        """The common case, one request per choice and nothing recomputed but the choice and the
+        text past the mark: logprobs from the first token after the mark's `mark_tokens` on. A
+        choice's tokens are the last ones, whose texts spell exactly the choice; None when no run
+        of last tokens does (the choice's first token merges with the prompt's last characters,
+        or a token is part of a multi-byte character)."""
+        results = self._score_request([text + c for c in choices], mark_tokens)
+        spans = []
+        for choice, out in zip(choices, results):
+            if not choice:
+                raise ValueError(f"select(): the choice {choice!r} adds no token to the prompt")
+            entries = out["meta_info"]["input_token_logprobs"]
+            k, tail = len(entries), ""
+            while k > 0 and len(tail) < len(choice):
+                k -= 1
+                piece = entries[k][2] if len(entries[k]) > 2 else None
+                if not isinstance(piece, str):  # a server that does not send token texts
+                    return None
+                tail = piece + tail
+            if tail != choice:
+                return None
+            spans.append(entries[k:])
+        return results, spans
+
+    def _choice_tokens_by_prompt_ids(self, text: str, mark_tokens: int, choices: list[str]) -> tuple[list[dict[str, Any]], list[list]]:
+        """The general case: the prompt alone is scored with the choices, from the token before
+        the mark, and a choice's tokens are those where prompt + choice stops matching the
+        prompt's own tokens (so a token merged across the boundary counts as the choice's first)."""
+        results = self._score_request([text] + [text + c for c in choices], max(mark_tokens - 1, 1))
+        prompt_ids = [e[1] for e in results[0]["meta_info"]["input_token_logprobs"]]
+        spans = []
+        for choice, out in zip(choices, results[1:]):
+            entries = out["meta_info"]["input_token_logprobs"]
+            k = 0
+            while k < min(len(prompt_ids), len(entries)) and entries[k][1] == prompt_ids[k]:
+                k += 1
+            if not entries[k:]:
+                raise ValueError(f"select(): the choice {choice!r} adds no token to the prompt")
+            spans.append(entries[k:])
+        return results[1:], spans
 
     def _unconditional(self, token_ids: list[list[int]]) -> list[list[float | None]]:
         """logp of each choice token given only the choice's earlier tokens (the first: None)."""
