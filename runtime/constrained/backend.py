@@ -19,6 +19,7 @@ from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, TokenVocab, 
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
+from loom.runtime.constrained.schema_grammar import schema_to_lark
 from loom.runtime.server_args import GRAMMAR_BACKENDS
 
 GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
@@ -91,7 +92,12 @@ class GrammarBackend:
         if kind == "regex":
             regex = source
         elif kind == "json_schema":
-            regex = schema_to_regex(source, self.whitespace_pattern, self.json_open_objects)
+            try:
+                regex = schema_to_regex(source, self.whitespace_pattern, self.json_open_objects)
+            except GrammarError as e:
+                if str(e).startswith("json_schema is not valid JSON") or str(e).startswith("json_schema false"):
+                    raise
+                return self._schema_grammar(source, str(e))
         elif kind in EBNF_KINDS:  # GBNF or Lark syntax, on Lark's LALR tables (ebnf.py)
             return compile_grammar(kind, source, self._token_vocab())
         else:
@@ -99,14 +105,25 @@ class GrammarBackend:
         try:  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index
             return CompiledRegex(regex, self._token_vocab())
         except GrammarError as e:
-            if kind == "json_schema" and self.json_open_objects:  # objects open by default outgrew the automaton:
-                try:  # the declared properties only (narrower, still sound)
-                    return CompiledRegex(schema_to_regex(source, self.whitespace_pattern, False), self._token_vocab())
-                except GrammarError:
-                    pass
             if kind == "json_schema":  # the message shows the schema's regex: say where it came from
-                raise GrammarError(f"json_schema cannot be compiled to an automaton: {e}") from None
+                return self._schema_grammar(source, f"json_schema cannot be compiled to an automaton: {e}")
             raise
+
+    def _schema_grammar(self, source: str, regex_error: str) -> CompiledEbnf | CompiledRegex:
+        """A JSON Schema the regex path refused, as a grammar for the EBNF engine (schema_grammar.py:
+        recursive $refs, large objects, long strings). Where that refuses too, the open-objects
+        fallback of old (declared properties only: narrower, still sound), then both reasons."""
+        try:
+            lark_source = schema_to_lark(source, self.whitespace_pattern, self.json_open_objects)
+            return compile_grammar("lark", lark_source, self._token_vocab())
+        except GrammarError as e:
+            grammar_error = str(e)
+        if self.json_open_objects:
+            try:
+                return CompiledRegex(schema_to_regex(source, self.whitespace_pattern, False), self._token_vocab())
+            except GrammarError:
+                pass
+        raise GrammarError(f"{regex_error[:600]}; as a grammar: {grammar_error[:600]}")
 
     def _token_vocab(self) -> TokenVocab:
         with self._vocab_lock:

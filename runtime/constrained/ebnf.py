@@ -17,6 +17,7 @@ the parser. Masks are cached per position, so a state seen before costs one copy
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width
-from loom.runtime.constrained.ebnf_automaton import ByteDFA, regex_to_dfa
+from loom.runtime.constrained.ebnf_automaton import ByteDFA, build_nfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.matcher import TokenMatcher
@@ -97,6 +98,47 @@ class TokenVocab:
         return trie
 
 
+@functools.lru_cache(maxsize=1024)
+def terminal_dfa(pattern: str, where: str) -> ByteDFA:
+    """regex_to_dfa's minimal byte DFA (same errors), built over byte classes: regex_dfa.py's subset
+    construction, then Moore refinement on the class columns, each signature numbered one column at
+    a time (exact; the 256-column version took minutes on terminals of a few thousand states, such
+    as the counted strings and key sets of generated JSON-Schema grammars)."""
+    from loom.runtime.constrained.regex_dfa import _determinise  # regex_dfa imports this module
+
+    try:
+        table, byte_class, accepting = _determinise(pattern, where, 1 << 30, float("inf"))
+    except GrammarError as e:
+        if str(e).endswith("matches nothing"):
+            return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
+        build_nfa(pattern, where)  # regex_to_dfa's errors, word for word
+        raise
+    n = table.shape[0]  # the last row is the dead sink
+    classes = accepting.astype(np.int64)
+    classes[n - 1] = 2
+    while True:
+        refined = classes
+        for col in classes[table].T:
+            _, refined = np.unique(refined * (n + 3) + col, return_inverse=True)
+            refined = refined.reshape(-1).astype(np.int64)
+        if len(np.unique(refined)) == len(np.unique(classes)):
+            break
+        classes = refined
+    order: dict[int, int] = {}
+    for q in range(n - 1):
+        c = int(classes[q])
+        if c != classes[n - 1] and c not in order:
+            order[c] = len(order)
+    dead = len(order)
+    new_of = np.array([order.get(int(c), dead) for c in classes], dtype=np.int64)
+    out = np.full((dead + 1, table.shape[1]), dead, dtype=np.int32)
+    acc = np.zeros(dead + 1, dtype=bool)
+    out[new_of[: n - 1]] = new_of[table[: n - 1]]
+    acc[new_of[: n - 1]] = accepting[: n - 1]
+    acc[dead] = False
+    return ByteDFA(np.ascontiguousarray(out[:, byte_class]), acc)
+
+
 def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> lark.Lark:
     try:
         return lark.Lark(source, parser="lalr", lexer="basic", start=start)
@@ -131,7 +173,7 @@ class CompiledEbnf:
         self.dfas: list[ByteDFA] = []
         for t in parser.terminals:
             pattern = t.pattern.to_regexp()
-            dfa = regex_to_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}")
+            dfa = terminal_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}")
             if dfa.accepting[0]:
                 raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches the empty string; terminals must match at least one character")
             if dfa.dead == 0:

@@ -1,0 +1,432 @@
+"""JSON Schema -> a Lark grammar for the EBNF engine (ebnf.py), for schemas the regex path refuses.
+
+    schema_to_lark(source, whitespace_pattern, open_objects) -> Lark source (start rule `start`)
+
+The regex path (schema.py -> regex_dfa.py) builds one automaton for the whole schema: recursive
+`$ref`s have none, and large objects with many optional or undeclared properties outgrow it.
+Here objects, arrays and alternatives are grammar RULES (a `$ref` is a rule, so recursion is a
+recursive rule; an object of n properties is O(n) rules) and leaves (strings with their
+pattern / length / format, numbers and integer ranges, enums and consts, keys) are TERMINALS.
+
+The EBNF engine lexes nondeterministically (overlapping terminals are all tried), so every
+object and array rule gets its own opening-bracket terminal: alternatives (`anyOf`, a list of
+types) then parse side by side instead of making LALR(1) conflicts, and the grammar stays
+conflict-free by construction (members in declared order, each identified by its key terminal).
+
+The schema normalisation is schema.py's (`allOf` merging, `anyOf` beside other keywords,
+required names, `enum` filtering, integer / number ranges, string patterns as JSON text).
+Anything that cannot be enforced is refused with a GrammarError naming the keyword.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from loom.runtime.constrained import schema as S
+from loom.runtime.constrained.errors import GrammarError
+
+_STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\\x2fbfnrt]|\\u[0-9a-fA-F]{4})'
+_STRING = f'"{_STRING_CHAR}*"'
+_INT = r"-?(?:0|[1-9][0-9]*)"
+_NUM = _INT + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_SCALAR = f"{_STRING}|{_NUM}|true|false|null"
+# A counted string length up to this is one terminal (its automaton has a few states per counted
+# character); beyond, the string is split into chunk terminals counted by rules.
+MAX_TERMINAL_LENGTH = 64
+MAX_COUNTED_ITEMS = 1000  # minItems / maxItems expanded into rules up to this
+_REFUSED = ("multipleOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+            "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
+            "minProperties", "maxProperties")  # fmt: skip
+_OBJECT_KEYS = ("properties", "additionalProperties", "required", "patternProperties")
+_ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems", "additionalItems")
+_STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
+_NUMBER_KEYS = S._BOUNDS
+# Dates as `jsonschema`'s format checker reads them (ISO dates that exist, Feb 29 in leap years only;
+# RFC 3339 date-times and times with their offset), stricter than outlines-core's (2020-02-31, or no offset).
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")  # fmt: skip
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])".replace("\\\\", "\\")
+_FORMATS = {"date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}"}
+
+
+def schema_to_lark(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPACE, open_objects: bool = False) -> str:
+    """A JSON Schema (as a JSON string) -> Lark grammar source whose language validates against it
+    (objects closed or open as schema_to_regex has them). Raises GrammarError naming the keyword
+    or problem for schemas it cannot enforce."""
+    try:
+        schema = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise GrammarError(f"json_schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if schema is True:
+        schema = {}
+    elif schema is False:
+        raise GrammarError("json_schema false admits no value")
+    b = _Builder(schema, whitespace_pattern, open_objects)
+    top = b.sym(schema, "#", ())
+    return b.source(top)
+
+
+def _lark_regex(pattern: str) -> str:
+    """`pattern` as the body of a Lark /regex/ literal: every '/' (escaped or not) as \\x2f."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            pair = pattern[i : i + 2]
+            out.append("\\x2f" if pair == "\\/" else pair)
+            i += 2
+            continue
+        out.append("\\x2f" if ch == "/" else ch)
+        i += 1
+    return "".join(out)
+
+
+def _const_regex(value: Any, ws: str) -> str:
+    """The JSON text of one value, with the bounded whitespace between tokens of arrays / objects."""
+    if isinstance(value, list):
+        inner = f"{ws},{ws}".join(_const_regex(v, ws) for v in value)
+        return f"\\[{ws}{inner}{ws}\\]"
+    if isinstance(value, dict):
+        inner = f"{ws},{ws}".join(f"{re.escape(json.dumps(k, ensure_ascii=False))}{ws}:{ws}{_const_regex(v, ws)}" for k, v in value.items())
+        return f"\\{{{ws}{inner}{ws}\\}}"
+    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
+        return f"{int(value)}(?:\\.0+)?"  # 1.0 is written 1 as often as 1.0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value}(?:\\.0+)?"
+    return re.escape(json.dumps(value, ensure_ascii=False))
+
+
+class _Builder:
+    def __init__(self, root: Any, ws: str, open_objects: bool) -> None:
+        self.root = root
+        self.ws = ws
+        self.open_objects = open_objects
+        self.norm = S._Normaliser(root, ws, open_objects)  # for $ref resolution and anyOf distribution
+        self.rules: dict[str, str] = {}  # rule name -> body ("" for the empty rule)
+        self.terminals: dict[str, str] = {}  # terminal name -> regex
+        self._term_of: dict[str, str] = {}  # regex -> shared terminal name
+        self._by_ref: dict[str, str] = {}
+        self._by_key: dict[str, str] = {}
+        self._any: str | None = None
+        self._n = 0
+
+    # ------------------------------------------------------------------ symbols
+    def _name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}{self._n}"
+
+    def term(self, regex: str, hint: str = "T", unique: bool = False) -> str:
+        if not unique and regex in self._term_of:
+            return self._term_of[regex]
+        name = self._name(hint.upper())
+        self.terminals[name] = regex
+        if not unique:
+            self._term_of[regex] = name
+        return name
+
+    def rule(self, body: str, hint: str = "r") -> str:
+        name = self._name(hint.lower())
+        self.rules[name] = body
+        return name
+
+    def source(self, top: str) -> str:
+        lines = [f"start: {top}"]
+        lines += [f"{name}: {body}" if body else f"{name}: " for name, body in self.rules.items()]
+        lines += [f"{name}: /{_lark_regex(regex)}/" for name, regex in self.terminals.items()]
+        return "\n".join(lines) + "\n"
+
+    @property
+    def lbrace(self) -> str:
+        return f"\\{{{self.ws}"
+
+    def comma(self) -> str:
+        return self.term(f"{self.ws},{self.ws}", "COMMA")
+
+    def key(self, regex: str) -> str:
+        return self.term(f"{regex}{self.ws}:{self.ws}", "KEY")
+
+    def any_value(self) -> str:
+        """Any JSON value, nested to any depth."""
+        if self._any is None:
+            self._any = name = self._name("any")
+            self.rules[name] = ""  # reserved (recursive)
+            scalar = self.term(_SCALAR, "SCALAR")
+            comma, key = self.comma(), self.key(_STRING)
+            obj = self.rule(f"{self.term(self.lbrace, 'LBRACE', True)} ({key} {name} ({comma} {key} {name})*)? {self.term(self.ws + chr(92) + '}', 'RBRACE')}", "anyobj")
+            arr = self.rule(f"{self.term(chr(92) + '[' + self.ws, 'LBRACK', True)} ({name} ({comma} {name})*)? {self.term(self.ws + chr(92) + ']', 'RBRACK')}", "anyarr")
+            self.rules[name] = f"{scalar} | {obj} | {arr}"
+        return self._any
+
+    def sym(self, node: Any, path: str, refs: tuple[str, ...]) -> str:
+        """The grammar symbol (rule or terminal) of a subschema."""
+        if node is True:
+            return self.any_value()
+        if node is False:
+            raise GrammarError(f"json_schema: the schema at {path} is false and admits no value")
+        if not isinstance(node, dict):
+            raise GrammarError(f"json_schema: expected a schema object at {path}, got {node!r}")
+        node = {k: v for k, v in node.items() if k not in S._ANNOTATIONS and k not in ("$defs", "definitions")}
+        if not node:
+            return self.any_value()
+        if set(node) == {"$ref"}:
+            ref = node["$ref"]
+            hit = self._by_ref.get(ref)
+            if hit is None:
+                hit = self._by_ref[ref] = self._name("ref")
+                self.rules[hit] = ""  # reserved: a recursive reference names it before it is built
+                self.rules[hit] = self.sym(self.norm._resolve(ref, path), str(ref), ())
+            return hit
+        try:
+            key = json.dumps(node, sort_keys=True)
+        except (TypeError, ValueError):
+            key = None
+        if key is not None and key in self._by_key:
+            return self._by_key[key]
+        out = self._build(node, path, refs)
+        if key is not None:
+            self._by_key[key] = out
+        return out
+
+    def alternatives(self, syms: list[str], hint: str = "alt") -> str:
+        syms = list(dict.fromkeys(syms))
+        if len(syms) == 1:
+            return syms[0]
+        if all(s in self.terminals for s in syms):  # leaves: one terminal (one lexer configuration, not n)
+            return self.term("|".join(f"(?:{self.terminals[s]})" for s in syms), "LEAF")
+        return self.rule(" | ".join(syms), hint)
+
+    # ------------------------------------------------------------------ schemas
+    def _build(self, node: dict[str, Any], path: str, refs: tuple[str, ...]) -> str:
+        if "$ref" in node:  # beside other keywords: merged into the target
+            ref = node["$ref"]
+            if ref in refs:
+                raise GrammarError(f"json_schema: recursive $ref {ref!r} at {path} with keywords beside it cannot be enforced")
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return self.sym(S._merge(self.norm._resolve(ref, path), rest, path), path, refs + (ref,))
+        if "allOf" in node:
+            parts = node["allOf"]
+            if not isinstance(parts, list) or not parts:
+                raise GrammarError(f"json_schema: allOf at {path} must be a non-empty list")
+            merged = {k: v for k, v in node.items() if k != "allOf"}
+            for i, part in enumerate(parts):
+                part, refs = self.norm._deref(part, f"{path}/allOf/{i}", refs)
+                merged = S._merge(merged, part, f"{path}/allOf/{i}")
+            return self.sym(merged, path, refs)
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                siblings = {k: v for k, v in node.items() if k != key}
+                if siblings:
+                    return self.sym(self.norm._distribute(node, key, siblings, path, refs), path, refs)
+                if not node[key]:
+                    raise GrammarError(f"json_schema: {key} at {path} is empty")
+                return self.alternatives([self.sym(b, f"{path}/{key}/{i}", refs) for i, b in enumerate(node[key])], key.lower())
+        node = S._drop_excluded(node, path)
+        node = S._declare_required(node, path)
+        types = node.get("type")
+        if isinstance(types, list) and (isinstance(node.get("enum"), list) or "const" in node):
+            node = S._filter_enum(node, path)
+            types = node.get("type")
+        if isinstance(types, list):
+            if not types:
+                raise GrammarError(f"json_schema: 'type' at {path} is an empty list")
+            return self.alternatives([self.sym(S._for_type(node, t), path, refs) for t in dict.fromkeys(types)], "types")
+        if isinstance(types, str):
+            node = S._for_type(node, types)
+        if isinstance(node.get("enum"), list) or "const" in node:
+            node = S._filter_enum(node, path)
+            values = node["enum"] if "enum" in node else [node["const"]]
+            if not values:
+                raise GrammarError(f"json_schema: 'enum' at {path} is empty")
+            return self.term("|".join(f"(?:{_const_regex(v, self.ws)})" for v in values), "ENUM")
+        for key in _REFUSED:
+            if key in node and not (key == "multipleOf" and node[key] == 1 and node.get("type") == "integer"):
+                raise GrammarError(f"json_schema: keyword {key!r} at {path} cannot be enforced by this backend")
+        if node.get("uniqueItems") is True:
+            raise GrammarError(f"json_schema: keyword 'uniqueItems' at {path} cannot be enforced by this backend")
+        t = node.get("type")
+        if t is None:
+            if any(k in node for k in _OBJECT_KEYS):
+                t = "object"
+            elif any(k in node for k in _ARRAY_KEYS):
+                t = "array"
+            elif any(k in node for k in _STRING_KEYS):
+                t = "string"
+            elif any(k in node for k in _NUMBER_KEYS):
+                t = "number"
+            else:
+                return self.any_value()
+        if t == "object":
+            return self._object(node, path, refs)
+        if t == "array":
+            return self._array(node, path, refs)
+        if t == "string":
+            return self._string(node, path)
+        if t == "integer":
+            lo, hi = S._integer_bounds(node, path)
+            return self.term(S.integer_range_regex(lo, hi) if (lo, hi) != (None, None) else _INT, "INT")
+        if t == "number":
+            return self.term(S.number_range_regex(node, path) if any(k in node for k in S._BOUNDS) else _NUM, "NUM")
+        if t == "boolean":
+            return self.term("true|false", "BOOL")
+        if t == "null":
+            return self.term("null", "NULL")
+        raise GrammarError(f"json_schema: unknown type {t!r} at {path}")
+
+    def _string(self, node: dict[str, Any], path: str) -> str:
+        lo = node.get("minLength", 0)
+        hi = node.get("maxLength")
+        for k, v in (("minLength", lo), ("maxLength", hi)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise GrammarError(f"json_schema: {k} at {path} must be a non-negative integer, got {v!r}")
+        if hi is not None and hi < lo:
+            raise GrammarError(f"json_schema: string at {path} admits no value (minLength {lo} > maxLength {hi})")
+        if "pattern" in node:
+            if lo or hi is not None:
+                raise GrammarError(f"json_schema: 'minLength' / 'maxLength' together with 'pattern' at {path} cannot be enforced by this backend")
+            body = S.json_string_body(node["pattern"], f"'pattern' at {path}")
+            return self.term(f'"{body}"', "PATTERN")
+        if "format" in node:
+            body = _FORMATS.get(node["format"]) or S._format_body(node["format"])
+            if body is not None:
+                if lo or hi is not None:  # enforced when the format's own lengths imply the bounds
+                    text_lo, text_hi = S._p.parse(body, 0).getwidth()
+                    # a decoded character is 1..6 characters of JSON text (\uXXXX)
+                    if -(-text_lo // 6) < lo or (hi is not None and text_hi > hi):
+                        raise GrammarError(f"json_schema: 'format' {node['format']!r} together with 'minLength' / 'maxLength' at {path} cannot be enforced by this backend")
+                return self.term(f'"{body}"', "FORMAT")
+        if not lo and hi is None:
+            return self.term(_STRING, "STRING")
+        if (hi if hi is not None else lo) <= MAX_TERMINAL_LENGTH:
+            return self.term(f'"{_STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"', "STRLEN")
+        return self._long_string(lo, hi)
+
+    def _long_string(self, lo: int, hi: int | None) -> str:
+        """A string of lo..hi characters past MAX_TERMINAL_LENGTH: chunks of exactly C characters
+        (a terminal) counted by rules, then a closing terminal of fewer than C characters and the
+        quote. The split is unique (each chunk is exactly C long, the rest shorter), so the lexer
+        follows two configurations at most."""
+        c = MAX_TERMINAL_LENGTH
+        open_q = self.term('"', "QUOTE")
+        chunk = self.term(f"{_STRING_CHAR}{{{c}}}", "CHUNK")
+
+        def rest(r_lo: int, r_hi: int) -> str:  # the last r_lo..r_hi (< c) characters and the quote
+            return self.term(f'{_STRING_CHAR}{{{r_lo},{r_hi}}}"', "STRTAIL")
+
+        # after k chunks (k * c characters so far), the tail admits max(lo - k c, 0)..min(hi - k c, c - 1)
+        kmax_lo = lo // c  # chunks that must come before the tail can close the string
+        if hi is None:
+            # at least kmax_lo chunks, then any number more
+            loop = self._name("strloop")
+            self.rules[loop] = f"{chunk} {loop} | {rest(0, c - 1)}"
+            body = loop
+            for k in reversed(range(kmax_lo)):
+                r_lo = lo - k * c
+                body = self.rule(f"{chunk} {body}" + (f" | {rest(r_lo, c - 1)}" if r_lo < c else ""), "strk")
+            return self.rule(f"{open_q} {body}", "longstr")
+        kmax = hi // c
+        body = rest(max(lo - kmax * c, 0), hi - kmax * c)
+        for k in reversed(range(kmax)):
+            r_lo, r_hi = max(lo - k * c, 0), min(hi - k * c, c - 1)
+            alts = [f"{chunk} {body}"]
+            if r_lo <= r_hi:
+                alts.append(rest(r_lo, r_hi))
+            body = self.rule(" | ".join(alts), "strk")
+        return self.rule(f"{open_q} {body}", "longstr")
+
+    def _object(self, node: dict[str, Any], path: str, refs: tuple[str, ...]) -> str:
+        if "patternProperties" in node:
+            raise GrammarError(f"json_schema: keyword 'patternProperties' at {path} cannot be enforced by this backend")
+        props = node.get("properties") or {}
+        if not isinstance(props, dict):
+            raise GrammarError(f"json_schema: 'properties' at {path} must be an object")
+        forbidden = list(node.get(S._FORBIDDEN, ()))
+        required = set(node.get("required") or ())
+        extra = node.get("additionalProperties", True if self.open_objects else False)
+        comma = self.comma()
+        members = [(name in required, f"{self.key(re.escape(json.dumps(name, ensure_ascii=False)))} "
+                    f"{self.sym(sub, f'{path}/properties/{name}', refs)}") for name, sub in props.items()]  # fmt: skip
+        other = None
+        if extra is not False:
+            value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
+            other = f"{self.key(S._other_key_regex([*props, *forbidden]))} {value}"
+        n = len(members)
+        optional_from = [True] * (n + 1)
+        for i in reversed(range(n)):
+            optional_from[i] = optional_from[i + 1] and not members[i][0]
+        # T[i]: after a member, next declared index >= i; S[i]: a nonempty run starting at declared >= i
+        # H[i], G[i]: the same before any member (no comma).
+        T = [self._name("objt") for _ in range(n + 1)]
+        H = [self._name("objh")]  # H[0] only: later ones are reached through G
+        Sx = [self._name("objs") for _ in range(n)]
+        G = [self._name("objg") for _ in range(n)]
+        for i in range(n + 1):
+            t_alts, h_alts = [], []
+            if other is not None:
+                t_alts.append(f"{comma} {other} {T[i]}")
+                h_alts.append(f"{other} {T[i]}")
+            if i < n:
+                t_alts.append(Sx[i])
+                h_alts.append(G[i])
+                req, member = members[i]
+                self.rules[Sx[i]] = f"{comma} {member} {T[i + 1]}" + ("" if req or i == n - 1 else f" | {Sx[i + 1]}")
+                self.rules[G[i]] = f"{member} {T[i + 1]}" + ("" if req or i == n - 1 else f" | {G[i + 1]}")
+            for name, alts in ((T[i], t_alts), (H[i], h_alts)) if i == 0 else ((T[i], t_alts),):
+                body = " | ".join(alts)
+                self.rules[name] = (f"({body})?" if body else "") if optional_from[i] else body
+        lb = self.term(self.lbrace, "LBRACE", unique=True)
+        rb = self.term(self.ws + "\\}", "RBRACE")
+        return self.rule(f"{lb} {H[0]} {rb}", "obj")
+
+    def _array(self, node: dict[str, Any], path: str, refs: tuple[str, ...]) -> str:
+        items = node.get("items", True)
+        prefix = node.get("prefixItems") or []
+        if isinstance(items, list):  # draft 4-7 tuples
+            prefix, items = items, node.get("additionalItems", True)
+        elif "prefixItems" not in node and "additionalItems" in node:
+            pass  # additionalItems only applies beside a tuple `items`
+        lo = node.get("minItems", 0)
+        hi = node.get("maxItems")
+        for k, v in (("minItems", lo), ("maxItems", hi)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise GrammarError(f"json_schema: {k} at {path} must be a non-negative integer, got {v!r}")
+        if items is False:
+            hi = len(prefix) if hi is None else min(hi, len(prefix))
+        if hi is not None and hi < lo:
+            raise GrammarError(f"json_schema: array at {path} admits no value (minItems {lo} > maxItems {hi})")
+        counted = max(lo, len(prefix), hi or 0)
+        if counted > MAX_COUNTED_ITEMS:
+            raise GrammarError(f"json_schema: minItems / maxItems / prefixItems at {path} count past {MAX_COUNTED_ITEMS} items: cannot be enforced by this backend")
+        comma = self.comma()
+        lb = self.term("\\[" + self.ws, "LBRACK", unique=True)
+        rb = self.term(self.ws + "\\]", "RBRACK")
+        if hi == 0:
+            return self.rule(f"{lb} {rb}", "arr")
+
+        def elem(j: int) -> str:
+            if j < len(prefix):
+                return self.sym(prefix[j], f"{path}/prefixItems/{j}", refs)
+            return self.sym(items, f"{path}/items", refs)
+
+        # A[j]: after j items (j >= 1)
+        last = hi if hi is not None else max(lo, len(prefix))  # from `last` on (unbounded): a loop
+        names = {j: self._name("arra") for j in range(1, last + 1)}
+        for j in range(1, last + 1):
+            if hi is not None and j == hi:
+                self.rules[names[j]] = ""
+                continue
+            if hi is None and j == last:
+                self.rules[names[j]] = f"({comma} {elem(j)} {names[j]})?"
+                continue
+            body = f"{comma} {elem(j)} {names[j + 1]}"
+            self.rules[names[j]] = f"({body})?" if j >= lo else body
+        if last == 0:  # unbounded, nothing required or prefixed
+            loop = self._name("arra")
+            self.rules[loop] = f"({comma} {elem(1)} {loop})?"
+            first = f"{elem(0)} {loop}"
+        else:
+            first = f"{elem(0)} {names[1]}"
+        return self.rule(f"{lb} ({first})? {rb}" if lo == 0 else f"{lb} {first} {rb}", "arr")

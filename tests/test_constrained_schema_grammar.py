@@ -1,0 +1,213 @@
+"""JSON Schemas the regex path refuses, compiled to a grammar for the EBNF engine (schema_grammar.py):
+recursive $refs, large objects with many optional properties, open objects, long strings; what a
+user notices is that the backend compiles them, valid JSON is accepted and invalid JSON rejected,
+and text sampled under the masks validates."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loom.demo_model import tiny_tokenizer
+from loom.runtime.constrained import (
+    GrammarBackend,
+    GrammarError,
+    TokenVocab,
+    allocate_token_bitmask,
+    apply_token_bitmask_,
+    compile_grammar,
+    token_bytes,
+    unpack_bitmask,
+)
+from loom.runtime.constrained.ebnf import CompiledEbnf, terminal_dfa
+from loom.runtime.constrained.ebnf_automaton import regex_to_dfa
+from loom.runtime.constrained.schema_grammar import schema_to_lark
+
+EOS = 0
+BYTES = {b + 1: bytes([b]) for b in range(256)}  # one token per byte: any text can be fed
+
+TREE = {
+    "$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer"},
+                                                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                       "required": ["value"], "additionalProperties": False}},
+    "$ref": "#/$defs/node",
+}  # fmt: skip
+LINKED = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "required": ["name", "next"],
+    "additionalProperties": False,
+}
+WIDE = {
+    "type": "object",
+    "properties": {f"p{i}": ({"type": "integer", "minimum": 0, "maximum": 99} if i % 3 else {"type": "string", "maxLength": 5})
+                   for i in range(60)},
+    "required": ["p10", "p50"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def byte_vocab() -> TokenVocab:
+    return TokenVocab.build(BYTES, 258, frozenset({EOS}))
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[TokenVocab, object]:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(2048), eos_token="<|endoftext|>")
+    return TokenVocab.build(token_bytes(tok), 2048, frozenset({EOS})), tok
+
+
+def grammar(vocab: TokenVocab, schema, open_objects: bool = False) -> CompiledEbnf:
+    return compile_grammar("lark", schema_to_lark(json.dumps(schema), open_objects=open_objects), vocab)
+
+
+def accepts(compiled: CompiledEbnf, text: str) -> bool:
+    g = compiled.matcher()
+    return all(g.accept_token(b + 1) for b in text.encode()) and g.accept_token(EOS)
+
+
+def accepts_tokens(compiled: CompiledEbnf, tok, text: str) -> bool:
+    g = compiled.matcher()
+    return all(g.accept_token(t) for t in tok(text, add_special_tokens=False)["input_ids"]) and g.accept_token(EOS)
+
+
+def test_recursive_tree_accepts_nested_and_rejects_invalid(byte_vocab):
+    c = grammar(byte_vocab, TREE)
+    assert accepts(c, '{"value":1}')
+    assert accepts(c, '{"value":1,"children":[{"value":2},{"value":3,"children":[{"value":4,"children":[]}]}]}')
+    assert accepts(c, '{ "value": 1, "children": [ { "value": -2 } ] }')
+    assert not accepts(c, '{"children":[]}')  # value required
+    assert not accepts(c, '{"value":1,"children":[{"value":"x"}]}')  # wrong type, deep
+    assert not accepts(c, '{"value":1,"children":[{"value":2,"extra":0}]}')  # closed
+    assert not accepts(c, '{"value":1,"children":[{"value":2}]')  # unbalanced
+
+
+def test_backend_falls_back_to_the_grammar_for_recursion(real):
+    vocab, tok = real
+    backend = GrammarBackend(vocab.by_id, vocab.vocab_size, vocab.eos_token_ids)
+    compiled = backend.compile("json_schema", json.dumps(LINKED)).result(timeout=60)
+    assert isinstance(compiled, CompiledEbnf)
+    assert accepts_tokens(compiled, tok, '{"name":"a","next":{"name":"b","next":{"name":"c","next":null}}}')
+    assert not accepts_tokens(compiled, tok, '{"name":"a","next":{"name":"too long a name","next":null}}')
+    assert not accepts_tokens(compiled, tok, '{"name":"a","next":{"name":"b"}}')
+    backend.shutdown()
+
+
+def test_refusals_name_both_paths_and_the_keyword():
+    backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
+    schema = {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(GrammarError, match="uniqueItems.*as a grammar.*uniqueItems"):
+        backend._compile("json_schema", json.dumps(schema))
+    with pytest.raises(GrammarError, match="'not'"):
+        schema_to_lark(json.dumps({"$defs": {"n": {"not": {"const": 1}, "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}))
+    backend.shutdown()
+
+
+def test_sixty_optional_properties_compile_and_validate(byte_vocab):
+    t0 = time.monotonic()
+    c = grammar(byte_vocab, WIDE)
+    assert time.monotonic() - t0 < 20
+    assert accepts(c, '{"p10":1,"p50":2}')
+    assert accepts(c, '{"p0":"abc","p1":5,"p10":1,"p33":"","p50":2,"p59":7}')
+    assert not accepts(c, '{"p10":1}')  # p50 required
+    assert not accepts(c, '{"p10":100,"p50":2}')  # out of range
+    assert not accepts(c, '{"p0":"abcdef","p10":1,"p50":2}')  # too long
+    assert not accepts(c, '{"p10":1,"p50":2,"zz":1}')  # closed by default (as schema_to_regex)
+    assert not accepts(c, '{"p10":1,"p10":1,"p50":2}')  # no repeated key
+
+
+def test_open_objects_admit_undeclared_keys_only(byte_vocab):
+    c = grammar(byte_vocab, WIDE, open_objects=True)
+    assert accepts(c, '{"zz":{"a":[1,null]},"p10":1,"q":"x","p50":2,"r":true}')
+    assert not accepts(c, '{"p10":1,"p50":2,"p51":"not an integer"}')  # a declared key is not "undeclared"
+    typed = {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
+    c = grammar(byte_vocab, typed)
+    assert accepts(c, '{"a":"x","b":1,"c":2}')
+    assert not accepts(c, '{"a":"x","b":"y"}')
+
+
+def test_long_max_length_string(byte_vocab):
+    c = grammar(byte_vocab, {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 3000}},
+                             "required": ["s"]})  # fmt: skip
+    for n, ok in [(0, False), (2, False), (3, True), (64, True), (65, True), (1000, True), (2999, True), (3000, True), (3001, False)]:
+        assert accepts(c, json.dumps({"s": "é" * n}, ensure_ascii=False)) == ok, n
+    assert accepts(c, json.dumps({"s": '"\\' * 1500}))  # escapes count as one character each
+
+
+def test_formats_beside_lengths_and_dates(byte_vocab):
+    c = grammar(byte_vocab, {"type": "array", "items": {"type": "string", "format": "date"}, "maxItems": 2})
+    assert accepts(c, '["2020-02-29","2021-12-31"]')
+    assert not accepts(c, '["2021-02-29"]') and not accepts(c, '["2020-04-31"]')
+    assert not accepts(c, '["a","b","c"]')
+    c = grammar(byte_vocab, {"type": "string", "format": "date-time"})
+    assert accepts(c, '"2022-01-01T12:00:00Z"') and accepts(c, '"2022-01-01T12:00:00.5+01:00"')
+    assert not accepts(c, '"2022-01-01T12:00:00"')
+    with pytest.raises(GrammarError, match="format"):
+        schema_to_lark(json.dumps({"type": "string", "format": "email", "maxLength": 5000}))
+
+
+def test_terminal_dfa_equals_regex_to_dfa():
+    for pattern in [r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}){0,20}"', r"(?:ab|a)*c", r"é+|ü", r"x[^\n]{2,5}"]:
+        a, b = regex_to_dfa(pattern, "t"), terminal_dfa(pattern, "t")
+        assert a.table.shape == b.table.shape and (a.table == b.table).all() and (a.accepting == b.accepting).all()
+
+
+SCHEMAS = {"tree": TREE, "linked": LINKED, "wide": WIDE}
+_COMPILED: dict[str, CompiledEbnf] = {}
+_ENDED: dict[str, int] = {}
+
+
+def sample(compiled: CompiledEbnf, gen: torch.Generator, vocab_size: int, max_tokens: int = 150) -> tuple[bytes, bool]:
+    g = compiled.matcher()
+    out = b""
+    for _ in range(max_tokens):
+        logits = torch.randn(1, vocab_size, generator=gen) * 2
+        logits[0, EOS] += 3.0
+        row = allocate_token_bitmask(1, vocab_size)
+        g.fill_mask(row[0])
+        apply_token_bitmask_(logits, row)
+        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        assert g.accept_token(token), token
+        if token == EOS:
+            return out, True
+        out += compiled.vocab.by_id[token]
+    return out, False
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(sorted(SCHEMAS)), seed=st.integers(0, 2**16))
+def test_sampled_json_validates(real, which, seed):
+    vocab, _ = real
+    if which not in _COMPILED:
+        _COMPILED[which] = grammar(vocab, SCHEMAS[which], open_objects=which == "wide")
+    text, ended = sample(_COMPILED[which], torch.Generator().manual_seed(seed), vocab.vocab_size)
+    _ENDED[which] = _ENDED.get(which, 0) + ended
+    if ended:
+        jsonschema.validate(json.loads(text), SCHEMAS[which])
+
+
+def test_sampling_ends_often_enough_to_check():
+    assert sum(_ENDED.values()) >= 5, _ENDED
+
+
+def test_mask_equals_brute_force(real):
+    vocab, _ = real
+    c = grammar(vocab, TREE)
+    g = c.matcher()
+    single = {b: t for t, b in vocab.by_id.items() if len(b) == 1}
+    for text in ['{"value":1,"children":[{"value":', "2}]", "}"]:
+        brute = {t for t, b in vocab.by_id.items() if c.walk(g.state, b)} | ({EOS} if c.can_end(g.state) else set())
+        row = allocate_token_bitmask(1, vocab.vocab_size)
+        g.fill_mask(row[0])
+        assert set(unpack_bitmask(row, vocab.vocab_size)[0].nonzero().view(-1).tolist()) == brute
+        for b in text.encode():
+            assert g.accept_token(single[bytes([b])])
+    assert g.is_terminated() or g.accept_token(EOS)
