@@ -14,6 +14,7 @@ from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocat
 from loom.runtime.cuda_graph_runner import DEFAULT_MAX_BS, CudaGraphRunner, capture_batch_sizes
 from loom.runtime.forward_batch import ForwardBatch
 from loom.runtime.models.loader import load_model
+from loom.runtime.sampling import ScratchRows
 from loom.runtime.schedule_batch import to_device
 from loom.runtime.server_args import ServerArgs
 
@@ -164,6 +165,8 @@ class ModelRunner:
         return self.model(fb.input_ids, fb.positions, fb)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
-        return self.model.compute_logits(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, scratch: ScratchRows | None = None) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in fp32; written into `scratch`'s block where
+        it hands one out (the result is then valid until that scratch's next use)."""
+        out = scratch.get(hidden.shape[0], self.vocab_size, hidden.device) if scratch is not None else None
+        return self.model.compute_logits(hidden, out=out).float()

@@ -64,7 +64,7 @@ from loom.runtime.messages import (
 )
 from loom.runtime.model_runner import ModelRunner
 from loom.runtime.overlap import DecodeSampling, FutureTokenMap, InflightStep, OverlapWorker, overlap_supported
-from loom.runtime.sampling import SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
+from loom.runtime.sampling import ScratchRows, SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.schedule_batch import ExtendPlan, Req, build_decode_batch, build_extend_batch
 from loom.runtime.schedule_policy import SchedulePolicy
@@ -147,6 +147,8 @@ class Scheduler:
             "decode_steps": 0, "overlap_decode_steps": 0, "jump_forwards": 0, "jump_forward_tokens": 0,
             "extend_tokens": 0,  # tokens computed by extend (prefill) steps
         }  # fmt: skip
+        # Prefill steps' logits and logprobs (many rows when choices are scored) reuse two blocks.
+        self.logits_scratch, self.logprobs_scratch = ScratchRows(), ScratchRows()
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -531,10 +533,10 @@ class Scheduler:
         sample_reqs: list[Req] = []
         logits = None
         if plan.logit_rows:
-            logits = self.runner.compute_logits(hidden[plan.logit_rows])  # [N, V]
+            logits = self.runner.compute_logits(hidden[plan.logit_rows], self.logits_scratch)  # [N, V]
         logprobs = None
         if logits is not None and any(r.return_logprob for r in plan.reqs):
-            logprobs = compute_logprobs(logits)
+            logprobs = compute_logprobs(logits, self.logprobs_scratch.get(*logits.shape, logits.device))
         for row, (i, pos) in enumerate(plan.row_owner):
             req = plan.reqs[i]
             if pos < len(req.origin_input_ids) and req.wants_input_logprobs() and pos == req.input_logprob_pos:

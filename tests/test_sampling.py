@@ -11,6 +11,7 @@ import torch
 
 from loom.runtime.sampling import (
     SamplingBatchInfo,
+    ScratchRows,
     apply_penalties_and_bans,
     compute_logprobs,
     gather_top_logprobs,
@@ -421,3 +422,17 @@ def test_gather_top_logprobs_with_ragged_k():
     assert math.isclose(top[0][0][0], float(logprobs[0, 1]))
     assert gather_top_logprobs(logprobs, [0, 0, 0]) == [[], [], []]
     assert [len(r) for r in gather_top_logprobs(logprobs, [10, 2, 0])] == [4, 2, 0]  # k > V: the whole row
+
+
+def test_scratch_rows_reuse_one_block_and_logprobs_match():
+    """The scheduler's logits/logprobs blocks: handed out again (no fresh 100s-of-MB tensor per
+    step), regrown when a step needs more rows, and log_softmax written there equals the plain one."""
+    scratch = ScratchRows(min_rows=4)
+    assert scratch.get(3, 10, torch.device("cpu")) is None  # few rows: a fresh tensor is cheap
+    a = scratch.get(100, 10, torch.device("cpu"))
+    b = scratch.get(50, 10, torch.device("cpu"))
+    assert a.shape == (100, 10) and b.shape == (50, 10) and a.data_ptr() == b.data_ptr()
+    c = scratch.get(300, 10, torch.device("cpu"))
+    assert c.shape == (300, 10)
+    logits = torch.randn(300, 10)
+    assert torch.equal(compute_logprobs(logits, c), torch.log_softmax(logits, dim=-1))

@@ -77,8 +77,14 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied through compute_logits(hidden_states)")
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype)."""
+    def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype).
+        `out` ([N, vocab] fp32) receives them where it can (one rank, fp32, no vocabulary padding):
+        the same GEMM as `F.linear`, written into a kept block instead of a fresh one."""
+        if (out is not None and self.tp_size == 1 and out.shape == (hidden_states.shape[0], self.num_embeddings)
+                and self.weight.shape[0] == self.num_embeddings
+                and self.weight.dtype == hidden_states.dtype == out.dtype == torch.float32):  # fmt: skip
+            return torch.matmul(hidden_states, self.weight.t(), out=out)
         logits = skinny_linear(hidden_states, self.weight)  # [N, V_padded / tp]
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, self.tp_size)

@@ -189,9 +189,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] (the batch's new tokens) -> hidden states [T, hidden]."""
         return self.model(input_ids, positions, forward_batch)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: [N, hidden] (only the rows that need logits) -> [N, vocab] fp32."""
-        return self.lm_head.compute_logits(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: [N, hidden] (only the rows that need logits) -> [N, vocab] fp32, into
+        `out` where the head can write there."""
+        return self.lm_head.compute_logits(hidden_states, out=out)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
