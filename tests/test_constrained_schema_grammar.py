@@ -27,7 +27,7 @@ from loom.runtime.constrained import (
 )
 from loom.runtime.constrained.ebnf import CompiledEbnf, terminal_dfa
 from loom.runtime.constrained.ebnf_automaton import regex_to_dfa
-from loom.runtime.constrained.schema_grammar import schema_to_lark
+from loom.runtime.constrained.schema_grammar import schema_to_grammar
 
 EOS = 0
 BYTES = {b + 1: bytes([b]) for b in range(256)}  # one token per byte: any text can be fed
@@ -66,7 +66,8 @@ def real() -> tuple[TokenVocab, object]:
 
 
 def grammar(vocab: TokenVocab, schema, open_objects: bool = False) -> CompiledEbnf:
-    return compile_grammar("lark", schema_to_lark(json.dumps(schema), open_objects=open_objects), vocab)
+    source, dfas = schema_to_grammar(json.dumps(schema), open_objects=open_objects)
+    return compile_grammar("lark", source, vocab, terminal_dfas=dfas)
 
 
 def accepts(compiled: CompiledEbnf, text: str) -> bool:
@@ -107,7 +108,7 @@ def test_refusals_name_both_paths_and_the_keyword():
     with pytest.raises(GrammarError, match="uniqueItems.*as a grammar.*uniqueItems"):
         backend._compile("json_schema", json.dumps(schema))
     with pytest.raises(GrammarError, match="'not'"):
-        schema_to_lark(json.dumps({"$defs": {"n": {"not": {"const": 1}, "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}))
+        schema_to_grammar(json.dumps({"$defs": {"n": {"not": {"const": 1}, "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}))
     backend.shutdown()
 
 
@@ -151,7 +152,30 @@ def test_formats_beside_lengths_and_dates(byte_vocab):
     assert accepts(c, '"2022-01-01T12:00:00Z"') and accepts(c, '"2022-01-01T12:00:00.5+01:00"')
     assert not accepts(c, '"2022-01-01T12:00:00"')
     with pytest.raises(GrammarError, match="format"):
-        schema_to_lark(json.dumps({"type": "string", "format": "email", "maxLength": 5000}))
+        schema_to_grammar(json.dumps({"type": "string", "format": "email", "maxLength": 5000}))
+
+
+PATTERNED = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}},
+    "patternProperties": {"^x-": {"type": "integer"}, "^/[^/]+$": {"type": "string", "pattern": "^([a-z]:)?/[^/]*$"},
+                          "^n": {"maxLength": 3}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("open_objects", [False, True])
+def test_pattern_properties(byte_vocab, open_objects):
+    c = grammar(byte_vocab, PATTERNED, open_objects)
+    assert accepts(c, '{"name":"abc","x-1":2,"/a":"c:/d"}')
+    assert accepts(c, '{"x-1":2,"name":"a","x-2":-3}')  # pattern members anywhere, declared ones in order
+    assert not accepts(c, '{"x-1":"two"}')  # a matching key takes its pattern's schema
+    assert not accepts(c, '{"/a":"no-slash"}')
+    assert accepts(c, '{"/a/b":"/c"}') == open_objects  # "/a/b" matches no pattern
+    assert not accepts(c, '{"name":"abcd"}')  # a declared name matching a pattern takes both schemas
+    assert accepts(c, '{"other":[1,{"a":null}]}') == open_objects  # matching no pattern: additionalProperties
+    assert not accepts(c, '{"x-other":[1]}')
+    with pytest.raises(GrammarError, match="overlap"):
+        schema_to_grammar(json.dumps({"patternProperties": {"^a": {}, "b$": {"type": "integer"}}}))
 
 
 def test_terminal_dfa_equals_regex_to_dfa():

@@ -19,7 +19,7 @@ from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, TokenVocab, 
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
-from loom.runtime.constrained.schema_grammar import schema_to_lark
+from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.server_args import GRAMMAR_BACKENDS
 
 GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
@@ -114,8 +114,8 @@ class GrammarBackend:
         recursive $refs, large objects, long strings). Where that refuses too, the open-objects
         fallback of old (declared properties only: narrower, still sound), then both reasons."""
         try:
-            lark_source = schema_to_lark(source, self.whitespace_pattern, self.json_open_objects)
-            return compile_grammar("lark", lark_source, self._token_vocab())
+            lark_source, dfas = schema_to_grammar(source, self.whitespace_pattern, self.json_open_objects)
+            return compile_grammar("lark", lark_source, self._token_vocab(), terminal_dfas=dfas)
         except GrammarError as e:
             grammar_error = str(e)
         if self.json_open_objects:

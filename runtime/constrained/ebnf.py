@@ -113,6 +113,12 @@ def terminal_dfa(pattern: str, where: str) -> ByteDFA:
             return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
         build_nfa(pattern, where)  # regex_to_dfa's errors, word for word
         raise
+    return minimal_dfa(table, accepting, byte_class)
+
+
+def minimal_dfa(table: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) -> ByteDFA:
+    """The minimal ByteDFA of `table` [n, C] over byte classes (byte_class [256] -> column), start 0,
+    whose last row is the dead sink and every other state can reach acceptance."""
     n = table.shape[0]  # the last row is the dead sink
     classes = accepting.astype(np.int64)
     classes[n - 1] = 2
@@ -157,7 +163,12 @@ class CompiledEbnf:
     Masks and memos are filled lazily from the scheduler's thread (the one thread that steps
     requests); compilation itself runs on a backend worker."""
 
-    def __init__(self, source: str, start: str, vocab: TokenVocab, kind: str = "lark", rule_names: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, source: str, start: str, vocab: TokenVocab, kind: str = "lark", rule_names: dict[str, str] | None = None,
+        terminal_dfas: dict[str, ByteDFA] | None = None,
+    ) -> None:
+        """terminal_dfas: automata to use instead of the named terminals' regexes (languages a regex
+        cannot spell, such as JSON-Schema keys matching no pattern); the regex stays Lark's."""
         self.kind = kind
         self.lark_source = source
         self.start = start
@@ -173,7 +184,7 @@ class CompiledEbnf:
         self.dfas: list[ByteDFA] = []
         for t in parser.terminals:
             pattern = t.pattern.to_regexp()
-            dfa = terminal_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}")
+            dfa = (terminal_dfas or {}).get(t.name) or terminal_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}")
             if dfa.accepting[0]:
                 raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches the empty string; terminals must match at least one character")
             if dfa.dead == 0:
@@ -496,14 +507,14 @@ class EbnfGrammar(TokenMatcher):
         return self.compiled.can_end(state)
 
 
-def compile_grammar(kind: str, source: str, vocab: TokenVocab) -> CompiledEbnf:
+def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: dict[str, ByteDFA] | None = None) -> CompiledEbnf:
     """kind "ebnf" (GBNF, start rule `root`) or "lark" (Lark syntax, start rule `start`).
     Raises GrammarError naming the line or rule and what was expected."""
     if kind == "ebnf":
         tr = gbnf_to_lark(source)
         compiled = CompiledEbnf(tr.source, tr.start, vocab, "ebnf", tr.rule_names)
     elif kind == "lark":
-        compiled = CompiledEbnf(source, "start", vocab, "lark")
+        compiled = CompiledEbnf(source, "start", vocab, "lark", terminal_dfas=terminal_dfas)
     else:
         raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {EBNF_KINDS}")
     # Warm up here, on the compiling thread, not the scheduler's: the first mask and the suffix

@@ -1,6 +1,7 @@
 """JSON Schema -> a Lark grammar for the EBNF engine (ebnf.py), for schemas the regex path refuses.
 
-    schema_to_lark(source, whitespace_pattern, open_objects) -> Lark source (start rule `start`)
+    schema_to_grammar(source, whitespace_pattern, open_objects) -> (Lark source, terminal automata)
+    compile_grammar("lark", source, vocab, terminal_dfas=automata) -> CompiledEbnf
 
 The regex path (schema.py -> regex_dfa.py) builds one automaton for the whole schema: recursive
 `$ref`s have none, and large objects with many optional or undeclared properties outgrow it.
@@ -24,7 +25,10 @@ import json
 import re
 from typing import Any
 
+import numpy as np
+
 from loom.runtime.constrained import schema as S
+from loom.runtime.constrained.ebnf import ByteDFA, minimal_dfa, terminal_dfa
 from loom.runtime.constrained.errors import GrammarError
 
 _STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\\x2fbfnrt]|\\u[0-9a-fA-F]{4})'
@@ -53,10 +57,15 @@ _TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01
 _FORMATS = {"date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}"}
 
 
-def schema_to_lark(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPACE, open_objects: bool = False) -> str:
-    """A JSON Schema (as a JSON string) -> Lark grammar source whose language validates against it
-    (objects closed or open as schema_to_regex has them). Raises GrammarError naming the keyword
-    or problem for schemas it cannot enforce."""
+def schema_to_grammar(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPACE, open_objects: bool = False) -> tuple[str, dict[str, ByteDFA]]:
+    """A JSON Schema (as a JSON string) -> (Lark source, every terminal's automaton) for
+    compile_grammar("lark", source, vocab, terminal_dfas=...), whose language validates against the
+    schema (objects closed or open as schema_to_regex has them). Raises GrammarError naming the
+    keyword or problem for schemas it cannot enforce.
+
+    The Lark source names each terminal by a placeholder string: Lark evaluates the escapes of a
+    /regex/ literal (a `\\U0000005d` becomes a raw `]`), and some terminals have no regex at all
+    (keys matching no `patternProperties` pattern: complements of automata)."""
     try:
         schema = json.loads(source)
     except json.JSONDecodeError as e:
@@ -67,22 +76,50 @@ def schema_to_lark(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPACE, 
         raise GrammarError("json_schema false admits no value")
     b = _Builder(schema, whitespace_pattern, open_objects)
     top = b.sym(schema, "#", ())
-    return b.source(top)
+    return b.source(top), b.dfas
 
 
-def _lark_regex(pattern: str) -> str:
-    """`pattern` as the body of a Lark /regex/ literal: every '/' (escaped or not) as \\x2f."""
-    out, i = [], 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            pair = pattern[i : i + 2]
-            out.append("\\x2f" if pair == "\\/" else pair)
-            i += 2
-            continue
-        out.append("\\x2f" if ch == "/" else ch)
-        i += 1
-    return "".join(out)
+def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
+    """The minimal automaton of L(a) & L(b) (keep_b) or L(a) - L(b) (not keep_b)."""
+    nb = b.table.shape[0]
+    index = {(0, 0): 0}
+    order = [(0, 0)]
+    rows = []
+    while len(rows) < len(order):
+        p, q = order[len(rows)]
+        keys = a.table[p].astype(np.int64) * nb + b.table[q]
+        uniq, inv = np.unique(keys, return_inverse=True)
+        ids = []
+        for k in uniq.tolist():
+            pair = divmod(k, nb)
+            if pair not in index:
+                index[pair] = len(order)
+                order.append(pair)
+            ids.append(index[pair])
+        rows.append(np.asarray(ids, dtype=np.int64)[inv.reshape(-1)])
+        if len(order) > 200_000:
+            raise GrammarError("json_schema: a 'patternProperties' key automaton is too large")
+    table = np.stack(rows)
+    accepting = np.array([bool(a.accepting[p]) and (bool(b.accepting[q]) == keep_b) for p, q in order])
+    live = accepting.copy()
+    while True:
+        grown = live | live[table].any(axis=1)
+        if (grown == live).all():
+            break
+        live = grown
+    if not live[0]:
+        return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
+    n = len(order)
+    keep = np.flatnonzero(live)  # start (0) first
+    new_of = np.full(n, len(keep), dtype=np.int64)
+    new_of[keep] = np.arange(len(keep))
+    full = np.vstack([new_of[table[keep]], np.full((1, 256), len(keep), dtype=np.int64)])
+    _, first, byte_class = np.unique(full.T, axis=0, return_index=True, return_inverse=True)
+    return minimal_dfa(full[:, first], np.append(accepting[keep], False), byte_class.reshape(-1))
+
+
+def _empty(dfa: ByteDFA) -> bool:
+    return dfa.dead == 0
 
 
 def _const_regex(value: Any, ws: str) -> str:
@@ -113,6 +150,7 @@ class _Builder:
         self._by_key: dict[str, str] = {}
         self._any: str | None = None
         self._n = 0
+        self.dfas: dict[str, ByteDFA] = {}  # terminal name -> its automaton, where no regex spells it
 
     # ------------------------------------------------------------------ symbols
     def _name(self, hint: str) -> str:
@@ -136,7 +174,10 @@ class _Builder:
     def source(self, top: str) -> str:
         lines = [f"start: {top}"]
         lines += [f"{name}: {body}" if body else f"{name}: " for name, body in self.rules.items()]
-        lines += [f"{name}: /{_lark_regex(regex)}/" for name, regex in self.terminals.items()]
+        lines += [f'{name}: "{name.lower()}"' for name in self.terminals]
+        for name, regex in self.terminals.items():
+            if name not in self.dfas:
+                self.dfas[name] = terminal_dfa(regex, "json_schema grammar terminal")
         return "\n".join(lines) + "\n"
 
     @property
@@ -241,6 +282,9 @@ class _Builder:
             values = node["enum"] if "enum" in node else [node["const"]]
             if not values:
                 raise GrammarError(f"json_schema: 'enum' at {path} is empty")
+            rest = {k: v for k, v in node.items() if k not in ("enum", "const", "type") and k not in S._ANNOTATIONS}
+            if rest:  # _filter_enum keeps arrays and objects unchecked: check them against the rest here
+                values = self._valid_values(values, {**rest, **({"type": node["type"]} if "type" in node else {})}, path)
             return self.term("|".join(f"(?:{_const_regex(v, self.ws)})" for v in values), "ENUM")
         for key in _REFUSED:
             if key in node and not (key == "multipleOf" and node[key] == 1 and node.get("type") == "integer"):
@@ -275,6 +319,22 @@ class _Builder:
         if t == "null":
             return self.term("null", "NULL")
         raise GrammarError(f"json_schema: unknown type {t!r} at {path}")
+
+    def _valid_values(self, values: list[Any], rest: dict[str, Any], path: str) -> list[Any]:
+        import jsonschema
+
+        schema = {**rest}
+        for key in ("$defs", "definitions"):
+            if isinstance(self.root, dict) and key in self.root:
+                schema[key] = self.root[key]
+        try:
+            check = jsonschema.Draft202012Validator(schema)
+            keep = [v for v in values if check.is_valid(v)]
+        except Exception:  # noqa: BLE001 - unresolvable references, invalid keywords
+            raise GrammarError(f"json_schema: 'enum' / 'const' at {path} beside {sorted(rest)} cannot be enforced by this backend") from None
+        if not keep:
+            raise GrammarError(f"json_schema: no 'enum' / 'const' value at {path} satisfies the keywords beside it ({sorted(rest)})")
+        return keep
 
     def _string(self, node: dict[str, Any], path: str) -> str:
         lo = node.get("minLength", 0)
@@ -338,21 +398,31 @@ class _Builder:
         return self.rule(f"{open_q} {body}", "longstr")
 
     def _object(self, node: dict[str, Any], path: str, refs: tuple[str, ...]) -> str:
-        if "patternProperties" in node:
-            raise GrammarError(f"json_schema: keyword 'patternProperties' at {path} cannot be enforced by this backend")
-        props = node.get("properties") or {}
-        if not isinstance(props, dict):
+        props = dict(node.get("properties") or {})
+        if not isinstance(node.get("properties") or {}, dict):
             raise GrammarError(f"json_schema: 'properties' at {path} must be an object")
+        patterns = node.get("patternProperties") or {}
+        if not isinstance(patterns, dict):
+            raise GrammarError(f"json_schema: 'patternProperties' at {path} must be an object")
         forbidden = list(node.get(S._FORBIDDEN, ()))
         required = set(node.get("required") or ())
         extra = node.get("additionalProperties", True if self.open_objects else False)
+        for pattern, sub in patterns.items():  # a declared name matching a pattern takes both schemas
+            try:
+                hits = [name for name in props if re.search(pattern, name)]
+            except re.error as e:
+                raise GrammarError(f"json_schema: patternProperties {pattern!r} at {path} is not a valid regex: {e}") from None
+            for name in hits:
+                props[name] = S._merge(True if props[name] is True else props[name], sub, f"{path}/properties/{name}")
         comma = self.comma()
         members = [(name in required, f"{self.key(re.escape(json.dumps(name, ensure_ascii=False)))} "
                     f"{self.sym(sub, f'{path}/properties/{name}', refs)}") for name, sub in props.items()]  # fmt: skip
-        other = None
-        if extra is not False:
+        others: list[str] = []
+        if patterns:
+            others = self._pattern_members(patterns, [*props, *forbidden], extra, path, refs)
+        elif extra is not False:
             value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
-            other = f"{self.key(S._other_key_regex([*props, *forbidden]))} {value}"
+            others = [f"{self.key(S._other_key_regex([*props, *forbidden]))} {value}"]
         n = len(members)
         optional_from = [True] * (n + 1)
         for i in reversed(range(n)):
@@ -364,10 +434,8 @@ class _Builder:
         Sx = [self._name("objs") for _ in range(n)]
         G = [self._name("objg") for _ in range(n)]
         for i in range(n + 1):
-            t_alts, h_alts = [], []
-            if other is not None:
-                t_alts.append(f"{comma} {other} {T[i]}")
-                h_alts.append(f"{other} {T[i]}")
+            t_alts = [f"{comma} {other} {T[i]}" for other in others]
+            h_alts = [f"{other} {T[i]}" for other in others]
             if i < n:
                 t_alts.append(Sx[i])
                 h_alts.append(G[i])
@@ -430,3 +498,39 @@ class _Builder:
         else:
             first = f"{elem(0)} {names[1]}"
         return self.rule(f"{lb} ({first})? {rb}" if lo == 0 else f"{lb} {first} {rb}", "arr")
+
+    def _pattern_members(self, patterns: dict[str, Any], names: list[str], extra: Any, path: str, refs: tuple[str, ...]) -> list[str]:
+        """Members whose keys match a `patternProperties` pattern (values per its schema) and, unless
+        additionalProperties is false, members whose keys match no pattern (values per it). Keys are
+        written without escapes and differ from every declared name (those are members of their own);
+        patterns some key matches two of are refused."""
+        plain = terminal_dfa(f'"{S._KEY_CHAR}*"', "key")
+        declared = terminal_dfa("|".join(re.escape(json.dumps(n, ensure_ascii=False)) for n in names), "key") if names else None
+        colon = self.term(f"{self.ws}:{self.ws}", "COLON")
+        keys: list[tuple[str, ByteDFA]] = []
+        out = []
+        for pattern, sub in patterns.items():
+            where = f"patternProperties {pattern!r} at {path}"
+            body = S.json_string_body(pattern, where)
+            dfa = _product(plain, terminal_dfa(f'"{body}"', where), True)
+            if declared is not None:
+                dfa = _product(dfa, declared, False)
+            for other_pattern, seen in keys:
+                if not _empty(_product(dfa, seen, True)):
+                    raise GrammarError(f"json_schema: patternProperties {other_pattern!r} and {pattern!r} at {path} overlap; cannot be enforced by this backend")
+            keys.append((pattern, dfa))
+            if _empty(dfa):
+                continue
+            name = self.term(f'"{S._KEY_CHAR}*"', "PKEY", unique=True)
+            self.dfas[name] = dfa
+            out.append(f"{name} {colon} {self.sym(True if sub is True else sub, f'{path}/patternProperties/{pattern}', refs)}")
+        if extra is not False:
+            dfa = plain if declared is None else _product(plain, declared, False)
+            for _, seen in keys:
+                dfa = _product(dfa, seen, False)
+            if not _empty(dfa):
+                name = self.term(f'"{S._KEY_CHAR}*"', "OKEY", unique=True)
+                self.dfas[name] = dfa
+                value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
+                out.append(f"{name} {colon} {value}")
+        return out
