@@ -118,6 +118,8 @@ def test_sixty_optional_properties_compile_and_validate(byte_vocab):
     assert time.monotonic() - t0 < 20
     assert accepts(c, '{"p10":1,"p50":2}')
     assert accepts(c, '{"p0":"abc","p1":5,"p10":1,"p33":"","p50":2,"p59":7}')
+    assert accepts(c, '{"p59":1,"p10":1,"p3":"b","p1":5,"p50":2,"p0":""}')  # optional members in any order
+    assert not accepts(c, '{"p50":2,"p10":1}')  # required ones in declared order
     assert not accepts(c, '{"p10":1}')  # p50 required
     assert not accepts(c, '{"p10":100,"p50":2}')  # out of range
     assert not accepts(c, '{"p0":"abcdef","p10":1,"p50":2}')  # too long

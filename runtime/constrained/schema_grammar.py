@@ -423,28 +423,24 @@ class _Builder:
         elif extra is not False:
             value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
             others = [f"{self.key(S._other_key_regex([*props, *forbidden]))} {value}"]
-        n = len(members)
-        optional_from = [True] * (n + 1)
-        for i in reversed(range(n)):
-            optional_from[i] = optional_from[i + 1] and not members[i][0]
-        # T[i]: after a member, next declared index >= i; S[i]: a nonempty run starting at declared >= i
-        # H[i], G[i]: the same before any member (no comma).
-        T = [self._name("objt") for _ in range(n + 1)]
-        H = [self._name("objh")]  # H[0] only: later ones are reached through G
-        Sx = [self._name("objs") for _ in range(n)]
-        G = [self._name("objg") for _ in range(n)]
-        for i in range(n + 1):
-            t_alts = [f"{comma} {other} {T[i]}" for other in others]
-            h_alts = [f"{other} {T[i]}" for other in others]
-            if i < n:
-                t_alts.append(Sx[i])
-                h_alts.append(G[i])
-                req, member = members[i]
-                self.rules[Sx[i]] = f"{comma} {member} {T[i + 1]}" + ("" if req or i == n - 1 else f" | {Sx[i + 1]}")
-                self.rules[G[i]] = f"{member} {T[i + 1]}" + ("" if req or i == n - 1 else f" | {G[i + 1]}")
-            for name, alts in ((T[i], t_alts), (H[i], h_alts)) if i == 0 else ((T[i], t_alts),):
-                body = " | ".join(alts)
-                self.rules[name] = (f"({body})?" if body else "") if optional_from[i] else body
+        # Required members in declared order; optional ones (declared or not) anywhere between them,
+        # in any order (a repeated key still validates: each of its values satisfies the schema).
+        # T[i]: after a member, i required ones written; H: before any member. O(n) rules.
+        required_members = [m for req, m in members if req]
+        optional = [m for req, m in members if not req] + others
+        opt = self.rule(" | ".join(optional), "objopt") if optional else None
+        r = len(required_members)
+        T = [self._name("objt") for _ in range(r + 1)]
+        for i in range(r + 1):
+            alts = [f"{comma} {opt} {T[i]}"] if opt else []
+            if i < r:
+                alts.append(f"{comma} {required_members[i]} {T[i + 1]}")
+            body = " | ".join(alts)
+            self.rules[T[i]] = body if i < r else (f"({body})?" if body else "")
+        h_alts = [f"{opt} {T[0]}"] if opt else []
+        if r:
+            h_alts.append(f"{required_members[0]} {T[1]}")
+        H = [self.rule((" | ".join(h_alts)) if r else (f"({' | '.join(h_alts)})?" if h_alts else ""), "objh")]
         lb = self.term(self.lbrace, "LBRACE", unique=True)
         rb = self.term(self.ws + "\\}", "RBRACE")
         return self.rule(f"{lb} {H[0]} {rb}", "obj")
