@@ -153,6 +153,10 @@ def test_formats_beside_lengths_and_dates(byte_vocab):
     c = grammar(byte_vocab, {"type": "string", "format": "date-time"})
     assert accepts(c, '"2022-01-01T12:00:00Z"') and accepts(c, '"2022-01-01T12:00:00.5+01:00"')
     assert not accepts(c, '"2022-01-01T12:00:00"')
+    c = grammar(byte_vocab, {"type": "string", "pattern": "^[a-z]+$", "minLength": 3, "maxLength": 5})  # both enforced
+    assert [accepts(c, json.dumps(x)) for x in ["ab", "abc", "abcde", "abcdef", "ab1"]] == [False, True, True, False, False]
+    c = grammar(byte_vocab, {"type": "string", "format": "email", "maxLength": 20})
+    assert accepts(c, '"a@b.co"') and not accepts(c, '"nope"') and not accepts(c, json.dumps("a" * 20 + "@b.co"))
     with pytest.raises(GrammarError, match="format"):
         schema_to_grammar(json.dumps({"type": "string", "format": "email", "maxLength": 5000}))
 

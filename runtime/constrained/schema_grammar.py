@@ -39,6 +39,7 @@ _SCALAR = f"{_STRING}|{_NUM}|true|false|null"
 # A counted string length up to this is one terminal (its automaton has a few states per counted
 # character); beyond, the string is split into chunk terminals counted by rules.
 MAX_TERMINAL_LENGTH = 64
+MAX_PRODUCT_LENGTH = 256  # a pattern or format beside minLength / maxLength up to this: product automaton
 MAX_COUNTED_ITEMS = 1000  # minItems / maxItems expanded into rules up to this
 _REFUSED = ("multipleOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
             "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
@@ -98,7 +99,7 @@ def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
             ids.append(index[pair])
         rows.append(np.asarray(ids, dtype=np.int64)[inv.reshape(-1)])
         if len(order) > 200_000:
-            raise GrammarError("json_schema: a 'patternProperties' key automaton is too large")
+            raise GrammarError("json_schema: a key or string automaton (patternProperties, pattern beside lengths) is too large")
     table = np.stack(rows)
     accepting = np.array([bool(a.accepting[p]) and (bool(b.accepting[q]) == keep_b) for p, q in order])
     live = accepting.copy()
@@ -236,7 +237,7 @@ class _Builder:
         syms = list(dict.fromkeys(syms))
         if len(syms) == 1:
             return syms[0]
-        if all(s in self.terminals for s in syms):  # leaves: one terminal (one lexer configuration, not n)
+        if all(s in self.terminals and s not in self.dfas for s in syms):  # (not those with automata of their own)  # leaves: one terminal (one lexer configuration, not n)
             return self.term("|".join(f"(?:{self.terminals[s]})" for s in syms), "LEAF")
         return self.rule(" | ".join(syms), hint)
 
@@ -345,24 +346,38 @@ class _Builder:
         if hi is not None and hi < lo:
             raise GrammarError(f"json_schema: string at {path} admits no value (minLength {lo} > maxLength {hi})")
         if "pattern" in node:
-            if lo or hi is not None:
-                raise GrammarError(f"json_schema: 'minLength' / 'maxLength' together with 'pattern' at {path} cannot be enforced by this backend")
             body = S.json_string_body(node["pattern"], f"'pattern' at {path}")
-            return self.term(f'"{body}"', "PATTERN")
+            return self._bounded(body, lo, hi, "'pattern'", path)
         if "format" in node:
             body = _FORMATS.get(node["format"]) or S._format_body(node["format"])
             if body is not None:
-                if lo or hi is not None:  # enforced when the format's own lengths imply the bounds
-                    text_lo, text_hi = S._p.parse(body, 0).getwidth()
-                    # a decoded character is 1..6 characters of JSON text (\uXXXX)
-                    if -(-text_lo // 6) < lo or (hi is not None and text_hi > hi):
-                        raise GrammarError(f"json_schema: 'format' {node['format']!r} together with 'minLength' / 'maxLength' at {path} cannot be enforced by this backend")
-                return self.term(f'"{body}"', "FORMAT")
+                return self._bounded(body, lo, hi, f"'format' {node['format']!r}", path)
         if not lo and hi is None:
             return self.term(_STRING, "STRING")
         if (hi if hi is not None else lo) <= MAX_TERMINAL_LENGTH:
             return self.term(f'"{_STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"', "STRLEN")
         return self._long_string(lo, hi)
+
+    def _bounded(self, body: str, lo: int, hi: int | None, what: str, path: str) -> str:
+        """A string whose JSON text between the quotes matches `body`, of lo..hi characters: the
+        body alone where its own lengths imply the bounds, else the product of the two automata
+        (bounds up to MAX_PRODUCT_LENGTH)."""
+        regex = f'"{body}"'
+        if not lo and hi is None:
+            return self.term(regex, "PATTERN")
+        text_lo, text_hi = S._p.parse(body, 0).getwidth()
+        if -(-text_lo // 6) >= lo and (hi is None or text_hi <= hi):  # a character is 1..6 characters of JSON text
+            return self.term(regex, "PATTERN")
+        if max(lo, hi or 0) > MAX_PRODUCT_LENGTH:
+            raise GrammarError(f"json_schema: {what} together with minLength / maxLength past {MAX_PRODUCT_LENGTH} at {path} cannot be enforced by this backend")
+        where = f"json_schema: {what} at {path}"
+        length = f'"{_STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+        dfa = _product(terminal_dfa(regex, where), terminal_dfa(length, where), True)
+        if _empty(dfa):
+            raise GrammarError(f"json_schema: no string matches {what} within minLength {lo} / maxLength {hi} at {path}")
+        name = self.term(regex, "BOUNDED", unique=True)
+        self.dfas[name] = dfa
+        return name
 
     def _long_string(self, lo: int, hi: int | None) -> str:
         """A string of lo..hi characters past MAX_TERMINAL_LENGTH: chunks of exactly C characters
