@@ -165,6 +165,29 @@ class ModelRunner:
         return self.model(fb.input_ids, fb.positions, fb)
 
     @torch.inference_mode()
+    @property
+    def can_compute_sparse_logits(self) -> bool:
+        """Whether `compute_logits_sparse` may be used: the CPU (where the LM head's arithmetic is
+        what a decode step waits for) and the whole vocabulary on one rank."""
+        head = getattr(self.model, "lm_head", None)
+        return (self.device.type == "cpu" and hasattr(head, "logits_for_ids") and head.tp_size == 1
+                and head.num_embeddings == self.vocab_size)  # fmt: skip
+
+    @torch.inference_mode()
+    def compute_logits_sparse(self, hidden: torch.Tensor, allowed: list[torch.Tensor | None]) -> torch.Tensor:
+        """hidden: [B, hidden] -> logits [B, vocab] fp32 where row i with `allowed[i]` (token ids)
+        gets logits for those tokens only and -inf elsewhere (a grammar allows nothing else
+        there), and the rows with None go through the LM head together."""
+        logits = torch.full((hidden.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32, device=hidden.device)
+        dense = [i for i, ids in enumerate(allowed) if ids is None]
+        if dense:
+            logits[dense] = self.compute_logits(hidden[dense])
+        head = self.model.lm_head
+        for i, ids in enumerate(allowed):
+            if ids is not None:
+                logits[i, ids] = head.logits_for_ids(hidden[i], ids)
+        return logits
+
     def compute_logits(self, hidden: torch.Tensor, scratch: ScratchRows | None = None) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32; written into `scratch`'s block where
         it hands one out (the result is then valid until that scratch's next use)."""

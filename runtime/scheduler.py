@@ -89,6 +89,7 @@ RESERVE_CLIP = 4096
 # is small. So the CPU keeps the simpler synchronous loop. With a GPU the forward thread mostly
 # waits on the device, and the scheduler's work hides behind it.
 CPU_OVERLAP_DEFAULT = False
+SPARSE_LOGITS_SHARE = 16  # a grammar row allowing at most V / 16 tokens gets logits for those only (CPU)
 
 
 class SchedulerIO(Protocol):
@@ -582,15 +583,40 @@ class Scheduler:
         else:  # jump-forwarded tokens: compute them all in this step, as an extend
             plan = build_extend_batch(reqs, out_cache_loc, req_to_token, from_kv_len=True, device=self.batch_device)
             hidden = self.runner.forward(plan.forward_batch)[plan.logit_rows]  # [B, H]
-        logits = self.runner.compute_logits(hidden)  # [B, V]
+        sparse = self._sparse_rows(reqs)
+        if sparse:  # rows whose grammar allows few tokens: logits for those only, already masked
+            logits = self.runner.compute_logits_sparse(hidden, [sparse.get(i) for i in range(len(reqs))])
+        else:
+            logits = self.runner.compute_logits(hidden)  # [B, V]
         logprobs = compute_logprobs(logits) if any(r.return_logprob for r in reqs) else None
-        next_ids = self._sample(logits, logprobs, list(range(len(reqs))), reqs)
+        next_ids = self._sample(logits, logprobs, list(range(len(reqs))), reqs, premasked=frozenset(sparse))
         for req, token in zip(reqs, next_ids):
             req.kv_len += req.pending_len
             self._append_token(req, token)
         self.running = [r for r in self.running if not r.finished]
 
-    def _sample(self, logits, logprobs, rows: list[int], reqs: list[Req]) -> list[int]:
+    def _sparse_rows(self, reqs: list[Req]) -> dict[int, torch.Tensor]:
+        """Decode rows whose grammar allows at most 1/SPARSE_LOGITS_SHARE of the vocabulary here (an
+        integer's digits, an enum, the punctuation after a value) -> those token ids. On the CPU
+        the LM head is a sixth of a decode step; such a row needs only a few of its dot products.
+        Rows that return logprobs need the whole distribution and stay dense."""
+        if not self.runner.can_compute_sparse_logits:
+            return {}
+        limit = self.runner.vocab_size // SPARSE_LOGITS_SHARE
+        out: dict[int, torch.Tensor] = {}
+        for i, req in enumerate(reqs):
+            allowed_ids = getattr(req.grammar, "allowed_ids", None)
+            if allowed_ids is None or req.return_logprob:
+                continue
+            ids = allowed_ids(limit)
+            if ids is not None and ids.numel():
+                out[i] = ids
+        return out
+
+    def _sample(self, logits, logprobs, rows: list[int], reqs: list[Req], premasked: frozenset[int] = frozenset()) -> list[int]:
+        """Sample one token for each of `rows` (rows of `logits`, the requests `reqs`). Grammar
+        rows are masked here, except those in `premasked` (indices into `reqs`), whose logits
+        hold -inf outside their grammar's tokens already."""
         if not rows:
             return []
         rows_t = torch.tensor(rows, dtype=torch.int64)
@@ -604,8 +630,8 @@ class Scheduler:
             generators=[r.generator for r in reqs],
             banned_ids=[self._banned_ids(r) for r in reqs],
         )
-        if any(r.grammar is not None for r in reqs):
-            info.vocab_mask = self._grammar_mask(reqs, logits.shape[-1])
+        if any(r.grammar is not None and i not in premasked for i, r in enumerate(reqs)):
+            info.vocab_mask = self._grammar_mask(reqs, logits.shape[-1], premasked)
         next_ids = sample(logits, info).tolist()
         if logprobs is not None:
             for row, req, token in zip(rows, reqs, next_ids):
@@ -618,9 +644,10 @@ class Scheduler:
         return next_ids
 
     @staticmethod
-    def _grammar_mask(reqs: list[Req], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed bitmask [G, ceil(V / 32)] int32, the G batch rows it belongs to) for the rows with a grammar."""
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    def _grammar_mask(reqs: list[Req], vocab_size: int, skip: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed bitmask [G, ceil(V / 32)] int32, the G batch rows it belongs to) for the rows
+        with a grammar, but those in `skip`."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and i not in skip]
         bitmask = allocate_token_bitmask(len(rows), vocab_size)
         for j, i in enumerate(rows):
             reqs[i].grammar.fill_mask(bitmask[j])

@@ -221,3 +221,35 @@ def test_abort_while_the_grammar_compiles(engine):
     engine.io.outbox.clear()
     assert [o.finished_reason for o in finals] == [{"type": "abort", "message": "the client left"}]
     assert not sched.has_work()
+
+
+def test_sparse_logits_give_the_tokens_of_the_full_lm_head(engine, monkeypatch):
+    """On the CPU a grammar row that allows few tokens here (digits, an enum, the punctuation
+    after a value) gets logits for those tokens only. Outputs, greedy and seeded at temperature
+    1.0, are the tokens the full LM head gives."""
+    import loom.runtime.scheduler as scheduler_module
+
+    runner = engine.scheduler.runner
+    sparse_rows: list[int] = []
+    full = runner.compute_logits_sparse
+
+    def counting(hidden, allowed):
+        sparse_rows.append(sum(ids is not None for ids in allowed))
+        return full(hidden, allowed)
+
+    monkeypatch.setattr(runner, "compute_logits_sparse", counting)
+    regex = r"(cat|dog)s? [0-9]{1,3}(\.[0-9]{2})?"
+    prompts = ["JSON:", "Person:", "Data:", "Pick:"]
+    params = [{"json_schema": json.dumps(SCHEMA), "temperature": 1.0, "max_new_tokens": 120, "seed": s} for s in range(3)]
+    params.append({"regex": regex, "temperature": 0, "max_new_tokens": 40})
+    sparse = engine.generate(prompts, params)
+    assert sparse_rows and max(sparse_rows) > 0
+    for out in sparse[:3]:
+        validates(SCHEMA, out)
+    fullmatch(regex, sparse[3])
+
+    monkeypatch.setattr(scheduler_module, "SPARSE_LOGITS_SHARE", 10**9)  # no row is sparse enough
+    sparse_rows.clear()
+    dense = engine.generate(prompts, params)
+    assert not sparse_rows
+    assert [o["output_ids"] for o in sparse] == [o["output_ids"] for o in dense]

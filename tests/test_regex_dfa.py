@@ -193,3 +193,21 @@ def test_long_max_length_schema_outputs_validate(engine):
     for out in outs:
         assert out["meta_info"]["finish_reason"]["type"] == "stop", out
         jsonschema.validate(json.loads(out["text"]), schema)
+
+
+def test_allowed_ids_list_the_mask_when_it_is_small():
+    """`allowed_ids(limit)`: a state's allowed tokens as ids when at most `limit`, else None; the
+    same set as the packed mask (EOS included where the regex may end)."""
+    from loom.runtime.constrained.bitmask import sparse_ids
+
+    vocab = {i: bytes([b]) for i, b in enumerate(b"0123456789abcdef")}
+    backend = GrammarBackend(vocab, vocab_size=20, eos_token_ids=frozenset({19}))
+    matcher = backend.compile("regex", "[0-9]{1,2}").result().matcher()
+    assert matcher.allowed_ids(10).tolist() == list(range(10))  # digits only: no EOS yet
+    assert matcher.allowed_ids(9) is None
+    assert matcher.accept_token(3)
+    assert matcher.allowed_ids(20).tolist() == list(range(10)) + [19]  # may end: EOS too
+    row = allocate_token_bitmask(1, 20)
+    matcher.fill_mask(row[0])
+    assert unpack_bitmask(row, 20)[0].nonzero().view(-1).tolist() == matcher.allowed_ids(20).tolist()
+    assert sparse_ids(row[0], 20).tolist() == matcher.allowed_ids(20).tolist()

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from loom.runtime.constrained.bitmask import sparse_ids
+
 
 class TokenMatcher:
     """accept_token(id) -> bool (False: the token is not allowed here; the state is unchanged);
@@ -56,6 +58,11 @@ class TokenMatcher:
     def fill_mask(self, bitmask_row: torch.Tensor) -> None:
         # bitmask_row: [ceil(V / 32)] int32
         bitmask_row.copy_(self.compiled.mask(self.state)[0])
+
+    def allowed_ids(self, limit: int) -> torch.Tensor | None:
+        """The allowed token ids (int64, ascending; EOS among them where the grammar may end) when
+        there are at most `limit`, else None: the scheduler then computes logits for these only."""
+        return sparse_ids(self.compiled.mask(self.state)[0], limit)
 
     def allowed_non_eos(self) -> bool:
         return self.compiled.mask(self.state)[1]

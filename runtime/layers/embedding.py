@@ -77,6 +77,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied through compute_logits(hidden_states)")
 
+    def logits_for_ids(self, hidden_state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden_state: [hidden], ids: [k] int64 -> those tokens' logits [k] fp32 (one rank only)."""
+        assert self.tp_size == 1, "logits_for_ids needs the whole vocabulary on one rank"
+        return torch.mv(self.weight.index_select(0, ids), hidden_state).float()
+
     def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype).
         `out` ([N, vocab] fp32) receives them where it can (one rank, fp32, no vocabulary padding):
