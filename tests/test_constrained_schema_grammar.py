@@ -241,3 +241,14 @@ def test_mask_equals_brute_force(real):
         for b in text.encode():
             assert g.accept_token(single[bytes([b])])
     assert g.is_terminated() or g.accept_token(EOS)
+
+
+def test_huge_schema_regex_goes_straight_to_the_grammar(monkeypatch):
+    from loom.runtime.constrained import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "MAX_SCHEMA_REGEX_CHARS", 10)
+    backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
+    compiled = backend._compile("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    assert isinstance(compiled, CompiledEbnf)
+    assert accepts(compiled, '{"a":1}') and not accepts(compiled, '{"a":"x"}')
+    backend.shutdown()

@@ -23,6 +23,9 @@ from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.server_args import GRAMMAR_BACKENDS
 
 GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
+# A JSON Schema whose regex is longer than this goes to the grammar path without trying the DFA (a
+# 27M-character regex took over 3 minutes to refuse; the largest MaskBench one that compiles is 1.4M).
+MAX_SCHEMA_REGEX_CHARS = 4_000_000
 
 
 def grammar_source(params: Any) -> tuple[str, str] | None:
@@ -98,6 +101,8 @@ class GrammarBackend:
                 if str(e).startswith("json_schema is not valid JSON") or str(e).startswith("json_schema false"):
                     raise
                 return self._schema_grammar(source, str(e))
+            if len(regex) > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes: straight to the grammar
+                return self._schema_grammar(source, f"json_schema: its regex is {len(regex)} characters (limit {MAX_SCHEMA_REGEX_CHARS})")
         elif kind in EBNF_KINDS:  # GBNF or Lark syntax, on Lark's LALR tables (ebnf.py)
             return compile_grammar(kind, source, self._token_vocab())
         else:
