@@ -131,6 +131,8 @@ def test_open_objects_admit_undeclared_keys_only(byte_vocab):
     c = grammar(byte_vocab, WIDE, open_objects=True)
     assert accepts(c, '{"zz":{"a":[1,null]},"p10":1,"q":"x","p50":2,"r":true}')
     assert not accepts(c, '{"p10":1,"p50":2,"p51":"not an integer"}')  # a declared key is not "undeclared"
+    assert accepts(c, '{"p10":1,"p50":2,"Vendor\\\\Ns\\\\":"x","q\\n":0}')  # escaped keys no declared name can be
+    assert not accepts(c, '{"p10":1,"p50":2,"p\\u0035":"x"}')  # "p5" spelled with an escape is no undeclared key
     typed = {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
     c = grammar(byte_vocab, typed)
     assert accepts(c, '{"a":"x","b":1,"c":2}')

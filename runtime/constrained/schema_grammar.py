@@ -80,6 +80,20 @@ def schema_to_grammar(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPAC
     return b.source(top), b.dfas
 
 
+_SAFE_ESCAPE = r'\\["\\bfnrt]'  # decodes to '"', '\\' or a control character
+
+
+def _other_key(builder: Any, names: list[str]) -> str:
+    """A quoted key differing from every name in `names`: written without escapes (the complement
+    of their trie), or with at least one escape decoding to a quote, backslash or control character
+    where no name holds one (such a key is no name, however the rest is spelled)."""
+    plain = S._other_key_regex(names)
+    if any(re.search(r'["\\\x00-\x1f]', n) for n in names):
+        return plain
+    char = f"(?:{S._KEY_CHAR}|{_SAFE_ESCAPE})"
+    return f'(?:{plain}|"{char}*{_SAFE_ESCAPE}{char}*")'
+
+
 def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
     """The minimal automaton of L(a) & L(b) (keep_b) or L(a) - L(b) (not keep_b)."""
     nb = b.table.shape[0]
@@ -437,7 +451,7 @@ class _Builder:
             others = self._pattern_members(patterns, [*props, *forbidden], extra, path, refs)
         elif extra is not False:
             value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
-            others = [f"{self.key(S._other_key_regex([*props, *forbidden]))} {value}"]
+            others = [f"{self.key(_other_key(self, [*props, *forbidden]))} {value}"]
         # Required members in declared order; optional ones (declared or not) anywhere between them,
         # in any order (a repeated key still validates: each of its values satisfies the schema).
         # T[i]: after a member, i required ones written; H: before any member. O(n) rules.
