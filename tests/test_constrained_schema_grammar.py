@@ -254,3 +254,10 @@ def test_huge_schema_regex_goes_straight_to_the_grammar(monkeypatch):
     assert isinstance(compiled, CompiledEbnf)
     assert accepts(compiled, '{"a":1}') and not accepts(compiled, '{"a":"x"}')
     backend.shutdown()
+
+
+def test_draft4_exclusive_bounds_and_unresolved_keywords(byte_vocab):
+    c = grammar(byte_vocab, {"type": "array", "items": {"type": "integer", "minimum": 0, "exclusiveMinimum": True, "maximum": 9}})
+    assert accepts(c, "[1,9]") and not accepts(c, "[0]") and not accepts(c, "[10]")
+    with pytest.raises(GrammarError, match="recursiveRef"):
+        schema_to_grammar(json.dumps({"type": "object", "properties": {"a": {"$recursiveRef": "#"}}}))

@@ -43,7 +43,7 @@ MAX_PRODUCT_LENGTH = 256  # a pattern or format beside minLength / maxLength up 
 MAX_COUNTED_ITEMS = 1000  # minItems / maxItems expanded into rules up to this
 _REFUSED = ("multipleOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
             "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
-            "minProperties", "maxProperties")  # fmt: skip
+            "minProperties", "maxProperties", "$dynamicRef", "$recursiveRef")  # fmt: skip
 _OBJECT_KEYS = ("properties", "additionalProperties", "required", "patternProperties")
 _ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems", "additionalItems")
 _STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
@@ -282,6 +282,12 @@ class _Builder:
                 return self.alternatives([self.sym(b, f"{path}/{key}/{i}", refs) for i, b in enumerate(node[key])], key.lower())
         node = S._drop_excluded(node, path)
         node = S._declare_required(node, path)
+        for bound in ("Minimum", "Maximum"):  # draft 4: "exclusiveMinimum": true qualifies "minimum"
+            flag = node.get(f"exclusive{bound}")
+            if isinstance(flag, bool):
+                node = {k: v for k, v in node.items() if k != f"exclusive{bound}"}
+                if flag and bound.lower() in node:
+                    node[f"exclusive{bound}"] = node.pop(bound.lower())
         types = node.get("type")
         if isinstance(types, list) and (isinstance(node.get("enum"), list) or "const" in node):
             node = S._filter_enum(node, path)
