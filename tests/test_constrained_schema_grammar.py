@@ -145,6 +145,10 @@ def test_long_max_length_string(byte_vocab):
     for n, ok in [(0, False), (2, False), (3, True), (64, True), (65, True), (1000, True), (2999, True), (3000, True), (3001, False)]:
         assert accepts(c, json.dumps({"s": "é" * n}, ensure_ascii=False)) == ok, n
     assert accepts(c, json.dumps({"s": '"\\' * 1500}))  # escapes count as one character each
+    for lo, hi in [(100, None), (64, None), (130, 200), (0, 65)]:  # every chunk boundary, with and without a maximum
+        c = grammar(byte_vocab, {"type": "string", "minLength": lo, **({} if hi is None else {"maxLength": hi})})
+        for n in sorted({0, 1, 63, 64, 65, 99, 100, 101, 127, 128, 129, 130, 199, 200, 201, 300}):
+            assert accepts(c, json.dumps("a" * n)) == (n >= lo and (hi is None or n <= hi)), (lo, hi, n)
 
 
 def test_formats_beside_lengths_and_dates(byte_vocab):

@@ -414,13 +414,13 @@ class _Builder:
         # after k chunks (k * c characters so far), the tail admits max(lo - k c, 0)..min(hi - k c, c - 1)
         kmax_lo = lo // c  # chunks that must come before the tail can close the string
         if hi is None:
-            # at least kmax_lo chunks, then any number more
+            # kmax_lo chunks first (their tail would be too short), then the remainder, or another
+            # chunk and anything after it
             loop = self._name("strloop")
             self.rules[loop] = f"{chunk} {loop} | {rest(0, c - 1)}"
-            body = loop
-            for k in reversed(range(kmax_lo)):
-                r_lo = lo - k * c
-                body = self.rule(f"{chunk} {body}" + (f" | {rest(r_lo, c - 1)}" if r_lo < c else ""), "strk")
+            body = self.rule(f"{chunk} {loop} | {rest(lo - kmax_lo * c, c - 1)}", "strk")
+            for _ in range(kmax_lo):
+                body = self.rule(f"{chunk} {body}", "strk")
             return self.rule(f"{open_q} {body}", "longstr")
         kmax = hi // c
         body = rest(max(lo - kmax * c, 0), hi - kmax * c)
@@ -441,17 +441,17 @@ class _Builder:
             raise GrammarError(f"json_schema: 'patternProperties' at {path} must be an object")
         forbidden = list(node.get(S._FORBIDDEN, ()))
         required = set(node.get("required") or ())
-        extra = node.get("additionalProperties", True if self.open_objects else False)
+        extra = node.get("additionalProperties", bool(self.open_objects))
         for pattern, sub in patterns.items():  # a declared name matching a pattern takes both schemas
             try:
                 hits = [name for name in props if re.search(pattern, name)]
             except re.error as e:
                 raise GrammarError(f"json_schema: patternProperties {pattern!r} at {path} is not a valid regex: {e}") from None
             for name in hits:
-                props[name] = S._merge(True if props[name] is True else props[name], sub, f"{path}/properties/{name}")
+                props[name] = S._merge(props[name], sub, f"{path}/properties/{name}")
         comma = self.comma()
-        members = [(name in required, f"{self.key(re.escape(json.dumps(name, ensure_ascii=False)))} "
-                    f"{self.sym(sub, f'{path}/properties/{name}', refs)}") for name, sub in props.items()]  # fmt: skip
+        members = [(name in required, f"{self.key(re.escape(json.dumps(name, ensure_ascii=False)))} {self.sym(sub, f'{path}/properties/{name}', refs)}")
+                   for name, sub in props.items()]  # fmt: skip
         others: list[str] = []
         if patterns:
             others = self._pattern_members(patterns, [*props, *forbidden], extra, path, refs)
