@@ -40,6 +40,7 @@ _SCALAR = f"{_STRING}|{_NUM}|true|false|null"
 # character); beyond, the string is split into chunk terminals counted by rules.
 MAX_TERMINAL_LENGTH = 64
 MAX_PRODUCT_LENGTH = 256  # a pattern or format beside minLength / maxLength up to this: product automaton
+MAX_PRODUCT_STATES = 20_000  # an intersection automaton past this is refused (built in Python: ~1 s per 10k states)
 MAX_COUNTED_ITEMS = 1000  # minItems / maxItems expanded into rules up to this
 _REFUSED = ("multipleOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
             "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
@@ -95,7 +96,8 @@ def _other_key(builder: Any, names: list[str]) -> str:
 
 
 def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
-    """The minimal automaton of L(a) & L(b) (keep_b) or L(a) - L(b) (not keep_b)."""
+    """The minimal automaton of L(a) & L(b) (keep_b) or L(a) - L(b) (not keep_b); refused past
+    MAX_PRODUCT_STATES states."""
     nb = b.table.shape[0]
     index = {(0, 0): 0}
     order = [(0, 0)]
@@ -112,7 +114,7 @@ def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
                 order.append(pair)
             ids.append(index[pair])
         rows.append(np.asarray(ids, dtype=np.int64)[inv.reshape(-1)])
-        if len(order) > 200_000:
+        if len(order) > MAX_PRODUCT_STATES:
             raise GrammarError("json_schema: a key or string automaton (patternProperties, pattern beside lengths) is too large")
     table = np.stack(rows)
     accepting = np.array([bool(a.accepting[p]) and (bool(b.accepting[q]) == keep_b) for p, q in order])
