@@ -164,7 +164,6 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb)
 
-    @torch.inference_mode()
     @property
     def can_compute_sparse_logits(self) -> bool:
         """Whether `compute_logits_sparse` may be used: the CPU (where the LM head's arithmetic is
@@ -188,6 +187,7 @@ class ModelRunner:
                 logits[i, ids] = head.logits_for_ids(hidden[i], ids)
         return logits
 
+    @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, scratch: ScratchRows | None = None) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32; written into `scratch`'s block where
         it hands one out (the result is then valid until that scratch's next use)."""

@@ -66,12 +66,12 @@ class TensorParallelScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.tp = tp
 
-    def _sample(self, logits, logprobs, rows: list[int], reqs: list[Any]) -> list[int]:
+    def _sample(self, logits, logprobs, rows: list[int], reqs: list[Any], premasked: frozenset[int] = frozenset()) -> list[int]:
         # Rank 0 samples (its RNG, its grammar masks) and the others take its tokens, so seeds
         # and float ties can never make the ranks' requests diverge.
         if not rows:
             return []
-        ids = super()._sample(logits, logprobs, rows, reqs) if self.tp.rank == 0 else None
+        ids = super()._sample(logits, logprobs, rows, reqs, premasked) if self.tp.rank == 0 else None
         return self.tp.broadcast_ids(ids, len(rows))
 
     def poll_grammars(self) -> None:
