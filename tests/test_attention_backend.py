@@ -70,11 +70,14 @@ def test_decode_matches_per_request_attention(shared, heads, kv_heads, dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("shared", [0, CASCADE_MIN_PREFIX, 120])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extend_matches_per_request_causal_attention(heads, kv_heads, dtype):
+def test_extend_matches_per_request_causal_attention(shared, heads, kv_heads, dtype):
     """A mixed extend batch: short extends over long and short cached prefixes (grouped, one of
-    them alone in its group), a short one from scratch, and a long prefill (per request)."""
+    them alone in its group), a short one from scratch, and a long prefill (per request). With
+    `shared`, the cached prefixes of 150 tokens or more start with the same slots (choices behind
+    one few-shot block): their group reads those once (cascade)."""
     torch.manual_seed(0)
     d, capacity = 32, 4000
     prefixes = [150, 0, 151, 7, 900, 0, 160]
@@ -84,9 +87,11 @@ def test_extend_matches_per_request_causal_attention(heads, kv_heads, dtype):
     pool.v_buffer[0].normal_()
     req_to_token = ReqToTokenPool(len(news), 1200)
     free = (torch.randperm(capacity - 1) + 1).tolist()
+    common = [free.pop() for _ in range(shared)]
     rows, new_slots = [], []
     for i, (p, n) in enumerate(zip(prefixes, news)):
-        slots = torch.tensor([free.pop() for _ in range(p + n)])
+        lead = common if p >= 150 else []
+        slots = torch.tensor(lead + [free.pop() for _ in range(p + n - len(lead))])
         req_to_token.req_to_token[i, : p + n] = slots
         rows.append(slots)
         new_slots.append(slots[p:])
@@ -112,6 +117,8 @@ def test_extend_matches_per_request_causal_attention(heads, kv_heads, dtype):
     backend.init_forward_metadata(fb)
     grouped = sum(g.shape[0] for g in backend.extend_groups)
     assert backend.extend_groups and grouped + len(backend.extend_metadata) == len(news)
+    cascaded = [g for g in backend.extend_groups if g.prefix_indices is not None]
+    assert len(cascaded) == (shared >= CASCADE_MIN_PREFIX)
     k_new, v_new = pool.k_buffer[0][out_cache_loc].clone(), pool.v_buffer[0][out_cache_loc].clone()
     layer = AttentionLayer(0, heads, kv_heads, d, d**-0.5)
     out = backend.forward(q, k_new, v_new, layer, fb)

@@ -10,7 +10,9 @@ padded [B, max_len] slot table once per step and masks each row past its length.
 row of a decode batch starts with the same slots (requests sharing a cached prefix, the
 few-shot case) that prefix is gathered once and attended by all queries in one matmul
 ("cascade" attention); each row's own suffix is attended separately and the two parts are
-merged exactly through one softmax.
+merged exactly through one softmax. A group of short extends whose cached prefixes start with
+the same slots (the choices of one select, a batch of them behind one few-shot block) is
+attended the same way.
 
 Gathers write into buffers reused across layers and steps: a fresh multi-MB tensor per layer
 costs more in page faults than the copy itself on the CPU.
@@ -51,9 +53,10 @@ class ExtendGroup:
     q_rows: torch.Tensor  # [B * N] row of q for each padded query (padding: row 0)
     q_valid: torch.Tensor  # [V] positions in the flattened [B * N] output that are real queries, request-major
     out_rows: torch.Tensor  # [V] the q row each of those real queries answers
-    kv_indices: torch.Tensor  # [B * S] pool slots (padding: slot 0)
+    kv_indices: torch.Tensor  # [B * S] pool slots after the shared prefix (padding: slot 0)
     mask: torch.Tensor  # [B, 1, N, S] bool (True = attend)
     shape: tuple[int, int, int]  # (B, N, S)
+    prefix_indices: torch.Tensor | None = None  # [P] slots every row starts with, all of them cached (cascade)
 
 
 @dataclass(slots=True)
@@ -148,14 +151,33 @@ class TorchNativeAttnBackend(AttentionBackend):
         for g in self.extend_groups:
             b, n, s = g.shape
             lid = layer.layer_id
-            qg = q.index_select(0, g.q_rows).view(b, n, -1, q.shape[-1]).transpose(1, 2)  # [B, H, N, D]
             kg = pool.dequantize(lid, "k", self._gather("k", k_buf, g.kv_indices), q.dtype).view(b, s, *k_buf.shape[1:])
             vg = pool.dequantize(lid, "v", self._gather("v", v_buf, g.kv_indices), q.dtype).view(b, s, *v_buf.shape[1:])
-            out = F.scaled_dot_product_attention(
-                qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=layer.scaling, enable_gqa=gqa
-            )  # [B, H, N, D]
-            o.index_copy_(0, g.out_rows, out.transpose(1, 2).reshape(b * n, *o.shape[1:]).index_select(0, g.q_valid))
+            if g.prefix_indices is not None:
+                out = self._cascade_extend(q, kg, vg, g, layer, pool, k_buf, v_buf)  # [B * N, H, D]
+            else:
+                qg = q.index_select(0, g.q_rows).view(b, n, -1, q.shape[-1]).transpose(1, 2)  # [B, H, N, D]
+                out = F.scaled_dot_product_attention(
+                    qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=layer.scaling, enable_gqa=gqa
+                ).transpose(1, 2).reshape(b * n, *o.shape[1:])  # [B, H, N, D] -> [B * N, H, D]
+            o.index_copy_(0, g.out_rows, out.index_select(0, g.q_valid))
         return o
+
+    def _cascade_extend(self, q, kg, vg, g: ExtendGroup, layer: AttentionLayer, pool, k_buf, v_buf) -> torch.Tensor:
+        """A group's attention with its shared prefix read once: q [T, H, D]; kg/vg [B, S, Hkv, D]
+        (each row's keys after the prefix) -> [B * N, H, D] in the padded query order."""
+        b, n, s = g.shape
+        h, d = q.shape[1], q.shape[2]
+        hkv = layer.num_kv_heads
+        grp = h // hkv
+        lid = layer.layer_id
+        # Queries grouped by KV head: [B, Hkv, G * N, D] (head hkv * G + j, query i -> row j * N + i).
+        qg = q.index_select(0, g.q_rows).view(b, n, hkv, grp, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, grp * n, d)
+        kp = pool.dequantize(lid, "k", self._gather("kp", k_buf, g.prefix_indices), torch.float32)
+        vp = pool.dequantize(lid, "v", self._gather("vp", v_buf, g.prefix_indices), torch.float32)
+        mask = g.mask[:, :, None].expand(b, 1, grp, n, s).reshape(b, 1, grp * n, s)
+        out = self._cascade_decode(qg, kg.transpose(1, 2), vg.transpose(1, 2), kp, vp, mask, layer.scaling)
+        return out.view(b, hkv, grp, n, d).permute(0, 3, 1, 2, 4).reshape(b * n, h, d)
 
     def forward_decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayer, batch: ForwardBatchLike
@@ -181,7 +203,7 @@ class TorchNativeAttnBackend(AttentionBackend):
             return out.reshape(b, h, d)
         kp = pool.dequantize(lid, "k", self._gather("kp", k_buf, meta.prefix_indices), torch.float32)
         vp = pool.dequantize(lid, "v", self._gather("vp", v_buf, meta.prefix_indices), torch.float32)
-        return self._cascade_decode(qg, kr, vr, kp, vp, meta, layer.scaling).reshape(b, h, d)
+        return self._cascade_decode(qg, kr, vr, kp, vp, meta.mask, layer.scaling).reshape(b, h, d)
 
     def _cascade_decode(
         self,
@@ -190,13 +212,15 @@ class TorchNativeAttnBackend(AttentionBackend):
         vs: torch.Tensor,
         kp: torch.Tensor,
         vp: torch.Tensor,
-        meta: DecodeMetadata,
+        mask: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
         """Exact attention over [shared prefix | own suffix] with the prefix read once.
 
-        qg: [B, Hkv, G, D]; ks/vs: [B, Hkv, S, D] (each row's suffix); kp/vp: [P, Hkv, D] fp32 (the
-        shared prefix's rows) -> [B, Hkv, G, D]."""
+        qg: [B, Hkv, G, D] (G queries per row and KV head: the heads of a decode step, heads x new
+        tokens of an extend); ks/vs: [B, Hkv, S, D] (each row's suffix); kp/vp: [P, Hkv, D] fp32
+        (the shared prefix's rows, seen by every query); mask: [B, 1, 1 or G, S] bool over the
+        suffix, or None -> [B, Hkv, G, D]."""
         b, hkv, g, d = qg.shape
         dtype = qg.dtype
         f32 = torch.float32
@@ -207,8 +231,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         q_all = qf.permute(1, 0, 2, 3).reshape(hkv, b * g, d)
         s_pre = torch.matmul(q_all, kp.transpose(1, 2)).mul_(scale)  # [Hkv, B*G, P]
         s_suf = torch.matmul(qf, ks.to(f32).transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, S]
-        if meta.mask is not None:
-            s_suf.masked_fill_(~meta.mask, float("-inf"))
+        if mask is not None:
+            s_suf.masked_fill_(~mask, float("-inf"))
         m_pre = s_pre.amax(-1).view(hkv, b, g).permute(1, 0, 2)  # [B, Hkv, G]
         m = torch.maximum(m_pre, s_suf.amax(-1))  # [B, Hkv, G]
         m_all = m.permute(1, 0, 2).reshape(hkv, b * g, 1)
@@ -271,4 +295,14 @@ def _extend_group(req_to_token: torch.Tensor, reqs: list[tuple[int, int, int, in
     # query i of row b (absolute position prefix_b + i) sees keys 0 .. prefix_b + i of its own sequence;
     # a padding query sees its row's keys too (never an empty row, so no NaN), and its output is dropped.
     mask = (keys[:, None, :] <= (prefix[:, None] + qi)[:, :, None]) & (keys < seq[:, None])[:, None, :]  # [B, N, S]
+    # Leading slots that every row shares and has cached (so every query sees them): the cascade's prefix.
+    shortest = min(r[1] for r in reqs)
+    shared = 0
+    if shortest >= CASCADE_MIN_PREFIX:
+        differs = (table[:, :shortest] != table[:1, :shortest]).any(0)  # [shortest]
+        shared = int(differs.int().argmax()) if bool(differs.any()) else shortest
+    if shared >= CASCADE_MIN_PREFIX:
+        suffix = table[:, shared:]
+        return ExtendGroup(q_rows, q_valid, q_rows[q_valid], suffix.reshape(-1), mask[:, None, :, shared:],
+                           (b, n, s - shared), table[0, :shared].clone())  # fmt: skip
     return ExtendGroup(q_rows, q_valid, q_rows[q_valid], table.reshape(-1), mask[:, None], (b, n, s))
