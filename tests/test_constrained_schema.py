@@ -204,6 +204,19 @@ def test_formats_are_spelled_as_json(backend, fmt, good):
     assert_walks_validate(backend, schema, n=4)  # outlines-core's email / uri regexes admit raw '"' and '\\'
 
 
+@pytest.mark.parametrize("fmt,good,bad", [
+    ("date", ["2024-02-29", "2023-12-31"], ["2022-02-30", "2023-02-29", "2023-04-31", "2023-13-01"]),
+    ("date-time", ["2020-01-02T03:04:05.5+01:00"], ["2020-01-02T03:04:05", "2021-02-29T00:00:00Z"]),
+    ("time", ["23:59:59Z"], ["24:00:00Z", "12:00:00"]),
+])  # fmt: skip
+def test_dates_and_times_are_the_ones_that_exist(fmt, good, bad):
+    """Dates as jsonschema's format checker reads them (outlines-core's regex admitted Feb 30 and
+    date-times without an offset), on the regex path as on the grammar path."""
+    regex = schema_to_regex(json.dumps({"type": "string", "format": fmt}))
+    assert all(re.fullmatch(regex, json.dumps(v)) for v in good)
+    assert not any(re.fullmatch(regex, json.dumps(v)) for v in bad)
+
+
 def test_keywords_of_other_types_do_not_apply():
     regex = re.compile(schema_to_regex(json.dumps({"type": "integer", "pattern": "^1$", "properties": {"a": {}}})))
     assert regex.fullmatch("5")  # JSON Schema applies 'pattern' to strings only

@@ -429,9 +429,21 @@ def _other_key_regex(names: list[str]) -> str:
 _FORMAT_BODIES: dict[str, str | None] = {}
 
 
+# Dates as `jsonschema`'s format checker reads them (ISO dates that exist, Feb 29 in leap years only;
+# RFC 3339 date-times and times with their offset), stricter than outlines-core's (2020-02-31, or no offset).
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")  # fmt: skip
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])".replace("\\\\", "\\")
+_STRICT_FORMATS = {"date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}"}
+
+
 def _format_body(fmt: Any) -> str | None:
     if not isinstance(fmt, str):
         return None
+    if fmt in _STRICT_FORMATS:
+        return _STRICT_FORMATS[fmt]
     if fmt not in _FORMAT_BODIES:
         try:
             quoted = build_regex_from_schema(json.dumps({"type": "string", "format": fmt}))

@@ -49,14 +49,6 @@ _OBJECT_KEYS = ("properties", "additionalProperties", "required", "patternProper
 _ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems", "additionalItems")
 _STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
 _NUMBER_KEYS = S._BOUNDS
-# Dates as `jsonschema`'s format checker reads them (ISO dates that exist, Feb 29 in leap years only;
-# RFC 3339 date-times and times with their offset), stricter than outlines-core's (2020-02-31, or no offset).
-_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
-_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
-_DATE = (f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
-         f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")  # fmt: skip
-_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])".replace("\\\\", "\\")
-_FORMATS = {"date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}"}
 
 
 def schema_to_grammar(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPACE, open_objects: bool = False) -> tuple[str, dict[str, ByteDFA]]:
@@ -371,7 +363,7 @@ class _Builder:
             body = S.json_string_body(node["pattern"], f"'pattern' at {path}")
             return self._bounded(body, lo, hi, "'pattern'", path)
         if "format" in node:
-            body = _FORMATS.get(node["format"]) or S._format_body(node["format"])
+            body = S._format_body(node["format"])
             if body is not None:
                 return self._bounded(body, lo, hi, f"'format' {node['format']!r}", path)
         if not lo and hi is None:
