@@ -10,7 +10,12 @@ Grammars (regex / json_schema): a request's grammar compiles on `constrained.Gra
 threads while the request sits in `grammar_queue` (never in the batch); once compiled it joins
 `waiting` with its matcher in `req.grammar`. Each step the rows with a grammar get a packed
 bitmask (`_grammar_mask`) applied to their logits before sampling, and `_append_token` feeds the
-sampled token to the matcher; batches without grammars skip both.
+sampled token to the matcher; batches without grammars skip both. On the CPU a decode row whose
+grammar allows few tokens at this step (`_sparse_rows`: at most 1/SPARSE_LOGITS_SHARE of the
+vocabulary) gets logits for those tokens only and no bitmask (`ModelRunner.compute_logits_sparse`).
+
+Prefill-only requests (`max_new_tokens` 0) hold out their last prompt token (`Req.held_out`): it
+gets no KV, and its logprob comes from the extend's last row, where sampling would be.
 
 Jump-forward (`jump_forward.py`, off with `disable_jump_forward`): when, after a sampled token,
 the grammar forces a string, the request's last unsent token is backed off and replaced by the
