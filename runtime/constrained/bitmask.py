@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import weakref
 
 import numpy as np
@@ -39,22 +38,18 @@ def pack_allowed(token_ids: list[int], vocab_size: int) -> torch.Tensor:
 
 SPARSE_KEEP = 8192  # allowed-id lists longer than this are not kept (only their length)
 _sparse_cache: dict[int, torch.Tensor | int] = {}  # id(mask tensor) -> ids, or their number; dropped with the tensor
-_sparse_lock = threading.Lock()
 
 
 def sparse_ids(words: torch.Tensor, limit: int) -> torch.Tensor | None:
     """A packed mask row [W] int32 -> the ids of its set bits (int64, ascending) when there are at
     most `limit` of them, else None. Remembered per mask tensor: the compilers cache one tensor
-    per mask class, so each class is unpacked once."""
+    per mask class, so each class is unpacked once. Called from the scheduler's thread only."""
     key = id(words)
-    with _sparse_lock:
-        hit = _sparse_cache.get(key)
+    hit = _sparse_cache.get(key)
     if hit is None:
         bits = np.unpackbits(words.contiguous().numpy().view(np.uint8), bitorder="little")
         ids = np.flatnonzero(bits)
-        hit = torch.from_numpy(ids.astype(np.int64)) if len(ids) <= SPARSE_KEEP else len(ids)
-        with _sparse_lock:
-            _sparse_cache[key] = hit
+        hit = _sparse_cache[key] = torch.from_numpy(ids.astype(np.int64)) if len(ids) <= SPARSE_KEEP else len(ids)
         weakref.finalize(words, _sparse_cache.pop, key, None)
     if isinstance(hit, int) or hit.numel() > limit:
         return None
