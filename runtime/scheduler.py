@@ -237,8 +237,16 @@ class Scheduler:
         return req.inflight > 0 or req.pending_len == 1
 
     def _finishes_by_length(self, req: Req) -> bool:
-        n_out = len(req.output_ids) + req.inflight
-        return n_out >= req.sampling_params.max_new_tokens or len(req.origin_input_ids) + n_out >= self.runner.context_len
+        return self._length_reason(req, len(req.output_ids) + req.inflight) is not None
+
+    def _length_reason(self, req: Req, n_out: int) -> dict | None:
+        """The finish reason of a request with n_out output tokens that reached its length limit
+        (max_new_tokens or the model's context), else None."""
+        if n_out >= req.sampling_params.max_new_tokens:
+            return {"type": "length", "length": req.sampling_params.max_new_tokens}
+        if len(req.origin_input_ids) + n_out >= self.runner.context_len:
+            return {"type": "length", "length": n_out, "message": "reached the model's context length"}
+        return None
 
     def _launch_decode(self, reqs: list[Req]) -> InflightStep:
         assert self.worker is not None
@@ -743,11 +751,7 @@ class Scheduler:
                 for stop in params.stop:
                     if stop in tail:
                         return {"type": "stop", "matched": stop}
-        if n_out >= params.max_new_tokens:
-            return {"type": "length", "length": params.max_new_tokens}
-        if len(req.origin_input_ids) + n_out >= self.runner.context_len:
-            return {"type": "length", "length": n_out, "message": "reached the model's context length"}
-        return None
+        return self._length_reason(req, n_out)
 
     def finish(self, req: Req, reason: dict) -> None:
         req.finished_reason = reason
