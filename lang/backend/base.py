@@ -174,11 +174,12 @@ class NativeBackend(Backend):
         choice's tokens are the last ones, whose texts spell exactly the choice; None when no run
         of last tokens does (the choice's first token merges with the prompt's last characters,
         or a token is part of a multi-byte character)."""
+        for choice in choices:
+            if not choice:
+                raise ValueError(f"select(): the choice {choice!r} adds no token to the prompt")
         results = self._score_request([text + c for c in choices], mark_tokens)
         spans = []
         for choice, out in zip(choices, results):
-            if not choice:
-                raise ValueError(f"select(): the choice {choice!r} adds no token to the prompt")
             entries = out["meta_info"]["input_token_logprobs"]
             k, tail = len(entries), ""
             while k > 0 and len(tail) < len(choice):
