@@ -98,7 +98,7 @@ class GrammarBackend:
             try:
                 regex = schema_to_regex(source, self.whitespace_pattern, self.json_open_objects)
             except GrammarError as e:
-                if str(e).startswith("json_schema is not valid JSON") or str(e).startswith("json_schema false"):
+                if str(e).startswith(("json_schema is not valid JSON", "json_schema false")):
                     raise
                 return self._schema_grammar(source, str(e))
             if len(regex) > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes: straight to the grammar
