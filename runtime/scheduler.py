@@ -551,16 +551,19 @@ class Scheduler:
         logprobs = None
         if logits is not None and any(r.return_logprob for r in plan.reqs):
             logprobs = compute_logprobs(logits, self.logprobs_scratch.get(*logits.shape, logits.device))
+        prompt_rows: list[tuple[int, Req, int]] = []  # (row, request, prompt token whose logprob it gives)
         for row, (i, pos) in enumerate(plan.row_owner):
             req = plan.reqs[i]
             if pos < len(req.origin_input_ids) and req.wants_input_logprobs() and pos == req.input_logprob_pos:
-                self._record_input_logprob(req, logprobs, row, req.origin_input_ids[pos])
+                prompt_rows.append((row, req, req.origin_input_ids[pos]))
                 req.input_logprob_pos += 1
             elif pos == req.fill_len and not req.is_chunked and req.held_out is not None:
-                self._record_input_logprob(req, logprobs, row, req.held_out)  # wants_last_row: asked for
+                prompt_rows.append((row, req, req.held_out))  # wants_last_row: its logprob was asked for
             elif pos == req.fill_len and not req.is_chunked and req.remaining_new_tokens > 0:
                 sample_rows.append(row)
                 sample_reqs.append(req)
+        if prompt_rows:
+            self._record_input_logprobs(logprobs, prompt_rows)
 
         next_ids = self._sample(logits, logprobs, sample_rows, sample_reqs)
         sampled = dict(zip(map(id, sample_reqs), next_ids))
@@ -583,10 +586,19 @@ class Scheduler:
             self.running.append(req)
 
     @staticmethod
-    def _record_input_logprob(req: Req, logprobs: torch.Tensor, row: int, token: int) -> None:
-        req.pending_input_logprobs.append((float(logprobs[row, token]), token))
-        if req.top_logprobs_num:
-            req.pending_input_top.append(gather_top_logprobs(logprobs[row : row + 1], [req.top_logprobs_num])[0])
+    def _record_input_logprobs(logprobs: torch.Tensor, prompt_rows: list[tuple[int, Req, int]]) -> None:
+        """Prompt logprobs (and top logprobs where asked) of (row, request, token) triples, in
+        order: one gather and one top-k for the whole step, not one device read per row."""
+        rows = torch.tensor([r for r, _, _ in prompt_rows], dtype=torch.int64, device=logprobs.device)
+        tokens = torch.tensor([t for _, _, t in prompt_rows], dtype=torch.int64, device=logprobs.device)
+        values = logprobs[rows, tokens].tolist()
+        top_at = [j for j, (_, req, _) in enumerate(prompt_rows) if req.top_logprobs_num]
+        tops = gather_top_logprobs(logprobs[rows[top_at]], [prompt_rows[j][1].top_logprobs_num for j in top_at]) if top_at else []
+        top_of = dict(zip(top_at, tops))
+        for j, ((_, req, token), value) in enumerate(zip(prompt_rows, values)):
+            req.pending_input_logprobs.append((value, token))
+            if req.top_logprobs_num:
+                req.pending_input_top.append(top_of[j])
 
     def run_decode(self, reqs: list[Req], out_cache_loc: torch.Tensor) -> None:
         req_to_token = self.req_to_token_pool.req_to_token
