@@ -257,11 +257,83 @@ def test_absent_additional_properties_is_closed_unless_open_objects():
 
 def test_keywords_beside_anyof_apply_to_every_branch():
     schema = {"type": "object", "properties": {"r": {"type": "number"}, "w": {"type": "integer"}},
-              "oneOf": [{"required": ["r"]}, {"required": ["w"]}, {"type": "string"}]}  # fmt: skip
+              "anyOf": [{"required": ["r"]}, {"required": ["w"]}, {"type": "string"}]}  # fmt: skip
     regex = re.compile(schema_to_regex(json.dumps(schema)))
     assert regex.fullmatch('{"r": 1.5}') and regex.fullmatch('{"w": 2}') and regex.fullmatch('{"r": 1, "w": 2}')
     assert not regex.fullmatch('{"w": 2.5}') and not regex.fullmatch("{}")
     assert not regex.fullmatch('"x"')  # the string branch conflicts with type object: dropped
+
+
+# ----------------------------------------------------------------------------- oneOf
+
+AREA = {  # Glaive's calculate_area: exactly one way to give the dimensions
+    "type": "object",
+    "properties": {
+        "shape": {"type": "string"},
+        "dimensions": {
+            "type": "object",
+            "properties": {k: {"type": "number"} for k in ("base", "height", "length", "radius", "width")},
+            "oneOf": [{"required": ["radius"]}, {"required": ["length", "width"]}, {"required": ["base", "height"]}],
+        },
+    },
+    "required": ["dimensions", "shape"],
+}
+
+
+@pytest.mark.parametrize("open_objects", [False, True])
+def test_oneof_branches_differing_in_required_hold_exactly_one(backend, open_objects):
+    regex = re.compile(schema_to_regex(json.dumps(AREA), open_objects=open_objects))
+    # members in declared order (generation's order where objects are closed)
+    for dims, ok in [('{"radius": 5}', True), ('{"length": 1, "width": 2}', True), ('{"base": 1, "height": 2}', True),
+                     ('{"length": 1, "radius": 5}', True), ('{"length": 10, "radius": 5, "width": 5}', False),
+                     ('{"length": 1}', False), ("{}", False), ('{"base": 1, "height": 2, "radius": 1}', False)]:  # fmt: skip
+        text = f'{{"shape": "c", "dimensions": {dims}}}'
+        assert bool(regex.fullmatch(text)) == ok, text
+        assert jsonschema.Draft202012Validator(AREA).is_valid(json.loads(text)) == ok, text
+    assert_walks_validate(backend, AREA)
+
+
+def test_oneof_branches_apart_by_type_or_const_stay_as_written():
+    tagged = {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "x": {"type": "integer"}}, "required": ["kind"],
+              "oneOf": [{"properties": {"kind": {"const": "a"}}, "required": ["x"]}, {"properties": {"kind": {"const": "b"}}}]}  # fmt: skip
+    regex = re.compile(schema_to_regex(json.dumps(tagged)))
+    assert regex.fullmatch('{"kind": "a", "x": 1}') and regex.fullmatch('{"kind": "b", "x": 1}') and regex.fullmatch('{"kind": "b"}')
+    assert not regex.fullmatch('{"kind": "a"}')
+    regex = re.compile(schema_to_regex(json.dumps({"oneOf": [{"type": "string"}, {"type": "integer"}]})))
+    assert regex.fullmatch('"s"') and regex.fullmatch("3")
+
+
+def test_oneof_that_cannot_be_proven_exclusive_reads_as_anyof():
+    # integer is a number: 3 holds both branches (JSON Schema rejects it), read here as anyOf
+    regex = re.compile(schema_to_regex(json.dumps({"oneOf": [{"type": "number"}, {"type": "integer"}]})))
+    assert regex.fullmatch("3") and regex.fullmatch("3.5")
+
+
+def test_oneof_whose_branches_always_hold_together_is_refused():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "oneOf": [{"required": ["a"]}, {"required": ["a"]}]}
+    with pytest.raises(GrammarError, match="oneOf at # admits no value"):
+        schema_to_regex(json.dumps(schema))
+
+
+# ----------------------------------------------------------------------------- member order
+
+
+def test_open_objects_take_required_members_in_any_order():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "boolean"}},
+              "required": ["a", "b"]}  # fmt: skip
+    opened = re.compile(schema_to_regex(json.dumps(schema), open_objects=True))
+    for text in ('{"a": 1, "b": "x"}', '{"b": "x", "a": 1}', '{"c": true, "b": "x", "z": 0, "a": 1}', '{"b": "x", "c": true, "a": 1, "c": false}'):
+        assert opened.fullmatch(text), text
+    for text in ('{"b": "x"}', '{"b": "x", "c": true}', '{"b": 1, "a": 1}'):
+        assert not opened.fullmatch(text), text
+    closed = re.compile(schema_to_regex(json.dumps(schema)))  # declared order: generation's keys stay forced
+    assert closed.fullmatch('{"a": 1, "b": "x"}') and not closed.fullmatch('{"b": "x", "a": 1}')
+
+
+def test_large_open_objects_keep_required_members_in_declared_order():
+    schema = {"type": "object", "properties": {k: {"type": "integer"} for k in "abcd"}, "required": list("abcd")}
+    opened = re.compile(schema_to_regex(json.dumps(schema), open_objects=True))
+    assert opened.fullmatch('{"a": 1, "b": 2, "c": 3, "d": 4}') and not opened.fullmatch('{"b": 2, "a": 1, "c": 3, "d": 4}')
 
 
 

@@ -265,3 +265,18 @@ def test_draft4_exclusive_bounds_and_unresolved_keywords(byte_vocab):
     assert accepts(c, "[1,9]") and not accepts(c, "[0]") and not accepts(c, "[10]")
     with pytest.raises(GrammarError, match="recursiveRef"):
         schema_to_grammar(json.dumps({"type": "object", "properties": {"a": {"$recursiveRef": "#"}}}))
+
+
+def test_open_objects_take_required_members_in_any_order_and_oneof_exactly(byte_vocab):
+    dims = {"type": "object", "properties": {k: {"type": "number"} for k in ("base", "height", "length", "radius", "width")},
+            "oneOf": [{"required": ["radius"]}, {"required": ["length", "width"]}, {"required": ["base", "height"]}]}  # fmt: skip
+    schema = {"type": "object", "properties": {"shape": {"type": "string"}, "dimensions": dims, "tree": {"$ref": "#"}},
+              "required": ["dimensions", "shape"]}  # recursive: the grammar path  # fmt: skip
+    c = grammar(byte_vocab, schema, open_objects=True)
+    assert accepts(c, '{"shape":"c","dimensions":{"radius":5}}')
+    assert accepts(c, '{"dimensions":{"width":2,"length":1},"note":0,"shape":"c","tree":{"shape":"d","dimensions":{"base":1,"height":2}}}')
+    assert not accepts(c, '{"shape":"c","dimensions":{"radius":5,"length":1,"width":2}}')  # two branches hold
+    assert not accepts(c, '{"shape":"c"}')
+    closed = grammar(byte_vocab, schema)  # declared order where objects are closed
+    assert accepts(closed, '{"shape":"c","dimensions":{"radius":5}}') and not accepts(closed, '{"dimensions":{"radius":5},"shape":"c"}')
+

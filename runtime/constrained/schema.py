@@ -5,6 +5,8 @@ Before `build_regex_from_schema` the schema is normalised:
 - local `$ref`s (`#/$defs/...`, `#/definitions/...`) are inlined (recursive ones are refused);
 - `allOf` is merged into one schema (outlines-core alone emits invalid JSON for it);
 - integer `minimum` / `maximum` (and the exclusive forms) become an exact digit pattern;
+- `oneOf` becomes an `anyOf` of branches that exclude one another where that can be proven
+  (`exclusive_one_of`; outlines-core reads every `oneOf` as `anyOf`);
 - keywords that would otherwise be silently ignored are refused with a message naming them;
 - string lengths past `MAX_STRING_LENGTH` are refused (each counted character is a copy of the
   string-character automaton: ~20 DFA states; regex_dfa.py caps the DFA at MAX_DFA_STATES).
@@ -82,6 +84,7 @@ class _Normaliser:
         self.open_objects = open_objects
         self._any: str | None = None
         self.subs: list[str] = []  # regexes outlines-core cannot build (or builds wrongly), by placeholder
+        self._sizes: dict[int, int] = {}  # expanded size of each sub (_expanded_size)
 
     def walk(self, node: Any, path: str, refs: tuple[str, ...]) -> Any:
         if isinstance(node, list):
@@ -105,6 +108,10 @@ class _Normaliser:
                 part, refs = self._deref(part, f"{path}/allOf/{i}", refs)
                 merged = _merge(merged, part, f"{path}/allOf/{i}")
             return self.walk(merged, path, refs)
+        if isinstance(node.get("oneOf"), list) and node["oneOf"]:
+            exact = self.exclusive_one_of(node, path, refs)
+            if exact is not None:
+                return self.walk(exact, path, refs)
         for key in ("anyOf", "oneOf"):
             siblings = {k: v for k, v in node.items() if k != key and k not in _ANNOTATIONS and k not in ("$defs", "definitions")}
             if isinstance(node.get(key), list) and siblings:  # outlines-core reads the branches alone
@@ -151,6 +158,59 @@ class _Normaliser:
             raise GrammarError(f"json_schema: every {key} branch at {path} conflicts with the keywords beside it")
         keep = {k: v for k, v in node.items() if k in _ANNOTATIONS or k in ("$defs", "definitions")}
         return {**keep, key: branches}
+
+    def exclusive_one_of(self, node: dict[str, Any], path: str, refs: tuple[str, ...]) -> dict[str, Any] | None:
+        """`oneOf` read exactly, as an `anyOf` whose branches exclude one another, where that is
+        provable: the branches (with the keywords beside them) already exclude one another (different
+        types, or a required property with disjoint `const`/`enum` values), or they are objects that
+        differ only in `required`. Then branch i holds and branch j fails exactly when some key that
+        j requires beyond i's is absent: branch i becomes one alternative per choice of absent keys
+        (`{"radius"}` vs `{"length", "width"}`: radius without length, or radius without width).
+        None where it is not provable (the caller reads `oneOf` as `anyOf`)."""
+        siblings = {k: v for k, v in node.items() if k != "oneOf" and k not in _ANNOTATIONS and k not in ("$defs", "definitions")}
+        keep = {k: v for k, v in node.items() if k in _ANNOTATIONS or k in ("$defs", "definitions")}
+        raw, merged = [], []
+        for i, branch in enumerate(node["oneOf"]):
+            try:
+                branch, _ = self._deref(branch, f"{path}/oneOf/{i}", refs)
+            except GrammarError:
+                return None
+            branch = {} if branch is True else branch
+            if branch is False:
+                continue  # never holds
+            if not isinstance(branch, dict):
+                return None
+            try:
+                merged.append(_merge(siblings, branch, f"{path}/oneOf/{i}"))
+            except GrammarError:
+                if _types(siblings) & _types(branch):
+                    return None  # a conflict _merge cannot resolve (two patterns), not an empty branch
+                continue  # of a type the keywords beside it exclude: never holds
+            raw.append(branch)
+        if not merged or not all(isinstance(m, dict) for m in merged):
+            return None
+        if all(_disjoint(a, b) for i, a in enumerate(merged) for b in merged[i + 1 :]):
+            return {**keep, "anyOf": merged}
+        bare = [{k: v for k, v in b.items() if k != "required" and k not in _ANNOTATIONS} if isinstance(b, dict) else None for b in raw]
+        if any(b != bare[0] for b in bare) or any(m.get("type", "object") != "object" for m in merged):
+            return None  # not provable here: anyOf's reading
+        need = [set(m.get("required") or ()) for m in merged]
+        out: list[dict[str, Any]] = []
+        for i, m in enumerate(merged):
+            extra = [need[j] - need[i] for j in range(len(merged)) if j != i]
+            if any(not e for e in extra):
+                continue  # another branch holds whenever this one does
+            cuts: set[frozenset[str]] = set()
+            _hitting_sets(extra, frozenset(), cuts)
+            cuts = {c for c in cuts if not any(o < c for o in cuts)}
+            if len(out) + len(cuts) > _MAX_ONE_OF_ALTERNATIVES:
+                return None
+            for cut in sorted(cuts, key=sorted):
+                props = dict(m.get("properties") or {}) | {name: False for name in sorted(cut)}
+                out.append({**m, "type": "object", "properties": props})
+        if not out:
+            raise GrammarError(f"json_schema: oneOf at {path} admits no value: each branch holds wherever another does")
+        return {**keep, "anyOf": out}
 
     def _deref(self, node: Any, path: str, refs: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
         """`node` with its top-level `$ref`s resolved (siblings merged in), and the refs followed."""
@@ -208,8 +268,8 @@ class _Normaliser:
         bounds = [k for k in _BOUNDS if k in node]
         if not bounds:
             extra = node.get("additionalProperties", True if self.open_objects else False)
-            if node.get("properties") and extra is not False and node.get("type", "object") == "object":
-                return self._open_object(node, extra)
+            if node.get("properties") and (extra is not False or self.open_objects) and node.get("type", "object") == "object":
+                return self._object(node, extra)
             return node
         if node.get("type") not in ("integer", "number"):
             raise GrammarError(
@@ -237,32 +297,70 @@ class _Normaliser:
         except (ValueError, TypeError) as e:
             raise GrammarError(f"json_schema cannot be compiled: {e}") from None
 
-    def _open_object(self, node: dict[str, Any], extra: Any) -> dict[str, Any]:
-        """An object admitting undeclared properties (keys differing from every declared one, values
-        per `extra`) after its declared ones; outlines-core drops them whenever `properties` is given.
+    def _object(self, node: dict[str, Any], extra: Any) -> dict[str, Any]:
+        """An object with `properties`, admitting undeclared ones (keys differing from every declared
+        one, values per `extra`) unless `extra` is False; outlines-core drops them whenever
+        `properties` is given, and keeps declared order.
 
-        Each property's regex is written once (the DFA is not minimised, so a regex written n times
-        costs n times its states, and nested objects multiply): with nothing required, members come
-        in any order (a repeated key still validates: each value satisfies its schema); otherwise in
-        declared order, the optional ones before the first required one spelled as a few prefixes."""
+        Each property's regex is written once where it can be (the DFA is not minimised, so a regex
+        written n times costs n times its states, and nested objects multiply). With nothing
+        required, members come in any order: one loop over them (a repeated key still validates: each
+        value satisfies its schema). Otherwise the required members keep declared order, with the
+        optional ones before the first required one spelled as a few prefixes, and undeclared ones
+        after, which keeps generation's keys forced. With `open_objects` (instances written by
+        others) every member comes in any order: a tree of the required members' orders (e + e/2 + ...
+        copies of each, up to `_ANY_ORDER_REQUIRED` of them) with the others looping between, where
+        that is not too large."""
         ws, required = self.whitespace, set(node.get("required") or ())
-        value = f"(?:{self._any_value() if extra is True else self._regex(extra)})"
-        other = f"{_other_key_regex([*node['properties'], *node.get(_FORBIDDEN, ())])}{ws}:{ws}{value}"
+        others = []
+        if extra is not False:
+            value = f"(?:{self._any_value() if extra is True else self._regex(extra)})"
+            others.append(f"{_other_key_regex([*node['properties'], *node.get(_FORBIDDEN, ())])}{ws}:{ws}{value}")
         props = [(name in required, re.escape(json.dumps(name, ensure_ascii=False)) + f"{ws}:{ws}(?:{self._regex(sub)})")
                  for name, sub in node["properties"].items()]  # fmt: skip
         sep = f"{ws},{ws}"
         first_required = next((i for i, (req, _) in enumerate(props) if req), None)
+        loose = [p for req, p in props if not req] + others
         if first_required is None:
-            member = "(?:" + "|".join([p for _, p in props] + [other]) + ")"
+            member = "(?:" + "|".join(loose) + ")"
             body = f"(?:{member}(?:{sep}{member})*)?"
+        elif self.open_objects and (body := self._any_order([p for req, p in props if req], loose, sep)) is not None:
+            pass
         else:
             r = first_required
-            tail = f"(?:{sep}{other})*"
+            tail = "".join(f"(?:{sep}{other})*" for other in others)
             for req, prop in reversed(props[r + 1 :]):
                 tail = (f"{sep}{prop}" if req else f"(?:{sep}{prop})?") + tail
             heads = [""] + [props[k][1] + "".join(f"(?:{sep}{p})?" for _, p in props[k + 1 : r]) + sep for k in range(r)]
             body = "(?:" + "|".join(heads) + ")" + props[r][1] + tail
         return self._sub(f"\\{{{ws}{body}{ws}\\}}")
+
+    def _any_order(self, required: list[str], loose: list[str], sep: str) -> str | None:
+        """The members of an object holding each of `required` (member regexes) in any order, with
+        `loose` ones before, between and after; None where it would be too large to build."""
+        if len(required) > _ANY_ORDER_REQUIRED:
+            return None
+        between = f"(?:{sep}(?:{'|'.join(loose)}))*" if loose else ""
+
+        def orders(left: tuple[int, ...]) -> str:
+            alts = []
+            for k in left:
+                rest = tuple(j for j in left if j != k)
+                alts.append(required[k] + between + (f"{sep}{orders(rest)}" if rest else ""))
+            return "(?:" + "|".join(alts) + ")"
+
+        before = f"(?:(?:{'|'.join(loose)}){sep})*" if loose else ""
+        body = before + orders(tuple(range(len(required))))
+        return body if self._expanded_size(body) <= _ANY_ORDER_MAX_SIZE else None
+
+    def _expanded_size(self, regex: str) -> int:
+        """The length of `regex` once its placeholders are filled in (each is a copy)."""
+        size = len(regex)
+        for i in map(int, re.findall(_PLACEHOLDER.format("([0-9]+)"), regex)):
+            if i not in self._sizes:
+                self._sizes[i] = self._expanded_size(self.subs[i])
+            size += self._sizes[i]
+        return size
 
     def _format(self, node: dict[str, Any], path: str) -> dict[str, Any]:
         """A string `format`: outlines-core's regex for it (date, time, uuid, email, uri...), spelled
@@ -290,6 +388,8 @@ class _Normaliser:
         return self._sub('"' + json_string_body(node["pattern"], f"'pattern' at {path}") + '"')
 
 
+_ANY_ORDER_REQUIRED = 3  # up to 3 required members of an open object in any order (16 copies of each)
+_ANY_ORDER_MAX_SIZE = 200_000  # ...while its regex, placeholders filled in, stays below this many characters
 _FORBIDDEN = "x-loom-forbidden"  # properties that admit no value: never written, not even as undeclared ones
 _ALL_TYPES = ("string", "number", "integer", "boolean", "null", "array", "object")
 
@@ -302,6 +402,54 @@ def _is_false(sub: Any) -> bool:
         except GrammarError:
             return True  # no listed value satisfies the keywords beside the list
     return sub is False or (isinstance(sub, dict) and sub.get("not", None) in ({}, True) and not set(sub) - _ANNOTATIONS - {"not"})
+
+
+_MAX_ONE_OF_ALTERNATIVES = 32  # beyond, `oneOf` is read as `anyOf` (each alternative is a copy of the object)
+
+
+def _hitting_sets(sets: list[set[str]], chosen: frozenset[str], out: set[frozenset[str]]) -> None:
+    """Every set of keys that holds one key of each of `sets` (chosen among those not yet hit)."""
+    if len(out) > _MAX_ONE_OF_ALTERNATIVES:
+        return
+    rest = [s for s in sets if not s & chosen]
+    if not rest:
+        out.add(chosen)
+        return
+    for key in sorted(rest[0]):
+        _hitting_sets(rest[1:], chosen | {key}, out)
+
+
+def _values(sub: Any) -> set[Any] | None:
+    """The values a schema lists (`const` / `enum`), as comparable keys (1 == 1.0, true != 1); None
+    when it lists none."""
+    if not isinstance(sub, dict):
+        return None
+    key = lambda v: ("n", float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else json.dumps(v, sort_keys=True)  # noqa: E731
+    found = [{key(sub["const"])}] if "const" in sub else []
+    if isinstance(sub.get("enum"), list):
+        found.append({key(v) for v in sub["enum"]})
+    return set.intersection(*found) if found else None
+
+
+def _types(node: dict[str, Any]) -> set[str]:
+    types = node.get("type", list(_ALL_TYPES))
+    types = {types} if isinstance(types, str) else set(types)
+    return types | {"integer"} if "number" in types else types
+
+
+def _disjoint(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """No value satisfies both schemas, by their types or by a property both require with values
+    listed apart."""
+    if not _types(a) & _types(b):
+        return True
+    if _types(a) & _types(b) != {"object"}:
+        return False  # a non-object satisfies both, whatever their object keywords
+    both = set(a.get("required") or ()) & set(b.get("required") or ())
+    for name in both:
+        va, vb = _values((a.get("properties") or {}).get(name)), _values((b.get("properties") or {}).get(name))
+        if va is not None and vb is not None and not va & vb:
+            return True
+    return False
 
 
 def _drop_excluded(node: dict[str, Any], path: str) -> dict[str, Any]:
@@ -340,7 +488,13 @@ def _filter_enum(node: dict[str, Any], path: str) -> dict[str, Any]:
     import jsonschema
 
     values = node["enum"] if "enum" in node else [node["const"]]
+    if "enum" in node and "const" in node:  # both (a merge): the const, if the enum lists it
+        same = _values({"const": node["const"]})
+        values = [v for v in values if _values({"const": v}) == same]
+        node = {k: v for k, v in node.items() if k != "const"} | {"enum": values}
     rest = {k: v for k, v in node.items() if k not in ("enum", "const") and k not in _ANNOTATIONS}
+    if not values:
+        raise GrammarError(f"json_schema: no 'enum' / 'const' value at {path} satisfies the keywords beside it ({sorted(rest)})")
     if not rest:
         return node
     scalar = lambda v: not isinstance(v, (list, dict))  # noqa: E731

@@ -45,6 +45,7 @@ MAX_COUNTED_ITEMS = 1000  # minItems / maxItems expanded into rules up to this
 _REFUSED = ("multipleOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
             "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
             "minProperties", "maxProperties", "$dynamicRef", "$recursiveRef")  # fmt: skip
+_ANY_ORDER_REQUIRED = 4  # an open object's required members in any order: a rule per subset of them
 _OBJECT_KEYS = ("properties", "additionalProperties", "required", "patternProperties")
 _ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems", "additionalItems")
 _STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
@@ -266,6 +267,10 @@ class _Builder:
                 part, refs = self.norm._deref(part, f"{path}/allOf/{i}", refs)
                 merged = S._merge(merged, part, f"{path}/allOf/{i}")
             return self.sym(merged, path, refs)
+        if isinstance(node.get("oneOf"), list) and node["oneOf"]:
+            exact = self.norm.exclusive_one_of(node, path, refs)
+            if exact is not None:
+                return self.sym(exact, path, refs)
         for key in ("anyOf", "oneOf"):
             if isinstance(node.get(key), list):
                 siblings = {k: v for k, v in node.items() if k != key}
@@ -452,23 +457,33 @@ class _Builder:
         elif extra is not False:
             value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
             others = [f"{self.key(_other_key(self, [*props, *forbidden]))} {value}"]
-        # Required members in declared order; optional ones (declared or not) anywhere between them,
-        # in any order (a repeated key still validates: each of its values satisfies the schema).
-        # T[i]: after a member, i required ones written; H: before any member. O(n) rules.
+        # Optional members (declared or not) anywhere, in any order (a repeated key still validates:
+        # each of its values satisfies the schema). Required ones in declared order (a rule per count
+        # written), which keeps generation's keys forced, or in any order with `open_objects`
+        # (instances written by others; up to _ANY_ORDER_REQUIRED of them: a rule per set written).
+        # T[s]: after a member, state s; H: before any member.
         required_members = [m for req, m in members if req]
         optional = [m for req, m in members if not req] + others
         opt = self.rule(" | ".join(optional), "objopt") if optional else None
         r = len(required_members)
-        T = [self._name("objt") for _ in range(r + 1)]
-        for i in range(r + 1):
-            alts = [f"{comma} {opt} {T[i]}"] if opt else []
-            if i < r:
-                alts.append(f"{comma} {required_members[i]} {T[i + 1]}")
+        any_order = self.open_objects and r <= _ANY_ORDER_REQUIRED
+
+        def nxt(s: int) -> list[tuple[int, int]]:
+            """(required member, next state) pairs: a state is the set of required members written
+            (a bitmask) in any order, their count in declared order."""
+            if any_order:
+                return [(k, s | 1 << k) for k in range(r) if not s >> k & 1]
+            return [(s, s + 1)] if s < r else []
+
+        states = range(1 << r) if any_order else range(r + 1)
+        T = {s: self._name("objt") for s in states}
+        for s in states:
+            alts = [f"{comma} {opt} {T[s]}"] if opt else []
+            alts += [f"{comma} {required_members[k]} {T[t]}" for k, t in nxt(s)]
             body = " | ".join(alts)
-            self.rules[T[i]] = body if i < r else (f"({body})?" if body else "")
+            self.rules[T[s]] = body if nxt(s) else (f"({body})?" if body else "")
         h_alts = [f"{opt} {T[0]}"] if opt else []
-        if r:
-            h_alts.append(f"{required_members[0]} {T[1]}")
+        h_alts += [f"{required_members[k]} {T[t]}" for k, t in nxt(0)]
         H = [self.rule((" | ".join(h_alts)) if r else (f"({' | '.join(h_alts)})?" if h_alts else ""), "objh")]
         lb = self.term(self.lbrace, "LBRACE", unique=True)
         rb = self.term(self.ws + "\\}", "RBRACE")
