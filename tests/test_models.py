@@ -20,7 +20,7 @@ from loom.kernels.attention import TorchNativeAttnBackend, create_attention_back
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool
 from loom.runtime.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from loom.runtime.layers.linear import skinny_linear
+from loom.runtime.layers.linear import PACKED_MIN_ROWS, linear, pack_cpu_weights, skinny_linear
 from loom.runtime.layers.rotary import rope_inv_freq, rope_parameters
 from loom.runtime.models import get_model_class
 from loom.runtime.models.loader import checkpoint_dtype, load_model
@@ -102,10 +102,13 @@ class Harness:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request: pytest.FixtureRequest, make_tiny_model: MakeTinyModel) -> Case:
-    """(checkpoint dir, HF model, loom model, config) for each architecture."""
+    """(checkpoint dir, HF model, loom model, config) for each architecture. The model's weights
+    are packed for oneDNN as the engine packs them on the CPU: batches of PACKED_MIN_ROWS rows and
+    more go through oneDNN, smaller ones through the plain weights."""
     path = make_tiny_model(**CASES[request.param])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model, config = load_model(path, torch.float32)
+    assert pack_cpu_weights(model) > 0
     return path, hf, model, config
 
 
@@ -394,6 +397,28 @@ def test_skinny_linear_equals_linear(rows: int, out_features: int) -> None:
         got = skinny_linear(x, w, bias)
         assert got.shape == (rows, out_features) and got.is_contiguous()
         torch.testing.assert_close(got, torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 33, 300])
+def test_packed_linear_equals_linear(rows: int) -> None:
+    layer = RowParallelLinear(40, 96, bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert pack_cpu_weights(layer) == 96 * 40 * 4 and layer.packed_weight is not None
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear(x[:, :40], layer.weight, None, layer.packed_weight), want - layer.bias, atol=1e-4, rtol=1e-5)
+
+
+def test_packing_covers_every_linear_and_the_lm_head(make_tiny_model: MakeTinyModel) -> None:
+    model, _ = load_model(make_tiny_model("llama"), torch.float32)
+    slots = [m for m in model.modules() if hasattr(m, "packed_weight")]
+    assert pack_cpu_weights(model) == sum(m.weight.numel() * 4 for m in slots)
+    assert all(m.packed_weight is not None for m in slots) and model.lm_head in slots
+    assert len(slots) == 1 + 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down per layer
+    bf16, _ = load_model(make_tiny_model("llama"), torch.bfloat16)
+    assert pack_cpu_weights(bf16) == 0  # fp32 only
 
 
 def test_attention_backend_registry() -> None:

@@ -13,9 +13,9 @@ from torch import nn
 from loom.runtime.layers.linear import (
     LoadedWeight,
     copy_checked,
+    linear,
     loaded_shape,
     read_shard,
-    skinny_linear,
     tensor_parallel_all_reduce,
 )
 
@@ -74,6 +74,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection, split over the vocabulary like the embedding (and tied to it when asked)."""
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size)
+        self.packed_weight: torch.Tensor | None = None  # oneDNN's layout of `weight` (pack_cpu_weights)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied through compute_logits(hidden_states)")
 
@@ -90,7 +94,7 @@ class ParallelLMHead(VocabParallelEmbedding):
                 and self.weight.shape[0] == self.num_embeddings
                 and self.weight.dtype == hidden_states.dtype == out.dtype == torch.float32):  # fmt: skip
             return torch.matmul(hidden_states, self.weight.t(), out=out)
-        logits = skinny_linear(hidden_states, self.weight)  # [N, V_padded / tp]
+        logits = linear(hidden_states, self.weight, packed=self.packed_weight)  # [N, V_padded / tp]
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, self.tp_size)
         if logits.shape[-1] != self.num_embeddings:

@@ -75,6 +75,38 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out if m == 1 else out.contiguous()
 
 
+# From this many rows, a CPU fp32 matmul whose weight was packed (`pack_cpu_weights`) uses oneDNN.
+PACKED_MIN_ROWS = 5
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias: through oneDNN with the weight in its blocked layout (`packed`) from
+    PACKED_MIN_ROWS rows, else `skinny_linear`. Measured on 2 cores of an AMD EPYC, the body of a
+    135M model (30 layers' linears, weights not in cache): 16 rows 55 -> 44 ms, 40 rows 98 -> 77 ms,
+    1024 rows 1.57 -> 1.33 s; the LM head (49k x 576) at 16 rows 20 -> 9 ms. Below 5 rows the
+    blocked path is slower (1 row: 16 -> 24 ms) and the plain weight is used."""
+    if packed is not None and x.dim() == 2 and x.shape[0] >= PACKED_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return skinny_linear(x, weight, bias)
+
+
+def pack_cpu_weights(model: nn.Module) -> int:
+    """Give every fp32 CPU linear weight of `model` (the modules with a `packed_weight` slot: the
+    linear layers and the LM head) a oneDNN-blocked copy, used by `linear` from PACKED_MIN_ROWS
+    rows. The plain weight stays (fewer rows, sparse logits, tensor-parallel loading), so this
+    costs the weights' memory again. -> bytes added; 0 where oneDNN is not available."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    added = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not hasattr(module, "packed_weight") or weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            continue
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
+        added += weight.numel() * weight.element_size()
+    return added
+
+
 def default_weight_loader(param: torch.Tensor, loaded: LoadedWeight, shard_id: Any = None) -> None:
     """Replicated parameters (norms, unsharded biases): copy the whole tensor."""
     assert shard_id is None, f"a replicated parameter has no shards, got shard_id={shard_id!r}"
@@ -111,13 +143,14 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # oneDNN's layout of `weight` (pack_cpu_weights)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: Any = None) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out_per_rank]
-        return skinny_linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class ReplicatedLinear(LinearBase):
@@ -241,7 +274,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out]
         if self.tp_size == 1:
-            return skinny_linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.packed_weight)
         # Only one rank adds the bias to its partial sum, so the reduced sum holds it once.
-        out = skinny_linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed_weight)
         return tensor_parallel_all_reduce(out) if self.reduce_results else out
