@@ -81,10 +81,10 @@ PACKED_MIN_ROWS = 5
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias: through oneDNN with the weight in its blocked layout (`packed`) from
-    PACKED_MIN_ROWS rows, else `skinny_linear`. Measured on 2 cores of an AMD EPYC, the body of a
-    135M model (30 layers' linears, weights not in cache): 16 rows 55 -> 44 ms, 40 rows 98 -> 77 ms,
-    1024 rows 1.57 -> 1.33 s; the LM head (49k x 576) at 16 rows 20 -> 9 ms. Below 5 rows the
-    blocked path is slower (1 row: 16 -> 24 ms) and the plain weight is used."""
+    PACKED_MIN_ROWS rows, else `skinny_linear`. benchmarks/bench_linear.py on 2 cores of an AMD
+    EPYC, the body of a 135M model (30 layers' linears, weights not in cache): 16 rows 62 -> 47 ms,
+    40 rows 106 -> 77 ms, 1024 rows 1.72 -> 1.41 s; the LM head (49k x 576) at 16 rows 17 -> 9 ms.
+    Below 5 rows the blocked path is slower (1 row: 16 -> 24 ms) and the plain weight is used."""
     if packed is not None and x.dim() == 2 and x.shape[0] >= PACKED_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return skinny_linear(x, weight, bias)
