@@ -151,6 +151,10 @@ def _init_worker(vocab_size: int, tokenizer: str | None, open_objects: bool = Fa
         if any(c in b for c in b'"}],'):
             closer[i] = 1.0
     _STATE.update(open_objects=open_objects, tokenizer=None if tokenizer else tok, token_bytes=tb, eos=eos, width=width, closer=closer, backends={})
+    import gc
+
+    gc.collect()
+    gc.freeze()  # as the scheduler process does once started: full collections skip what startup built
 
 
 def _backend(name: str) -> Any:

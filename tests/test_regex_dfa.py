@@ -131,6 +131,26 @@ def test_masks_equal_the_brute_force_reference_along_random_walks(toy, node, dat
 # ----------------------------------------------------------------------------- bounds and limits
 
 
+def test_masks_are_scanned_at_compile_time_and_equal_the_lazy_ones(monkeypatch):
+    from loom.runtime.constrained import regex_dfa
+
+    vocab = TokenVocab.build(TOY, V, frozenset({TOY_EOS}))
+    regex = r"(?:ab|c){1,3}b?a*(?:ca)?"
+    eager = CompiledRegex(regex, vocab)
+    monkeypatch.setattr(regex_dfa, "PRECOMPUTE_TIME_S", 0.0)
+    lazy = CompiledRegex(regex, vocab)
+    assert set(lazy._words) == {int(lazy.mask_class[lazy.initial_state])}  # the initial state's only
+    assert set(eager._words) == set(eager.mask_class[: eager.dead].tolist())  # every live state's class
+
+    def no_scan(state: int):
+        raise AssertionError(f"state {state} scanned after compile")
+
+    monkeypatch.setattr(eager, "_scan", no_scan)
+    for state in range(eager.dead):
+        got, want = eager.mask(state), lazy.mask(state)
+        assert got[0].tolist() == want[0].tolist() and got[1] == want[1]
+
+
 def test_long_string_bounds_compile_and_end_exactly():
     schema = {"type": "string", "minLength": 150, "maxLength": 200}
     byte_vocab = {i: bytes([i]) for i in range(1, 128)}

@@ -28,13 +28,14 @@ import time
 import numpy as np
 import torch
 
-from loom.runtime.constrained.ebnf import TokenVocab
+from loom.runtime.constrained.ebnf import TokenVocab, byte_rows
 from loom.runtime.constrained.ebnf_automaton import build_nfa
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.matcher import TokenMatcher
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
+PRECOMPUTE_TIME_S = 1.0  # masks scanned at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
 
 
@@ -63,7 +64,7 @@ class CompiledRegex:
         self._cls: list[int] = byte_class.tolist()
         max_len = int(vocab.lens.max()) if len(vocab.lens) else 1
         self.mask_class = _mask_classes(table, self.dead, max_len)  # [S + 1] int64
-        self._first = _first_byte_rows(vocab)
+        self._first = byte_rows(vocab, 0)
         self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._words: dict[int, np.ndarray] = {}  # mask class -> packed non-EOS tokens (uint32)
         self._masks: dict[tuple[int, bool], tuple[torch.Tensor, bool]] = {}
@@ -71,6 +72,7 @@ class CompiledRegex:
         self._lock = threading.Lock()
         self.mask(self.initial_state)  # warm up on the compiling thread, not the scheduler's
         self.forced_bytes(self.initial_state)
+        self._precompute(PRECOMPUTE_TIME_S)
 
     @property
     def num_states(self) -> int:
@@ -109,6 +111,25 @@ class CompiledRegex:
             with self._lock:
                 self._masks[key] = entry
         return entry
+
+    def _precompute(self, budget_s: float) -> None:
+        """Scan the mask classes of the states reachable from the initial one, breadth first, until
+        `budget_s` runs out (on the compiling thread): a first visit to a state otherwise scans the
+        vocabulary while the scheduler waits (up to tens of ms at 128k tokens). The rest stay lazy."""
+        deadline = time.monotonic() + budget_s
+        seen = np.zeros(self.table.shape[0], dtype=bool)
+        seen[self.dead] = seen[self.initial_state] = True
+        frontier = np.array([self.initial_state])
+        while len(frontier):
+            for state in frontier.tolist():
+                if time.monotonic() > deadline:
+                    return
+                key = int(self.mask_class[state])
+                if key not in self._words:
+                    self._words[key] = self._scan(state)
+            nxt = np.unique(self.table[frontier].ravel())
+            frontier = nxt[~seen[nxt]]
+            seen[frontier] = True
 
     def _scan(self, state: int) -> np.ndarray:
         """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive: one pass
@@ -298,22 +319,3 @@ def _mask_classes(table: np.ndarray, dead: int, depth: int) -> np.ndarray:
             break
         count = new_count
     return cls
-
-
-_FIRST_ROWS: dict[int, tuple[TokenVocab, list[np.ndarray]]] = {}
-_FIRST_LOCK = threading.Lock()
-
-
-def _first_byte_rows(vocab: TokenVocab) -> list[np.ndarray]:
-    """Per first byte, the rows of vocab.data starting with it (once per vocabulary; TokenVocab is
-    frozen and slotted, so the index lives here, keyed by identity, holding the vocabulary)."""
-    with _FIRST_LOCK:
-        hit = _FIRST_ROWS.get(id(vocab))
-        if hit is None or hit[0] is not vocab:
-            first = vocab.data[:, 0] if len(vocab.ids) else np.zeros(0, dtype=np.uint8)
-            by = np.argsort(first, kind="stable")
-            starts = np.searchsorted(first[by], np.arange(257))
-            while len(_FIRST_ROWS) >= 4:  # a few vocabularies at most (one per backend); keep the newest
-                del _FIRST_ROWS[next(iter(_FIRST_ROWS))]
-            hit = _FIRST_ROWS[id(vocab)] = (vocab, [by[starts[b] : starts[b + 1]] for b in range(256)])
-        return hit[1]
