@@ -9,18 +9,17 @@ terminal accepts, and the next one starts on the same byte, so a token can close
 and open the next, overlapping terminals are all tried, and the language is the grammar's own
 (what Earley with a complete dynamic lexer accepts), not a longest-match lexer's subset.
 
-A mask is computed without re-lexing each token: per lexer state and byte offset (grammar-wide,
-once) one vectorised pass over the vocabulary gives the tokens whose bytes from that offset stay
-inside the lexeme and, per length j, those that may end it after j more bytes; the rest of those
-is the same question at offset + j from a lexeme boundary at the stack after it. Masks are
-cached per position, so a state seen before costs one copy.
+A mask is computed without re-lexing each token: per lexer state (grammar-wide, once) one
+vectorised pass over the vocabulary gives the tokens that stay inside the lexeme (a packed mask)
+and a trie of the remainders of tokens that end it; only those remainders are walked against
+the parser. Masks are cached per position, so a state seen before costs one copy.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lark
 import numpy as np
@@ -34,6 +33,7 @@ from loom.runtime.constrained.matcher import TokenMatcher
 
 EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
+WARM_SUFFIX_OFFSETS = (1, 2)
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 
@@ -41,11 +41,13 @@ _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are r
 # the same set of lexemes: quoted, no raw newline, every backslash escapes the next character.
 _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
+Trie = list  # [children: dict[int, Trie], token ids: list[int]]
 
 
 @dataclass(frozen=True, slots=True)
 class TokenVocab:
-    """The vocabulary as the mask scans it: every non-EOS token with bytes, as a padded matrix."""
+    """The vocabulary as the mask walks it: every non-EOS token with bytes, as a padded matrix,
+    plus suffix tries (built lazily, shared by every grammar compiled for this vocabulary)."""
 
     ids: np.ndarray  # [N] int64 token ids
     data: np.ndarray  # [N, L] uint8, zero-padded
@@ -53,6 +55,8 @@ class TokenVocab:
     by_id: dict[int, bytes]
     vocab_size: int
     eos_token_ids: frozenset[int]
+    _tries: dict[int, Trie] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> TokenVocab:
@@ -72,31 +76,29 @@ class TokenVocab:
         bits[np.asarray(token_ids, dtype=np.int64)] = True
         return np.packbits(bits, bitorder="little").view(np.uint32)
 
-
-_BYTE_ROWS: dict[int, tuple[TokenVocab, dict[int, list[np.ndarray]]]] = {}
-_BYTE_ROWS_LOCK = threading.Lock()
-
-
-def byte_rows(vocab: TokenVocab, offset: int) -> list[np.ndarray]:
-    """Per byte value, the rows of vocab.data of the tokens longer than `offset` with that byte at
-    `offset` (once per vocabulary and offset: TokenVocab is frozen and slotted, so the index lives
-    here, keyed by identity, holding the vocabulary). A scan starts from the live bytes' rows."""
-    with _BYTE_ROWS_LOCK:
-        hit = _BYTE_ROWS.get(id(vocab))
-        if hit is None or hit[0] is not vocab:
-            while len(_BYTE_ROWS) >= 4:  # a few vocabularies at most (one per backend); keep the newest
-                del _BYTE_ROWS[next(iter(_BYTE_ROWS))]
-            hit = _BYTE_ROWS[id(vocab)] = (vocab, {})
-        rows = hit[1].get(offset)
-        if rows is None:
-            longer = np.flatnonzero(vocab.lens > offset)
-            at = vocab.data[longer, offset] if offset < vocab.data.shape[1] else np.zeros(0, dtype=np.uint8)
-            by = longer[np.argsort(at, kind="stable")]
-            starts = np.searchsorted(np.sort(at, kind="stable"), np.arange(257))
-            rows = hit[1][offset] = [by[starts[b] : starts[b + 1]] for b in range(256)]
-        return rows
+    def suffix_trie(self, offset: int) -> Trie:
+        """A trie of every token's bytes from `offset` on (tokens at least offset + 1 long), each
+        node [children by byte, ids of the tokens whose suffix ends there]."""
+        trie = self._tries.get(offset)
+        if trie is None:
+            with self._lock:
+                if offset in self._tries:  # built by another thread meanwhile
+                    return self._tries[offset]
+                root: Trie = [{}, []]
+                for i, b in self.by_id.items():
+                    if len(b) > offset:
+                        node = root
+                        for byte in b[offset:]:
+                            child = node[0].get(byte)
+                            if child is None:
+                                child = node[0][byte] = [{}, []]
+                            node = child
+                        node[1].append(i)
+                trie = self._tries[offset] = root
+        return trie
 
 
+@functools.lru_cache(maxsize=1024)
 def terminal_dfa(pattern: str, where: str) -> ByteDFA:
     """regex_to_dfa's minimal byte DFA (same errors), built over byte classes: regex_dfa.py's subset
     construction, then Moore refinement on the class columns, each signature numbered one column at
@@ -234,8 +236,10 @@ class CompiledEbnf:
         self._can_end: dict[int, bool] = {}
         self._step1: dict[int, tuple[int, ...]] = {}
         self._step: dict[tuple[frozenset[int], int], frozenset[int]] = {}
-        self._scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
-        self._word_cache: dict[tuple[frozenset[int], int], np.ndarray] = {}
+        self._inside: dict[int, np.ndarray] = {}
+        self._splits: dict[int, dict[int, np.ndarray]] = {}
+        self._suffixes: dict[tuple[int, int], np.ndarray] = {}
+        self._word_cache: dict[frozenset[int], np.ndarray] = {}
         self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
         self._forced: dict[frozenset[int], bytes] = {}
@@ -362,25 +366,18 @@ class CompiledEbnf:
         return sid, [lex]
 
     # ------------------------------------------------------------------ masks
-    def _scan(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """One vectorised pass of the vocabulary's tokens longer than `offset`, from their byte
-        `offset` on, through the lexeme's DFA from lexer state `lex` (cached) -> (packed tokens
-        whose rest stays inside the lexeme, {j >= 1: packed tokens whose next j bytes may end it})."""
-        key = (lex, offset)
-        hit = self._scans.get(key)
-        if hit is not None:
-            return hit
+    def _scan(self, lex: int) -> None:
+        """One vectorised pass of the vocabulary through the lexeme's DFA from lexer state `lex`:
+        the tokens that stay inside it, and per offset j >= 1 the tokens that may end it after
+        their first j bytes (packed masks)."""
         v = self.vocab
         k = self.lex_terminal[lex]
         dfa = self.dfas[k]
-        first = dfa.table[lex - self.offsets[k]]  # [256] the state after each byte at `offset`
-        rows = byte_rows(v, offset)  # only tokens whose byte there is live enter the pass
-        parts = [rows[b] for b in np.flatnonzero(first != dfa.dead).tolist() if len(rows[b])]
-        idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        st = first[v.data[idx, offset]] if len(idx) else np.zeros(0, dtype=np.int32)  # [n] DFA states
+        idx = np.arange(len(v.ids))
+        st = np.full(len(v.ids), lex - self.offsets[k], dtype=np.int32)  # [n] DFA states
         inside: list[np.ndarray] = []
         splits: dict[int, np.ndarray] = {}
-        for j in range(offset + 1, v.data.shape[1] + 1):
+        for j in range(v.data.shape[1] + 1):
             done = v.lens[idx] == j
             if done.any():
                 inside.append(idx[done])
@@ -388,49 +385,64 @@ class CompiledEbnf:
                 idx, st = idx[keep], st[keep]
             if not len(idx):
                 break
-            ended = dfa.accepting[st]  # the lexeme may end after these j - offset bytes
-            if ended.any():
-                splits[j - offset] = v.pack(v.ids[idx[ended]])
+            if j:  # ending at j == 0 is the boundary's own mask (see mask())
+                hit = dfa.accepting[st]
+                if hit.any():
+                    splits[j] = v.pack(v.ids[idx[hit]])
             st = dfa.table[st, v.data[idx, j]]
             live = st != dfa.dead
             idx, st = idx[live], st[live]
-        if len(self._scans) > _CACHE_LIMIT // 100:
-            self._scans.clear()
-        out = self._scans[key] = (v.pack(v.ids[np.concatenate(inside)] if inside else []), splits)
-        return out
+        self._inside[lex] = v.pack(v.ids[np.concatenate(inside)] if inside else [])
+        self._splits[lex] = splits
 
-    def _words(self, configs: frozenset[int], offset: int = 0) -> np.ndarray:
-        """Packed non-EOS tokens longer than `offset` whose bytes from `offset` on are allowed from
-        `configs` (cached); offset 0 is the mask.
+    def _walk(self, node: Trie, configs: frozenset[int], out: list[int]) -> None:
+        for b, child in node[0].items():
+            nxt = self.step(configs, b)
+            if nxt:
+                out.extend(child[1])
+                if child[0]:
+                    self._walk(child, nxt, out)
 
-        A token either stays inside a lexeme (the scanned `inside` mask), or ends it after j >= 0
-        more bytes, and its rest is allowed from a lexeme boundary at the stack after it: the same
-        question at offset + j (a lexeme's start states never accept, so each level reads a byte
-        more). Every step is a vectorised pass over the vocabulary, shared by every position
-        that reaches the same lexer state at the same offset."""
-        key = (configs, offset)
-        words = self._word_cache.get(key)
+    def _suffix_words(self, offset: int, sid: int) -> np.ndarray:
+        """Tokens whose bytes from `offset` on are accepted from a lexeme boundary at stack `sid`."""
+        key = (offset, sid)
+        words = self._suffixes.get(key)
+        if words is None:
+            found: list[int] = []
+            self._walk(self.vocab.suffix_trie(offset), frozenset({sid * self.n_lex + self.boundary}), found)
+            words = self._suffixes[key] = self.vocab.pack(found)
+        return words
+
+    def _words(self, configs: frozenset[int]) -> np.ndarray:
+        """Packed non-EOS tokens allowed from `configs` (cached).
+
+        A token either stays inside a lexeme (the scanned `inside` mask), or ends it after j bytes
+        and the rest starts at a boundary at the stack after it: j == 0 is the boundary's own
+        mask (recursion; a lexeme's start states never accept), j >= 1 is a walk of the suffix
+        trie at j, shared by every lexer state that ends there, masked by those that may."""
+        words = self._word_cache.get(configs)
         if words is not None:
             return words
         words = np.zeros(bitmask_width(self.vocab.vocab_size), dtype=np.uint32)
         for c in configs:
             sid, lexes = self._lexemes(c)
             for lex in lexes:
-                inside, splits = self._scan(lex, offset)
-                words |= inside
+                if lex not in self._inside:
+                    self._scan(lex)
+                words |= self._inside[lex]
+                splits = self._splits[lex]
                 if not splits and not self.accepting[lex]:
                     continue
                 after = self.after(sid, self.lex_terminal[lex])
                 if after is None:
                     continue
-                boundary = frozenset({after * self.n_lex + self.boundary})
                 if self.accepting[lex]:
-                    words |= self._words(boundary, offset)
+                    words |= self._words(frozenset({after * self.n_lex + self.boundary}))
                 for j, enders in splits.items():
-                    words |= self._words(boundary, offset + j) & enders
+                    words |= self._suffix_words(j, after) & enders
         if len(self._word_cache) > _CACHE_LIMIT // 100:
             self._word_cache.clear()
-        self._word_cache[key] = words
+        self._word_cache[configs] = words
         return words
 
     def mask(self, configs: frozenset[int]) -> tuple[torch.Tensor, bool]:
@@ -505,5 +517,9 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
         compiled = CompiledEbnf(source, "start", vocab, "lark", terminal_dfas=terminal_dfas)
     else:
         raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {EBNF_KINDS}")
-    compiled.mask(compiled.initial)  # warm up here, on the compiling thread, not the scheduler's
+    # Warm up here, on the compiling thread, not the scheduler's: the first mask and the suffix
+    # tries most lexemes end in (built once per vocabulary, ~1 s at 50k tokens).
+    for offset in WARM_SUFFIX_OFFSETS:
+        vocab.suffix_trie(offset)
+    compiled.mask(compiled.initial)
     return compiled

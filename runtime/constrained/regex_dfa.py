@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from loom.runtime.constrained.ebnf import TokenVocab, byte_rows
+from loom.runtime.constrained.ebnf import TokenVocab
 from loom.runtime.constrained.ebnf_automaton import build_nfa
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.matcher import TokenMatcher
@@ -64,7 +64,7 @@ class CompiledRegex:
         self._cls: list[int] = byte_class.tolist()
         max_len = int(vocab.lens.max()) if len(vocab.lens) else 1
         self.mask_class = _mask_classes(table, self.dead, max_len)  # [S + 1] int64
-        self._first = byte_rows(vocab, 0)
+        self._first = _first_byte_rows(vocab)
         self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._words: dict[int, np.ndarray] = {}  # mask class -> packed non-EOS tokens (uint32)
         self._masks: dict[tuple[int, bool], tuple[torch.Tensor, bool]] = {}
@@ -319,3 +319,22 @@ def _mask_classes(table: np.ndarray, dead: int, depth: int) -> np.ndarray:
             break
         count = new_count
     return cls
+
+
+_FIRST_ROWS: dict[int, tuple[TokenVocab, list[np.ndarray]]] = {}
+_FIRST_LOCK = threading.Lock()
+
+
+def _first_byte_rows(vocab: TokenVocab) -> list[np.ndarray]:
+    """Per first byte, the rows of vocab.data starting with it (once per vocabulary; TokenVocab is
+    frozen and slotted, so the index lives here, keyed by identity, holding the vocabulary)."""
+    with _FIRST_LOCK:
+        hit = _FIRST_ROWS.get(id(vocab))
+        if hit is None or hit[0] is not vocab:
+            first = vocab.data[:, 0] if len(vocab.ids) else np.zeros(0, dtype=np.uint8)
+            by = np.argsort(first, kind="stable")
+            starts = np.searchsorted(first[by], np.arange(257))
+            while len(_FIRST_ROWS) >= 4:  # a few vocabularies at most (one per backend); keep the newest
+                del _FIRST_ROWS[next(iter(_FIRST_ROWS))]
+            hit = _FIRST_ROWS[id(vocab)] = (vocab, [by[starts[b] : starts[b + 1]] for b in range(256)])
+        return hit[1]
