@@ -408,7 +408,7 @@ def test_packed_linear_equals_linear(rows: int) -> None:
     want = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert pack_cpu_weights(layer) == 96 * 40 * 4 and layer.packed_weight is not None
     torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(linear(x[:, :40], layer.weight, None, layer.packed_weight), want - layer.bias, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear(x, layer.weight, None, layer.packed_weight), want - layer.bias, atol=1e-4, rtol=1e-5)
 
 
 def test_packing_covers_every_linear_and_the_lm_head(make_tiny_model: MakeTinyModel) -> None:
@@ -419,6 +419,18 @@ def test_packing_covers_every_linear_and_the_lm_head(make_tiny_model: MakeTinyMo
     assert len(slots) == 1 + 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down per layer
     bf16, _ = load_model(make_tiny_model("llama"), torch.bfloat16)
     assert pack_cpu_weights(bf16) == 0  # fp32 only
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_the_engine_packs_cpu_weights_unless_told_not_to(make_tiny_model: MakeTinyModel, disable: bool) -> None:
+    from loom.runtime.model_runner import ModelRunner
+    from loom.runtime.server_args import ServerArgs
+
+    args = ServerArgs(model_path=str(make_tiny_model("llama")), device="cpu", dtype="float32", max_total_tokens=64,
+                      disable_cpu_weight_packing=disable)  # fmt: skip
+    runner = ModelRunner(args)
+    assert (runner.model.lm_head.packed_weight is None) == disable
+    assert (runner.model.model.layers[0].mlp.down_proj.packed_weight is None) == disable
 
 
 def test_attention_backend_registry() -> None:
