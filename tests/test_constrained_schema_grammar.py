@@ -26,8 +26,9 @@ from loom.runtime.constrained import (
     unpack_bitmask,
 )
 from loom.runtime.constrained.ebnf import CompiledEbnf, terminal_dfa
-from loom.runtime.constrained.ebnf_automaton import regex_to_dfa
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
+
+from reference_dfa import regex_to_dfa  # tests/: the 256-column construction, as a reference
 
 EOS = 0
 BYTES = {b + 1: bytes([b]) for b in range(256)}  # one token per byte: any text can be fed

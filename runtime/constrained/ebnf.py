@@ -100,10 +100,10 @@ class TokenVocab:
 
 @functools.lru_cache(maxsize=1024)
 def terminal_dfa(pattern: str, where: str) -> ByteDFA:
-    """regex_to_dfa's minimal byte DFA (same errors), built over byte classes: regex_dfa.py's subset
-    construction, then Moore refinement on the class columns, each signature numbered one column at
-    a time (exact; the 256-column version took minutes on terminals of a few thousand states, such
-    as the counted strings and key sets of generated JSON-Schema grammars)."""
+    """A regex's minimal byte DFA, built over byte classes: regex_dfa.py's subset construction, then
+    Moore refinement on the class columns, each signature numbered one column at a time (exact;
+    the 256-column version, tests/reference_dfa.py, took minutes on terminals of a few thousand
+    states, such as the counted strings and key sets of generated JSON-Schema grammars)."""
     from loom.runtime.constrained.regex_dfa import _determinise  # regex_dfa imports this module
 
     try:
@@ -111,7 +111,7 @@ def terminal_dfa(pattern: str, where: str) -> ByteDFA:
     except GrammarError as e:
         if str(e).endswith("matches nothing"):
             return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
-        build_nfa(pattern, where)  # regex_to_dfa's errors, word for word
+        build_nfa(pattern, where)  # the NFA's own errors (syntax, look-arounds), word for word
         raise
     return minimal_dfa(table, accepting, byte_class)
 
