@@ -187,11 +187,11 @@ class _Normaliser:
                     return None  # a conflict _merge cannot resolve (two patterns), not an empty branch
                 continue  # of a type the keywords beside it exclude: never holds
             raw.append(branch)
-        if not merged or not all(isinstance(m, dict) for m in merged):
+        if not merged:
             return None
         if all(_disjoint(a, b) for i, a in enumerate(merged) for b in merged[i + 1 :]):
             return {**keep, "anyOf": merged}
-        bare = [{k: v for k, v in b.items() if k != "required" and k not in _ANNOTATIONS} if isinstance(b, dict) else None for b in raw]
+        bare = [{k: v for k, v in b.items() if k != "required" and k not in _ANNOTATIONS} for b in raw]
         if any(b != bare[0] for b in bare) or any(m.get("type", "object") != "object" for m in merged):
             return None  # not provable here: anyOf's reading
         need = [set(m.get("required") or ()) for m in merged]
@@ -312,15 +312,15 @@ class _Normaliser:
         copies of each, up to `_ANY_ORDER_REQUIRED` of them) with the others looping between, where
         that is not too large."""
         ws, required = self.whitespace, set(node.get("required") or ())
-        others = []
+        other = None  # an undeclared member
         if extra is not False:
             value = f"(?:{self._any_value() if extra is True else self._regex(extra)})"
-            others.append(f"{_other_key_regex([*node['properties'], *node.get(_FORBIDDEN, ())])}{ws}:{ws}{value}")
+            other = f"{_other_key_regex([*node['properties'], *node.get(_FORBIDDEN, ())])}{ws}:{ws}{value}"
         props = [(name in required, re.escape(json.dumps(name, ensure_ascii=False)) + f"{ws}:{ws}(?:{self._regex(sub)})")
                  for name, sub in node["properties"].items()]  # fmt: skip
         sep = f"{ws},{ws}"
         first_required = next((i for i, (req, _) in enumerate(props) if req), None)
-        loose = [p for req, p in props if not req] + others
+        loose = [p for req, p in props if not req] + ([other] if other else [])
         if first_required is None:
             member = "(?:" + "|".join(loose) + ")"
             body = f"(?:{member}(?:{sep}{member})*)?"
@@ -328,7 +328,7 @@ class _Normaliser:
             pass
         else:
             r = first_required
-            tail = "".join(f"(?:{sep}{other})*" for other in others)
+            tail = f"(?:{sep}{other})*" if other else ""
             for req, prop in reversed(props[r + 1 :]):
                 tail = (f"{sep}{prop}" if req else f"(?:{sep}{prop})?") + tail
             heads = [""] + [props[k][1] + "".join(f"(?:{sep}{p})?" for _, p in props[k + 1 : r]) + sep for k in range(r)]
