@@ -10,6 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from loom._import_path import drop_source_root
+
+# First of all: a checkout's root on sys.path would make its kernels/, runtime/ and lang/ folders
+# shadow installed packages (see loom/_import_path.py).
+drop_source_root()
+
 __version__ = "0.1.0"
 
 _LAZY = {
