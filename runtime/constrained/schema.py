@@ -244,6 +244,11 @@ class _Normaliser:
     def _check(self, node: dict[str, Any], path: str) -> dict[str, Any]:
         if isinstance(node.get("enum"), list) or "const" in node:
             node = _filter_enum(node, path)
+            values = node["enum"] if "enum" in node else [node["const"]]
+            if any(isinstance(v, (list, dict)) for v in values):
+                # outlines-core spells an object's keys unescaped (JSON and regex alike): {"a\"b": 1}
+                # came out as {"a"b": 1}, and a key holding `+` or `\d` matched other text.
+                return self._sub("|".join(f"(?:{json_literal_regex(v, self.whitespace)})" for v in values))
         if not set(node) - _ANNOTATIONS:
             # Any JSON value. outlines-core 0.2.14 emits its alternatives without a group, so inside an
             # object or array the `|` splits the whole regex (`{"x":` + `true`, or a bare `null`).
@@ -268,7 +273,11 @@ class _Normaliser:
         bounds = [k for k in _BOUNDS if k in node]
         if not bounds:
             extra = node.get("additionalProperties", True if self.open_objects else False)
-            if node.get("properties") and (extra is not False or self.open_objects) and node.get("type", "object") == "object":
+            props = node.get("properties")
+            # Loom builds the object where outlines-core cannot: undeclared members, and keys JSON must
+            # escape (outlines-core writes them raw, so {"a\"b": 1} came out as {"a"b": 1}).
+            escaped = props and any(json.dumps(name, ensure_ascii=False) != f'"{name}"' for name in props)
+            if props and (extra is not False or self.open_objects or escaped) and node.get("type", "object") == "object":
                 return self._object(node, extra)
             return node
         if node.get("type") not in ("integer", "number"):
@@ -508,6 +517,22 @@ def _filter_enum(node: dict[str, Any], path: str) -> dict[str, Any]:
     if all(scalar(v) for v in keep):
         return {k: v for k, v in node.items() if k in _ANNOTATIONS} | {"enum": keep}
     return {**node, "enum": keep} if "enum" in node else node
+
+
+def json_literal_regex(value: Any, ws: str) -> str:
+    """The JSON text of one value (`const` / `enum`), with `ws` between the tokens of arrays and
+    objects; keys and strings escaped as JSON writes them, then as a regex."""
+    if isinstance(value, list):
+        inner = f"{ws},{ws}".join(json_literal_regex(v, ws) for v in value)
+        return f"\\[{ws}{inner}{ws}\\]"
+    if isinstance(value, dict):
+        inner = f"{ws},{ws}".join(f"{re.escape(json.dumps(k, ensure_ascii=False))}{ws}:{ws}{json_literal_regex(v, ws)}" for k, v in value.items())
+        return f"\\{{{ws}{inner}{ws}\\}}"
+    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
+        return f"{int(value)}(?:\\.0+)?"  # 1.0 is written 1 as often as 1.0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value}(?:\\.0+)?"
+    return re.escape(json.dumps(value, ensure_ascii=False))
 
 
 def _declare_required(node: dict[str, Any], path: str) -> dict[str, Any]:

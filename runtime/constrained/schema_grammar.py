@@ -132,21 +132,6 @@ def _empty(dfa: ByteDFA) -> bool:
     return dfa.dead == 0
 
 
-def _const_regex(value: Any, ws: str) -> str:
-    """The JSON text of one value, with the bounded whitespace between tokens of arrays / objects."""
-    if isinstance(value, list):
-        inner = f"{ws},{ws}".join(_const_regex(v, ws) for v in value)
-        return f"\\[{ws}{inner}{ws}\\]"
-    if isinstance(value, dict):
-        inner = f"{ws},{ws}".join(f"{re.escape(json.dumps(k, ensure_ascii=False))}{ws}:{ws}{_const_regex(v, ws)}" for k, v in value.items())
-        return f"\\{{{ws}{inner}{ws}\\}}"
-    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
-        return f"{int(value)}(?:\\.0+)?"  # 1.0 is written 1 as often as 1.0
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value}(?:\\.0+)?"
-    return re.escape(json.dumps(value, ensure_ascii=False))
-
-
 class _Builder:
     def __init__(self, root: Any, ws: str, open_objects: bool) -> None:
         self.root = root
@@ -305,7 +290,7 @@ class _Builder:
             rest = {k: v for k, v in node.items() if k not in ("enum", "const", "type") and k not in S._ANNOTATIONS}
             if rest:  # _filter_enum keeps arrays and objects unchecked: check them against the rest here
                 values = self._valid_values(values, {**rest, **({"type": node["type"]} if "type" in node else {})}, path)
-            return self.term("|".join(f"(?:{_const_regex(v, self.ws)})" for v in values), "ENUM")
+            return self.term("|".join(f"(?:{S.json_literal_regex(v, self.ws)})" for v in values), "ENUM")
         for key in _REFUSED:
             if key in node and not (key == "multipleOf" and node[key] == 1 and node.get("type") == "integer"):
                 raise GrammarError(f"json_schema: keyword {key!r} at {path} cannot be enforced by this backend")
