@@ -159,6 +159,24 @@ def test_schema_whitespace_is_bounded(toy):
         backend.shutdown()
 
 
+@pytest.mark.parametrize("open_objects", [False, True], ids=["closed", "open"])
+def test_objects_without_additional_properties_are_closed_unless_asked(toy, open_objects):
+    """Every backend keeps to the declared keys where `additionalProperties` is absent (llguidance
+    follows the spec there unless told), nested objects and $defs included; json_open_objects
+    opens them all."""
+    tb = {b + 1: bytes([b]) for b in range(128)}
+    backend = GrammarBackend(tb, 129, frozenset({EOS}), grammar_backend=toy.grammar_backend, json_open_objects=open_objects)
+    inner = {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}
+    schema = {"$defs": {"inner": inner}, "type": "object", "properties": {"a": {"$ref": "#/$defs/inner"}}, "required": ["a"]}
+    try:
+        for text in ('{"a": {"b": 1', '{"a": {"b": 1}'):  # a comma after the last declared member opens a new key
+            g = matcher(backend, "json_schema", json.dumps(schema))
+            assert all(g.accept_token(c + 1) for c in text.encode()), text
+            assert (ord(",") + 1 in allowed(g, 129)) == open_objects, text
+    finally:
+        backend.shutdown()
+
+
 @pytest.mark.parametrize(
     ("kind", "source", "needle"),
     [

@@ -151,7 +151,7 @@ class GrammarBackend:
                     from loom.runtime.constrained.xgrammar_backend import XGrammarCompiler as native
                 else:
                     from loom.runtime.constrained.llguidance_backend import LLGuidanceCompiler as native
-                self._native = native(tb, self.vocab_size, self.eos_token_ids)
+                self._native = native(tb, self.vocab_size, self.eos_token_ids, json_open_objects=self.json_open_objects)
             return self._native
 
     def shutdown(self) -> None:

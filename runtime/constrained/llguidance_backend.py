@@ -11,6 +11,7 @@ the engine's EOS ids are its EOS tokens, allowed exactly where the grammar may e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,16 +50,53 @@ class _ByteTokenizer:
         return out
 
 
+# Keywords whose value is one subschema, a list of them, or a map of names to them.
+_ONE_SCHEMA = ("items", "additionalProperties", "additionalItems", "unevaluatedItems", "unevaluatedProperties", "not",
+               "if", "then", "else", "contains", "propertyNames")  # fmt: skip
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def close_objects(schema: Any, *, in_all_of: bool = False) -> Any:
+    """The schema with `additionalProperties: false` on every object schema that declares
+    `properties` and says nothing of other keys: llguidance follows the spec there and admits any
+    undeclared key, where Loom's other backends (and OpenAI's structured outputs) keep to the
+    declared ones. The parts of an `allOf` stay open (each declares only some of the keys); their
+    subschemas are closed."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE_SCHEMA:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [close_objects(s, in_all_of=True) for s in out["allOf"]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(out.get("properties"), dict) and not in_all_of and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
 class LLGuidanceCompiler:
     """One LLTokenizer for the engine's vocabulary; `compile` is thread-safe (llguidance drops the GIL)."""
 
-    def __init__(self, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int], *, whitespace_pattern: str = r"[ ]?") -> None:
+    def __init__(self, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int], *,
+                 whitespace_pattern: str = r"[ ]?", json_open_objects: bool = False) -> None:  # fmt: skip
         eos = sorted(t for t in eos_token_ids if t < vocab_size)
         self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_ByteTokenizer(token_bytes, vocab_size, eos)), n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos)
         # Whitespace bounded as on the other backends (an unbounded run lets a model wander).
         self.json_options = {"whitespace_pattern": whitespace_pattern}
+        self.json_open_objects = json_open_objects
 
     def compile(self, kind: str, source: str) -> CompiledLLGuidance:
         """Raises GrammarError naming the grammar and llguidance's reason when it cannot be compiled."""
@@ -67,6 +105,8 @@ class LLGuidanceCompiler:
             if kind == "regex":
                 grammar = llg.LLMatcher.grammar_from_regex(source)
             elif kind == "json_schema":
+                if not self.json_open_objects:
+                    source = json.dumps(close_objects(json.loads(source)))
                 grammar = llg.LLMatcher.grammar_from_json_schema(source, overrides=self.json_options)
             elif kind == "ebnf":
                 grammar = llg.grammar_from("gbnf", source)  # GBNF, converted to llguidance's Lark
@@ -74,7 +114,7 @@ class LLGuidanceCompiler:
                 grammar = llg.LLMatcher.grammar_from_lark(source)
             else:
                 raise GrammarError(f"unknown grammar kind {kind!r}; expected regex, json_schema, ebnf or lark")
-        except ValueError as e:
+        except ValueError as e:  # json.JSONDecodeError included
             raise GrammarError(f"{kind}{shown} cannot be compiled by llguidance: {e}") from None
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:

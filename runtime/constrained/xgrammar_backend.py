@@ -30,7 +30,7 @@ def _message(exc: BaseException) -> str:
 class XGrammarCompiler:
     """One TokenizerInfo and GrammarCompiler for the engine's vocabulary; `compile` is thread-safe."""
 
-    def __init__(self, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int], *, json_open_objects: bool = False) -> None:
         encoded = [token_bytes.get(i, b"") for i in range(vocab_size)]  # ids >= vocab_size cannot be sampled
         stop = sorted(t for t in eos_token_ids if t < vocab_size)
         self.info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop)
@@ -38,6 +38,7 @@ class XGrammarCompiler:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(stop)
+        self.json_open_objects = json_open_objects
         # xgrammar 0.2.8 lets raw control characters into JSON strings with a length bound (invalid
         # JSON). With fixed separators no JSON text needs a byte < 0x20, so such tokens are masked out.
         self.json_illegal = frozenset(i for i, b in enumerate(encoded) if any(c < 0x20 for c in b))
@@ -49,7 +50,8 @@ class XGrammarCompiler:
                 compiled = self.compiler.compile_regex(source)
             elif kind == "json_schema":
                 # Whitespace bounded (an unbounded run lets a model wander): xgrammar's fixed separators.
-                compiled = self.compiler.compile_json_schema(source, any_whitespace=False)
+                # strict_mode closes objects without additionalProperties, as Loom's other backends do.
+                compiled = self.compiler.compile_json_schema(source, any_whitespace=False, strict_mode=not self.json_open_objects)
             elif kind == "ebnf":  # GBNF (root ::= ...)
                 compiled = self.compiler.compile_grammar(source)
             elif kind == "lark":
