@@ -13,12 +13,17 @@ from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.async_engine import AsyncEngine, FrontMetrics, RemoteText
 from loom.runtime.detokenizer_process import Detokenizer
 from loom.runtime.http_server import _param_of
-from loom.runtime.ipc import IpcPaths, decode, encode
+from loom.runtime.ipc import MESSAGE_TYPES, IpcPaths, decode, encode
 from loom.runtime.messages import (
     AbortReq,
     BatchStrOut,
     BatchTokenIDOut,
     DetokenizeInit,
+    FlushCacheOut,
+    FlushCacheReq,
+    SchedulerInfoOut,
+    SchedulerInfoReq,
+    SchedulerReady,
     StrOut,
     TokenIDOut,
     TokenizedGenerateReq,
@@ -33,13 +38,26 @@ def tokenizer(tmp_path_factory):
 
 
 def test_codec_round_trips_every_message_shape():
-    msgs = [
-        TokenizedGenerateReq("r1", [1, 2, 3], {"temperature": 0.5, "stop": ["\n"]}, True, 0, 2, True),
+    out = TokenIDOut("r1", [4, 5], {"type": "stop", "matched": 4}, 3, 2, 1, [(None, 1), (-0.5, 2)], [(-0.25, 4), (-1.5, 5)],
+                     [None, [(-0.5, 2), (-2.0, 7)]], [[(-0.25, 4)], [(-1.5, 5), (-3.0, 6)]])  # fmt: skip
+    examples = [  # every field away from its default, so a field the codec drops shows
+        TokenizedGenerateReq("r1", [1, 2, 3], {"temperature": 0.5, "stop": ["\n"], "json_schema": '{"a": 1}'}, True, 0, 2, True),
         AbortReq("r1", "bye"),
-        BatchStrOut([StrOut(TokenIDOut("r1", [4], {"type": "stop", "matched": 4}, 3, 1, 0, [(None, 1), (-0.5, 2)]), "x", "x")]),
+        FlushCacheReq(),
+        FlushCacheOut(False, "requests are running"),
+        out,
+        BatchTokenIDOut([out, TokenIDOut("r2", [], None, 7, 0, 0)]),
+        SchedulerReady(context_len=8192, vocab_size=512, max_total_tokens=4096),
+        DetokenizeInit("r1", skip_special_tokens=False, spaces_between_special_tokens=False, stop=["\n\n", "é"], no_stop_trim=True),
+        StrOut(out, "x", "final x"),
+        BatchStrOut([StrOut(out, "x", None), StrOut(out, "", "y")]),
+        SchedulerInfoReq(),
+        SchedulerInfoOut(memory={"free": 10, "evictable": 2}, stats={"prompt_tokens": 9}, running=1, waiting=3),
     ]
-    for msg in msgs:
-        assert decode(encode(msg)) == msg
+    assert {type(m).__name__ for m in examples} == set(MESSAGE_TYPES), "give every message type an example here"
+    for msg in examples:
+        back = decode(encode(msg))
+        assert type(back) is type(msg) and back == msg, msg  # (logprob, id) pairs come back as tuples too
 
 
 def test_codec_refuses_unknown_and_malformed_messages():
