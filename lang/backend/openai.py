@@ -100,9 +100,10 @@ def _meta(rid: str | None, usage: Any, finish_reason: str | None, before: dict[s
     if usage is not None:
         meta["prompt_tokens"] = usage.prompt_tokens
         meta["completion_tokens"] = usage.completion_tokens
-        details = getattr(usage, "prompt_tokens_details", None)
-        if details is not None and getattr(details, "cached_tokens", None) is not None:
-            meta["cached_tokens"] = details.cached_tokens
+        details = getattr(usage, "prompt_tokens_details", None)  # a plain dict in openai releases without its type
+        cached = details.get("cached_tokens") if isinstance(details, dict) else getattr(details, "cached_tokens", None)
+        if cached is not None:
+            meta["cached_tokens"] = cached
     return meta
 
 
