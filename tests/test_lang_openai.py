@@ -69,16 +69,18 @@ def test_what_the_api_cannot_do_fails_clearly(backend, expr, message) -> None:
     assert isinstance(err, ValueError) and message in str(err)
 
 
+# Long enough that a loaded machine, where the server bunches the deltas a slow reader has not
+# taken yet, still streams it in more than one piece.
 @sgl.function
 def story_prog(s):
-    s += "Once upon a time" + sgl.gen("x", max_tokens=12)
+    s += "Once upon a time" + sgl.gen("x", max_tokens=48)
 
 
 @sgl.function
 def chat_prog(s):
     s += sgl.system("Be brief.")
     s += sgl.user("Tell me a story.")
-    s += sgl.assistant(sgl.gen("a", max_tokens=12))
+    s += sgl.assistant(sgl.gen("a", max_tokens=48))
 
 
 @pytest.mark.parametrize("prog, var", [(story_prog, "x"), (chat_prog, "a")], ids=["completions", "chat"])
