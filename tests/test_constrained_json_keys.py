@@ -8,20 +8,18 @@ out as `{"a"b": 1}`, which is not JSON."""
 from __future__ import annotations
 
 import json
-import random
 import re
 
 import jsonschema
 import pytest
 
-from loom.runtime.constrained import GrammarBackend, allocate_token_bitmask, schema_to_regex, unpack_bitmask
+from loom.runtime.constrained import GrammarBackend, schema_to_regex
 from loom.runtime.constrained.ebnf import CompiledEbnf
 from loom.runtime.engine import LocalEngine
 
+from test_constrained_schema import BYTES, EOS, V, walk  # a random walk under the mask, one byte per token
+
 BACKENDS = ("outlines", "xgrammar", "llguidance")
-EOS = 0
-BYTES = {b + 1: bytes([b]) for b in range(256)}  # token b + 1 is byte b
-V = 257
 ESCAPED = ['a"b', "back\\slash", "new\nline", "tab\there", "ctl\x01", "\\d", 'q"\\"', "ls\u2028ps"]
 PLAIN = ["café", "名前", "emoji😀", "a.b", "a+b", "(x)", "[y]", "a|b", "^$", "a{2}"]
 KEYS = ESCAPED + PLAIN
@@ -51,24 +49,6 @@ def test_regex_path_spells_keys_as_json_writes_them(key):
             assert not re.fullmatch(regex, raw), (shape, raw)
 
 
-def walk(backend: GrammarBackend, schema: dict, seed: int, max_steps: int = 600) -> bytes | None:
-    """A random walk under the schema's mask over a one-byte-per-token vocabulary, leaning towards
-    closing bytes and EOS so that it ends; None if the budget runs out first."""
-    g = backend.compile("json_schema", json.dumps(schema)).result(timeout=120).matcher()
-    rng, row, out = random.Random(seed), allocate_token_bitmask(1, V), bytearray()
-    for _ in range(max_steps):
-        g.fill_mask(row[0])
-        ids = unpack_bitmask(row, V)[0].nonzero().view(-1).tolist()
-        assert ids, f"empty mask after {bytes(out)!r}"
-        if EOS in ids:
-            return bytes(out)
-        closers = [t for t in ids if BYTES[t] in (b'"', b"}", b"]", b"n")]
-        token = rng.choice(closers) if closers and rng.random() < 0.5 else rng.choice(ids)
-        assert g.accept_token(token)
-        out += BYTES[token]
-    return None
-
-
 FLAT = {"type": "object", "properties": {k: {"type": "integer"} for k in KEYS}, "required": KEYS, "additionalProperties": False}
 # A string longer than the regex path builds sends the schema down the grammar path.
 LONG = {"type": "object", "properties": {**{k: {"type": "boolean"} for k in KEYS}, "s": {"type": "string", "maxLength": 3000}},
@@ -86,8 +66,8 @@ def backend(request: pytest.FixtureRequest) -> GrammarBackend:
 @pytest.mark.parametrize("schema", [FLAT, LONG, CONST], ids=["flat", "grammar-path", "const"])
 def test_walks_give_json_with_every_key(backend, schema):
     finished = 0
-    for seed in range(4):
-        text = walk(backend, schema, seed)
+    for seed in range(8):
+        text = walk(backend, schema, seed, max_steps=600)
         if text is None:
             continue
         value = json.loads(text.decode("utf-8"))
