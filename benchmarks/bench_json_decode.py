@@ -75,7 +75,7 @@ class LoomSystem:
     every system's batches can be interleaved."""
 
     def __init__(self, path: Path, batch: int, max_new: int, constrained: bool, jump_forward: bool) -> None:
-        from loom.runtime.engine import LocalEngine
+        from loom.runtime.entrypoints.engine import LocalEngine
 
         name = "Loom unconstrained" if not constrained else f"Loom outlines, jump-forward {'on' if jump_forward else 'off'}"
         self.row, self.batch, self.max_new, self.constrained = Row(name, 0.0, 0, 0, 0), batch, max_new, constrained

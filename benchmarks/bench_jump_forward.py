@@ -19,7 +19,7 @@ from pathlib import Path
 import jsonschema
 
 from loom.demo_model import bench_model_path
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 
 def _object(props: dict[str, dict]) -> dict:

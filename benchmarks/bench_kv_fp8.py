@@ -23,7 +23,7 @@ import time
 
 from tqdm import tqdm
 
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 TOPICS = ["the weather", "a long journey", "the history of bread", "how engines work", "a small village",
           "the ocean at night", "learning to paint", "an old library"]  # fmt: skip

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from loom.demo_model import bench_model_path as model_dir
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 
 def fewshot_workload(programs: int, prefix_len: int, question_len: int, vocab: int, seed: int = 0):

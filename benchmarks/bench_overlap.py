@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 
 def run(path: Path, overlap: bool, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[float, list]:

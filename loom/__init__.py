@@ -19,8 +19,8 @@ drop_source_root()
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": ("loom.runtime.engine", "Engine"),
-    "LocalEngine": ("loom.runtime.engine", "LocalEngine"),
+    "Engine": ("loom.runtime.entrypoints.engine", "Engine"),
+    "LocalEngine": ("loom.runtime.entrypoints.engine", "LocalEngine"),
     "Runtime": ("loom.local_runtime", "Runtime"),
     "ServerArgs": ("loom.runtime.server_args", "ServerArgs"),
     "SamplingParams": ("loom.runtime.sampling_params", "SamplingParams"),

@@ -120,7 +120,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from loom.runtime.http_server import serve
+    from loom.runtime.entrypoints.http_server import serve
     from loom.runtime.server_args import ServerArgs
 
     engine_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerArgs) if f.name != "model_path"}
@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"loom serve: {exc}", file=sys.stderr)
         return 2
     if server_args.node_rank > 0:  # a worker node: only its scheduler ranks, which join node 0's
-        from loom.runtime.scheduler_process import run_worker_node
+        from loom.runtime.scheduler.process import run_worker_node
 
         return run_worker_node(server_args, log_level=args.log_level)
     if not args.http and not args.zmq_address:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from loom.lang.backend.runtime_zmq import ZmqEndpoint
-from loom.runtime.launch import ServerProcess
+from loom.runtime.entrypoints.launch import ServerProcess
 
 
 class Runtime(ZmqEndpoint):

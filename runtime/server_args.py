@@ -29,8 +29,8 @@ class ServerArgs:
     random_seed: int | None = None
     enable_in_batch_prefix_sharing: bool = True
     debug_check_memory: bool = False  # assert the KV-pool invariant after every scheduler step
-    disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/jump_forward.py)
-    # Overlap scheduling (runtime/overlap.py): prepare decode step N+1 while step N runs. None: the
+    disable_jump_forward: bool = False  # decode grammar-forced strings one token per step (see runtime/constrained/jump_forward.py)
+    # Overlap scheduling (runtime/scheduler/overlap.py): prepare decode step N+1 while step N runs. None: the
     # device decides (on with CUDA; on CPU see scheduler.CPU_OVERLAP_DEFAULT); False forces it on.
     disable_overlap_schedule: bool | None = None
     grammar_backend: str = "outlines"  # outlines | xgrammar | llguidance (the last two: pip install loom[grammar])

@@ -12,7 +12,7 @@ from loom.kernels.attention import create_attention_backend
 from loom.kernels.attention.base import AttentionLayer
 from loom.kernels.attention.torch_native import CASCADE_MIN_PREFIX, SHORT_EXTEND
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 
 def reference(q, k_buf, v_buf, rows: list[torch.Tensor], scale: float) -> torch.Tensor:

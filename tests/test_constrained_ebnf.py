@@ -24,7 +24,7 @@ from loom.runtime.constrained import (
     unpack_bitmask,
 )
 from loom.runtime.constrained.ebnf_gbnf import Alt, Chars, Lit, Ref, Rep, Seq, _class_regex, _cp, parse_gbnf
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 from reference_dfa import regex_to_dfa  # tests/: the 256-column construction, as a reference
 

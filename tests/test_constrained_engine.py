@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 SCHEMA = {
     "type": "object",
@@ -227,7 +227,7 @@ def test_sparse_logits_give_the_tokens_of_the_full_lm_head(engine, monkeypatch):
     """On the CPU a grammar row that allows few tokens here (digits, an enum, the punctuation
     after a value) gets logits for those tokens only. Outputs, greedy and seeded at temperature
     1.0, are the tokens the full LM head gives."""
-    import loom.runtime.scheduler as scheduler_module
+    import loom.runtime.scheduler.scheduler as scheduler_module
 
     runner = engine.scheduler.runner
     sparse_rows: list[int] = []

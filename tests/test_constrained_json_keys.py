@@ -15,7 +15,7 @@ import pytest
 
 from loom.runtime.constrained import GrammarBackend, schema_to_regex
 from loom.runtime.constrained.ebnf import CompiledEbnf
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 from test_constrained_schema import BYTES, EOS, V, walk  # a random walk under the mask, one byte per token
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loom.runtime.cuda_graph_runner import CudaGraphRunner, EagerGraph, capture_batch_sizes
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
-from loom.runtime.model_runner import ModelRunner
+from loom.runtime.model_executor.cuda_graph_runner import CudaGraphRunner, EagerGraph, capture_batch_sizes
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.model_runner import ModelRunner
 from loom.runtime.server_args import ServerArgs
 
 # The stand-in tests run where the Triton kernels do: on a GPU when there is one, else interpreted on the CPU.
@@ -177,8 +177,8 @@ def test_torch_native_is_not_captured(model_dir) -> None:
 def test_engine_decodes_the_same_through_graphs(model_dir, triton_interpreted, monkeypatch) -> None:
     """The whole engine (scheduler, sampling, radix cache) with decode graphs on gives the same greedy
     tokens: a batch of 3 decodes through the graph of 4, then 2 (one finished early) through the graph of 2."""
-    from loom.runtime import model_runner as mr_module
-    from loom.runtime.engine import LocalEngine
+    from loom.runtime.model_executor import model_runner as mr_module
+    from loom.runtime.entrypoints.engine import LocalEngine
 
     prompts = [[10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36]]
     params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in (4, 2, 4)]

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loom.runtime.dp_router import ApproxRadixTree, CacheAwareRouter, route_key
-from loom.runtime.engine import LocalEngine, ProcessEngine
+from loom.runtime.front.dp_router import ApproxRadixTree, CacheAwareRouter, route_key
+from loom.runtime.entrypoints.engine import LocalEngine, ProcessEngine
 from loom.runtime.protocol import ServerError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
@@ -86,8 +86,8 @@ def test_two_replicas_answer_like_one_engine_and_keep_prefixes_together(model):
 
 
 def test_replicas_take_their_own_gpus(monkeypatch):
-    import loom.runtime.dp_router as dpr
-    from loom.runtime.model_runner import resolve_device
+    import loom.runtime.front.dp_router as dpr
+    from loom.runtime.model_executor.model_runner import resolve_device
     from loom.runtime.server_args import ServerArgs
 
     class FakeReplica:  # records the arguments a replica would start with

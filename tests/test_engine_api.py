@@ -6,7 +6,7 @@ import pytest
 
 import loom
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 
 @pytest.fixture(scope="module")

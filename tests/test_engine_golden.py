@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 NEW_TOKENS = 12

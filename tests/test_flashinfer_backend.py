@@ -18,7 +18,7 @@ import loom.kernels.attention.flashinfer_backend as fib
 from loom.kernels.attention import create_attention_backend, resolve_backend_name
 from loom.kernels.attention.base import AttentionLayer
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 
 @pytest.mark.parametrize(

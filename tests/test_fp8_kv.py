@@ -8,7 +8,7 @@ import torch
 
 import loom.radix_cache.memory_pool as mp
 from loom.radix_cache import TokenToKVPool
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.server_args import ServerArgs
 
 

@@ -14,9 +14,9 @@ import pytest
 import zmq
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.launch import ServerProcess, engine_flags
+from loom.runtime.entrypoints.launch import ServerProcess, engine_flags
 from loom.runtime.protocol import FrontReply, FrontRequest, decode_reply, encode
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 MAX_TOTAL_TOKENS = 1024
@@ -187,7 +187,7 @@ def test_server_stops_when_its_parent_dies(model_dir, tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import json, sys\n"
-        "from loom.runtime.launch import ServerProcess\n"
+        "from loom.runtime.entrypoints.launch import ServerProcess\n"
         f"srv = ServerProcess({str(model_dir)!r}, max_total_tokens=256)\n"
         "print(json.dumps({'pid': srv.proc.pid, 'address': srv.address}), flush=True)\n"
         "import os; os._exit(0)\n"

@@ -15,7 +15,7 @@ from loom.cli import build_parser
 from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import GrammarBackend, GrammarError, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 BACKENDS = ("outlines", "xgrammar", "llguidance")
 EOS = 0

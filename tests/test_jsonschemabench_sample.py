@@ -10,7 +10,7 @@ import pathlib
 import jsonschema
 import pytest
 
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 SAMPLE = sorted((pathlib.Path(__file__).parent / "data" / "jsonschemabench_sample").glob("*.json"))
 

@@ -11,8 +11,8 @@ import pytest
 
 from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import GrammarBackend, token_bytes
-from loom.runtime.jump_forward import plan_jump_forward, whole_characters
-from loom.runtime.engine import LocalEngine
+from loom.runtime.constrained.jump_forward import plan_jump_forward, whole_characters
+from loom.runtime.entrypoints.engine import LocalEngine
 
 EOS = 0
 TOY = {1: b"a", 2: b"b", 3: b"ab", 4: b"c", 5: b"\xc3", 6: b"\xa9", 7: b"\xc3\xa9", 8: b"1", 9: b"abc"}
@@ -236,7 +236,7 @@ def test_memory_invariant_holds_under_tight_kv_memory(model_path, disable_radix_
 def test_backing_off_tokens_with_kv_frees_their_slots(model_path, monkeypatch):
     # With a back-off of 2 the token before the sampled one already has KV: its slot is freed and
     # the next step recomputes it (the memory invariant is checked after every step).
-    import loom.runtime.scheduler as scheduler_module
+    import loom.runtime.scheduler.scheduler as scheduler_module
 
     monkeypatch.setattr(scheduler_module, "MAX_BACKOFF", 2)
     with LocalEngine(model_path=model_path, max_total_tokens=2048, debug_check_memory=True) as eng:

@@ -1,6 +1,6 @@
 """`ZmqEndpoint`: the language over the ZeroMQ front door. First against a tiny fake ROUTER
 (the wire contract, errors, streaming), then against the real front door of a `loom serve` child
-started as `loom.Runtime` starts it (`loom.runtime.launch.ServerProcess`)."""
+started as `loom.Runtime` starts it (`loom.runtime.entrypoints.launch.ServerProcess`)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_zmq_endpoint_rejects_a_non_zmq_address() -> None:
 
 @pytest.fixture(scope="module")
 def front_door(tmp_path_factory) -> Iterator[Any]:
-    from loom.runtime.launch import ServerProcess
+    from loom.runtime.entrypoints.launch import ServerProcess
 
     model = build_tiny_checkpoint(tmp_path_factory.mktemp("lang-zmq"), arch="llama", vocab_size=512, seed=3)
     proc = ServerProcess(model, max_total_tokens=2048)

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from loom.kernels.attention import TorchNativeAttnBackend, create_attention_backend
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from loom.runtime.layers.linear import PACKED_MIN_ROWS, linear, pack_cpu_weights, skinny_linear
 from loom.runtime.layers.rotary import rope_inv_freq, rope_parameters
@@ -423,7 +423,7 @@ def test_packing_covers_every_linear_and_the_lm_head(make_tiny_model: MakeTinyMo
 
 @pytest.mark.parametrize("disable", [False, True])
 def test_the_engine_packs_cpu_weights_unless_told_not_to(make_tiny_model: MakeTinyModel, disable: bool) -> None:
-    from loom.runtime.model_runner import ModelRunner
+    from loom.runtime.model_executor.model_runner import ModelRunner
     from loom.runtime.server_args import ServerArgs
 
     args = ServerArgs(model_path=str(make_tiny_model("llama")), device="cpu", dtype="float32", max_total_tokens=64,

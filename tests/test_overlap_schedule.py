@@ -1,4 +1,4 @@
-"""Overlap scheduling (runtime/overlap.py): the same tokens as the synchronous scheduler.
+"""Overlap scheduling (runtime/scheduler/overlap.py): the same tokens as the synchronous scheduler.
 
 Each test runs one workload on two engines, overlap on and off, and compares every request's
 tokens and finish reason (greedy ones also against Transformers). All engines check the KV-pool
@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateReq
-from loom.runtime.overlap import FutureTokenMap
+from loom.runtime.scheduler.overlap import FutureTokenMap
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from loom.runtime.engine import LocalEngine, ProcessEngine
+from loom.runtime.entrypoints.engine import LocalEngine, ProcessEngine
 from loom.runtime.protocol import ServerError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}

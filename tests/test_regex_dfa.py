@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from loom.runtime.constrained import GrammarBackend, GrammarError, TokenVocab, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.constrained.regex_dfa import CompiledRegex
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 V = 40
 

@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from loom.runtime.sampling import (
+from loom.runtime.model_executor.sampling import (
     SamplingBatchInfo,
     ScratchRows,
     apply_penalties_and_bans,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateReq
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 from server_proc import API_KEY, MAX_TOTAL_TOKENS, Server, free_port  # noqa: F401  (test_tp imports these from here)
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}

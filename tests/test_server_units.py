@@ -10,9 +10,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.async_engine import AsyncEngine, FrontMetrics, RemoteText
-from loom.runtime.detokenizer_process import Detokenizer
-from loom.runtime.http_server import _param_of
+from loom.runtime.front.async_engine import AsyncEngine, FrontMetrics, RemoteText
+from loom.runtime.detokenizer.process import Detokenizer
+from loom.runtime.entrypoints.http_server import _param_of
 from loom.runtime.ipc import MESSAGE_TYPES, IpcPaths, decode, encode
 from loom.runtime.messages import (
     AbortReq,
@@ -28,7 +28,7 @@ from loom.runtime.messages import (
     TokenIDOut,
     TokenizedGenerateReq,
 )
-from loom.runtime.tokenizer_manager import TokenizerManager
+from loom.runtime.front.tokenizer_manager import TokenizerManager
 
 
 @pytest.fixture(scope="module")

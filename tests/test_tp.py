@@ -30,7 +30,7 @@ from loom.cli import build_parser
 from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.models import loader
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 NEW_TOKENS = 12
 TIGHT = ["--max-total-tokens", "160", "--chunked-prefill-size", "24", "--debug-check-memory"]
@@ -78,7 +78,7 @@ def test_serve_help_explains_the_parallel_flags() -> None:
 
 
 def test_in_process_engine_says_where_tensor_parallelism_runs(models: dict[str, pathlib.Path]) -> None:
-    from loom.runtime.model_runner import ModelRunner
+    from loom.runtime.model_executor.model_runner import ModelRunner
 
     with pytest.raises(ValueError, match="one scheduler process per rank"):
         ModelRunner(ServerArgs(str(models["llama"]), tp_size=2))

@@ -15,7 +15,7 @@ import torch
 from loom.kernels.attention import TorchNativeAttnBackend, create_attention_backend
 from loom.kernels.attention.base import AttentionLayer
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 from triton_setup import CUDA, DEVICE, DTYPES, TOL, interpreter, kt  # noqa: F401  (interpreter: autouse fixture)
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 SCRIPT = r"""
 import json, sys
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 
 path = sys.argv[1]
 shared = list(range(10, 30))  # a 20-token prefix the later prompts share (radix-cache hits on fp8 K/V)

@@ -114,7 +114,7 @@ def test_set_fused_ops_reaches_every_norm_and_the_shared_rotary(make_tiny_model)
 ENGINE_SCRIPT = r"""
 import json, sys
 import loom.kernels.triton as kt
-from loom.runtime.engine import LocalEngine
+from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.layers import set_fused_ops
 
 calls = {"rmsnorm": 0, "rotary": 0}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from loom.kernels.attention.base import AttentionLayer
-from loom.runtime.forward_batch import ForwardBatch
+from loom.runtime.model_executor.forward_batch import ForwardBatch
 
 
 class RadixAttention(nn.Module):

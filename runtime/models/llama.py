@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from loom.runtime.forward_batch import ForwardBatch
+from loom.runtime.model_executor.forward_batch import ForwardBatch
 from loom.runtime.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,

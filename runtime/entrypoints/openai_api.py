@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from loom.runtime.async_engine import AsyncEngine, EngineDeadError
-from loom.runtime.http_server import RequestError, _await_result, first_then_rest, read_json, sse
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
+from loom.runtime.entrypoints.http_server import RequestError, _await_result, first_then_rest, read_json, sse
 
 _COMMON = {
     "model", "stream", "stream_options", "n", "stop", "max_tokens", "max_completion_tokens", "temperature",

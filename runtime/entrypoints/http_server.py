@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loom.runtime import native_api
-from loom.runtime.async_engine import AsyncEngine, EngineDeadError
+from loom.runtime.entrypoints import native_api
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.protocol import RequestError, error_body
 
@@ -156,7 +156,7 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    from loom.runtime.openai_api import add_openai_routes
+    from loom.runtime.entrypoints.openai_api import add_openai_routes
 
     add_openai_routes(app, engine)
     return app
@@ -201,7 +201,7 @@ def serve(server_args: ServerArgs, host: str = "127.0.0.1", port: int = 30000, a
 async def _serve(server_args: ServerArgs, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  log_level: str, zmq_address: str | None, http: bool, parent_pid: int | None) -> int:  # fmt: skip
     if server_args.dp_size > 1:
-        from loom.runtime.dp_router import DataParallelEngine
+        from loom.runtime.front.dp_router import DataParallelEngine
 
         engine: Any = DataParallelEngine(server_args, log_level=log_level)
     else:
@@ -234,7 +234,7 @@ async def _serve(server_args: ServerArgs, host: str, port: int, api_key: str | N
     watcher = None
     try:
         if zmq_address:
-            from loom.runtime.front_door import FrontDoor
+            from loom.runtime.entrypoints.front_door import FrontDoor
 
             door = FrontDoor(engine, zmq_address, served_model_name)
             await door.start()

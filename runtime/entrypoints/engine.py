@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 from transformers import AutoTokenizer, GenerationConfig
 
 from loom.runtime.messages import AbortReq, BatchTokenIDOut, FlushCacheOut, FlushCacheReq
-from loom.runtime.model_runner import ModelRunner
-from loom.runtime.scheduler import Scheduler
+from loom.runtime.model_executor.model_runner import ModelRunner
+from loom.runtime.scheduler.scheduler import Scheduler
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
+from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class ProcessEngine(_EngineBase):
     engine; the scheduler's objects are not reachable from here, `get_server_info()` reports them."""
 
     def __init__(self, model_path: str | None = None, *, log_level: str = "warning", **kwargs: Any) -> None:
-        from loom.runtime.launch import ServerProcess
+        from loom.runtime.entrypoints.launch import ServerProcess
         from loom.runtime.protocol import FrontDoorClient
 
         self.server_args = _server_args(model_path, kwargs)  # validates before any process starts

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.runtime.detokenizer import DecodeState
+from loom.runtime.detokenizer.decode_state import DecodeState
 from loom.runtime.messages import TokenIDOut, TokenizedGenerateReq
 from loom.runtime.sampling_params import SamplingParams
 

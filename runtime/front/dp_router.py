@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from loom.runtime.async_engine import AsyncEngine, EngineDeadError, FrontMetrics
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError, FrontMetrics
 from loom.runtime.messages import FlushCacheOut, SchedulerInfoOut
 from loom.runtime.server_args import ServerArgs
 

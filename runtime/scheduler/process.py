@@ -5,7 +5,7 @@ The loop steps the scheduler while it has work and otherwise blocks on a poll of
 an idle server burns no CPU.
 
 With tp_size > 1 there is one such process per rank; only rank 0 talks ZeroMQ and the others
-follow it (`runtime/tp_scheduler.py`). An idle rank 0 still steps once a second, which keeps the
+follow it (`runtime/scheduler/tp_scheduler.py`). An idle rank 0 still steps once a second, which keeps the
 others' waits in its broadcast well inside the collective timeout.
 """
 
@@ -35,8 +35,8 @@ from loom.runtime.messages import (
 from loom.runtime.server_args import ServerArgs
 
 if TYPE_CHECKING:  # imported in the scheduler process only: the front stays free of torch
-    from loom.runtime.distributed import TpGroup
-    from loom.runtime.scheduler import Scheduler
+    from loom.runtime.model_executor.distributed import TpGroup
+    from loom.runtime.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,11 @@ def run_scheduler_process(
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s {who}: %(message)s")
     from transformers import AutoTokenizer
 
-    from loom.runtime.distributed import TpGroup
-    from loom.runtime.engine import scheduler_text_hooks
-    from loom.runtime.model_runner import ModelRunner
-    from loom.runtime.scheduler import Scheduler
-    from loom.runtime.tp_scheduler import TensorParallelScheduler, TpFollowerIO, TpLeaderIO
+    from loom.runtime.model_executor.distributed import TpGroup
+    from loom.runtime.entrypoints.engine import scheduler_text_hooks
+    from loom.runtime.model_executor.model_runner import ModelRunner
+    from loom.runtime.scheduler.scheduler import Scheduler
+    from loom.runtime.scheduler.tp_scheduler import TensorParallelScheduler, TpFollowerIO, TpLeaderIO
 
     args = ServerArgs(**args_dict)
     tp: TpGroup | None = None

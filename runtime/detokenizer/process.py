@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from loom.runtime.detokenizer import DecodeState
+from loom.runtime.detokenizer.decode_state import DecodeState
 from loom.runtime.ipc import IpcPaths, decode, encode, parent_gone
 from loom.runtime.messages import BatchStrOut, BatchTokenIDOut, DetokenizeInit, StrOut
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from loom.radix_cache import RadixCache
-from loom.runtime.schedule_batch import Req
+from loom.runtime.scheduler.schedule_batch import Req
 
 # A follower waits only when the shared, uncached part is at least this long.
 IN_BATCH_SHARING_MIN_TOKENS = 32

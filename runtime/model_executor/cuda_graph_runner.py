@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
-    from loom.runtime.model_runner import ModelRunner
+    from loom.runtime.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loom.runtime.async_engine import AsyncEngine, EngineDeadError
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import RequestError
 
 GENERATE_KEYS = {

@@ -16,8 +16,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from loom.runtime import native_api
-from loom.runtime.async_engine import AsyncEngine, EngineDeadError
+from loom.runtime.entrypoints import native_api
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import FrontReply, RequestError, decode_request, encode, error_body
 
 logger = logging.getLogger(__name__)

@@ -58,7 +58,7 @@ import torch
 
 from loom.radix_cache import ChunkCache, RadixCache
 from loom.runtime.constrained import GrammarBackend, GrammarError, allocate_token_bitmask, grammar_source
-from loom.runtime.jump_forward import MAX_BACKOFF, plan_jump_forward
+from loom.runtime.constrained.jump_forward import MAX_BACKOFF, plan_jump_forward
 from loom.runtime.messages import (
     AbortReq,
     BatchTokenIDOut,
@@ -67,12 +67,12 @@ from loom.runtime.messages import (
     TokenIDOut,
     TokenizedGenerateReq,
 )
-from loom.runtime.model_runner import ModelRunner
-from loom.runtime.overlap import DecodeSampling, FutureTokenMap, InflightStep, OverlapWorker, overlap_supported
-from loom.runtime.sampling import ScratchRows, SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
+from loom.runtime.model_executor.model_runner import ModelRunner
+from loom.runtime.scheduler.overlap import DecodeSampling, FutureTokenMap, InflightStep, OverlapWorker, overlap_supported
+from loom.runtime.model_executor.sampling import ScratchRows, SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
 from loom.runtime.sampling_params import SamplingParams
-from loom.runtime.schedule_batch import ExtendPlan, Req, build_decode_batch, build_extend_batch
-from loom.runtime.schedule_policy import SchedulePolicy
+from loom.runtime.scheduler.schedule_batch import ExtendPlan, Req, build_decode_batch, build_extend_batch
+from loom.runtime.scheduler.schedule_policy import SchedulePolicy
 from loom.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Scheduler:
         # Requests whose grammar is still compiling (off this thread): (req, future, deadline).
         self.grammar_queue: list[tuple[Req, Future, float]] = []
         self.grammar_backend: GrammarBackend | None = None  # built on the first grammar request
-        # Overlap scheduling (runtime/overlap.py); tensor-parallel ranks stay synchronous (their
+        # Overlap scheduling (runtime/scheduler/overlap.py); tensor-parallel ranks stay synchronous (their
         # sampling is a collective on the scheduler thread).
         overlap = args.disable_overlap_schedule
         overlap = (self.runner.device.type == "cuda" or CPU_OVERLAP_DEFAULT) if overlap is None else not overlap

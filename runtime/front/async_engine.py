@@ -25,7 +25,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from transformers import AutoTokenizer
 
-from loom.runtime.detokenizer_process import run_detokenizer_process
+from loom.runtime.detokenizer.process import run_detokenizer_process
 from loom.runtime.ipc import IpcPaths, decode, encode
 from loom.runtime.messages import (
     AbortReq,
@@ -37,9 +37,9 @@ from loom.runtime.messages import (
     SchedulerReady,
 )
 from loom.runtime.protocol import RequestError
-from loom.runtime.scheduler_process import spawn_scheduler_ranks
+from loom.runtime.scheduler.process import spawn_scheduler_ranks
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.tokenizer_manager import ReqState, TokenizerManager
+from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from loom.runtime.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.sampling_params import SamplingParams
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
