@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from loom.runtime.entrypoints.engine import LocalEngine
-    from loom.runtime.model_executor.model_runner import resolve_device, resolve_dtype
+    from loom.runtime.model_executor.device import resolve_device, resolve_dtype
 
     path = model_path(args)
     device = resolve_device(args.device)

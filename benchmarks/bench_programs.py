@@ -79,8 +79,8 @@ def hellaswag_item(rng: random.Random) -> tuple[str, list[str]]:
     context = (f"{name} walks to the market in {city} on a quiet morning with a basket. "
                f"At the first stall, {name} picks up some {obj} and")  # fmt: skip
     endings = [
-        f" pays the old man, smiling, then walks on towards the harbour to see the ships.",
-        f" throws them into the sea while the gulls watch from the roof of the station.",
+        " pays the old man, smiling, then walks on towards the harbour to see the ships.",
+        " throws them into the sea while the gulls watch from the roof of the station.",
         f" counts them twice, puts them in the basket and asks about the price of {rng.choice(OBJECTS)}.",
         f" starts to sing a song about {rng.choice(CITIES)} and the long winter by the river.",
     ]

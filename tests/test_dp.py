@@ -87,7 +87,7 @@ def test_two_replicas_answer_like_one_engine_and_keep_prefixes_together(model):
 
 def test_replicas_take_their_own_gpus(monkeypatch):
     import loom.runtime.front.dp_router as dpr
-    from loom.runtime.model_executor.model_runner import resolve_device
+    from loom.runtime.model_executor.device import resolve_device
     from loom.runtime.server_args import ServerArgs
 
     class FakeReplica:  # records the arguments a replica would start with

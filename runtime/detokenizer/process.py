@@ -17,6 +17,7 @@ import zmq
 from loom.runtime.detokenizer.decode_state import DecodeState
 from loom.runtime.ipc import IpcPaths, decode, encode, parent_gone
 from loom.runtime.messages import BatchStrOut, BatchTokenIDOut, DetokenizeInit, StrOut
+from loom.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,12 @@ class Detokenizer:
         return msg
 
 
-def run_detokenizer_process(tokenizer_path: str, paths: IpcPaths, parent_pid: int, log_level: str) -> None:
+def run_detokenizer_process(args_dict: dict[str, Any], paths: IpcPaths, parent_pid: int, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s detokenizer: %(message)s")
-    from transformers import AutoTokenizer
+    from loom.runtime.tokenizer import load_tokenizer
 
-    detok = Detokenizer(AutoTokenizer.from_pretrained(tokenizer_path))
+    detok = Detokenizer(load_tokenizer(ServerArgs(**args_dict)))
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.bind(paths.to_detokenizer)

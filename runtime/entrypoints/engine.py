@@ -12,64 +12,21 @@ it submitted has its final answer: for tests, debugging and benchmarks of the en
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from transformers import AutoTokenizer, GenerationConfig
-
+from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.messages import AbortReq, BatchTokenIDOut, FlushCacheOut, FlushCacheReq
 from loom.runtime.model_executor.model_runner import ModelRunner
+from loom.runtime.scheduler.io import LocalIO
 from loom.runtime.scheduler.scheduler import Scheduler
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
+from loom.runtime.tokenizer import load_tokenizer, scheduler_text_hooks
 
 logger = logging.getLogger(__name__)
 
 # Steps in a row that run nothing while requests wait: a scheduling bug, reported, never a hang.
 MAX_IDLE_STEPS = 1000
-
-
-class LocalIO:
-    """The scheduler's I/O when it runs in the caller's thread."""
-
-    def __init__(self) -> None:
-        self.inbox: deque[Any] = deque()
-        self.outbox: deque[Any] = deque()
-
-    def recv(self) -> list[Any]:
-        msgs = list(self.inbox)
-        self.inbox.clear()
-        return msgs
-
-    def send(self, msg: Any) -> None:
-        self.outbox.append(msg)
-
-
-def eos_token_ids(model_path: str, config: Any, tokenizer: Any) -> frozenset[int]:
-    """EOS ids from generation_config.json, config.json and the tokenizer (all that are set)."""
-    ids: set[int] = set()
-    sources: list[Any] = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
-    try:
-        sources.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
-    except (OSError, ValueError):
-        pass
-    for value in sources:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
-
-
-def scheduler_text_hooks(tokenizer: Any, model_path: str, config: Any) -> dict[str, Any]:
-    """The Scheduler's text keyword arguments: decode_tail (stop strings), eos_token_ids and
-    tokenize (jump-forward), all from the model's tokenizer."""
-    return {
-        "decode_tail": lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        "eos_token_ids": eos_token_ids(model_path, config, tokenizer),
-        "tokenize": lambda text: tokenizer.encode(text, add_special_tokens=False),
-    }
 
 
 def _server_args(model_path: str | None, kwargs: dict[str, Any]) -> ServerArgs:
@@ -116,7 +73,7 @@ class LocalEngine(_EngineBase):
         args = self.server_args
         if args.dp_size > 1:
             raise ValueError("dp_size > 1 runs replicas in their own processes: use loom.Engine or loom serve, not LocalEngine")
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        self.tokenizer = load_tokenizer(args)
         self.model_runner = ModelRunner(args)
         self.io = LocalIO()
         self.scheduler = Scheduler(
@@ -252,8 +209,8 @@ class LocalEngine(_EngineBase):
             **self.server_args.to_dict(),
             "max_total_tokens": self.model_runner.max_total_tokens,
             "context_length": self.model_runner.context_len,
-            "memory": self.scheduler.memory_report(),
-            "stats": dict(self.scheduler.stats),
+            "memory": (info := self.scheduler.info()).memory,
+            "stats": info.stats,
         }
 
     def shutdown(self) -> None:
@@ -283,8 +240,7 @@ class ProcessEngine(_EngineBase):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            args = self.server_args
-            self._tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+            self._tokenizer = load_tokenizer(self.server_args)
         return self._tokenizer
 
     def generate(

@@ -15,7 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
-from loom.runtime.entrypoints.http_server import RequestError, _await_result, first_then_rest, read_json, sse
+from loom.runtime.entrypoints.http_io import await_result, first_then_rest, read_json, sse
+from loom.runtime.protocol import RequestError
 
 _COMMON = {
     "model", "stream", "stream_options", "n", "stop", "max_tokens", "max_completion_tokens", "temperature",
@@ -132,7 +133,7 @@ def add_openai_routes(app: FastAPI, engine: AsyncEngine) -> None:
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if not stream:
-            results = await _await_result(request, engine.generate(**kwargs))
+            results = await await_result(request, engine.generate(**kwargs))
             if not isinstance(results, list):
                 return results  # the client went away
             choices = []

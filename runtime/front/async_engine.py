@@ -23,7 +23,6 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from transformers import AutoTokenizer
 
 from loom.runtime.detokenizer.process import run_detokenizer_process
 from loom.runtime.ipc import IpcPaths, decode, encode
@@ -39,6 +38,7 @@ from loom.runtime.messages import (
 from loom.runtime.protocol import RequestError
 from loom.runtime.scheduler.process import spawn_scheduler_ranks
 from loom.runtime.server_args import ServerArgs
+from loom.runtime.tokenizer import load_tokenizer
 from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class AsyncEngine:
     def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
         self.server_args = server_args
         self.log_level = log_level
-        self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path or server_args.model_path)
+        self.tokenizer = load_tokenizer(server_args)
         self.tokenizer_manager: TokenizerManager | None = None
         self.ready: SchedulerReady | None = None
         self.dead_reason: str | None = None
@@ -191,7 +191,7 @@ class AsyncEngine:
         args = self.server_args
         me = os.getpid()
         for name, target, targs in (
-            ("detokenizer", run_detokenizer_process, (args.tokenizer_path or args.model_path, paths, me, self.log_level)),
+            ("detokenizer", run_detokenizer_process, (args.to_dict(), paths, me, self.log_level)),
         ):
             proc = spawn.Process(target=target, args=targs, name=f"loom-{name}", daemon=True)
             proc.start()

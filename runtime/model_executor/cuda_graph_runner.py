@@ -28,14 +28,11 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
-
-if TYPE_CHECKING:
-    from loom.runtime.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +48,15 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
     assert max_bs >= 1, f"max_bs must be >= 1, got {max_bs}"
     sizes = [s for s in (1, 2, 4, 8, *range(16, max_bs + 1, 8)) if s <= max_bs]
     return sizes if sizes[-1] == max_bs else [*sizes, max_bs]
+
+
+class GraphedRunner(Protocol):
+    """What the graph runner reads of the model runner that owns it."""
+
+    model: Any
+    attn_backend: Any
+    device: torch.device
+    req_to_token_pool: Any
 
 
 class Graph(Protocol):
@@ -113,7 +119,7 @@ class CudaGraphRunner:
 
     def __init__(
         self,
-        model_runner: ModelRunner,
+        model_runner: GraphedRunner,
         batch_sizes: list[int],
         graph_factory: Callable[[], Graph] | None = None,
     ) -> None:

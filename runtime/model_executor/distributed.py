@@ -23,7 +23,7 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from loom.runtime.model_executor.model_runner import resolve_device
+from loom.runtime.model_executor.device import resolve_device
 from loom.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ from transformers import AutoConfig
 from loom.kernels.attention import create_attention_backend
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocator
 from loom.runtime.model_executor.cuda_graph_runner import DEFAULT_MAX_BS, CudaGraphRunner, capture_batch_sizes
+from loom.runtime.model_executor.device import resolve_device, resolve_dtype, to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch
 from loom.runtime.layers.linear import pack_cpu_weights
 from loom.runtime.models.loader import load_model
 from loom.runtime.model_executor.sampling import ScratchRows
-from loom.runtime.scheduler.schedule_batch import to_device
 from loom.runtime.server_args import ServerArgs
 
 if TYPE_CHECKING:
@@ -26,31 +26,6 @@ logger = logging.getLogger(__name__)
 
 # Without a --max-total-tokens the pool is sized from memory, up to this many slots on CPU.
 CPU_MAX_DEFAULT_TOKENS = 1 << 18
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
-    """"auto" -> cuda when available, else cpu; a bare "cuda" -> GPU `gpu_id` (data-parallel
-    replicas and tensor-parallel ranks each take their own)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", gpu_id)
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device, config) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cpu":
-        return torch.float32  # CPU matmuls in bf16 are slower and less exact; fp32 is the CPU default
-    checkpoint = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(checkpoint, str):
-        checkpoint = _DTYPES.get(checkpoint)
-    return checkpoint if checkpoint in (torch.bfloat16, torch.float16) else torch.bfloat16
-
 
 def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":

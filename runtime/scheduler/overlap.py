@@ -30,7 +30,7 @@ from loom.runtime.model_executor.forward_batch import ForwardBatch
 from loom.runtime.model_executor.model_runner import ModelRunner
 from loom.runtime.model_executor.sampling import SamplingBatchInfo, sample
 from loom.runtime.sampling_params import SamplingParams
-from loom.runtime.scheduler.schedule_batch import to_device
+from loom.runtime.model_executor.device import to_device
 
 
 class FutureTokenMap:

@@ -24,14 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from loom.runtime.ipc import IpcPaths, decode, encode, parent_gone
-from loom.runtime.messages import (
-    DetokenizeInit,
-    SchedulerInfoOut,
-    SchedulerInfoReq,
-    SchedulerReady,
-    TokenizedGenerateReq,
-)
+from loom.runtime.ipc import IpcPaths, parent_gone
+from loom.runtime.messages import SchedulerReady
+from loom.runtime.scheduler.io import ZmqIO
 from loom.runtime.server_args import ServerArgs
 
 if TYPE_CHECKING:  # imported in the scheduler process only: the front stays free of torch
@@ -44,53 +39,6 @@ IDLE_POLL_MS = 1000  # also how often an idle scheduler checks that its parent s
 PENDING_POLL_MS = 2  # requests wait but none could run (grammars compiling, memory short)
 
 
-class ZmqIO:
-    """The scheduler's I/O in its own process. It also answers the front's info queries and tells
-    the detokenizer how to decode each request before the scheduler sees it."""
-
-    def __init__(self, ctx: zmq.Context, paths: IpcPaths) -> None:
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.bind(paths.to_scheduler)
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.connect(paths.to_detokenizer)
-        self.scheduler: Any = None
-
-    def recv(self) -> list[Any]:
-        msgs: list[Any] = []
-        while True:
-            try:
-                data = self.pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return msgs
-            try:
-                msg = decode(data)
-            except ValueError:
-                logger.exception("scheduler dropped a malformed message")
-                continue
-            if isinstance(msg, TokenizedGenerateReq):
-                p = msg.sampling_params
-                self.send(
-                    DetokenizeInit(
-                        msg.rid,
-                        skip_special_tokens=p.get("skip_special_tokens", True),
-                        spaces_between_special_tokens=p.get("spaces_between_special_tokens", True),
-                        stop=list(p.get("stop") or []),
-                        no_stop_trim=p.get("no_stop_trim", False),
-                    )
-                )
-            elif isinstance(msg, SchedulerInfoReq):
-                s = self.scheduler
-                self.send(SchedulerInfoOut(s.memory_report(), dict(s.stats), len(s.running), len(s.waiting)))
-                continue
-            msgs.append(msg)
-
-    def send(self, msg: Any) -> None:
-        self.push.send(encode(msg))
-
-    def wait(self, timeout_ms: int) -> None:
-        self.pull.poll(timeout_ms)
-
-
 def run_scheduler_process(
     args_dict: dict[str, Any], paths: IpcPaths | None, parent_pid: int, log_level: str, tp_rank: int = 0
 ) -> None:
@@ -100,13 +48,11 @@ def run_scheduler_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when we stop
     who = "scheduler" if args_dict.get("tp_size", 1) == 1 else f"scheduler rank {tp_rank}"
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s {who}: %(message)s")
-    from transformers import AutoTokenizer
-
     from loom.runtime.model_executor.distributed import TpGroup
-    from loom.runtime.entrypoints.engine import scheduler_text_hooks
     from loom.runtime.model_executor.model_runner import ModelRunner
     from loom.runtime.scheduler.scheduler import Scheduler
     from loom.runtime.scheduler.tp_scheduler import TensorParallelScheduler, TpFollowerIO, TpLeaderIO
+    from loom.runtime.tokenizer import load_tokenizer, scheduler_text_hooks
 
     args = ServerArgs(**args_dict)
     tp: TpGroup | None = None
@@ -120,7 +66,7 @@ def run_scheduler_process(
     ctx = zmq.Context()
     zmq_io = ZmqIO(ctx, paths) if tp_rank == 0 else None
     io: Any = zmq_io if tp is None else TpLeaderIO(zmq_io, tp) if tp_rank == 0 else TpFollowerIO(tp)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+    tokenizer = load_tokenizer(args)
     runner = ModelRunner(args, tp)
     extra: dict[str, Any] = {} if tp is None else {"tp": tp}
     scheduler = (Scheduler if tp is None else TensorParallelScheduler)(
@@ -133,7 +79,6 @@ def run_scheduler_process(
     if tp is not None:
         tp.barrier()  # every rank has its model and KV pool before rank 0 says ready
     if zmq_io is not None:
-        zmq_io.scheduler = scheduler
         zmq_io.send(SchedulerReady(runner.context_len, runner.vocab_size, runner.max_total_tokens))
     # What startup built (model, tokenizer, imports: ~10^5 objects) lives as long as the process:
     # out of the collector's way, a full collection no longer walks it (80-140 ms pauses

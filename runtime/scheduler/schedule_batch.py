@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from loom.runtime.model_executor.device import to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.sampling_params import SamplingParams
 
@@ -168,16 +169,6 @@ class ExtendPlan:
     # fill_ids) of the tokens those rows predict.
     logit_rows: list[int]
     row_owner: list[tuple[int, int]]  # (request index, position in fill_ids of the token the row predicts)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device`. From the CPU to CUDA through pinned memory, without waiting: the copy
-    queues behind the kernels already launched instead of stalling the host."""
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def host_to_device(values: list[int], device: torch.device | None) -> torch.Tensor:

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -64,6 +64,8 @@ from loom.runtime.messages import (
     BatchTokenIDOut,
     FlushCacheOut,
     FlushCacheReq,
+    SchedulerInfoOut,
+    SchedulerInfoReq,
     TokenIDOut,
     TokenizedGenerateReq,
 )
@@ -72,6 +74,7 @@ from loom.runtime.scheduler.overlap import DecodeSampling, FutureTokenMap, Infli
 from loom.runtime.model_executor.sampling import ScratchRows, SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler.schedule_batch import ExtendPlan, Req, build_decode_batch, build_extend_batch
+from loom.runtime.scheduler.io import SchedulerIO
 from loom.runtime.scheduler.schedule_policy import SchedulePolicy
 from loom.runtime.server_args import ServerArgs
 
@@ -95,12 +98,6 @@ RESERVE_CLIP = 4096
 # waits on the device, and the scheduler's work hides behind it.
 CPU_OVERLAP_DEFAULT = False
 SPARSE_LOGITS_SHARE = 16  # a grammar row allowing at most V / 16 tokens gets logits for those only (CPU)
-
-
-class SchedulerIO(Protocol):
-    def recv(self) -> list[Any]: ...
-
-    def send(self, msg: Any) -> None: ...
 
 
 class Scheduler:
@@ -315,6 +312,8 @@ class Scheduler:
                 self.abort_request(msg.rid, msg.message)
             elif isinstance(msg, FlushCacheReq):
                 self.io.send(self.flush_cache())
+            elif isinstance(msg, SchedulerInfoReq):
+                self.io.send(self.info())
             else:
                 logger.error("scheduler got an unknown message %r", type(msg).__name__)
 
@@ -832,6 +831,10 @@ class Scheduler:
             f"KV pool leak: free {free} + evictable {evictable} + protected {protected} + held {held} "
             f"= {total} != capacity {self.allocator.size}"
         )
+
+    def info(self) -> SchedulerInfoOut:
+        """What /get_server_info shows of the scheduler: memory, counters, queue lengths."""
+        return SchedulerInfoOut(self.memory_report(), dict(self.stats), len(self.running), len(self.waiting))
 
     def memory_report(self) -> dict[str, int]:
         return {

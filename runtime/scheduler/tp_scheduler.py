@@ -17,7 +17,7 @@ import torch
 from loom.runtime.model_executor.distributed import TpGroup
 from loom.runtime.ipc import decode, encode
 from loom.runtime.scheduler.scheduler import Scheduler
-from loom.runtime.scheduler.process import ZmqIO
+from loom.runtime.scheduler.io import ZmqIO
 
 
 class TpLeaderIO:

@@ -1,0 +1,80 @@
+"""The scheduler's I/O: `recv() -> messages`, `send(message)`. The same scheduler runs in the
+caller's thread (`LocalIO`, under `LocalEngine`) and in its own process behind ZeroMQ (`ZmqIO`);
+tensor-parallel ranks wrap these (`tp_scheduler.py`)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Protocol
+
+import zmq
+
+from loom.runtime.ipc import IpcPaths, decode, encode
+from loom.runtime.messages import DetokenizeInit, TokenizedGenerateReq
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerIO(Protocol):
+    def recv(self) -> list[Any]: ...
+
+    def send(self, msg: Any) -> None: ...
+
+
+class LocalIO:
+    """The scheduler's I/O when it runs in the caller's thread."""
+
+    def __init__(self) -> None:
+        self.inbox: deque[Any] = deque()
+        self.outbox: deque[Any] = deque()
+
+    def recv(self) -> list[Any]:
+        msgs = list(self.inbox)
+        self.inbox.clear()
+        return msgs
+
+    def send(self, msg: Any) -> None:
+        self.outbox.append(msg)
+
+
+class ZmqIO:
+    """The scheduler's I/O in its own process: PULL from the front, PUSH to the detokenizer. It
+    also tells the detokenizer how to decode each request before the scheduler sees it."""
+
+    def __init__(self, ctx: zmq.Context, paths: IpcPaths) -> None:
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.bind(paths.to_scheduler)
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.connect(paths.to_detokenizer)
+
+    def recv(self) -> list[Any]:
+        msgs: list[Any] = []
+        while True:
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return msgs
+            try:
+                msg = decode(data)
+            except ValueError:
+                logger.exception("scheduler dropped a malformed message")
+                continue
+            if isinstance(msg, TokenizedGenerateReq):
+                p = msg.sampling_params
+                self.send(
+                    DetokenizeInit(
+                        msg.rid,
+                        skip_special_tokens=p.get("skip_special_tokens", True),
+                        spaces_between_special_tokens=p.get("spaces_between_special_tokens", True),
+                        stop=list(p.get("stop") or []),
+                        no_stop_trim=p.get("no_stop_trim", False),
+                    )
+                )
+            msgs.append(msg)
+
+    def send(self, msg: Any) -> None:
+        self.push.send(encode(msg))
+
+    def wait(self, timeout_ms: int) -> None:
+        self.pull.poll(timeout_ms)
