@@ -15,13 +15,7 @@ from typing import Any
 
 import msgspec
 
-from loom.runtime import messages
-
-MESSAGE_TYPES: dict[str, type] = {
-    name: obj
-    for name, obj in vars(messages).items()
-    if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == messages.__name__
-}
+from loom.runtime.messages import MESSAGE_TYPES
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()

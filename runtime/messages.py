@@ -1,13 +1,23 @@
 """Engine-internal messages between the front (tokenizer manager), the scheduler and the detokenizer.
 
-Plain dataclasses with msgpack-able fields only (no torch): the serving issue sends them over
-ZeroMQ unchanged.
+Plain dataclasses with msgpack-able fields only (no torch), sent over ZeroMQ unchanged (`ipc.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(slots=True)
+class DecodeOptions:
+    """How the detokenizer turns one request's tokens into text. They travel with the request to
+    the scheduler, which hands them on with the request's first output (`TokenIDOut.decode`)."""
+
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    stop: list[str] = field(default_factory=list)
+    no_stop_trim: bool = False
 
 
 @dataclass(slots=True)
@@ -19,6 +29,7 @@ class TokenizedGenerateReq:
     logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: logprobs of prompt tokens k..end
     top_logprobs_num: int = 0
     stream: bool = False
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
 @dataclass(slots=True)
@@ -53,6 +64,7 @@ class TokenIDOut:
     output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    decode: DecodeOptions | None = None  # the request's, on its first output only
 
 
 @dataclass(slots=True)
@@ -68,17 +80,6 @@ class SchedulerReady:
     context_len: int
     vocab_size: int
     max_total_tokens: int
-
-
-@dataclass(slots=True)
-class DetokenizeInit:
-    """How the detokenizer should decode one request (sent ahead of its first tokens)."""
-
-    rid: str
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    stop: list[str] = field(default_factory=list)
-    no_stop_trim: bool = False
 
 
 @dataclass(slots=True)
@@ -107,3 +108,11 @@ class SchedulerInfoOut:
     stats: dict[str, int]
     running: int
     waiting: int
+
+
+# Every message that crosses a socket, by the name the wire carries (`ipc.encode` / `decode`).
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (TokenizedGenerateReq, AbortReq, FlushCacheReq, FlushCacheOut, TokenIDOut, BatchTokenIDOut, SchedulerReady,
+                StrOut, BatchStrOut, SchedulerInfoReq, SchedulerInfoOut)
+}  # fmt: skip

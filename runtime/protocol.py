@@ -11,8 +11,9 @@ over either path:
 
     generate         body = the JSON body of POST /generate (text or input_ids, single or batch,
                      sampling_params, logprob options, stream). Not streamed: one "done" whose body
-                     is what /generate answers. Streamed: one "chunk" per SSE event (cumulative
-                     text and output_ids, as SGLang streams them), then a "done" with body None.
+                     is what /generate answers. Streamed: "chunk"s of new text and output_ids
+                     (deltas, with the request's `index` in the answer), then a "done" with
+                     body None. Only SGLang's HTTP /generate turns them into cumulative text.
     cancel           body = {"id": <id of an earlier generate>}: the client stopped listening; the
                      request is aborted and its KV released. Answered with nothing.
     abort_request    body = {"rid": ...}, as POST /abort_request.
@@ -29,6 +30,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import msgspec
@@ -86,6 +88,159 @@ def error_body(status: int, message: str, param: str | None = None, err_type: st
     """The error JSON the HTTP server and the front door both send."""
     err_type = err_type or ("invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+MAX_N = 128  # the most samples `sampling_params.n` may ask for one prompt
+
+# Keys SGLang clients may send in a /generate body that mean nothing for a text-only engine:
+# accepted and ignored.
+IGNORED_GENERATE_KEYS = frozenset(
+    {"image_data", "lora_path", "custom_logit_processor", "bootstrap_host", "modalities", "log_metrics"}
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(slots=True)
+class GenerateItem:
+    """One prompt's request, cut from a `GenerateRequest`: its own sampling parameters (`n` is 1
+    here: each sample is an item) and logprob options, and its `index` in the answer."""
+
+    index: int
+    where: str  # the prompt as errors name it: "text", "prompt[2]", "input_ids[0]"
+    text: str | None
+    input_ids: list[int] | None
+    sampling_params: dict[str, Any]
+    return_logprob: bool = False
+    logprob_start_len: int | None = None
+    top_logprobs_num: int = 0
+    rid: str | None = None
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """One generate call, as every entry point receives it: `loom.Engine.generate`, the /generate
+    and OpenAI routes, the front door. A single prompt or a batch (`text` / `input_ids` a list);
+    every other field is one value for all prompts or, for a batch, a list with one per prompt.
+
+    `items()` is the one place where that shape is resolved: batch or not, per-prompt values, and
+    `sampling_params.n` > 1 fanned out into n items of one sample each. The answer is a list
+    (`answers_list()`) for a batch or for n > 1, in the order of `items()`, else one result."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
+    # Loom's own: False keeps a refused request (an invalid grammar) as that request's result, with
+    # an abort finish_reason (loom.Engine), instead of failing the whole call with a 400.
+    reject_invalid: bool = True
+    # What the caller calls `text` in its messages: "prompt" for the Engine API. Not sent.
+    text_name: str = field(default="text", repr=False, compare=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> GenerateRequest:
+        """A /generate JSON body (or the front door's generate body). RequestError names an unknown
+        field; the values are checked by `items()` and the tokenizer manager."""
+        fields_ = set(GENERATE_KEYS)
+        unknown = set(body) - fields_ - IGNORED_GENERATE_KEYS
+        if unknown:
+            first = sorted(unknown)[0]
+            raise RequestError(f"unknown field(s) {sorted(unknown)}; expected some of {sorted(fields_)}", first)
+        known = {k: v for k, v in body.items() if k in fields_}
+        for flag in ("stream", "reject_invalid", "return_text_in_logprobs"):
+            if flag in known and not isinstance(known[flag], bool):
+                raise RequestError(f"{flag} must be a bool, got {known[flag]!r}", flag)
+        defaults = {"return_logprob": False, "top_logprobs_num": 0}
+        return cls(**{k: (defaults.get(k) if v is None and k in defaults else v) for k, v in known.items()})
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body of this request, as /generate and the front door take it (`from_body`'s inverse)."""
+        body = {k: getattr(self, k) for k in GENERATE_KEYS}
+        return {k: v for k, v in body.items() if v is not None or k in ("sampling_params",)}
+
+    @property
+    def is_batch(self) -> bool:
+        """`text` is a list, or `input_ids` a list of lists."""
+        ids = self.input_ids
+        return isinstance(self.text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
+
+    def answers_list(self) -> bool:
+        """Whether the answer is a list: a batch, or a single prompt with n > 1."""
+        return self.is_batch or len(self.items()) > 1
+
+    def items(self) -> list[GenerateItem]:
+        """One item per prompt and sample. RequestError names the field that is wrong with the
+        request's shape (the values themselves are checked where the model is known)."""
+        name = self.text_name
+        if (self.text is None) == (self.input_ids is None):
+            raise RequestError(f"give exactly one of `{name}` (text) or `input_ids` (token ids)", name)
+        batch = self.is_batch
+        if self.text is not None:
+            texts = self.text if batch else [self.text]
+            if batch and not texts:
+                raise RequestError(f"{name} must be a non-empty string or a non-empty list of strings, got []", name)
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    where = f"{name}[{i}]" if batch else name
+                    raise RequestError(f"{where} must be a string, got {type(t).__name__}", name)
+            prompts: list[Any] = list(texts)
+        else:
+            if not isinstance(self.input_ids, list):
+                raise RequestError(f"input_ids must be a list of token ids, got {type(self.input_ids).__name__}", "input_ids")
+            prompts = list(self.input_ids) if batch else [self.input_ids]
+            for i, ids in enumerate(prompts):
+                if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+                    raise RequestError(f"{f'input_ids[{i}]' if batch else 'input_ids'} must be a list of ints", "input_ids")
+        field_name = name if self.text is not None else "input_ids"
+        n = len(prompts)
+        params = self._per_prompt("sampling_params", self.sampling_params, n, batch, None)
+        flags = self._per_prompt("return_logprob", self.return_logprob, n, batch, False)
+        starts = self._per_prompt("logprob_start_len", self.logprob_start_len, n, batch, None)
+        tops = self._per_prompt("top_logprobs_num", self.top_logprobs_num, n, batch, 0)
+        rids = self._per_prompt("rid", self.rid, n, batch, None)
+        items: list[GenerateItem] = []
+        for i, prompt in enumerate(prompts):
+            p = params[i]
+            if p is not None and not isinstance(p, dict):
+                raise RequestError(f"sampling_params must be a dict, got {type(p).__name__}", "sampling_params")
+            copies = 1 if p is None or p.get("n") is None else p["n"]
+            if not _is_int(copies) or not 1 <= copies <= MAX_N:
+                raise RequestError(f"sampling_params.n must be an int in [1, {MAX_N}], got {copies!r}", "sampling_params.n")
+            if copies > 1 and rids[i] is not None:
+                raise RequestError("rid cannot be given with sampling_params.n > 1 (each sample is its own request)", "rid")
+            one = {k: v for k, v in (p or {}).items() if k != "n"}
+            for _ in range(copies):
+                items.append(GenerateItem(
+                    index=len(items), where=f"{field_name}[{i}]" if batch else field_name,
+                    text=prompt if self.text is not None else None,
+                    input_ids=prompt if self.text is None else None, sampling_params=dict(one),
+                    return_logprob=flags[i], logprob_start_len=starts[i], top_logprobs_num=tops[i], rid=rids[i],
+                ))  # fmt: skip
+        return items
+
+    @staticmethod
+    def _per_prompt(name: str, value: Any, n: int, batch: bool, default: Any) -> list[Any]:
+        """A scalar (or one dict of sampling params) applies to every prompt; a list gives one
+        entry per prompt (a list of one dict also fits a single prompt)."""
+        if value is None:
+            return [default] * n
+        if not isinstance(value, list):
+            return [value] * n
+        if not batch and name != "sampling_params":
+            raise RequestError(f"{name} must be a single value for a single prompt, got a list", name)
+        if len(value) != n:
+            raise RequestError(f"{name} has {len(value)} entries but there are {n} prompts", name)
+        return list(value)
+
+
+GENERATE_KEYS = tuple(f.name for f in fields(GenerateRequest) if f.name != "text_name")
 
 
 class ServerError(RuntimeError):

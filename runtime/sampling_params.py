@@ -15,6 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from loom.runtime.protocol import RequestError
+
 # Temperatures below this count as 0 (greedy), as in SGLang: dividing logits by a smaller
 # number overflows fp32 and gains nothing over argmax.
 GREEDY_TEMPERATURE_EPS = 1e-6
@@ -50,8 +52,8 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _fail(name: str, expected: str, got: Any) -> ValueError:
-    return ValueError(f"sampling_params.{name} must be {expected}, got {got!r}")
+def _fail(name: str, expected: str, got: Any) -> RequestError:
+    return RequestError(f"sampling_params.{name} must be {expected}, got {got!r}", f"sampling_params.{name}")
 
 
 @dataclass(slots=True)
@@ -102,37 +104,38 @@ class SamplingParams:
         """Build from a client's dict and validate it (without a vocabulary size; the front calls
         `validate(vocab_size)` again once it knows it).
 
-        Raises ValueError naming the offending key for an unknown key, a wrong type or a value
-        out of range.
+        Raises RequestError (a ValueError) naming the offending key (its `param`) for an unknown
+        key, a wrong type or a value out of range.
         """
         if d is None:
             d = {}
         elif isinstance(d, SamplingParams):
             d = d.to_dict()
         elif not isinstance(d, dict):
-            raise ValueError(f"sampling_params must be a dict, got {type(d).__name__}")
+            raise RequestError(f"sampling_params must be a dict, got {type(d).__name__}", "sampling_params")
         known = _field_names()
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if not isinstance(key, str):
-                raise ValueError(f"sampling_params keys must be strings, got {key!r}")
+                raise RequestError(f"sampling_params keys must be strings, got {key!r}", "sampling_params")
             if key in _ALIASES:
                 target = _ALIASES[key]
                 if value is not None and d.get(target) is not None and d[target] != value:
-                    raise ValueError(f"sampling_params.{key} and sampling_params.{target} disagree ({value!r} vs {d[target]!r})")
+                    raise RequestError(f"sampling_params.{key} and sampling_params.{target} disagree ({value!r} vs {d[target]!r})",
+                                       f"sampling_params.{key}")  # fmt: skip
                 if value is not None:
                     kwargs[target] = value
                 continue
             if key in _UNSUPPORTED:
                 if value not in (None, "", [], {}):
-                    raise ValueError(f"sampling_params.{_UNSUPPORTED[key]}, got {value!r}")
+                    raise RequestError(f"sampling_params.{_UNSUPPORTED[key]}, got {value!r}", f"sampling_params.{key}")
                 continue
             if key in _IGNORED:
                 if value is not None and not (_is_int(value) and value >= 1):
                     raise _fail(key, "an int >= 1 or null", value)
                 continue
             if key not in known:
-                raise ValueError(_unknown_key_message(key, known))
+                raise RequestError(_unknown_key_message(key, known), f"sampling_params.{key}")
             if value is None:
                 if key == "max_new_tokens":
                     kwargs[key] = MAX_NEW_TOKENS_UNLIMITED
@@ -154,7 +157,7 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError (naming the parameter and what was expected) unless every field has
+        """Raise RequestError (naming the parameter and what was expected) unless every field has
         the right type and range; token ids are checked against `vocab_size` when given."""
         self._check_int("max_new_tokens", lo=0)
         self._check_int("min_new_tokens", lo=0)
@@ -200,7 +203,8 @@ class SamplingParams:
             raise _fail("stop_token_ids", f"a list of ints >= 0{upper}", ids)
         for t in ids:
             if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
-                raise ValueError(f"sampling_params.stop_token_ids must hold ints >= 0{upper}, got {t!r} in {ids!r}")
+                raise RequestError(f"sampling_params.stop_token_ids must hold ints >= 0{upper}, got {t!r} in {ids!r}",
+                                   "sampling_params.stop_token_ids")  # fmt: skip
 
     def _check_grammar(self) -> None:
         given = [k for k in _GRAMMAR_KEYS if getattr(self, k) is not None]
@@ -208,7 +212,8 @@ class SamplingParams:
             if not isinstance(getattr(self, key), str):
                 raise _fail(key, "a string or null", getattr(self, key))
         if len(given) > 1:
-            raise ValueError(f"sampling_params: at most one of {', '.join(_GRAMMAR_KEYS)} may be set, got {', '.join(given)}")
+            raise RequestError(f"sampling_params: at most one of {', '.join(_GRAMMAR_KEYS)} may be set, got {', '.join(given)}",
+                               f"sampling_params.{given[1]}")  # fmt: skip
         for key in ("ebnf", "lark"):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise _fail(key, "a non-empty grammar", getattr(self, key))
@@ -216,7 +221,8 @@ class SamplingParams:
             try:
                 schema = json.loads(self.json_schema)
             except json.JSONDecodeError as e:
-                raise ValueError(f"sampling_params.json_schema must be valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+                raise RequestError(f"sampling_params.json_schema must be valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                                   "sampling_params.json_schema") from None  # fmt: skip
             if not isinstance(schema, (dict, bool)):
                 raise _fail("json_schema", "a JSON object (or true/false)", self.json_schema)
 

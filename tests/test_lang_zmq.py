@@ -20,7 +20,7 @@ GREEDY = {"temperature": 0.0}
 
 class FakeFrontDoor:
     """A ROUTER answering like the front door: a fixed model info, generate echoing a completion
-    of "!" per requested token (streamed one chunk per token), a 400 for a bad regex."""
+    of "!" per requested token (streamed one new "!" per chunk), a 400 for a bad regex."""
 
     def __init__(self, address: str) -> None:
         self.ctx = zmq.Context()
@@ -53,9 +53,11 @@ class FakeFrontDoor:
                 n = params.get("max_new_tokens", 3)
                 if params.get("regex") == "(":
                     self._send(identity, req.id, "error", {"status": 400, **error_body(400, "regex '(' cannot be compiled", "regex")})
-                elif req.body.get("stream"):
+                elif req.body.get("stream"):  # deltas: one new "!" per chunk
                     for i in range(1, n + 1):
-                        self._send(identity, req.id, "chunk", self._result(req.body["text"], i))
+                        chunk = {**self._result(req.body["text"], 1), "index": 0}
+                        chunk["meta_info"]["completion_tokens"] = i
+                        self._send(identity, req.id, "chunk", chunk)
                     self._send(identity, req.id, "done", None)
                 else:
                     self._send(identity, req.id, "done", self._result(req.body["text"], n))
@@ -91,7 +93,7 @@ def test_zmq_endpoint_speaks_the_front_door_protocol(fake, tmp_path) -> None:
         assert body["sampling_params"]["max_new_tokens"] == 4 and body["sampling_params"]["stop"] == ["\n"]
 
         streamed = prog.run(backend=backend, stream=True)
-        assert list(streamed.text_iter("x")) == ["!"] * 4  # one piece per chunk, from cumulative text
+        assert list(streamed.text_iter("x")) == ["!"] * 4  # one piece per chunk
 
         @sgl.function
         def bad(s):

@@ -10,15 +10,15 @@ import pytest
 from transformers import AutoTokenizer
 
 from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.front.async_engine import AsyncEngine, FrontMetrics, RemoteText
-from loom.runtime.detokenizer.process import Detokenizer
-from loom.runtime.entrypoints.http_server import _param_of
+from loom.runtime.detokenizer.detokenizer import Detokenizer
+from loom.runtime.front.async_engine import AsyncEngine, FrontMetrics
+from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.ipc import MESSAGE_TYPES, IpcPaths, decode, encode
 from loom.runtime.messages import (
     AbortReq,
     BatchStrOut,
     BatchTokenIDOut,
-    DetokenizeInit,
+    DecodeOptions,
     FlushCacheOut,
     FlushCacheReq,
     SchedulerInfoOut,
@@ -28,7 +28,8 @@ from loom.runtime.messages import (
     TokenIDOut,
     TokenizedGenerateReq,
 )
-from loom.runtime.front.tokenizer_manager import TokenizerManager
+from loom.runtime.protocol import GenerateRequest, RequestError
+from loom.runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +39,18 @@ def tokenizer(tmp_path_factory):
 
 
 def test_codec_round_trips_every_message_shape():
+    decode_options = DecodeOptions(skip_special_tokens=False, spaces_between_special_tokens=False, stop=["\n\n", "é"], no_stop_trim=True)
     out = TokenIDOut("r1", [4, 5], {"type": "stop", "matched": 4}, 3, 2, 1, [(None, 1), (-0.5, 2)], [(-0.25, 4), (-1.5, 5)],
-                     [None, [(-0.5, 2), (-2.0, 7)]], [[(-0.25, 4)], [(-1.5, 5), (-3.0, 6)]])  # fmt: skip
+                     [None, [(-0.5, 2), (-2.0, 7)]], [[(-0.25, 4)], [(-1.5, 5), (-3.0, 6)]], decode_options)  # fmt: skip
     examples = [  # every field away from its default, so a field the codec drops shows
-        TokenizedGenerateReq("r1", [1, 2, 3], {"temperature": 0.5, "stop": ["\n"], "json_schema": '{"a": 1}'}, True, 0, 2, True),
+        TokenizedGenerateReq("r1", [1, 2, 3], {"temperature": 0.5, "stop": ["\n"], "json_schema": '{"a": 1}'}, True, 0, 2, True,
+                             decode_options),  # fmt: skip
         AbortReq("r1", "bye"),
         FlushCacheReq(),
         FlushCacheOut(False, "requests are running"),
         out,
         BatchTokenIDOut([out, TokenIDOut("r2", [], None, 7, 0, 0)]),
         SchedulerReady(context_len=8192, vocab_size=512, max_total_tokens=4096),
-        DetokenizeInit("r1", skip_special_tokens=False, spaces_between_special_tokens=False, stop=["\n\n", "é"], no_stop_trim=True),
         StrOut(out, "x", "final x"),
         BatchStrOut([StrOut(out, "x", None), StrOut(out, "", "y")]),
         SchedulerInfoReq(),
@@ -83,11 +85,11 @@ def test_ipc_dir_is_private_and_removed():
 def test_detokenizer_deltas_add_up_and_stop_is_trimmed(tokenizer):
     ids = tokenizer.encode("Hello world, this is a test", add_special_tokens=False)  # the scheduler stops at " test"
     detok = Detokenizer(tokenizer)
-    detok.handle(DetokenizeInit("r", stop=[" test"]))
     deltas, final = [], None
     for i, tok in enumerate(ids):
         reason = {"type": "stop", "matched": " test"} if i == len(ids) - 1 else None
-        (out,) = detok.handle(BatchTokenIDOut([TokenIDOut("r", [tok], reason, 3, i + 1, 0)])).outputs
+        options = DecodeOptions(stop=[" test"]) if i == 0 else None  # they come with the first output
+        (out,) = detok.handle(BatchTokenIDOut([TokenIDOut("r", [tok], reason, 3, i + 1, 0, decode=options)])).outputs
         deltas.append(out.text_delta)
         final = out.final_text
     assert final == "Hello world, this is a" == "".join(deltas)
@@ -106,14 +108,14 @@ def test_stream_deltas_survive_bunched_messages(tokenizer):
         engine._send = sent.append
         ids = [215, 114, 225, 271, 114, 229]  # byte tokens: U+FFFD appears mid-stream
         detok = Detokenizer(tokenizer)
-        agen = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 6}, stream=True)
+        agen = engine.generate(GenerateRequest(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 6}, stream=True))
         first = asyncio.ensure_future(agen.__anext__())
         await asyncio.sleep(0)  # the request is sent
         (req,) = sent
-        detok.handle(DetokenizeInit(req.rid))
         for i, tok in enumerate(ids):
             reason = {"type": "length", "length": 6} if i == len(ids) - 1 else None
-            engine._dispatch(detok.handle(BatchTokenIDOut([TokenIDOut(req.rid, [tok], reason, 3, i + 1, 0)])))
+            decode_options = req.decode if i == 0 else None
+            engine._dispatch(detok.handle(BatchTokenIDOut([TokenIDOut(req.rid, [tok], reason, 3, i + 1, 0, decode=decode_options)])))
         chunks = [await first] + [c async for c in agen]
         return chunks, tokenizer.decode(ids)
 
@@ -123,21 +125,30 @@ def test_stream_deltas_survive_bunched_messages(tokenizer):
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
 
 
-def test_remote_text_takes_final_text():
-    rt = RemoteText()
-    rt.push("ab", None)
-    assert rt.take_delta() == "ab"
-    rt.push("c", "abc")
-    assert rt.take_delta() == "c" and rt.output_text == "abc"
+def test_state_takes_the_final_text(tokenizer):
+    tm = TokenizerManager(tokenizer, context_len=2048, vocab_size=512, max_total_tokens=2048)
+    state = ReqState("r", prompt_tokens=3, return_logprob=False, return_text_in_logprobs=False)
+    assert tm.process_output(state, StrOut(TokenIDOut("r", [5], None, 3, 1, 0), "ab", None)) == "ab"
+    assert tm.process_output(state, StrOut(TokenIDOut("r", [6], {"type": "length"}, 3, 2, 0), "c", "abc")) == "c"
+    assert state.output_text == "abc" and state.finished and state.output_ids == [5, 6]
 
 
 @pytest.mark.parametrize(
-    "message, param",
+    "call, param",
     [
-        ("sampling_params.top_p must be a number", "sampling_params.top_p"),
-        ("input_ids[1] has 3000 tokens", "input_ids[1]"),
-        ("give exactly one of `prompt` or `input_ids`", None),
+        (lambda tm: SamplingParams.from_dict({"top_p": 5}), "sampling_params.top_p"),
+        (lambda tm: SamplingParams.from_dict({"temprature": 1}), "sampling_params.temprature"),
+        (lambda tm: GenerateRequest(text="x", input_ids=[1]).items(), "text"),
+        (lambda tm: GenerateRequest(text=["a", "b"], sampling_params=[{}]).items(), "sampling_params"),
+        (lambda tm: GenerateRequest(text="x", sampling_params={"n": 0}).items(), "sampling_params.n"),
+        (lambda tm: tm.tokenize(r := GenerateRequest(input_ids=[[1], [2] * 3000]), r.items()), "input_ids"),
+        (lambda tm: tm.tokenize(r := GenerateRequest(text="x", top_logprobs_num=-1), r.items()), "top_logprobs_num"),
     ],
 )
-def test_error_messages_name_their_field(message, param):
-    assert _param_of(message) == param
+def test_errors_carry_their_field(tokenizer, call, param):
+    """A request mistake raises RequestError (a ValueError) whose `param` names the field, whichever
+    layer finds it; the HTTP and ZeroMQ answers take the field from there, not from the text."""
+    tm = TokenizerManager(tokenizer, context_len=2048, vocab_size=512, max_total_tokens=4096)
+    with pytest.raises(RequestError) as err:
+        call(tm)
+    assert err.value.param == param and isinstance(err.value, ValueError)

@@ -101,11 +101,8 @@ class NativeBackend(Backend):
         return out["text"], out["meta_info"]
 
     def generate_stream(self, s: PromptState, params: SamplingParams) -> Iterator[tuple[str, dict[str, Any]]]:
-        seen = 0
         for event in self.transport.generate_stream(params.to_generate_body(s.text)):
-            text = event["text"]  # cumulative, as SGLang streams it
-            yield text[seen:], event.get("meta_info", {})
-            seen = len(text)
+            yield event["text"], event.get("meta_info", {})
 
     def commit(self, text: str) -> dict[str, Any] | None:
         if not text:

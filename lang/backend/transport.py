@@ -22,7 +22,8 @@ class Transport(Protocol):
         """One /generate call, not streamed: a result, or a list of results for a batch."""
 
     def generate_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The stream events of one /generate call (cumulative `text`, `meta_info`)."""
+        """The stream events of one /generate call for one prompt: `text` is the new text only
+        (as Loom's front door streams it), with `meta_info`."""
 
     def get_model_info(self) -> dict[str, Any]: ...
 
@@ -69,6 +70,7 @@ class HttpTransport:
         return self._request("POST", "/generate", json=body).json()
 
     def generate_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        seen = ""
         try:
             with self._client.stream("POST", "/generate", json={**body, "stream": True}) as response:
                 if response.status_code >= 400:
@@ -83,6 +85,8 @@ class HttpTransport:
                     event = json.loads(data)
                     if "error" in event:  # the server failed mid-stream
                         raise_for_error({"status": event["error"].get("code", 500), **event})
+                    text = event["text"]  # cumulative, as SGLang's HTTP API streams it
+                    event["text"], seen = text[len(seen) :], text
                     yield event
         except httpx.TransportError as exc:
             raise ServerError(f"the stream from {self.base_url}/generate broke: {exc}") from exc

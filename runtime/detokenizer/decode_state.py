@@ -2,33 +2,28 @@
 
 Never emits half a UTF-8 character (a byte-level token can end mid-character), holds back text
 that may be the start of a stop string, and trims the matched stop string (or stop token) from
-the final text unless `no_stop_trim` is set. The serving issue runs this in its own process.
+the final text unless `no_stop_trim` is set. `Detokenizer` keeps one per running request.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from loom.runtime.messages import DecodeOptions
+
 REPLACEMENT = "\ufffd"
 
 
 class DecodeState:
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        skip_special_tokens: bool = True,
-        spaces_between_special_tokens: bool = True,
-        stop: list[str] | None = None,
-        no_stop_trim: bool = False,
-    ) -> None:
+    def __init__(self, tokenizer: Any, options: DecodeOptions | None = None) -> None:
+        options = options or DecodeOptions()
         self.tokenizer = tokenizer
         self.decode_kwargs = {
-            "skip_special_tokens": skip_special_tokens,
-            "spaces_between_special_tokens": spaces_between_special_tokens,
+            "skip_special_tokens": options.skip_special_tokens,
+            "spaces_between_special_tokens": options.spaces_between_special_tokens,
         }
-        self.stop = stop or []
-        self.no_stop_trim = no_stop_trim
+        self.stop = list(options.stop)
+        self.no_stop_trim = options.no_stop_trim
         self.ids: list[int] = []
         self.text = ""  # complete characters decoded so far (untrimmed)
         self.surr_offset = 0

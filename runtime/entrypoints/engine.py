@@ -15,9 +15,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+from loom.runtime.detokenizer.detokenizer import Detokenizer
 from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
-from loom.runtime.messages import AbortReq, BatchTokenIDOut, FlushCacheOut, FlushCacheReq
+from loom.runtime.messages import AbortReq, BatchStrOut, FlushCacheOut, FlushCacheReq
 from loom.runtime.model_executor.model_runner import ModelRunner
+from loom.runtime.protocol import GenerateItem, GenerateRequest, RequestError
 from loom.runtime.scheduler.io import LocalIO
 from loom.runtime.scheduler.scheduler import Scheduler
 from loom.runtime.server_args import ServerArgs
@@ -45,9 +47,45 @@ _E = TypeVar("_E", bound="_EngineBase")
 
 
 class _EngineBase:
-    """What both engines share: a context manager that shuts down on exit; calls after shutdown raise."""
+    """What both engines share: SGLang's `generate` signature, made into one `GenerateRequest`; a
+    context manager that shuts down on exit; calls after shutdown raise."""
 
     _closed: bool
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] = 0,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one prompt (-> dict) or a list of prompts, or one prompt with
+        `sampling_params.n` > 1 (-> a list of dicts, each prompt's samples next to each other).
+
+        With stream=True (one prompt, one sample) returns an iterator of {"text": delta,
+        "output_ids": new ids, "meta_info": ...} chunks, the last one carrying the finish_reason.
+        Raises RequestError (a ValueError) naming the input when a request is malformed; nothing
+        is submitted then."""
+        self._check_open()
+        request = GenerateRequest(
+            text=prompt, input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs, stream=stream, rid=rid,
+            reject_invalid=False,  # an invalid grammar aborts its own request, with the reason in meta_info
+            text_name="prompt",
+        )  # fmt: skip
+        items = request.items()
+        if stream and request.answers_list():
+            raise RequestError("stream=True takes a single prompt, not a list", "prompt")
+        return self._generate(request, items)
+
+    def _generate(self, request: GenerateRequest, items: list[GenerateItem]) -> dict | list[dict] | Iterator[dict]:
+        raise NotImplementedError
 
     def shutdown(self) -> None:
         raise NotImplementedError
@@ -82,6 +120,7 @@ class LocalEngine(_EngineBase):
             self.io,
             **scheduler_text_hooks(self.tokenizer, args.model_path, self.model_runner.hf_config),
         )
+        self.detokenizer = Detokenizer(self.tokenizer)  # the serving processes' detokenizer, in this thread
         self.tokenizer_manager = TokenizerManager(
             self.tokenizer,
             context_len=self.model_runner.context_len,
@@ -94,41 +133,12 @@ class LocalEngine(_EngineBase):
         self._flush_result: FlushCacheOut | None = None
 
     # ------------------------------------------------------------------ API
-    def generate(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict | list[dict] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool | list[bool] = False,
-        logprob_start_len: int | list[int] | None = None,
-        top_logprobs_num: int | list[int] = 0,
-        return_text_in_logprobs: bool = False,
-        stream: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> dict | list[dict] | Iterator[dict]:
-        """Generate for one prompt (-> dict) or a list of prompts (-> list of dicts, same order).
-
-        With stream=True (single prompt) returns an iterator of {"text": delta, "output_ids":
-        new ids, "meta_info": ...} chunks, the last one carrying the finish_reason.
-        Raises ValueError naming the input when a request is malformed; nothing is submitted then."""
-        self._check_open()
-        reqs, states, is_batch = self.tokenizer_manager.tokenize_batch(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num,
-            return_text_in_logprobs=return_text_in_logprobs,
-            stream=stream,
-            rid=rid,
-        )
+    def _generate(self, request: GenerateRequest, items: list[GenerateItem]) -> dict | list[dict] | Iterator[dict]:
+        reqs, states = self.tokenizer_manager.tokenize(request, items)
         for state in states:
             if state.rid in self._states:
-                raise ValueError(f"rid {state.rid!r} is already in use by a running request")
-        if stream:
-            if is_batch:
-                raise ValueError("stream=True takes a single prompt, not a list")
+                raise RequestError(f"rid {state.rid!r} is already in use by a running request", "rid")
+        if request.stream:
             return self._stream(reqs[0], states[0])
         for req, state in zip(reqs, states):
             self._states[req.rid] = state
@@ -139,7 +149,7 @@ class LocalEngine(_EngineBase):
             for state in states:
                 self._states.pop(state.rid, None)
         results = [self.tokenizer_manager.result(s) for s in states]
-        return results if is_batch else results[0]
+        return results if request.answers_list() else results[0]
 
     def _stream(self, req, state: ReqState) -> Iterator[dict]:
         self._states[req.rid] = state
@@ -182,15 +192,15 @@ class LocalEngine(_EngineBase):
 
     def _drain(self) -> None:
         while self.io.outbox:
-            msg = self.io.outbox.popleft()
-            if isinstance(msg, BatchTokenIDOut):
+            msg = self.detokenizer.handle(self.io.outbox.popleft())
+            if isinstance(msg, BatchStrOut):
                 for out in msg.outputs:
-                    state = self._states.get(out.rid)
+                    state = self._states.get(out.out.rid)
                     if state is None:
                         continue
                     delta = self.tokenizer_manager.process_output(state, out)
-                    if out.rid in self._deltas and (delta or state.finished):
-                        self._deltas[out.rid].append(delta)
+                    if out.out.rid in self._deltas and (delta or state.finished):
+                        self._deltas[out.out.rid].append(delta)
             elif isinstance(msg, FlushCacheOut):
                 self._flush_result = msg
 
@@ -243,45 +253,16 @@ class ProcessEngine(_EngineBase):
             self._tokenizer = load_tokenizer(self.server_args)
         return self._tokenizer
 
-    def generate(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict | list[dict] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool | list[bool] = False,
-        logprob_start_len: int | list[int] | None = None,
-        top_logprobs_num: int | list[int] = 0,
-        return_text_in_logprobs: bool = False,
-        stream: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> dict | list[dict] | Iterator[dict]:
-        """As the in-process engine: a dict (or a list of dicts for a list of prompts); with
-        stream=True (single prompt) an iterator of chunks whose `text` is the new text only.
-        Raises ValueError naming the input when a request is malformed."""
-        self._check_open()
-        body: dict[str, Any] = {
-            "sampling_params": sampling_params, "return_logprob": return_logprob,
-            "logprob_start_len": logprob_start_len, "top_logprobs_num": top_logprobs_num,
-            "return_text_in_logprobs": return_text_in_logprobs, "rid": rid, "stream": stream,
-            "reject_invalid": False,  # an invalid grammar aborts its own request, as in-process
-        }  # fmt: skip
-        if prompt is not None:
-            body["text"] = prompt
-        if input_ids is not None:
-            body["input_ids"] = input_ids
-        if not stream:
+    def _generate(self, request: GenerateRequest, items: list[GenerateItem]) -> dict | list[dict] | Iterator[dict]:
+        # Checked here already (items()), so a malformed call fails before any message is sent.
+        body = request.to_body()
+        if not request.stream:
             return self._client.call("generate", body)
-        if isinstance(prompt, list) or (input_ids and isinstance(input_ids[0], list)):
-            raise ValueError("stream=True takes a single prompt, not a list")
         return self._stream(body)
 
     def _stream(self, body: dict[str, Any]) -> Iterator[dict]:
-        # The front door streams cumulative text and ids (SGLang's wire); the engine API gives deltas.
-        text_sent, ids_sent = 0, 0
-        for chunk in self._client.stream("generate", body):
-            text, ids = chunk["text"], chunk["output_ids"]
-            chunk["text"], chunk["output_ids"] = text[text_sent:], ids[ids_sent:]
-            text_sent, ids_sent = len(text), len(ids)
+        for chunk in self._client.stream("generate", body):  # deltas, as LocalEngine streams them
+            chunk.pop("index", None)  # one prompt: no position to name
             yield chunk
 
     def flush_cache(self) -> bool:

@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from loom.runtime.entrypoints import native_api
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
-from loom.runtime.protocol import FrontReply, RequestError, decode_request, encode, error_body
+from loom.runtime.protocol import FrontReply, GenerateRequest, RequestError, decode_request, encode, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +100,13 @@ class FrontDoor:
     async def _dispatch(self, identity: bytes, rid: str, method: str, body: dict[str, Any]) -> None:
         engine = self.engine
         if method == "generate":
-            kwargs, stream = native_api.parse_generate(body)
-            agen = engine.generate(**kwargs, stream=stream)
+            req = GenerateRequest.from_body(body)
+            agen = engine.generate(req)
             try:
-                if not stream:
+                if not req.stream:
                     await self._send(identity, rid, "done", await agen.__anext__())
                     return
-                async for chunk in native_api.cumulative_chunks(agen, native_api.is_batch(kwargs)):
+                async for chunk in agen:  # deltas, with the item's `index`
                     await self._send(identity, rid, "chunk", chunk)
                 await self._send(identity, rid, "done", None)
             finally:

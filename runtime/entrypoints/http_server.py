@@ -24,7 +24,7 @@ from loom.runtime.entrypoints.http_io import ApiKeyMiddleware, await_result, err
 from loom.runtime.entrypoints.openai_api import add_openai_routes
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.protocol import RequestError
+from loom.runtime.protocol import GenerateRequest, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
     async def _request_error(_request: Request, exc: RequestError):
         return error_response(exc.status, str(exc), exc.param)
 
+
     @app.exception_handler(ValueError)
     async def _value_error(_request: Request, exc: ValueError):
-        return error_response(400, str(exc), _param_of(str(exc)))
+        # Request mistakes raise RequestError, which names its field; any other ValueError from
+        # a request's handling is still the request's fault, answered 400 without a field.
+        return error_response(400, str(exc))
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_request: Request, exc: EngineDeadError):
@@ -85,14 +88,15 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
 
     @app.post("/generate")
     async def generate(request: Request):
-        kwargs, stream = native_api.parse_generate(await read_json(request))
-        if not stream:
-            return await await_result(request, engine.generate(**kwargs))
-        _first, chunks = await first_then_rest(engine.generate(**kwargs, stream=True))
+        req = GenerateRequest.from_body(await read_json(request))
+        if not req.stream:
+            return await await_result(request, engine.generate(req))
+        _first, chunks = await first_then_rest(engine.generate(req))
+        numbered = req.answers_list()
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for chunk in native_api.cumulative_chunks(chunks, native_api.is_batch(kwargs)):
+                async for chunk in native_api.cumulative_chunks(chunks, numbered):
                     yield sse(chunk)
             except EngineDeadError as exc:
                 yield sse({"error": {"message": str(exc), "code": 503}})
@@ -102,14 +106,6 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_nam
 
     add_openai_routes(app, engine)
     return app
-
-
-def _param_of(message: str) -> str | None:
-    """The field a ValueError message starts with ("sampling_params.top_p must ..." -> that)."""
-    words = message.split(" ", 2)
-    if len(words) < 2 or words[1] not in ("must", "has", "is"):
-        return None
-    return words[0].strip("`'\",:")
 
 
 def serve(server_args: ServerArgs, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None,

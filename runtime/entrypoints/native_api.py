@@ -10,94 +10,24 @@ from typing import Any
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import RequestError
 
-GENERATE_KEYS = {
-    "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-    "return_text_in_logprobs", "stream", "rid", "reject_invalid",
-}  # fmt: skip
-# Keys SGLang clients may send that mean nothing for a text-only engine: accepted and ignored.
-GENERATE_IGNORED = {"image_data", "lora_path", "custom_logit_processor", "bootstrap_host", "modalities", "log_metrics"}
+def cumulative_chunks(chunks: AsyncIterator[dict], numbered: bool) -> AsyncIterator[dict]:
+    """The engine's stream chunks (deltas, the form Loom streams everywhere else) -> SGLang's
+    /generate stream events: cumulative text and output ids per request, with `index` only where
+    the answer is a list. SGLang's HTTP clients expect that form; it is made here, at the edge."""
 
+    async def events() -> AsyncIterator[dict]:
+        texts: dict[int, str] = {}
+        ids: dict[int, list[int]] = {}
+        async for chunk in chunks:
+            i = chunk.pop("index")
+            texts[i] = texts.get(i, "") + chunk["text"]
+            ids.setdefault(i, []).extend(chunk["output_ids"])
+            chunk["text"], chunk["output_ids"] = texts[i], list(ids[i])
+            if numbered:
+                chunk["index"] = i
+            yield chunk
 
-def parse_generate(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """A /generate body -> (keyword arguments of AsyncEngine.generate, stream). RequestError names
-    the field that is wrong; the values themselves are checked by the tokenizer manager."""
-    unknown = set(body) - GENERATE_KEYS - GENERATE_IGNORED
-    if unknown:
-        raise RequestError(f"unknown field(s) {sorted(unknown)}; expected some of {sorted(GENERATE_KEYS)}", sorted(unknown)[0])
-    for flag in ("stream", "reject_invalid"):
-        if not isinstance(body.get(flag, False), bool):
-            raise RequestError(f"{flag} must be a bool, got {body[flag]!r}", flag)
-    stream = body.get("stream", False)
-    kwargs = dict(
-        prompt=body.get("text"),
-        input_ids=body.get("input_ids"),
-        sampling_params=body.get("sampling_params"),
-        return_logprob=body.get("return_logprob", False),
-        logprob_start_len=body.get("logprob_start_len"),
-        top_logprobs_num=body.get("top_logprobs_num", 0),
-        return_text_in_logprobs=body.get("return_text_in_logprobs", False),
-        rid=body.get("rid"),
-        # Loom's own: False keeps an invalid grammar's abort as that request's result (loom.Engine)
-        # instead of failing the whole call with a 400.
-        reject_invalid=body.get("reject_invalid", True),
-    )
-    if kwargs["prompt"] is not None and kwargs["input_ids"] is not None:
-        raise RequestError("give exactly one of `text` or `input_ids`", "text")
-    if kwargs["prompt"] is None and kwargs["input_ids"] is None:
-        raise RequestError("give one of `text` (a string or list of strings) or `input_ids`", "text")
-    return fan_out_n(kwargs), stream
-
-
-MAX_N = 128
-
-
-def fan_out_n(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`sampling_params.n` > 1 (parallel sampling, as SGLang's /generate takes it): each prompt is
-    repeated n times with n=1, so the copies share the cached prompt and sample independently;
-    the answer is then a list, the n samples of each prompt next to each other."""
-    params = kwargs["sampling_params"]
-    items = kwargs["prompt"] if kwargs["prompt"] is not None else kwargs["input_ids"]
-    batch = is_batch(kwargs)
-    items = items if batch else [items]
-    per_item = params if isinstance(params, list) else [params] * len(items)
-    if len(per_item) != len(items) or not all(p is None or isinstance(p, dict) for p in per_item):
-        return kwargs  # the tokenizer manager names what is wrong with sampling_params
-    ns = [1 if p is None else p.get("n", 1) for p in per_item]
-    for n in ns:
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-            raise RequestError(f"sampling_params.n must be an int in [1, {MAX_N}], got {n!r}", "sampling_params.n")
-    if all(n == 1 for n in ns):
-        return kwargs
-    if kwargs["rid"] is not None:
-        raise RequestError("rid cannot be given with sampling_params.n > 1 (each sample is its own request)", "rid")
-    index = [i for i, n in enumerate(ns) for _ in range(n)]
-    out = dict(kwargs)
-    out["prompt" if kwargs["prompt"] is not None else "input_ids"] = [items[i] for i in index]
-    out["sampling_params"] = [{**(per_item[i] or {}), "n": 1} for i in index]
-    for key in ("return_logprob", "logprob_start_len", "top_logprobs_num"):
-        if isinstance(kwargs[key], list) and len(kwargs[key]) == len(items):
-            out[key] = [kwargs[key][i] for i in index]
-    return out
-
-
-def is_batch(kwargs: dict[str, Any]) -> bool:
-    ids = kwargs["input_ids"]
-    return isinstance(kwargs["prompt"], list) or bool(ids and isinstance(ids[0], list))
-
-
-async def cumulative_chunks(chunks: AsyncIterator[dict], batch: bool) -> AsyncIterator[dict]:
-    """Engine stream chunks (deltas) -> SGLang's stream events: cumulative text and output ids per
-    request, with `index` only for a batch."""
-    texts: dict[int, str] = {}
-    ids: dict[int, list[int]] = {}
-    async for chunk in chunks:
-        i = chunk.pop("index")
-        texts[i] = texts.get(i, "") + chunk["text"]
-        ids.setdefault(i, []).extend(chunk["output_ids"])
-        chunk["text"], chunk["output_ids"] = texts[i], list(ids[i])
-        if batch:
-            chunk["index"] = i
-        yield chunk
+    return events()
 
 
 def parse_abort(body: dict[str, Any]) -> str:
@@ -148,7 +78,4 @@ async def flush_cache(engine: AsyncEngine) -> None:
         raise RequestError(f"cache not flushed: {out.message}")
 
 
-__all__ = [
-    "GENERATE_IGNORED", "GENERATE_KEYS", "EngineDeadError", "cumulative_chunks", "flush_cache", "is_batch", "model_info",
-    "parse_abort", "parse_generate", "server_info",
-]  # fmt: skip
+__all__ = ["EngineDeadError", "cumulative_chunks", "flush_cache", "model_info", "parse_abort", "server_info"]

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.entrypoints.http_io import await_result, first_then_rest, read_json, sse
-from loom.runtime.protocol import RequestError
+from loom.runtime.protocol import GenerateRequest, RequestError
 
 _COMMON = {
     "model", "stream", "stream_options", "n", "stop", "max_tokens", "max_completion_tokens", "temperature",
@@ -125,15 +125,16 @@ def add_openai_routes(app: FastAPI, engine: AsyncEngine) -> None:
                   kind: str, model: str, stream: bool):  # fmt: skip
         """Run len(prompts) * n requests; answer (or stream) in OpenAI's shape for `kind`."""
         ids_mode = bool(prompts) and isinstance(prompts[0], list)
-        batch = [p for p in prompts for _ in range(n)]
-        kwargs: dict[str, Any] = {"input_ids" if ids_mode else "prompt": batch, "sampling_params": params}
-        if logprobs is not None:
-            kwargs.update(return_logprob=True, top_logprobs_num=logprobs)
+        req = GenerateRequest(
+            text=None if ids_mode else prompts, input_ids=prompts if ids_mode else None,
+            sampling_params={**params, "n": n},  # each prompt's n samples next to each other
+            return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0, stream=stream,
+        )  # fmt: skip
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if not stream:
-            results = await await_result(request, engine.generate(**kwargs))
+            results = await await_result(request, engine.generate(req))
             if not isinstance(results, list):
                 return results  # the client went away
             choices = []
@@ -150,7 +151,7 @@ def add_openai_routes(app: FastAPI, engine: AsyncEngine) -> None:
             return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
                     "usage": _usage(results, n)}  # fmt: skip
 
-        agen = engine.generate(**kwargs, stream=True)
+        agen = engine.generate(req)
         _first, chunks = await first_then_rest(agen)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 

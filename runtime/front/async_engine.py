@@ -35,7 +35,7 @@ from loom.runtime.messages import (
     SchedulerInfoReq,
     SchedulerReady,
 )
-from loom.runtime.protocol import RequestError
+from loom.runtime.protocol import GenerateItem, GenerateRequest, RequestError
 from loom.runtime.scheduler.process import spawn_scheduler_ranks
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.tokenizer import load_tokenizer
@@ -96,37 +96,6 @@ class EngineDeadError(RuntimeError):
     """A child process died: the engine cannot answer any request any more."""
 
 
-class RemoteText:
-    """Stands in for `DecodeState` at the front: the detokenizer process did the decoding, the
-    front only keeps the text it was sent (same `take_delta` / `output_text` contract)."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.final: str | None = None
-        self.sent = 0
-
-    def push(self, delta: str, final: str | None) -> None:
-        self.text += delta
-        if final is not None:
-            self.final = final
-
-    def feed(self, new_ids: list[int]) -> None:  # decoding happened in the detokenizer
-        pass
-
-    def finish(self, finished_reason: dict | None) -> None:
-        pass
-
-    @property
-    def output_text(self) -> str:
-        return self.final if self.final is not None else self.text
-
-    def take_delta(self) -> str:
-        text = self.output_text
-        delta = text[self.sent :]
-        self.sent = max(self.sent, len(text))
-        return delta
-
-
 def _rejection(state: ReqState, index: int | None) -> RequestError | None:
     """The client error behind a request the scheduler refused (an invalid grammar), if any: the
     caller answers it as a 4xx instead of a result with an abort finish_reason."""
@@ -157,7 +126,27 @@ class _Child:
     started: float = field(default_factory=time.monotonic)
 
 
-class AsyncEngine:
+class GenerateAPI:
+    """`generate(request)` over an engine's `generate_items`: the answer's shape (one result, or a
+    list for a batch or n > 1) decided once, from the request."""
+
+    def generate_items(self, request: GenerateRequest, items: list[GenerateItem]) -> AsyncIterator[Any]:
+        raise NotImplementedError
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        """Not streamed: yields once, the result (a list for a batch or n > 1, in `items()` order).
+        Streamed: the chunks of `generate_items`. Raises RequestError naming a malformed field."""
+        items = request.items()
+        whole = request.stream or request.is_batch or len(items) > 1  # else one result, not a list
+        agen = self.generate_items(request, items)
+        try:
+            async for out in agen:
+                yield out if whole else out[0]
+        finally:
+            await agen.aclose()
+
+
+class AsyncEngine(GenerateAPI):
     def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
         self.server_args = server_args
         self.log_level = log_level
@@ -299,8 +288,7 @@ class AsyncEngine:
                 entry = self._reqs.get(out.out.rid)
                 if entry is None:
                     continue  # its caller left (aborted); nothing to answer
-                entry.state.decode.push(out.text_delta, out.final_text)
-                delta = self.tokenizer_manager.process_output(entry.state, out.out)
+                delta = self.tokenizer_manager.process_output(entry.state, out)
                 now = time.perf_counter()
                 n_new = len(out.out.new_token_ids)
                 self.metrics.observe(entry.state, n_new, entry.last_token_time, now)
@@ -322,72 +310,50 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
 
     # ------------------------------------------------------------------ requests
-    async def generate(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict | list[dict] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool | list[bool] = False,
-        logprob_start_len: int | list[int] | None = None,
-        top_logprobs_num: int | list[int] = 0,
-        return_text_in_logprobs: bool = False,
-        stream: bool = False,
-        rid: str | list[str] | None = None,
-        reject_invalid: bool = True,
-    ) -> AsyncIterator[Any]:
-        """Async generator. stream=False: yields once, the result dict (a list for a batch), as
-        `loom.Engine.generate`. stream=True: yields chunks {"text": delta, "output_ids": new ids,
-        "meta_info", "index"}; each request's last chunk carries its finish_reason.
+    async def generate_items(self, request: GenerateRequest, items: list[GenerateItem]) -> AsyncIterator[Any]:
+        """Run `items` (of `request`: its stream and logprob-text options). Not streamed: yields
+        once, the list of results in the order of `items`. Streamed: yields chunks {"text": delta,
+        "output_ids": new ids, "meta_info", "index": item.index}; each item's last chunk carries
+        its finish_reason.
 
-        Raises ValueError (bad input, nothing submitted) or EngineDeadError. A request the scheduler
-        refuses (an invalid grammar) raises RequestError before any output when `reject_invalid`;
-        otherwise it is a result with an abort finish_reason like any other. Closing the
-        iterator early aborts the unfinished requests, which frees their KV memory."""
+        Raises RequestError (bad input, nothing submitted) or EngineDeadError. An item the
+        scheduler refuses (an invalid grammar) raises RequestError before any output when
+        `request.reject_invalid`; otherwise it is a result with an abort finish_reason like any
+        other. Closing the iterator early aborts the unfinished items, which frees their KV."""
         self.check_alive()
-        reqs, states, is_batch = self.tokenizer_manager.tokenize_batch(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num,
-            return_text_in_logprobs=return_text_in_logprobs,
-            stream=stream,
-            rid=rid,
-        )
+        reqs, states = self.tokenizer_manager.tokenize(request, items)
         seen = set()
         for state in states:
             if state.rid in self._reqs or state.rid in seen:
-                raise ValueError(f"rid {state.rid!r} is already in use by a running request")
+                raise RequestError(f"rid {state.rid!r} is already in use by a running request", "rid")
             seen.add(state.rid)
         queue: asyncio.Queue = asyncio.Queue()
-        entries = []
-        for i, (req, state) in enumerate(zip(reqs, states)):
-            state.decode = RemoteText()
-            entry = _Entry(i, state, queue)
-            entries.append(entry)
+        entries: dict[int, _Entry] = {}
+        for item, req, state in zip(items, reqs, states):
+            entry = entries[item.index] = _Entry(item.index, state, queue)
             self._reqs[req.rid] = entry
             self._send(req)
+        numbered = request.answers_list()
         yielded = False
         try:
             unfinished = len(entries)
             while unfinished:
                 # Take everything that arrived: the states already hold all of it.
-                items = [await queue.get()]
+                got = [await queue.get()]
                 while not queue.empty():
-                    items.append(queue.get_nowait())
+                    got.append(queue.get_nowait())
                 texts: dict[int, str] = {}
-                for item in items:
+                for item in got:
                     if item is _DEAD:
                         raise EngineDeadError(self.dead_reason or "the engine stopped")
                     index, delta, final = item
                     texts[index] = texts.get(index, "") + delta
                     unfinished -= final
-                    if final and reject_invalid and not yielded:
-                        rejected = _rejection(entries[index].state, index if is_batch else None)
+                    if final and request.reject_invalid and not yielded:
+                        rejected = _rejection(entries[index].state, index if numbered else None)
                         if rejected is not None:
-                            raise rejected  # the finally below aborts the batch's other requests
-                if not stream:
+                            raise rejected  # the finally below aborts the call's other requests
+                if not request.stream:
                     continue
                 for index, text in texts.items():
                     entry = entries[index]
@@ -399,11 +365,10 @@ class AsyncEngine:
                         entry.sent_ids = len(entry.state.output_ids)
                         yielded = True
                         yield chunk
-            if not stream:
-                results = [self.tokenizer_manager.result(e.state) for e in entries]
-                yield results if is_batch else results[0]
+            if not request.stream:
+                yield [self.tokenizer_manager.result(entries[item.index].state) for item in items]
         finally:
-            for entry in entries:
+            for entry in entries.values():
                 self._reqs.pop(entry.state.rid, None)
                 if not entry.state.finished and not self.dead_reason and not self._closed:
                     self._send(AbortReq(entry.state.rid, "the client went away"))
@@ -435,7 +400,7 @@ class AsyncEngine:
 
     async def health_generate(self) -> None:
         """Run one tiny greedy generation end to end; raises if the engine cannot."""
-        async for _ in self.generate(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0}):
+        async for _ in self.generate(GenerateRequest(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})):
             pass
 
     @property

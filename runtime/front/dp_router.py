@@ -22,8 +22,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError, FrontMetrics
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError, FrontMetrics, GenerateAPI
 from loom.runtime.messages import FlushCacheOut, SchedulerInfoOut
+from loom.runtime.protocol import GenerateItem, GenerateRequest
 from loom.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -146,14 +147,14 @@ class CacheAwareRouter:
         return choice
 
 
-def route_key(prompt: Any, input_ids: Any) -> str:
+def route_key(text: str | None, input_ids: list[int] | None) -> str:
     """What the trees index: the text, or the token ids spelled as characters."""
-    if prompt is not None:
-        return prompt
+    if text is not None:
+        return text
     return "".join(map(chr, (min(t, 0x10FFFF) for t in input_ids)))
 
 
-class DataParallelEngine:
+class DataParallelEngine(GenerateAPI):
     """`dp_size` AsyncEngines with AsyncEngine's face."""
 
     def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
@@ -227,55 +228,28 @@ class DataParallelEngine:
             r.check_alive()
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None,
-                       stream: bool = False, **kw: Any) -> AsyncIterator[Any]:  # fmt: skip
-        """AsyncEngine.generate, each request of a batch routed on its own; results in input order."""
+    async def generate_items(self, request: GenerateRequest, items: list[GenerateItem]) -> AsyncIterator[Any]:
+        """AsyncEngine.generate_items, each item routed on its own; results in item order."""
         self.check_alive()
-        items = prompt if isinstance(prompt, list) else input_ids if (input_ids and isinstance(input_ids[0], list)) else None
-        is_batch = items is not None
-        items = items if is_batch else [prompt if prompt is not None else input_ids]
-        n = len(items)
-        if n == 0:
-            async for out in self.replicas[0].generate(prompt, sampling_params, input_ids, stream=stream, **kw):
-                yield out  # the replica names what is wrong with an empty batch
-            return
-        groups: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            key = route_key(item, None) if prompt is not None else route_key(None, item)
-            groups.setdefault(self.router.route(key), []).append(i)
-
-        def call(replica: int, idx: list[int]) -> AsyncIterator[Any]:
-            if not is_batch:
-                return self.replicas[replica].generate(prompt, sampling_params, input_ids, stream=stream, **kw)
-            # The replica's share of the batch: every per-request list narrowed to its indices.
-            def pick(v: Any) -> Any:
-                return [v[i] for i in idx] if isinstance(v, list) and len(v) == n else v
-
-            sub = [items[i] for i in idx]
-            return self.replicas[replica].generate(
-                sub if prompt is not None else None, pick(sampling_params), sub if prompt is None else None,
-                stream=stream, **{k: pick(v) for k, v in kw.items()},
-            )
-
-        for replica, idx in groups.items():
-            self.router.load[replica] += len(idx)
-        gens = {replica: call(replica, idx) for replica, idx in groups.items()}
+        groups: dict[int, list[GenerateItem]] = {}
+        for item in items:
+            groups.setdefault(self.router.route(route_key(item.text, item.input_ids)), []).append(item)
+        for replica, share in groups.items():
+            self.router.load[replica] += len(share)
+        gens = {replica: self.replicas[replica].generate_items(request, share) for replica, share in groups.items()}
         try:
-            if not stream:
+            if not request.stream:
                 outs = await asyncio.gather(*(g.__anext__() for g in gens.values()))
-                results: list[Any] = [None] * n
-                for (replica, idx), out in zip(groups.items(), outs):
-                    for i, r in zip(idx, out if is_batch else [out]):
-                        results[i] = r
-                yield results if is_batch else results[0]
+                results: dict[int, Any] = {}
+                for share, out in zip(groups.values(), outs):
+                    results.update((item.index, r) for item, r in zip(share, out))
+                yield [results[item.index] for item in items]
                 return
-            async for replica, chunk in _merge(gens):
-                if is_batch:
-                    chunk["index"] = groups[replica][chunk["index"]]
-                yield chunk
+            async for _replica, chunk in _merge(gens):
+                yield chunk  # chunk["index"] is the item's index in the whole request
         finally:
-            for replica, idx in groups.items():
-                self.router.load[replica] -= len(idx)
+            for replica, share in groups.items():
+                self.router.load[replica] -= len(share)
             for g in gens.values():
                 await g.aclose()
 

@@ -1,7 +1,8 @@
-"""The front's request logic: validate and tokenize requests, assemble their results.
+"""The front's request logic: validate and tokenize requests, fold the detokenized outputs into
+their states, assemble their results.
 
-Pure and process-agnostic: `loom.Engine` uses it in-process; the serving issue puts it behind
-HTTP and ZeroMQ unchanged. Every user mistake raises `ValueError` naming the input.
+Pure and process-agnostic: the async engine uses it behind HTTP and ZeroMQ, `LocalEngine` in the
+caller's thread. Every user mistake raises `RequestError` (a ValueError) naming the input.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.runtime.detokenizer.decode_state import DecodeState
-from loom.runtime.messages import TokenIDOut, TokenizedGenerateReq
+from loom.runtime.messages import DecodeOptions, StrOut, TokenizedGenerateReq
+from loom.runtime.protocol import GenerateItem, GenerateRequest, RequestError
 from loom.runtime.sampling_params import SamplingParams
 
 
@@ -22,10 +23,11 @@ class ReqState:
 
     rid: str
     prompt_tokens: int
-    decode: DecodeState
     return_logprob: bool
     return_text_in_logprobs: bool
     created: float = field(default_factory=time.perf_counter)
+    text: str = ""  # the detokenized text so far (stop strings held back)
+    final_text: str | None = None  # the whole text, once finished (stop strings trimmed)
     output_ids: list[int] = field(default_factory=list)
     finished_reason: dict | None = None
     completion_tokens: int = 0
@@ -40,6 +42,10 @@ class ReqState:
     def finished(self) -> bool:
         return self.finished_reason is not None
 
+    @property
+    def output_text(self) -> str:
+        return self.final_text if self.final_text is not None else self.text
+
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -53,151 +59,76 @@ class TokenizerManager:
         self.max_total_tokens = max_total_tokens
 
     # ------------------------------------------------------------------ requests
-    def tokenize_batch(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict | list[dict] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        *,
-        return_logprob: bool | list[bool] = False,
-        logprob_start_len: int | list[int] | None = None,
-        top_logprobs_num: int | list[int] = 0,
-        return_text_in_logprobs: bool = False,
-        stream: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> tuple[list[TokenizedGenerateReq], list[ReqState], bool]:
-        """Validate a (possibly batched) generate call -> (requests, states, is_batch).
+    def tokenize(self, request: GenerateRequest, items: list[GenerateItem]) -> tuple[list[TokenizedGenerateReq], list[ReqState]]:
+        """Validate and tokenize the items of one generate call -> (requests, states), in order.
 
-        Raises ValueError naming the offending input before any request is created."""
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("give exactly one of `prompt` (text) or `input_ids` (token ids)")
-        if prompt is not None:
-            is_batch = isinstance(prompt, list)
-            prompts = prompt if is_batch else [prompt]
-            name = "prompt"
-            if is_batch and not prompts:
-                raise ValueError("prompt must be a non-empty string or a non-empty list of strings, got []")
-            for i, p in enumerate(prompts):
-                if not isinstance(p, str):
-                    raise ValueError(f"{self._at(name, i, is_batch)} must be a string, got {type(p).__name__}")
-            ids_list = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        else:
-            is_batch = isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
-            ids_list = input_ids if is_batch else [input_ids]
-            name = "input_ids"
-            if not isinstance(input_ids, list):
-                raise ValueError(f"input_ids must be a list of token ids, got {type(input_ids).__name__}")
-            for i, ids in enumerate(ids_list):
-                where = self._at(name, i, is_batch)
-                if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
-                    raise ValueError(f"{where} must be a list of ints")
-                bad = [t for t in ids if not 0 <= t < self.vocab_size]
-                if bad:
-                    raise ValueError(f"{where} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        n = len(ids_list)
-        params_list = self._per_request("sampling_params", sampling_params, n, is_batch, default=None)
-        lp_flags = self._per_request("return_logprob", return_logprob, n, is_batch, default=False)
-        lp_starts = self._per_request("logprob_start_len", logprob_start_len, n, is_batch, default=None)
-        top_nums = self._per_request("top_logprobs_num", top_logprobs_num, n, is_batch, default=0)
-        rids = self._per_request("rid", rid, n, is_batch, default=None)
-
+        Raises RequestError naming the offending input before any request is created."""
         reqs: list[TokenizedGenerateReq] = []
         states: list[ReqState] = []
-        for i, ids in enumerate(ids_list):
-            where = self._at(name, i, is_batch)
+        for item in items:
+            where = item.where
+            if item.text is not None:
+                ids = self.tokenizer.encode(item.text, add_special_tokens=False)
+            else:
+                ids = item.input_ids or []
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise RequestError(f"{where} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})", "input_ids")
+            field_name = where.partition("[")[0]
             if not ids:
-                raise ValueError(f"{where} is empty: at least one token is needed")
+                raise RequestError(f"{where} is empty: at least one token is needed", field_name)
             if len(ids) >= self.context_len:
-                raise ValueError(
+                raise RequestError(
                     f"{where} has {len(ids)} tokens; the model's context length is {self.context_len} "
-                    "(prompt tokens must leave room for at least one new token)"
-                )
+                    "(prompt tokens must leave room for at least one new token)", field_name
+                )  # fmt: skip
             if len(ids) >= self.max_total_tokens:
-                raise ValueError(
+                raise RequestError(
                     f"{where} has {len(ids)} tokens but the KV cache holds only {self.max_total_tokens}; "
-                    "raise max_total_tokens or shorten the prompt"
-                )
-            params = SamplingParams.from_dict(params_list[i])
+                    "raise max_total_tokens or shorten the prompt", field_name
+                )  # fmt: skip
+            params = SamplingParams.from_dict(item.sampling_params)
             params.validate(self.vocab_size)
             room = min(self.context_len, self.max_total_tokens) - len(ids)
             params.max_new_tokens = min(params.max_new_tokens, room)
             params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
-            if not isinstance(lp_flags[i], bool):
-                raise ValueError(f"return_logprob must be a bool, got {lp_flags[i]!r}")
-            start = -1 if lp_starts[i] is None else lp_starts[i]
+            if not isinstance(item.return_logprob, bool):
+                raise RequestError(f"return_logprob must be a bool, got {item.return_logprob!r}", "return_logprob")
+            start = -1 if item.logprob_start_len is None else item.logprob_start_len
             if not _is_int(start) or start < -1:
-                raise ValueError(f"logprob_start_len must be an int >= -1 (or None), got {lp_starts[i]!r}")
-            top = top_nums[i]
+                raise RequestError(f"logprob_start_len must be an int >= -1 (or None), got {item.logprob_start_len!r}", "logprob_start_len")
+            top = item.top_logprobs_num
             if not _is_int(top) or not 0 <= top <= self.vocab_size:
-                raise ValueError(f"top_logprobs_num must be an int in [0, {self.vocab_size}], got {top!r}")
-            req_id = rids[i] if rids[i] is not None else uuid.uuid4().hex
-            if not isinstance(req_id, str) or not req_id:
-                raise ValueError(f"rid must be a non-empty string, got {req_id!r}")
-            reqs.append(
-                TokenizedGenerateReq(
-                    rid=req_id,
-                    input_ids=list(ids),
-                    sampling_params=params.to_dict(),
-                    return_logprob=lp_flags[i],
-                    logprob_start_len=start,
-                    top_logprobs_num=top,
-                    stream=stream,
-                )
-            )
-            states.append(
-                ReqState(
-                    rid=req_id,
-                    prompt_tokens=len(ids),
-                    decode=DecodeState(
-                        self.tokenizer,
-                        skip_special_tokens=params.skip_special_tokens,
-                        spaces_between_special_tokens=params.spaces_between_special_tokens,
-                        stop=params.stop,
-                        no_stop_trim=params.no_stop_trim,
-                    ),
-                    return_logprob=lp_flags[i],
-                    return_text_in_logprobs=return_text_in_logprobs,
-                )
-            )
-        return reqs, states, is_batch
-
-    @staticmethod
-    def _at(name: str, i: int, is_batch: bool) -> str:
-        return f"{name}[{i}]" if is_batch else name
-
-    @staticmethod
-    def _per_request(name: str, value: Any, n: int, is_batch: bool, default: Any) -> list[Any]:
-        """A scalar (or one dict of sampling params) applies to every request; a list gives one
-        entry per request."""
-        if value is None:
-            return [default] * n
-        if not isinstance(value, list):
-            return [value] * n
-        if not is_batch and name != "sampling_params":
-            raise ValueError(f"{name} must be a single value for a single prompt, got a list")
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries but there are {n} prompts")
-        return list(value)
+                raise RequestError(f"top_logprobs_num must be an int in [0, {self.vocab_size}], got {top!r}", "top_logprobs_num")
+            rid = item.rid if item.rid is not None else uuid.uuid4().hex
+            if not isinstance(rid, str) or not rid:
+                raise RequestError(f"rid must be a non-empty string, got {rid!r}", "rid")
+            decode = DecodeOptions(params.skip_special_tokens, params.spaces_between_special_tokens, list(params.stop), params.no_stop_trim)
+            reqs.append(TokenizedGenerateReq(rid, list(ids), params.to_dict(), item.return_logprob, start, top, request.stream, decode))
+            states.append(ReqState(rid, len(ids), item.return_logprob, request.return_text_in_logprobs))
+        return reqs, states
 
     # ------------------------------------------------------------------ outputs
-    def process_output(self, state: ReqState, out: TokenIDOut) -> str:
-        """Fold one scheduler message into the request's state -> the new text delta."""
-        if out.new_token_ids and state.first_token_time is None:
+    def process_output(self, state: ReqState, out: StrOut) -> str:
+        """Fold one detokenized scheduler output into the request's state -> the new text delta."""
+        tokens = out.out
+        if tokens.new_token_ids and state.first_token_time is None:
             state.first_token_time = time.perf_counter()
-        state.output_ids.extend(out.new_token_ids)
-        state.completion_tokens = out.completion_tokens
-        state.cached_tokens = out.cached_tokens
-        state.decode.feed(out.new_token_ids)
+        state.output_ids.extend(tokens.new_token_ids)
+        state.completion_tokens = tokens.completion_tokens
+        state.cached_tokens = tokens.cached_tokens
+        state.text += out.text_delta
+        if out.final_text is not None:
+            state.final_text = out.final_text
         if state.return_logprob:
             text = state.return_text_in_logprobs
-            state.input_token_logprobs += [self._lp(e, text) for e in out.input_token_logprobs]
-            state.output_token_logprobs += [self._lp(e, text) for e in out.output_token_logprobs]
-            state.input_top_logprobs += [self._top(t, text) for t in out.input_top_logprobs]
-            state.output_top_logprobs += [self._top(t, text) for t in out.output_top_logprobs]
-        if out.finished_reason is not None:
-            state.finished_reason = out.finished_reason
-            state.decode.finish(out.finished_reason)
-        return state.decode.take_delta()
+            state.input_token_logprobs += [self._lp(e, text) for e in tokens.input_token_logprobs]
+            state.output_token_logprobs += [self._lp(e, text) for e in tokens.output_token_logprobs]
+            state.input_top_logprobs += [self._top(t, text) for t in tokens.input_top_logprobs]
+            state.output_top_logprobs += [self._top(t, text) for t in tokens.output_top_logprobs]
+        if tokens.finished_reason is not None:
+            state.finished_reason = tokens.finished_reason
+        return out.text_delta
 
     def _lp(self, entry: tuple[float | None, int], with_text: bool) -> tuple[float | None, int, str | None]:
         """(logprob, id) -> (logprob, id, text or None), SGLang's logprob entry."""
@@ -221,4 +152,4 @@ class TokenizerManager:
             meta["output_token_logprobs"] = state.output_token_logprobs
             meta["input_top_logprobs"] = state.input_top_logprobs
             meta["output_top_logprobs"] = state.output_top_logprobs
-        return {"text": state.decode.output_text, "output_ids": list(state.output_ids), "meta_info": meta}
+        return {"text": state.output_text, "output_ids": list(state.output_ids), "meta_info": meta}

@@ -11,7 +11,6 @@ from typing import Any, Protocol
 import zmq
 
 from loom.runtime.ipc import IpcPaths, decode, encode
-from loom.runtime.messages import DetokenizeInit, TokenizedGenerateReq
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +38,7 @@ class LocalIO:
 
 
 class ZmqIO:
-    """The scheduler's I/O in its own process: PULL from the front, PUSH to the detokenizer. It
-    also tells the detokenizer how to decode each request before the scheduler sees it."""
+    """The scheduler's I/O in its own process: PULL from the front, PUSH to the detokenizer."""
 
     def __init__(self, ctx: zmq.Context, paths: IpcPaths) -> None:
         self.pull = ctx.socket(zmq.PULL)
@@ -60,17 +58,6 @@ class ZmqIO:
             except ValueError:
                 logger.exception("scheduler dropped a malformed message")
                 continue
-            if isinstance(msg, TokenizedGenerateReq):
-                p = msg.sampling_params
-                self.send(
-                    DetokenizeInit(
-                        msg.rid,
-                        skip_special_tokens=p.get("skip_special_tokens", True),
-                        spaces_between_special_tokens=p.get("spaces_between_special_tokens", True),
-                        stop=list(p.get("stop") or []),
-                        no_stop_trim=p.get("no_stop_trim", False),
-                    )
-                )
             msgs.append(msg)
 
     def send(self, msg: Any) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from loom.runtime.messages import DecodeOptions
 from loom.runtime.model_executor.device import to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.sampling_params import SamplingParams
@@ -42,8 +43,10 @@ class Req:
         top_logprobs_num: int = 0,
         stream: bool = False,
         eos_token_ids: frozenset[int] = frozenset(),
+        decode: DecodeOptions | None = None,
     ) -> None:
         self.rid = rid
+        self.decode = decode  # the detokenizer's options, handed on with the first output (then None)
         self.sampling_params = sampling_params
         self.return_logprob = return_logprob
         # Prompt logprobs are wanted for prompt tokens [logprob_start_len, len(prompt)).

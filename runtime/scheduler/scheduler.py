@@ -324,7 +324,7 @@ class Scheduler:
                 raise ValueError("input_ids is empty")
         except ValueError as exc:  # the front validates; this guards other senders
             self.outbox.append(
-                TokenIDOut(msg.rid, [], {"type": "abort", "message": str(exc)}, len(msg.input_ids), 0, 0)
+                TokenIDOut(msg.rid, [], {"type": "abort", "message": str(exc)}, len(msg.input_ids), 0, 0, decode=msg.decode)
             )
             return
         req = Req(
@@ -336,6 +336,7 @@ class Scheduler:
             top_logprobs_num=msg.top_logprobs_num,
             stream=msg.stream,
             eos_token_ids=self.eos_token_ids,
+            decode=msg.decode,
         )
         if req.return_logprob and req.logprob_start_len == 0:
             # The first prompt token has no logprob: nothing precedes it.
@@ -805,8 +806,10 @@ class Scheduler:
                 output_token_logprobs=req.pending_output_logprobs,
                 input_top_logprobs=req.pending_input_top,
                 output_top_logprobs=req.pending_output_top,
+                decode=req.decode,
             )
         )
+        req.decode = None
         req.sent_output_len = len(req.output_ids)
         req.pending_input_logprobs, req.pending_input_top = [], []
         req.pending_output_logprobs, req.pending_output_top = [], []
