@@ -1,7 +1,7 @@
 """The straightforward byte DFA of a regex, kept as the reference the engine's automata are tested
-against: Loom's Thompson NFA (ebnf_automaton.build_nfa), subset construction over all 256 bytes,
-Moore minimisation. The engine builds the same automata over byte classes (regex_dfa._determinise,
-ebnf.terminal_dfa), which is much faster on large terminals.
+against: Loom's Thompson NFA (nfa.build_nfa), subset construction over all 256 bytes,
+Moore minimisation. The engine builds the same automata over byte classes (dfa.determinise,
+dfa.terminal_dfa), which is much faster on large terminals.
 
     regex_to_dfa(pattern) -> ByteDFA(table [S + 1, 256] int32, accepting [S + 1] bool); row S is dead
 """
@@ -12,10 +12,11 @@ import functools
 
 import numpy as np
 
-from loom.runtime.constrained.ebnf_automaton import ByteDFA, _NFA, build_nfa
+from loom.runtime.constrained.dfa import ByteDFA
+from loom.runtime.constrained.nfa import NFA, build_nfa
 
 
-def _determinise(nfa: _NFA, start: int, final: int) -> tuple[np.ndarray, np.ndarray]:
+def _determinise(nfa: NFA, start: int, final: int) -> tuple[np.ndarray, np.ndarray]:
     def closure(states: frozenset[int] | set[int]) -> frozenset[int]:
         todo, seen = list(states), set(states)
         while todo:

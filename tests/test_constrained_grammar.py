@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import jsonschema
@@ -11,6 +12,7 @@ import torch
 
 from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import (
+    ErrorKind,
     GrammarBackend,
     GrammarError,
     allocate_token_bitmask,
@@ -20,7 +22,7 @@ from loom.runtime.constrained import (
     token_bytes,
     unpack_bitmask,
 )
-from loom.runtime.constrained.schema import integer_range_regex
+from loom.runtime.constrained.json_regex import integer_range_regex
 
 EOS = 0
 TOY = {1: b"a", 2: b"b", 3: b"ab", 4: b"c", 5: b"\xc3", 6: b"\xa9", 7: b"\xc3\xa9", 8: b"1", 9: b"2", 10: b"-", 11: b"0"}
@@ -178,6 +180,23 @@ def test_unenforceable_schemas_are_refused_by_name(schema, needle):
     with pytest.raises(GrammarError) as err:
         schema_to_regex(json.dumps(schema))
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "source,kind",
+    [
+        ("{nope", ErrorKind.MALFORMED),  # not JSON: no compiler can take it
+        ("false", ErrorKind.EMPTY),  # admits no value at all
+        (json.dumps({"type": "integer", "minimum": 5, "maximum": 1}), ErrorKind.INVALID),
+        (json.dumps({"type": "integer", "multipleOf": 3}), ErrorKind.INVALID),
+    ],
+)
+def test_schema_errors_carry_their_kind(source, kind):
+    with pytest.raises(GrammarError) as err:
+        schema_to_regex(source)
+    assert err.value.kind is kind
+    copied = pickle.loads(pickle.dumps(err.value))  # the same error across a process boundary
+    assert isinstance(copied, GrammarError) and copied.kind is kind and str(copied) == str(err.value)
 
 
 def test_true_schema_is_any_json_value():

@@ -25,7 +25,8 @@ from loom.runtime.constrained import (
     token_bytes,
     unpack_bitmask,
 )
-from loom.runtime.constrained.ebnf import CompiledEbnf, terminal_dfa
+from loom.runtime.constrained.dfa import terminal_dfa
+from loom.runtime.constrained.ebnf import CompiledEbnf
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 
 from reference_dfa import regex_to_dfa  # tests/: the 256-column construction, as a reference

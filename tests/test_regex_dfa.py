@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.runtime.constrained import GrammarBackend, GrammarError, TokenVocab, allocate_token_bitmask, unpack_bitmask
+from loom.runtime.constrained import ErrorKind, GrammarBackend, GrammarError, TokenVocab, allocate_token_bitmask, unpack_bitmask
+from loom.runtime.constrained.dfa import terminal_dfa
 from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.entrypoints.engine import LocalEngine
 
@@ -176,6 +177,17 @@ def test_exploding_automata_are_refused_with_a_clear_error():
     schema = {"type": "string", "pattern": "a(?!b)"}
     with pytest.raises(GrammarError, match="'pattern' at # uses a look-around"):
         backend.compile("json_schema", json.dumps(schema)).result(timeout=30)
+
+
+def test_a_regex_matching_nothing_says_so_by_its_kind():
+    vocab = TokenVocab.build({1: b"a", 2: b"b"}, 4, frozenset({0}))
+    with pytest.raises(GrammarError) as err:
+        CompiledRegex(r"[^\x00-\U0010FFFF]", vocab)
+    assert err.value.kind is ErrorKind.EMPTY
+    with pytest.raises(GrammarError) as err:
+        CompiledRegex(r"a(?=b)", vocab)
+    assert err.value.kind is ErrorKind.INVALID
+    assert terminal_dfa(r"[^\x00-\U0010FFFF]", "terminal").dead == 0  # a terminal's empty language: the empty automaton
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,6 +1,6 @@
 """Compiling grammars off the scheduler's thread, with a bounded cache.
 
-    backend.compile(kind, source) -> Future[CompiledRegex]     (cached by (kind, source), LRU)
+    backend.compile(kind, source) -> Future[compiled grammar]  (cached by (kind, source), LRU)
     compiled.matcher()            -> a per-request grammar object
 
 The scheduler keeps a request whose future is not done aside and polls it each step, so a slow
@@ -15,11 +15,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, TokenVocab, compile_grammar
-from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, compile_grammar
+from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.regex_dfa import CompiledRegex
-from loom.runtime.constrained.schema import DEFAULT_WHITESPACE, schema_to_regex
+from loom.runtime.constrained.schema import schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
+from loom.runtime.constrained.vocabulary import TokenVocab
 from loom.runtime.server_args import GRAMMAR_BACKENDS
 
 GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
@@ -38,6 +40,8 @@ def grammar_source(params: Any) -> tuple[str, str] | None:
 
 
 class GrammarBackend:
+    """The compilers of one grammar backend over one vocabulary, run on a thread pool."""
+
     def __init__(
         self,
         token_bytes: Callable[[], dict[int, bytes]] | dict[int, bytes],
@@ -98,7 +102,7 @@ class GrammarBackend:
             try:
                 regex = schema_to_regex(source, self.whitespace_pattern, self.json_open_objects)
             except GrammarError as e:
-                if str(e).startswith(("json_schema is not valid JSON", "json_schema false")):
+                if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY):  # not JSON, or `false`: no grammar does better
                     raise
                 return self._schema_grammar(source, str(e))
             if len(regex) > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes: straight to the grammar
@@ -116,8 +120,9 @@ class GrammarBackend:
 
     def _schema_grammar(self, source: str, regex_error: str) -> CompiledEbnf | CompiledRegex:
         """A JSON Schema the regex path refused, as a grammar for the EBNF engine (schema_grammar.py:
-        recursive $refs, large objects, long strings). Where that refuses too, the open-objects
-        fallback of old (declared properties only: narrower, still sound), then both reasons."""
+        recursive $refs, large objects, long strings). Where that refuses too and objects are open,
+        the regex of the closed reading (declared properties only: narrower, still sound); else
+        both reasons."""
         try:
             lark_source, dfas = schema_to_grammar(source, self.whitespace_pattern, self.json_open_objects)
             return compile_grammar("lark", lark_source, self._token_vocab(), terminal_dfas=dfas)

@@ -17,19 +17,16 @@ the parser. Masks are cached per position, so a state seen before costs one copy
 
 from __future__ import annotations
 
-import functools
-import threading
-from dataclasses import dataclass, field
-
 import lark
 import numpy as np
 import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width
-from loom.runtime.constrained.ebnf_automaton import ByteDFA, build_nfa
+from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
-from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.matcher import TokenMatcher
+from loom.runtime.constrained.vocabulary import TokenVocab, Trie
 
 EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
@@ -40,109 +37,6 @@ _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are r
 # Lark's common.lark spells ESCAPED_STRING with a look-behind, which has no automaton; this is
 # the same set of lexemes: quoted, no raw newline, every backslash escapes the next character.
 _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
-
-Trie = list  # [children: dict[int, Trie], token ids: list[int]]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenVocab:
-    """The vocabulary as the mask walks it: every non-EOS token with bytes, as a padded matrix,
-    plus suffix tries (built lazily, shared by every grammar compiled for this vocabulary)."""
-
-    ids: np.ndarray  # [N] int64 token ids
-    data: np.ndarray  # [N, L] uint8, zero-padded
-    lens: np.ndarray  # [N] int64
-    by_id: dict[int, bytes]
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    _tries: dict[int, Trie] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @classmethod
-    def build(cls, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> TokenVocab:
-        items = sorted((i, b) for i, b in token_bytes.items() if b and i not in eos_token_ids and i < vocab_size)
-        width = max((len(b) for _, b in items), default=1)
-        data = np.zeros((len(items), width), dtype=np.uint8)
-        for row, (_, b) in enumerate(items):
-            data[row, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-        ids = np.array([i for i, _ in items], dtype=np.int64)
-        lens = np.array([len(b) for _, b in items], dtype=np.int64)
-        return cls(ids, data, lens, dict(items), vocab_size, frozenset(eos_token_ids))
-
-    def pack(self, token_ids: np.ndarray | list[int]) -> np.ndarray:
-        """token ids -> packed words [ceil(V / 32)] uint32 (bit i % 32 of word i // 32)."""
-        width = bitmask_width(self.vocab_size)
-        bits = np.zeros(width * 32, dtype=bool)
-        bits[np.asarray(token_ids, dtype=np.int64)] = True
-        return np.packbits(bits, bitorder="little").view(np.uint32)
-
-    def suffix_trie(self, offset: int) -> Trie:
-        """A trie of every token's bytes from `offset` on (tokens at least offset + 1 long), each
-        node [children by byte, ids of the tokens whose suffix ends there]."""
-        trie = self._tries.get(offset)
-        if trie is None:
-            with self._lock:
-                if offset in self._tries:  # built by another thread meanwhile
-                    return self._tries[offset]
-                root: Trie = [{}, []]
-                for i, b in self.by_id.items():
-                    if len(b) > offset:
-                        node = root
-                        for byte in b[offset:]:
-                            child = node[0].get(byte)
-                            if child is None:
-                                child = node[0][byte] = [{}, []]
-                            node = child
-                        node[1].append(i)
-                trie = self._tries[offset] = root
-        return trie
-
-
-@functools.lru_cache(maxsize=1024)
-def terminal_dfa(pattern: str, where: str) -> ByteDFA:
-    """A regex's minimal byte DFA, built over byte classes: regex_dfa.py's subset construction, then
-    Moore refinement on the class columns, each signature numbered one column at a time (exact;
-    the 256-column version, tests/reference_dfa.py, took minutes on terminals of a few thousand
-    states, such as the counted strings and key sets of generated JSON-Schema grammars)."""
-    from loom.runtime.constrained.regex_dfa import _determinise  # regex_dfa imports this module
-
-    try:
-        table, byte_class, accepting = _determinise(pattern, where, 1 << 30, float("inf"))
-    except GrammarError as e:
-        if str(e).endswith("matches nothing"):
-            return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
-        build_nfa(pattern, where)  # the NFA's own errors (syntax, look-arounds), word for word
-        raise
-    return minimal_dfa(table, accepting, byte_class)
-
-
-def minimal_dfa(table: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) -> ByteDFA:
-    """The minimal ByteDFA of `table` [n, C] over byte classes (byte_class [256] -> column), start 0,
-    whose last row is the dead sink and every other state can reach acceptance."""
-    n = table.shape[0]  # the last row is the dead sink
-    classes = accepting.astype(np.int64)
-    classes[n - 1] = 2
-    while True:
-        refined = classes
-        for col in classes[table].T:
-            _, refined = np.unique(refined * (n + 3) + col, return_inverse=True)
-            refined = refined.reshape(-1).astype(np.int64)
-        if len(np.unique(refined)) == len(np.unique(classes)):
-            break
-        classes = refined
-    order: dict[int, int] = {}
-    for q in range(n - 1):
-        c = int(classes[q])
-        if c != classes[n - 1] and c not in order:
-            order[c] = len(order)
-    dead = len(order)
-    new_of = np.array([order.get(int(c), dead) for c in classes], dtype=np.int64)
-    out = np.full((dead + 1, table.shape[1]), dead, dtype=np.int32)
-    acc = np.zeros(dead + 1, dtype=bool)
-    out[new_of[: n - 1]] = new_of[table[: n - 1]]
-    acc[new_of[: n - 1]] = accepting[: n - 1]
-    acc[dead] = False
-    return ByteDFA(np.ascontiguousarray(out[:, byte_class]), acc)
 
 
 def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> lark.Lark:
@@ -245,7 +139,7 @@ class CompiledEbnf:
         self._forced: dict[frozenset[int], bytes] = {}
         self.initial: frozenset[int] = frozenset({0 * self.n_lex + self.boundary})
         if not self.startable(0) and not self.stack_can_end(0):
-            raise GrammarError(f"{kind} grammar: the start rule {start!r} matches nothing")
+            raise GrammarError(f"{kind} grammar: the start rule {start!r} matches nothing", ErrorKind.EMPTY)
 
     def matcher(self) -> EbnfGrammar:
         return EbnfGrammar(self)

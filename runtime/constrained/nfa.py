@@ -1,122 +1,34 @@
-"""Python regexes as byte-level automata: the NFA that regex_dfa.py determinises (regexes, JSON
-schemas) and ebnf.terminal_dfa minimises (an EBNF grammar's terminals), and the ByteDFA they run on.
+"""Python regexes as byte-level NFAs: what dfa.py determinises (regexes, JSON schemas, an EBNF
+grammar's terminals).
 
     build_nfa(pattern) -> (Thompson NFA over UTF-8 byte ranges, start, final)
-    ByteDFA(table [S + 1, 256] int32, accepting [S + 1] bool); row S is dead
 
 Tokens are byte strings and may split a UTF-8 character, so the automaton reads bytes: every
 character set is compiled to the UTF-8 byte sequences of its code-point ranges (as Rust's
-regex-syntax does), then Thompson NFA -> subset construction -> Moore minimisation. Matching is
-whole-string (a lexeme either is in the terminal's language or not); lazy quantifiers read as
-greedy ones, which match the same set of strings. Look-arounds, anchors and back-references have
-no automaton and raise GrammarError.
+regex-syntax does). Matching is whole-string (a lexeme either is in the terminal's language or
+not); lazy quantifiers read as greedy ones, which match the same set of strings. Look-arounds,
+anchors and back-references have no automaton and raise GrammarError.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-from dataclasses import dataclass
-
-import numpy as np
 
 from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.regex_syntax import (
+    ALL_CODEPOINTS,
+    REPEAT_OPS,
+    Ranges,
+    case_variants,
+    class_item_ranges,
+    complement_ranges,
+    encodable_ranges,
+    normalise_ranges,
+    sre_constants,
+    sre_parse,
+)
 
-try:  # the stdlib's own regex parser (public as sre_parse before 3.11)
-    import re._constants as _c
-    import re._parser as _p
-except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
-
-MAX_CODEPOINT = 0x10FFFF
 MAX_NFA_STATES = 200_000  # past this the DFA would take too long to build; the grammar is refused
-Ranges = list[tuple[int, int]]  # sorted, disjoint, inclusive code-point ranges
-
-_ALL: Ranges = [(0, 0xD7FF), (0xE000, MAX_CODEPOINT)]  # every code point UTF-8 can encode
-
-
-@dataclass(frozen=True, slots=True)
-class ByteDFA:
-    """A minimal DFA over bytes. State 0 starts; state `dead` (the last row) never accepts."""
-
-    table: np.ndarray  # [S + 1, 256] int32
-    accepting: np.ndarray  # [S + 1] bool
-
-    @property
-    def dead(self) -> int:
-        return self.table.shape[0] - 1
-
-    def matches(self, data: bytes) -> bool:
-        q = 0
-        for b in data:
-            q = int(self.table[q, b])
-        return bool(self.accepting[q])
-
-
-# ----------------------------------------------------------------------------- character sets
-
-
-def _normalise(ranges: Ranges) -> Ranges:
-    out: Ranges = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _complement(ranges: Ranges) -> Ranges:
-    out: Ranges = []
-    nxt = 0
-    for lo, hi in _normalise(ranges):
-        if lo > nxt:
-            out.append((nxt, lo - 1))
-        nxt = hi + 1
-    if nxt <= MAX_CODEPOINT:
-        out.append((nxt, MAX_CODEPOINT))
-    return _intersect_all(out)
-
-
-def _intersect_all(ranges: Ranges) -> Ranges:
-    """Drop the surrogates, which have no UTF-8 encoding."""
-    out: Ranges = []
-    for lo, hi in ranges:
-        for a, b in _ALL:
-            if max(lo, a) <= min(hi, b):
-                out.append((max(lo, a), min(hi, b)))
-    return out
-
-
-@functools.cache
-def _category(name: str, ascii_only: bool) -> tuple[tuple[int, int], ...]:
-    """\\d, \\s, \\w as Python's str regexes read them (Unicode unless re.ASCII)."""
-    test = {"DIGIT": str.isdecimal, "SPACE": str.isspace, "WORD": lambda ch: ch.isalnum() or ch == "_"}[name]
-    top = 0x7F if ascii_only else MAX_CODEPOINT
-    out: Ranges = []
-    start = None
-    for cp in range(top + 2):
-        inside = cp <= top and test(chr(cp))
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            out.append((start, cp - 1))
-            start = None
-    if ascii_only and name == "SPACE":  # re.ASCII's \s is C's isspace, without \x1c-\x1f
-        out = [(9, 13), (32, 32)]
-    return tuple(out)
-
-
-def _case_variants(ranges: Ranges) -> Ranges:
-    extra: Ranges = []
-    for lo, hi in ranges:
-        for cp in range(lo, min(hi, lo + 4096) + 1):  # wide ranges fold mostly into themselves
-            ch = chr(cp)
-            for v in {ch.lower(), ch.upper(), ch.swapcase()}:
-                if len(v) == 1:
-                    extra.append((ord(v), ord(v)))
-    return _normalise(ranges + extra)
 
 
 def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
@@ -141,7 +53,9 @@ def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
 # ----------------------------------------------------------------------------- NFA
 
 
-class _NFA:
+class NFA:
+    """A Thompson NFA over byte ranges: per state, its byte edges and its epsilon moves."""
+
     def __init__(self) -> None:
         self.edges: list[list[tuple[int, int, int]]] = []  # state -> [(byte lo, byte hi, target)]
         self.eps: list[list[int]] = []
@@ -155,7 +69,7 @@ class _NFA:
 
     def charset(self, ranges: Ranges) -> tuple[int, int]:
         start, end = self.state(), self.state()
-        for lo, hi in _normalise(ranges):
+        for lo, hi in normalise_ranges(ranges):
             for seq in _utf8_sequences(lo, hi):
                 cur = start
                 for k, (a, b) in enumerate(seq):
@@ -165,7 +79,7 @@ class _NFA:
         return start, end
 
 
-def _build(nfa: _NFA, items: list, flags: int, where: str) -> tuple[int, int]:
+def _build(nfa: NFA, items: list, flags: int, where: str) -> tuple[int, int]:
     """A parsed regex (sre's list of (op, arg)) -> (start, end) NFA fragment."""
     start = cur = nfa.state()
     for op, av in items:
@@ -175,58 +89,44 @@ def _build(nfa: _NFA, items: list, flags: int, where: str) -> tuple[int, int]:
     return start, cur
 
 
-def _set_of(op: object, av: object, flags: int, where: str) -> Ranges:
-    ascii_only = bool(flags & re.ASCII)
-    if op is _c.LITERAL:
-        return [(av, av)]  # type: ignore[list-item]
-    if op is _c.RANGE:
-        return [av]  # type: ignore[list-item]
-    if op is _c.CATEGORY:
-        name = str(av).removeprefix("CATEGORY_")
-        negated = name.startswith("NOT_")
-        base = list(_category(name.removeprefix("NOT_"), ascii_only))
-        return _complement(base) if negated else base
-    raise GrammarError(f"{where}: unsupported character-class item {op} {av!r}")
-
-
-def _build_one(nfa: _NFA, op: object, av: object, flags: int, where: str) -> tuple[int, int]:
+def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tuple[int, int]:
     icase = bool(flags & re.IGNORECASE)
-    if op in (_c.LITERAL, _c.NOT_LITERAL, _c.IN, _c.ANY):
-        if op is _c.ANY:
-            ranges = list(_ALL) if flags & re.DOTALL else _complement([(10, 10)])
-        elif op is _c.IN:
+    if op in (sre_constants.LITERAL, sre_constants.NOT_LITERAL, sre_constants.IN, sre_constants.ANY):
+        if op is sre_constants.ANY:
+            ranges = list(ALL_CODEPOINTS) if flags & re.DOTALL else complement_ranges([(10, 10)])
+        elif op is sre_constants.IN:
             items = list(av)  # type: ignore[call-overload]
-            negate = bool(items) and items[0][0] is _c.NEGATE
-            ranges = _normalise([r for o, a in items[negate:] for r in _set_of(o, a, flags, where)])
+            negate = bool(items) and items[0][0] is sre_constants.NEGATE
+            ranges = normalise_ranges([r for o, a in items[negate:] for r in class_item_ranges(o, a, flags, where)])
             if icase:
-                ranges = _case_variants(ranges)
+                ranges = case_variants(ranges)
             if negate:
-                ranges = _complement(ranges)
+                ranges = complement_ranges(ranges)
         else:
             ranges = [(av, av)]  # type: ignore[list-item]
             if icase:
-                ranges = _case_variants(ranges)
-            if op is _c.NOT_LITERAL:
-                ranges = _complement(ranges)
-        return nfa.charset(_intersect_all(ranges))
-    if op is _c.SUBPATTERN:
+                ranges = case_variants(ranges)
+            if op is sre_constants.NOT_LITERAL:
+                ranges = complement_ranges(ranges)
+        return nfa.charset(encodable_ranges(ranges))
+    if op is sre_constants.SUBPATTERN:
         _group, add, remove, sub = av  # type: ignore[misc]
         return _build(nfa, sub.data, (flags | add) & ~remove, where)
-    if op is _c.BRANCH:
+    if op is sre_constants.BRANCH:
         start, end = nfa.state(), nfa.state()
         for alt in av[1]:  # type: ignore[index]
             s, e = _build(nfa, alt.data, flags, where)
             nfa.eps[start].append(s)
             nfa.eps[e].append(end)
         return start, end
-    if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", _c.MAX_REPEAT)):
+    if op in REPEAT_OPS:
         lo, hi, sub = av  # type: ignore[misc]
         start = cur = nfa.state()
         for _ in range(lo):
             s, e = _build(nfa, sub.data, flags, where)
             nfa.eps[cur].append(s)
             cur = e
-        if hi is _c.MAXREPEAT:
+        if hi is sre_constants.MAXREPEAT:
             s, e = _build(nfa, sub.data, flags, where)
             nfa.eps[cur] += [s]
             nfa.eps[e] += [s]
@@ -242,19 +142,20 @@ def _build_one(nfa: _NFA, op: object, av: object, flags: int, where: str) -> tup
             cur = e
         nfa.eps[cur].append(end)
         return start, end
-    names = {_c.AT: "anchors (^, $, \\b)", _c.ASSERT: "look-aheads / look-behinds", _c.ASSERT_NOT: "look-aheads / look-behinds", _c.GROUPREF: "back-references"}
+    names = {sre_constants.AT: "anchors (^, $, \\b)", sre_constants.ASSERT: "look-aheads / look-behinds",
+             sre_constants.ASSERT_NOT: "look-aheads / look-behinds", sre_constants.GROUPREF: "back-references"}  # fmt: skip
     what = names.get(op, str(op))  # type: ignore[call-overload]
     raise GrammarError(f"{where}: {what} cannot be compiled to an automaton; rewrite the terminal without them")
 
 
-def build_nfa(pattern: str, where: str = "regex") -> tuple[_NFA, int, int]:
-    """A Python regex -> (Thompson NFA over UTF-8 byte ranges, start state, final state); shared
-    with regex_dfa.py, which determinises it over byte classes. Raises GrammarError for syntax
-    errors and constructs with no automaton (look-arounds, anchors, back-references)."""
+def build_nfa(pattern: str, where: str = "regex") -> tuple[NFA, int, int]:
+    """A Python regex -> (Thompson NFA over UTF-8 byte ranges, start state, final state), which
+    dfa.determinise turns into a DFA over byte classes. Raises GrammarError for syntax errors and
+    constructs with no automaton (look-arounds, anchors, back-references)."""
     try:
-        parsed = _p.parse(pattern, 0)
+        parsed = sre_parse.parse(pattern, 0)
     except re.error as e:
         raise GrammarError(f"{where}: invalid regex {pattern!r}: {e}") from None
-    nfa = _NFA()
+    nfa = NFA()
     start, final = _build(nfa, parsed.data, parsed.state.flags, where)
     return nfa, start, final

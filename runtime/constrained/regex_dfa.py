@@ -8,16 +8,16 @@ continuation needing two or more characters through non-final states (after `1` 
 explodes on long counted repetitions. Here the mask is exact: a token is allowed iff its bytes lead
 the DFA to a state from which acceptance is still reachable; EOS iff the state accepts.
 
-The automaton: the regex's Thompson NFA over UTF-8 byte ranges (ebnf_automaton.build_nfa) ->
-subset construction over *byte classes* (bytes no edge tells apart share a column, ~20 columns
-instead of 256) -> the states that cannot reach acceptance collapsed into one dead state. It is not
-minimised; masks are shared instead by *mask class*: states that agree on liveness after every
-string up to the longest token's length have the same mask (a `maxLength: 200` string has ~800
-states but a few dozen mask classes).
+The automaton: the regex's Thompson NFA over UTF-8 byte ranges (nfa.build_nfa) -> subset
+construction over *byte classes* (dfa.determinise: bytes no edge tells apart share a column, ~20
+columns instead of 256) -> the states that cannot reach acceptance collapsed into one dead state.
+It is not minimised; masks are shared instead by *mask class*: states that agree on liveness after
+every string up to the longest token's length have the same mask (a `maxLength: 200` string has
+~800 states but a few dozen mask classes).
 
 A mask is computed once per mask class, lazily: one vectorised pass of the vocabulary (the
-TokenVocab ebnf.py walks) through the DFA, starting from the tokens whose first byte is live and
-dropping tokens as they die.
+TokenVocab the EBNF engine walks too) through the DFA, starting from the tokens whose first byte
+is live and dropping tokens as they die.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import time
 import numpy as np
 import torch
 
-from loom.runtime.constrained.ebnf import TokenVocab
-from loom.runtime.constrained.ebnf_automaton import build_nfa
-from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.dfa import determinise
 from loom.runtime.constrained.matcher import TokenMatcher
+from loom.runtime.constrained.vocabulary import TokenVocab
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
@@ -54,7 +53,7 @@ class CompiledRegex:
         self.vocab_size = vocab.vocab_size
         self.eos_token_ids = vocab.eos_token_ids
         shown = f"regex {regex[:200]!r}{'...' if len(regex) > 200 else ''}"
-        table, byte_class, accepting = _determinise(regex, shown, max_states, time_limit_s)
+        table, byte_class, accepting = determinise(regex, shown, max_states, time_limit_s)
         self.table = table  # [S + 1, C] int32; row S is the dead state
         self.byte_class = byte_class  # [256] int64
         self.accepting = accepting  # [S + 1] bool
@@ -192,107 +191,6 @@ class RegexGrammar(TokenMatcher):
 
     def _can_end(self, state: int) -> bool:
         return self.compiled.is_final(state)
-
-
-# ----------------------------------------------------------------------------- the automaton
-
-
-def _determinise(regex: str, shown: str, max_states: int, time_limit_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """regex -> (table [S + 1, C] int32 over byte classes, byte -> class [256], accepting [S + 1]),
-    live states only, start 0, dead last."""
-    try:
-        nfa, start, final = build_nfa(regex)
-    except GrammarError as e:  # "regex: invalid regex '...': why" -> "regex '...' cannot be compiled: why"
-        why = str(e).removeprefix("regex: ").replace(f"invalid regex {regex!r}: ", "")
-        raise GrammarError(f"{shown} cannot be compiled: {why}") from None
-    cuts = {0, 256}
-    for edges in nfa.edges:
-        for a, b, _ in edges:
-            cuts.update((a, b + 1))
-    bounds = sorted(cuts)
-    byte_class = np.zeros(256, dtype=np.int64)
-    for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        byte_class[lo:hi] = k
-    n_cls = len(bounds) - 1
-    moves: list[list[tuple[int, int]]] = [
-        [(c, t) for a, b, t in edges for c in range(int(byte_class[a]), int(byte_class[b]) + 1)] for edges in nfa.edges
-    ]
-    # A subset only needs the states that read a byte, plus the final one: fewer, and more shared, keys.
-    keep = [bool(m) or s == final for s, m in enumerate(moves)]
-    closures: dict[frozenset[int], frozenset[int]] = {}
-
-    def closure(seeds: frozenset[int]) -> frozenset[int]:
-        out = closures.get(seeds)
-        if out is None:
-            todo, seen = list(seeds), set(seeds)
-            while todo:
-                for t in nfa.eps[todo.pop()]:
-                    if t not in seen:
-                        seen.add(t)
-                        todo.append(t)
-            out = closures[seeds] = frozenset(s for s in seen if keep[s])
-        return out
-
-    first = closure(frozenset({start}))
-    index = {first: 0}
-    order = [first]
-    rows: list[list[int]] = []
-    deadline = time.monotonic() + time_limit_s
-    while len(rows) < len(order):
-        if len(order) > max_states:
-            raise GrammarError(f"{shown} needs more than {max_states} automaton states; use smaller repetition bounds")
-        if len(rows) % 64 == 0 and time.monotonic() > deadline:
-            raise GrammarError(f"{shown} takes longer than {time_limit_s:.0f} s to compile; use smaller repetition bounds")
-        targets: list[list[int]] = [[] for _ in range(n_cls)]
-        for s in order[len(rows)]:
-            for c, t in moves[s]:
-                targets[c].append(t)
-        row = [-1] * n_cls
-        for c, ts in enumerate(targets):
-            if ts:
-                nxt = closure(frozenset(ts))
-                q = index.get(nxt)
-                if q is None:
-                    q = index[nxt] = len(order)
-                    order.append(nxt)
-                row[c] = q
-        rows.append(row)
-    n = len(order)
-    table = np.array(rows, dtype=np.int64).reshape(n, n_cls)
-    table[table < 0] = n  # a sink for "no move"
-    accepting = np.array([final in s for s in order] + [False], dtype=bool)
-    live = _co_reachable(table, accepting[:n])
-    if not live[0]:
-        raise GrammarError(f"{shown} matches nothing")
-    new_of = np.cumsum(live) - 1  # live states keep their order (start stays 0)
-    dead = int(live.sum())
-    remap = np.append(np.where(live, new_of, dead), dead)  # [n + 1]
-    out = np.full((dead + 1, n_cls), dead, dtype=np.int32)
-    out[:dead] = remap[table[live]]
-    acc = np.zeros(dead + 1, dtype=bool)
-    acc[:dead] = accepting[:n][live]
-    return out, byte_class, acc
-
-
-def _co_reachable(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
-    """[n] bool: states from which an accepting state is reachable (table [n, C], n = no move)."""
-    n, n_cls = table.shape
-    src = np.repeat(np.arange(n), n_cls)
-    dst = table.reshape(-1)
-    has = dst < n
-    src, dst = src[has], dst[has]
-    by_dst = np.argsort(dst, kind="stable")
-    src = src[by_dst]
-    starts = np.searchsorted(dst[by_dst], np.arange(n + 1))
-    live = accepting.copy()
-    todo = np.flatnonzero(accepting).tolist()
-    while todo:
-        q = todo.pop()
-        for p in src[starts[q] : starts[q + 1]].tolist():
-            if not live[p]:
-                live[p] = True
-                todo.append(p)
-    return live
 
 
 def _mask_classes(table: np.ndarray, dead: int, depth: int) -> np.ndarray:

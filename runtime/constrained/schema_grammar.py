@@ -14,8 +14,9 @@ object and array rule gets its own opening-bracket terminal: alternatives (`anyO
 types) then parse side by side instead of making LALR(1) conflicts, and the grammar stays
 conflict-free by construction (members in declared order, each identified by its key terminal).
 
-The schema normalisation is schema.py's (`allOf` merging, `anyOf` beside other keywords,
-required names, `enum` filtering, integer / number ranges, string patterns as JSON text).
+The schema rewrites are schema_normaliser.py's (`$ref`s, `allOf` merging, `anyOf` beside other
+keywords, required names, `enum` filtering), the leaves' regexes json_regex.py's (integer / number
+ranges, string patterns and formats as JSON text, keys).
 Anything that cannot be enforced is refused with a GrammarError naming the keyword.
 """
 
@@ -27,9 +28,32 @@ from typing import Any
 
 import numpy as np
 
-from loom.runtime.constrained import schema as S
-from loom.runtime.constrained.ebnf import ByteDFA, minimal_dfa, terminal_dfa
+from loom.runtime.constrained.dfa import ByteDFA, minimal_dfa, terminal_dfa
 from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.json_regex import (
+    DEFAULT_WHITESPACE,
+    KEY_CHAR,
+    format_body,
+    integer_range_regex,
+    json_literal_regex,
+    json_string_body,
+    number_range_regex,
+    other_key_regex,
+)
+from loom.runtime.constrained.regex_syntax import sre_parse
+from loom.runtime.constrained.schema_normaliser import (
+    ANNOTATIONS,
+    BOUNDS,
+    FORBIDDEN,
+    SchemaNormaliser,
+    declare_required,
+    drop_excluded,
+    filter_enum,
+    for_type,
+    integer_bounds,
+    merge_schemas,
+    parse_schema,
+)
 
 _STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\\x2fbfnrt]|\\u[0-9a-fA-F]{4})'
 _STRING = f'"{_STRING_CHAR}*"'
@@ -49,10 +73,10 @@ _ANY_ORDER_REQUIRED = 4  # an open object's required members in any order: a rul
 _OBJECT_KEYS = ("properties", "additionalProperties", "required", "patternProperties")
 _ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems", "additionalItems")
 _STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
-_NUMBER_KEYS = S._BOUNDS
+_NUMBER_KEYS = BOUNDS
 
 
-def schema_to_grammar(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPACE, open_objects: bool = False) -> tuple[str, dict[str, ByteDFA]]:
+def schema_to_grammar(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, open_objects: bool = False) -> tuple[str, dict[str, ByteDFA]]:
     """A JSON Schema (as a JSON string) -> (Lark source, every terminal's automaton) for
     compile_grammar("lark", source, vocab, terminal_dfas=...), whose language validates against the
     schema (objects closed or open as schema_to_regex has them). Raises GrammarError naming the
@@ -61,14 +85,7 @@ def schema_to_grammar(source: str, whitespace_pattern: str = S.DEFAULT_WHITESPAC
     The Lark source names each terminal by a placeholder string: Lark evaluates the escapes of a
     /regex/ literal (a `\\U0000005d` becomes a raw `]`), and some terminals have no regex at all
     (keys matching no `patternProperties` pattern: complements of automata)."""
-    try:
-        schema = json.loads(source)
-    except json.JSONDecodeError as e:
-        raise GrammarError(f"json_schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if schema is True:
-        schema = {}
-    elif schema is False:
-        raise GrammarError("json_schema false admits no value")
+    schema = parse_schema(source)
     b = _Builder(schema, whitespace_pattern, open_objects)
     top = b.sym(schema, "#", ())
     return b.source(top), b.dfas
@@ -81,10 +98,10 @@ def _other_key(builder: Any, names: list[str]) -> str:
     """A quoted key differing from every name in `names`: written without escapes (the complement
     of their trie), or with at least one escape decoding to a quote, backslash or control character
     where no name holds one (such a key is no name, however the rest is spelled)."""
-    plain = S._other_key_regex(names)
+    plain = other_key_regex(names)
     if any(re.search(r'["\\\x00-\x1f]', n) for n in names):
         return plain
-    char = f"(?:{S._KEY_CHAR}|{_SAFE_ESCAPE})"
+    char = f"(?:{KEY_CHAR}|{_SAFE_ESCAPE})"
     return f'(?:{plain}|"{char}*{_SAFE_ESCAPE}{char}*")'
 
 
@@ -137,7 +154,7 @@ class _Builder:
         self.root = root
         self.ws = ws
         self.open_objects = open_objects
-        self.norm = S._Normaliser(root, ws, open_objects)  # for $ref resolution and anyOf distribution
+        self.norm = SchemaNormaliser(root)  # for $ref resolution and anyOf distribution
         self.rules: dict[str, str] = {}  # rule name -> body ("" for the empty rule)
         self.terminals: dict[str, str] = {}  # terminal name -> regex
         self._term_of: dict[str, str] = {}  # regex -> shared terminal name
@@ -205,7 +222,7 @@ class _Builder:
             raise GrammarError(f"json_schema: the schema at {path} is false and admits no value")
         if not isinstance(node, dict):
             raise GrammarError(f"json_schema: expected a schema object at {path}, got {node!r}")
-        node = {k: v for k, v in node.items() if k not in S._ANNOTATIONS and k not in ("$defs", "definitions")}
+        node = {k: v for k, v in node.items() if k not in ANNOTATIONS and k not in ("$defs", "definitions")}
         if not node:
             return self.any_value()
         if set(node) == {"$ref"}:
@@ -214,7 +231,7 @@ class _Builder:
             if hit is None:
                 hit = self._by_ref[ref] = self._name("ref")
                 self.rules[hit] = ""  # reserved: a recursive reference names it before it is built
-                self.rules[hit] = self.sym(self.norm._resolve(ref, path), str(ref), ())
+                self.rules[hit] = self.sym(self.norm.resolve(ref, path), str(ref), ())
             return hit
         try:
             key = json.dumps(node, sort_keys=True)
@@ -242,15 +259,15 @@ class _Builder:
             if ref in refs:
                 raise GrammarError(f"json_schema: recursive $ref {ref!r} at {path} with keywords beside it cannot be enforced")
             rest = {k: v for k, v in node.items() if k != "$ref"}
-            return self.sym(S._merge(self.norm._resolve(ref, path), rest, path), path, refs + (ref,))
+            return self.sym(merge_schemas(self.norm.resolve(ref, path), rest, path), path, refs + (ref,))
         if "allOf" in node:
             parts = node["allOf"]
             if not isinstance(parts, list) or not parts:
                 raise GrammarError(f"json_schema: allOf at {path} must be a non-empty list")
             merged = {k: v for k, v in node.items() if k != "allOf"}
             for i, part in enumerate(parts):
-                part, refs = self.norm._deref(part, f"{path}/allOf/{i}", refs)
-                merged = S._merge(merged, part, f"{path}/allOf/{i}")
+                part, refs = self.norm.deref(part, f"{path}/allOf/{i}", refs)
+                merged = merge_schemas(merged, part, f"{path}/allOf/{i}")
             return self.sym(merged, path, refs)
         if isinstance(node.get("oneOf"), list) and node["oneOf"]:
             exact = self.norm.exclusive_one_of(node, path, refs)
@@ -260,12 +277,12 @@ class _Builder:
             if isinstance(node.get(key), list):
                 siblings = {k: v for k, v in node.items() if k != key}
                 if siblings:
-                    return self.sym(self.norm._distribute(node, key, siblings, path, refs), path, refs)
+                    return self.sym(self.norm.distribute(node, key, siblings, path, refs), path, refs)
                 if not node[key]:
                     raise GrammarError(f"json_schema: {key} at {path} is empty")
                 return self.alternatives([self.sym(b, f"{path}/{key}/{i}", refs) for i, b in enumerate(node[key])], key.lower())
-        node = S._drop_excluded(node, path)
-        node = S._declare_required(node, path)
+        node = drop_excluded(node, path)
+        node = declare_required(node, path)
         for bound in ("Minimum", "Maximum"):  # draft 4: "exclusiveMinimum": true qualifies "minimum"
             flag = node.get(f"exclusive{bound}")
             if isinstance(flag, bool):
@@ -274,23 +291,23 @@ class _Builder:
                     node[f"exclusive{bound}"] = node.pop(bound.lower())
         types = node.get("type")
         if isinstance(types, list) and (isinstance(node.get("enum"), list) or "const" in node):
-            node = S._filter_enum(node, path)
+            node = filter_enum(node, path)
             types = node.get("type")
         if isinstance(types, list):
             if not types:
                 raise GrammarError(f"json_schema: 'type' at {path} is an empty list")
-            return self.alternatives([self.sym(S._for_type(node, t), path, refs) for t in dict.fromkeys(types)], "types")
+            return self.alternatives([self.sym(for_type(node, t), path, refs) for t in dict.fromkeys(types)], "types")
         if isinstance(types, str):
-            node = S._for_type(node, types)
+            node = for_type(node, types)
         if isinstance(node.get("enum"), list) or "const" in node:
-            node = S._filter_enum(node, path)
+            node = filter_enum(node, path)
             values = node["enum"] if "enum" in node else [node["const"]]
             if not values:
                 raise GrammarError(f"json_schema: 'enum' at {path} is empty")
-            rest = {k: v for k, v in node.items() if k not in ("enum", "const", "type") and k not in S._ANNOTATIONS}
+            rest = {k: v for k, v in node.items() if k not in ("enum", "const", "type") and k not in ANNOTATIONS}
             if rest:  # _filter_enum keeps arrays and objects unchecked: check them against the rest here
                 values = self._valid_values(values, {**rest, **({"type": node["type"]} if "type" in node else {})}, path)
-            return self.term("|".join(f"(?:{S.json_literal_regex(v, self.ws)})" for v in values), "ENUM")
+            return self.term("|".join(f"(?:{json_literal_regex(v, self.ws)})" for v in values), "ENUM")
         for key in _REFUSED:
             if key in node and not (key == "multipleOf" and node[key] == 1 and node.get("type") == "integer"):
                 raise GrammarError(f"json_schema: keyword {key!r} at {path} cannot be enforced by this backend")
@@ -315,10 +332,10 @@ class _Builder:
         if t == "string":
             return self._string(node, path)
         if t == "integer":
-            lo, hi = S._integer_bounds(node, path)
-            return self.term(S.integer_range_regex(lo, hi) if (lo, hi) != (None, None) else _INT, "INT")
+            lo, hi = integer_bounds(node, path)
+            return self.term(integer_range_regex(lo, hi) if (lo, hi) != (None, None) else _INT, "INT")
         if t == "number":
-            return self.term(S.number_range_regex(node, path) if any(k in node for k in S._BOUNDS) else _NUM, "NUM")
+            return self.term(number_range_regex(node, path) if any(k in node for k in BOUNDS) else _NUM, "NUM")
         if t == "boolean":
             return self.term("true|false", "BOOL")
         if t == "null":
@@ -350,10 +367,10 @@ class _Builder:
         if hi is not None and hi < lo:
             raise GrammarError(f"json_schema: string at {path} admits no value (minLength {lo} > maxLength {hi})")
         if "pattern" in node:
-            body = S.json_string_body(node["pattern"], f"'pattern' at {path}")
+            body = json_string_body(node["pattern"], f"'pattern' at {path}")
             return self._bounded(body, lo, hi, "'pattern'", path)
         if "format" in node:
-            body = S._format_body(node["format"])
+            body = format_body(node["format"])
             if body is not None:
                 return self._bounded(body, lo, hi, f"'format' {node['format']!r}", path)
         if not lo and hi is None:
@@ -369,7 +386,7 @@ class _Builder:
         regex = f'"{body}"'
         if not lo and hi is None:
             return self.term(regex, "PATTERN")
-        text_lo, text_hi = S._p.parse(body, 0).getwidth()
+        text_lo, text_hi = sre_parse.parse(body, 0).getwidth()
         if -(-text_lo // 6) >= lo and (hi is None or text_hi <= hi):  # a character is 1..6 characters of JSON text
             return self.term(regex, "PATTERN")
         if max(lo, hi or 0) > MAX_PRODUCT_LENGTH:
@@ -423,7 +440,7 @@ class _Builder:
         patterns = node.get("patternProperties") or {}
         if not isinstance(patterns, dict):
             raise GrammarError(f"json_schema: 'patternProperties' at {path} must be an object")
-        forbidden = list(node.get(S._FORBIDDEN, ()))
+        forbidden = list(node.get(FORBIDDEN, ()))
         required = set(node.get("required") or ())
         extra = node.get("additionalProperties", bool(self.open_objects))
         for pattern, sub in patterns.items():  # a declared name matching a pattern takes both schemas
@@ -432,7 +449,7 @@ class _Builder:
             except re.error as e:
                 raise GrammarError(f"json_schema: patternProperties {pattern!r} at {path} is not a valid regex: {e}") from None
             for name in hits:
-                props[name] = S._merge(props[name], sub, f"{path}/properties/{name}")
+                props[name] = merge_schemas(props[name], sub, f"{path}/properties/{name}")
         comma = self.comma()
         members = [(name in required, f"{self.key(re.escape(json.dumps(name, ensure_ascii=False)))} {self.sym(sub, f'{path}/properties/{name}', refs)}")
                    for name, sub in props.items()]  # fmt: skip
@@ -529,14 +546,14 @@ class _Builder:
         additionalProperties is false, members whose keys match no pattern (values per it). Keys are
         written without escapes and differ from every declared name (those are members of their own);
         patterns some key matches two of are refused."""
-        plain = terminal_dfa(f'"{S._KEY_CHAR}*"', "key")
+        plain = terminal_dfa(f'"{KEY_CHAR}*"', "key")
         declared = terminal_dfa("|".join(re.escape(json.dumps(n, ensure_ascii=False)) for n in names), "key") if names else None
         colon = self.term(f"{self.ws}:{self.ws}", "COLON")
         keys: list[tuple[str, ByteDFA]] = []
         out = []
         for pattern, sub in patterns.items():
             where = f"patternProperties {pattern!r} at {path}"
-            body = S.json_string_body(pattern, where)
+            body = json_string_body(pattern, where)
             dfa = _product(plain, terminal_dfa(f'"{body}"', where), True)
             if declared is not None:
                 dfa = _product(dfa, declared, False)
@@ -546,7 +563,7 @@ class _Builder:
             keys.append((pattern, dfa))
             if _empty(dfa):
                 continue
-            name = self.term(f'"{S._KEY_CHAR}*"', "PKEY", unique=True)
+            name = self.term(f'"{KEY_CHAR}*"', "PKEY", unique=True)
             self.dfas[name] = dfa
             out.append(f"{name} {colon} {self.sym(True if sub is True else sub, f'{path}/patternProperties/{pattern}', refs)}")
         if extra is not False:
@@ -554,7 +571,7 @@ class _Builder:
             for _, seen in keys:
                 dfa = _product(dfa, seen, False)
             if not _empty(dfa):
-                name = self.term(f'"{S._KEY_CHAR}*"', "OKEY", unique=True)
+                name = self.term(f'"{KEY_CHAR}*"', "OKEY", unique=True)
                 self.dfas[name] = dfa
                 value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
                 out.append(f"{name} {colon} {value}")

@@ -1,5 +1,8 @@
 """A tokenizer's vocabulary as byte strings, the alphabet grammar automata run over.
 
+    token_bytes(tokenizer) -> {token id: bytes}
+    TokenVocab.build(token bytes, vocab_size, eos ids) -> the padded matrix the masks scan
+
 Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) spell each byte as one printable character
 (GPT-2's `bytes_to_unicode`); SentencePiece tokenizers spell a space as U+2581 and raw bytes as
 `<0xNN>`. Special and added tokens (chat markers, EOS) get no bytes: a grammar never emits them,
@@ -9,7 +12,15 @@ EOS is handled apart (allowed exactly where the grammar may end).
 from __future__ import annotations
 
 import functools
+import threading
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+from loom.runtime.constrained.bitmask import bitmask_width
+
+Trie = list  # [children: dict[int, Trie], token ids: list[int]]
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,3 +56,57 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
         if b:
             out[i] = b
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVocab:
+    """The vocabulary as the masks walk it: every non-EOS token with bytes, as a padded matrix,
+    plus suffix tries (built lazily, shared by every grammar compiled for this vocabulary)."""
+
+    ids: np.ndarray  # [N] int64 token ids
+    data: np.ndarray  # [N, L] uint8, zero-padded
+    lens: np.ndarray  # [N] int64
+    by_id: dict[int, bytes]
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    _tries: dict[int, Trie] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> TokenVocab:
+        items = sorted((i, b) for i, b in token_bytes.items() if b and i not in eos_token_ids and i < vocab_size)
+        width = max((len(b) for _, b in items), default=1)
+        data = np.zeros((len(items), width), dtype=np.uint8)
+        for row, (_, b) in enumerate(items):
+            data[row, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+        ids = np.array([i for i, _ in items], dtype=np.int64)
+        lens = np.array([len(b) for _, b in items], dtype=np.int64)
+        return cls(ids, data, lens, dict(items), vocab_size, frozenset(eos_token_ids))
+
+    def pack(self, token_ids: np.ndarray | list[int]) -> np.ndarray:
+        """token ids -> packed words [ceil(V / 32)] uint32 (bit i % 32 of word i // 32)."""
+        width = bitmask_width(self.vocab_size)
+        bits = np.zeros(width * 32, dtype=bool)
+        bits[np.asarray(token_ids, dtype=np.int64)] = True
+        return np.packbits(bits, bitorder="little").view(np.uint32)
+
+    def suffix_trie(self, offset: int) -> Trie:
+        """A trie of every token's bytes from `offset` on (tokens at least offset + 1 long), each
+        node [children by byte, ids of the tokens whose suffix ends there]."""
+        trie = self._tries.get(offset)
+        if trie is None:
+            with self._lock:
+                if offset in self._tries:  # built by another thread meanwhile
+                    return self._tries[offset]
+                root: Trie = [{}, []]
+                for i, b in self.by_id.items():
+                    if len(b) > offset:
+                        node = root
+                        for byte in b[offset:]:
+                            child = node[0].get(byte)
+                            if child is None:
+                                child = node[0][byte] = [{}, []]
+                            node = child
+                        node[1].append(i)
+                trie = self._tries[offset] = root
+        return trie

@@ -1,0 +1,184 @@
+"""Regexes as byte DFAs: subset construction over byte classes, and Moore minimisation.
+
+    determinise(regex, shown, max_states, time_limit_s) -> (table [S + 1, C] over byte classes,
+                                                            byte -> class [256], accepting [S + 1])
+    terminal_dfa(pattern, where) -> ByteDFA(table [S + 1, 256] int32, accepting [S + 1] bool), minimal
+
+The NFA is nfa.build_nfa's. Subset construction runs over *byte classes* (bytes no edge tells
+apart share a column, ~20 columns instead of 256) and keeps the live states only (those that can
+reach acceptance), the rest collapsed into one dead state, the last. regex_dfa.py masks over the
+unminimised table (it shares masks by mask class instead); an EBNF grammar's terminals and the
+JSON-Schema grammar's key automata are minimised (terminal_dfa, minimal_dfa).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.nfa import build_nfa
+
+
+@dataclass(frozen=True, slots=True)
+class ByteDFA:
+    """A minimal DFA over bytes. State 0 starts; state `dead` (the last row) never accepts."""
+
+    table: np.ndarray  # [S + 1, 256] int32
+    accepting: np.ndarray  # [S + 1] bool
+
+    @property
+    def dead(self) -> int:
+        return self.table.shape[0] - 1
+
+    def matches(self, data: bytes) -> bool:
+        q = 0
+        for b in data:
+            q = int(self.table[q, b])
+        return bool(self.accepting[q])
+
+
+def determinise(regex: str, shown: str, max_states: int, time_limit_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """regex -> (table [S + 1, C] int32 over byte classes, byte -> class [256], accepting [S + 1]),
+    live states only, start 0, dead last."""
+    try:
+        nfa, start, final = build_nfa(regex)
+    except GrammarError as e:  # "regex: invalid regex '...': why" -> "regex '...' cannot be compiled: why"
+        why = str(e).removeprefix("regex: ").replace(f"invalid regex {regex!r}: ", "")
+        raise GrammarError(f"{shown} cannot be compiled: {why}") from None
+    cuts = {0, 256}
+    for edges in nfa.edges:
+        for a, b, _ in edges:
+            cuts.update((a, b + 1))
+    bounds = sorted(cuts)
+    byte_class = np.zeros(256, dtype=np.int64)
+    for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        byte_class[lo:hi] = k
+    n_cls = len(bounds) - 1
+    moves: list[list[tuple[int, int]]] = [
+        [(c, t) for a, b, t in edges for c in range(int(byte_class[a]), int(byte_class[b]) + 1)] for edges in nfa.edges
+    ]
+    # A subset only needs the states that read a byte, plus the final one: fewer, and more shared, keys.
+    keep = [bool(m) or s == final for s, m in enumerate(moves)]
+    closures: dict[frozenset[int], frozenset[int]] = {}
+
+    def closure(seeds: frozenset[int]) -> frozenset[int]:
+        out = closures.get(seeds)
+        if out is None:
+            todo, seen = list(seeds), set(seeds)
+            while todo:
+                for t in nfa.eps[todo.pop()]:
+                    if t not in seen:
+                        seen.add(t)
+                        todo.append(t)
+            out = closures[seeds] = frozenset(s for s in seen if keep[s])
+        return out
+
+    first = closure(frozenset({start}))
+    index = {first: 0}
+    order = [first]
+    rows: list[list[int]] = []
+    deadline = time.monotonic() + time_limit_s
+    while len(rows) < len(order):
+        if len(order) > max_states:
+            raise GrammarError(f"{shown} needs more than {max_states} automaton states; use smaller repetition bounds")
+        if len(rows) % 64 == 0 and time.monotonic() > deadline:
+            raise GrammarError(f"{shown} takes longer than {time_limit_s:.0f} s to compile; use smaller repetition bounds")
+        targets: list[list[int]] = [[] for _ in range(n_cls)]
+        for s in order[len(rows)]:
+            for c, t in moves[s]:
+                targets[c].append(t)
+        row = [-1] * n_cls
+        for c, ts in enumerate(targets):
+            if ts:
+                nxt = closure(frozenset(ts))
+                q = index.get(nxt)
+                if q is None:
+                    q = index[nxt] = len(order)
+                    order.append(nxt)
+                row[c] = q
+        rows.append(row)
+    n = len(order)
+    table = np.array(rows, dtype=np.int64).reshape(n, n_cls)
+    table[table < 0] = n  # a sink for "no move"
+    accepting = np.array([final in s for s in order] + [False], dtype=bool)
+    live = co_reachable(table, accepting[:n])
+    if not live[0]:
+        raise GrammarError(f"{shown} matches nothing", ErrorKind.EMPTY)
+    new_of = np.cumsum(live) - 1  # live states keep their order (start stays 0)
+    dead = int(live.sum())
+    remap = np.append(np.where(live, new_of, dead), dead)  # [n + 1]
+    out = np.full((dead + 1, n_cls), dead, dtype=np.int32)
+    out[:dead] = remap[table[live]]
+    acc = np.zeros(dead + 1, dtype=bool)
+    acc[:dead] = accepting[:n][live]
+    return out, byte_class, acc
+
+
+def co_reachable(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """[n] bool: states from which an accepting state is reachable (table [n, C], n = no move)."""
+    n, n_cls = table.shape
+    src = np.repeat(np.arange(n), n_cls)
+    dst = table.reshape(-1)
+    has = dst < n
+    src, dst = src[has], dst[has]
+    by_dst = np.argsort(dst, kind="stable")
+    src = src[by_dst]
+    starts = np.searchsorted(dst[by_dst], np.arange(n + 1))
+    live = accepting.copy()
+    todo = np.flatnonzero(accepting).tolist()
+    while todo:
+        q = todo.pop()
+        for p in src[starts[q] : starts[q + 1]].tolist():
+            if not live[p]:
+                live[p] = True
+                todo.append(p)
+    return live
+
+
+@functools.lru_cache(maxsize=1024)
+def terminal_dfa(pattern: str, where: str) -> ByteDFA:
+    """A regex's minimal byte DFA, built over byte classes: determinise's subset construction, then
+    Moore refinement on the class columns, each signature numbered one column at a time (exact;
+    the 256-column version, tests/reference_dfa.py, took minutes on terminals of a few thousand
+    states, such as the counted strings and key sets of generated JSON-Schema grammars)."""
+    try:
+        table, byte_class, accepting = determinise(pattern, where, 1 << 30, float("inf"))
+    except GrammarError as e:
+        if e.kind is ErrorKind.EMPTY:
+            return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
+        build_nfa(pattern, where)  # the NFA's own errors (syntax, look-arounds), word for word
+        raise
+    return minimal_dfa(table, accepting, byte_class)
+
+
+def minimal_dfa(table: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) -> ByteDFA:
+    """The minimal ByteDFA of `table` [n, C] over byte classes (byte_class [256] -> column), start 0,
+    whose last row is the dead sink and every other state can reach acceptance."""
+    n = table.shape[0]  # the last row is the dead sink
+    classes = accepting.astype(np.int64)
+    classes[n - 1] = 2
+    while True:
+        refined = classes
+        for col in classes[table].T:
+            _, refined = np.unique(refined * (n + 3) + col, return_inverse=True)
+            refined = refined.reshape(-1).astype(np.int64)
+        if len(np.unique(refined)) == len(np.unique(classes)):
+            break
+        classes = refined
+    order: dict[int, int] = {}
+    for q in range(n - 1):
+        c = int(classes[q])
+        if c != classes[n - 1] and c not in order:
+            order[c] = len(order)
+    dead = len(order)
+    new_of = np.array([order.get(int(c), dead) for c in classes], dtype=np.int64)
+    out = np.full((dead + 1, table.shape[1]), dead, dtype=np.int32)
+    acc = np.zeros(dead + 1, dtype=bool)
+    out[new_of[: n - 1]] = new_of[table[: n - 1]]
+    acc[new_of[: n - 1]] = accepting[: n - 1]
+    acc[dead] = False
+    return ByteDFA(np.ascontiguousarray(out[:, byte_class]), acc)
