@@ -227,7 +227,7 @@ def test_sparse_logits_give_the_tokens_of_the_full_lm_head(engine, monkeypatch):
     """On the CPU a grammar row that allows few tokens here (digits, an enum, the punctuation
     after a value) gets logits for those tokens only. Outputs, greedy and seeded at temperature
     1.0, are the tokens the full LM head gives."""
-    import loom.runtime.scheduler.scheduler as scheduler_module
+    import loom.runtime.scheduler.batch_runner as scheduler_module  # where _sparse_rows reads it
 
     runner = engine.scheduler.runner
     sparse_rows: list[int] = []

@@ -236,7 +236,7 @@ def test_memory_invariant_holds_under_tight_kv_memory(model_path, disable_radix_
 def test_backing_off_tokens_with_kv_frees_their_slots(model_path, monkeypatch):
     # With a back-off of 2 the token before the sampled one already has KV: its slot is freed and
     # the next step recomputes it (the memory invariant is checked after every step).
-    import loom.runtime.scheduler.scheduler as scheduler_module
+    import loom.runtime.scheduler.output as scheduler_module  # where _jump_forward reads it
 
     monkeypatch.setattr(scheduler_module, "MAX_BACKOFF", 2)
     with LocalEngine(model_path=model_path, max_total_tokens=2048, debug_check_memory=True) as eng:

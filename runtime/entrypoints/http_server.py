@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from loom.runtime.entrypoints import native_api
 from loom.runtime.entrypoints.http_io import ApiKeyMiddleware, await_result, error_response, first_then_rest, read_json, sse
 from loom.runtime.entrypoints.openai_api import add_openai_routes
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
-from loom.runtime.server_args import ServerArgs
 from loom.runtime.protocol import GenerateRequest, RequestError
+from loom.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 

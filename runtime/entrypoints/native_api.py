@@ -10,6 +10,7 @@ from typing import Any
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import RequestError
 
+
 def cumulative_chunks(chunks: AsyncIterator[dict], numbered: bool) -> AsyncIterator[dict]:
     """The engine's stream chunks (deltas, the form Loom streams everywhere else) -> SGLang's
     /generate stream events: cumulative text and output ids per request, with `index` only where

@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.entrypoints.http_io import await_result, first_then_rest, read_json, sse
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import GenerateRequest, RequestError
 
 _COMMON = {

@@ -25,6 +25,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from loom.runtime.detokenizer.process import run_detokenizer_process
+from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.ipc import IpcPaths, decode, encode
 from loom.runtime.messages import (
     AbortReq,
@@ -39,7 +40,6 @@ from loom.runtime.protocol import GenerateItem, GenerateRequest, RequestError
 from loom.runtime.scheduler.process import spawn_scheduler_ranks
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.tokenizer import load_tokenizer
-from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 
 logger = logging.getLogger(__name__)
 

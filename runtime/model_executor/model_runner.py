@@ -11,12 +11,12 @@ from transformers import AutoConfig
 
 from loom.kernels.attention import create_attention_backend
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocator
+from loom.runtime.layers.linear import pack_cpu_weights
 from loom.runtime.model_executor.cuda_graph_runner import DEFAULT_MAX_BS, CudaGraphRunner, capture_batch_sizes
 from loom.runtime.model_executor.device import resolve_device, resolve_dtype, to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch
-from loom.runtime.layers.linear import pack_cpu_weights
-from loom.runtime.models.loader import load_model
 from loom.runtime.model_executor.sampling import ScratchRows
+from loom.runtime.models.loader import load_model
 from loom.runtime.server_args import ServerArgs
 
 if TYPE_CHECKING:

@@ -26,11 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from loom.runtime.model_executor.device import to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch
 from loom.runtime.model_executor.model_runner import ModelRunner
 from loom.runtime.model_executor.sampling import SamplingBatchInfo, sample
 from loom.runtime.sampling_params import SamplingParams
-from loom.runtime.model_executor.device import to_device
 
 
 class FutureTokenMap:

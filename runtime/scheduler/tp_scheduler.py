@@ -14,10 +14,10 @@ from typing import Any
 import msgspec
 import torch
 
-from loom.runtime.model_executor.distributed import TpGroup
 from loom.runtime.ipc import decode, encode
-from loom.runtime.scheduler.scheduler import Scheduler
+from loom.runtime.model_executor.distributed import TpGroup
 from loom.runtime.scheduler.io import ZmqIO
+from loom.runtime.scheduler.scheduler import Scheduler
 
 
 class TpLeaderIO:
