@@ -13,7 +13,7 @@ import pytest
 
 from loom.cli import build_parser
 from loom.demo_model import tiny_tokenizer
-from loom.runtime.constrained import GrammarBackend, GrammarError, allocate_token_bitmask, unpack_bitmask
+from loom.runtime.constrained import Grammar, GrammarBackend, GrammarError, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.entrypoints.engine import LocalEngine
 
@@ -118,6 +118,18 @@ def test_rollback_and_copy_are_independent(toy):
     with pytest.raises(ValueError, match="cannot roll back 1 tokens: only 0"):
         g.rollback(1)
     assert fork.accept_token(4) and fork.accept_token(EOS) and fork.is_terminated()
+
+
+def test_every_matcher_is_a_grammar_and_lists_its_mask_or_nothing(toy):
+    g = matcher(toy, "regex", "(ab|c)+")
+    assert isinstance(g, Grammar) and isinstance(g.copy(), Grammar)
+    assert g.accept_token(4)  # "c": "a", "ab", "c" or EOS next
+    ids = g.allowed_ids(V)
+    if toy.grammar_backend == "outlines":  # Loom's own masks list their tokens; the others say nothing
+        assert ids.tolist() == allowed(g) == [EOS, 1, 3, 4]
+        assert g.allowed_ids(3) is None  # more than the limit
+    else:
+        assert ids is None
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Compiling grammars off the scheduler's thread, with a bounded cache.
 
     backend.compile(kind, source) -> Future[compiled grammar]  (cached by (kind, source), LRU)
-    compiled.matcher()            -> a per-request grammar object
+    compiled.matcher()            -> a per-request Grammar (grammar.py)
 
 The scheduler keeps a request whose future is not done aside and polls it each step, so a slow
 compilation never stalls the batch. Futures that fail carry a `GrammarError` naming the problem.

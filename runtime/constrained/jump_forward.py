@@ -11,14 +11,15 @@ result is the tokenizer's canonical tokenization across the seam. The last new t
 the model to sample (unless the grammar ends right after it): what follows the forced string may
 merge with it into a longer token, which only the model's next step can choose.
 
-Any grammar object works: `forced_bytes`, `accept_token`, `rollback`, `is_terminated`.
+Any Grammar (grammar.py) works: it uses `forced_bytes`, `accept_token`, `rollback`, `is_terminated`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+
+from loom.runtime.constrained.grammar import Grammar
 
 # Tokens backed off before the forced string. One (the token just sampled) catches the common
 # seam (`"` + `name` -> `"name`); more rarely changes the tokenization and recomputes KV.
@@ -27,16 +28,6 @@ MAX_BACKOFF = 1
 MIN_JUMP_TOKENS = 1
 
 REPLACEMENT = "\ufffd"
-
-
-class ForcingGrammar(Protocol):
-    def forced_bytes(self) -> bytes: ...
-
-    def accept_token(self, token_id: int) -> bool: ...
-
-    def rollback(self, k: int) -> None: ...
-
-    def is_terminated(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +54,7 @@ def whole_characters(data: bytes) -> str:
 
 
 def plan_jump_forward(
-    grammar: ForcingGrammar,
+    grammar: Grammar,
     recent_ids: list[int],
     max_backoff: int,
     max_new: int,
@@ -100,7 +91,7 @@ def plan_jump_forward(
     return None
 
 
-def _accept(grammar: ForcingGrammar, old: list[int], new_ids: list[int]) -> JumpForward | None:
+def _accept(grammar: Grammar, old: list[int], new_ids: list[int]) -> JumpForward | None:
     """Roll back `old`, accept `new_ids` (all of them if the grammar ends there, else all but the
     last); restore the grammar and return None if it refuses them or the jump saves too little."""
     k = len(old)

@@ -136,8 +136,7 @@ class CompiledLLGuidance:
 
 
 class LLGuidanceGrammar:
-    """One request's position in a compiled grammar; the same contract as `RegexGrammar`, plus
-    `forced_bytes()`."""
+    """A Grammar (grammar.py) on llguidance's LLMatcher."""
 
     def __init__(self, compiled: CompiledLLGuidance, matcher: Any) -> None:
         self.compiled = compiled
@@ -165,11 +164,13 @@ class LLGuidanceGrammar:
         self.m.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
         assert not self.m.is_error(), f"llguidance matcher failed: {self.m.get_error()}"
 
+    def allowed_ids(self, limit: int) -> torch.Tensor | None:
+        return None  # llguidance writes masks in place, into the scheduler's row: there is none to list
+
     def is_terminated(self) -> bool:
         return self.finished or self.m.is_stopped()
 
     def forced_bytes(self) -> bytes:
-        """The bytes every accepted continuation starts with (b"" where the grammar may end here)."""
         if self.is_terminated() or self.m.is_accepting():
             return b""
         return self.m.compute_ff_bytes()

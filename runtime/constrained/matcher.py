@@ -1,4 +1,4 @@
-"""The per-request matcher both of Loom's own compilers share (regex_dfa.RegexGrammar, ebnf.EbnfGrammar).
+"""The Grammar (grammar.py) both of Loom's own compilers share (regex_dfa.RegexGrammar, ebnf.EbnfGrammar).
 
 A matcher is a stack of automaton states, one per accepted token after the initial one, over a
 compiled grammar that is shared by all requests. Subclasses say how a token moves a state
@@ -16,12 +16,8 @@ from loom.runtime.constrained.bitmask import sparse_ids
 
 
 class TokenMatcher:
-    """accept_token(id) -> bool (False: the token is not allowed here; the state is unchanged);
-    fill_mask(row) writes the allowed tokens into one packed bitmask row;
-    is_terminated(): EOS was accepted, or the state may end and nothing but EOS may follow;
-    forced_bytes(): the bytes every accepted continuation starts with (b"" when none);
-    rollback(k) undoes the last k accepted tokens; copy() is an independent matcher at the same state.
-    """
+    """A Grammar over a stack of states: rollback pops them, copy copies the stack (the compiled
+    grammar's masks and forced bytes are shared)."""
 
     def __init__(self, compiled: Any, initial: Any, eos_token_ids: frozenset[int]) -> None:
         self.compiled = compiled
@@ -60,11 +56,10 @@ class TokenMatcher:
         bitmask_row.copy_(self.compiled.mask(self.state)[0])
 
     def allowed_ids(self, limit: int) -> torch.Tensor | None:
-        """The allowed token ids (int64, ascending; EOS among them where the grammar may end) when
-        there are at most `limit`, else None: the scheduler then computes logits for these only."""
         return sparse_ids(self.compiled.mask(self.state)[0], limit)
 
     def allowed_non_eos(self) -> bool:
+        """Whether any token but EOS is allowed here."""
         return self.compiled.mask(self.state)[1]
 
     def is_terminated(self) -> bool:

@@ -80,9 +80,9 @@ class CompiledXGrammar:
 
 
 class XGrammarGrammar:
-    """One request's position in a compiled grammar; the same contract as `RegexGrammar`, plus
-    `forced_bytes()`. The mask of the current state is cached: `is_terminated` needs it at the
-    grammar's final states, and the next `fill_mask` reuses it."""
+    """A Grammar (grammar.py) on xgrammar's GrammarMatcher. The mask of the current state is
+    cached: `is_terminated` needs it at the grammar's final states, and the next `fill_mask`
+    reuses it."""
 
     def __init__(self, compiled: CompiledXGrammar, matcher: Any) -> None:
         self.compiled = compiled
@@ -101,6 +101,9 @@ class XGrammarGrammar:
         # bitmask_row: [ceil(V / 32)] int32
         bitmask_row.copy_(self._current_mask())
 
+    def allowed_ids(self, limit: int) -> torch.Tensor | None:
+        return None  # xgrammar fills a fresh mask per state, no ids cached per mask class to list: dense
+
     def _current_mask(self) -> torch.Tensor:
         if self._mask is None:
             mask = torch.empty(1, self.compiled.non_eos.numel(), dtype=torch.int32)  # [1, W]
@@ -116,7 +119,6 @@ class XGrammarGrammar:
         return not bool((self._current_mask() & self.compiled.non_eos).any())
 
     def forced_bytes(self) -> bytes:
-        """The bytes every accepted continuation starts with (b"" where the grammar may end here)."""
         if self.m.is_terminated() or self.m.is_completed():
             return b""
         try:
