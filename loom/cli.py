@@ -72,8 +72,9 @@ _ENGINE_FLAG_HELP = {
     "random_seed": "seed for sampling without a per-request seed",
     "enable_in_batch_prefix_sharing": "let requests of one prefill batch share a common prefix (--no-... to disable)",
     "debug_check_memory": "assert the KV-pool invariant after every scheduler step (slow; for debugging)",
-    "grammar_backend": "what compiles regex / json_schema / ebnf constraints: outlines (outlines-core, built in), "
-                       "xgrammar or llguidance (these two need: pip install 'loom[grammar]')",
+    "grammar_backend": "what compiles regex / json_schema / ebnf constraints: loom (Loom's own byte automata and "
+                       "LALR masks, built in; 'outlines' is an alias), xgrammar or llguidance (these two need: "
+                       "pip install 'loom[grammar]')",
     "disable_jump_forward": "decode grammar-forced text one token per step instead of appending it at once",
     "disable_overlap_schedule": "run each decode step's scheduling after its forward pass instead of while it runs "
                                 "(default: overlap on with CUDA, off on CPU; --no-disable-overlap-schedule forces it on)",

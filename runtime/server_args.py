@@ -8,7 +8,20 @@ from dataclasses import asdict, dataclass, fields
 
 
 # Grammar backend -> the module it needs (checked when ServerArgs is built, before any process starts).
-GRAMMAR_BACKENDS = {"outlines": "outlines_core", "xgrammar": "xgrammar", "llguidance": "llguidance"}
+# loom: Loom's own compilers (byte DFAs for regexes and JSON Schemas, outlines-core turning a schema
+# into a regex; LALR masks for EBNF / Lark); xgrammar and llguidance: theirs.
+GRAMMAR_BACKENDS = {"loom": "outlines_core", "xgrammar": "xgrammar", "llguidance": "llguidance"}
+GRAMMAR_BACKEND_ALIASES = {"outlines": "loom"}  # the loom backend's former name
+
+
+def grammar_backend_name(name: str) -> str:
+    """The canonical name of a grammar backend (an alias resolved). Raises ValueError naming the
+    accepted names for any other."""
+    canonical = GRAMMAR_BACKEND_ALIASES.get(name, name)
+    if canonical not in GRAMMAR_BACKENDS:
+        aliases = ", ".join(f"{alias} is an alias of {target}" for alias, target in GRAMMAR_BACKEND_ALIASES.items())
+        raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)} ({aliases}), got {name!r}")
+    return canonical
 
 
 @dataclass(slots=True)
@@ -33,7 +46,7 @@ class ServerArgs:
     # Overlap scheduling (runtime/scheduler/overlap.py): prepare decode step N+1 while step N runs. None: the
     # device decides (on with CUDA; on CPU see scheduler.CPU_OVERLAP_DEFAULT); False forces it on.
     disable_overlap_schedule: bool | None = None
-    grammar_backend: str = "outlines"  # outlines | xgrammar | llguidance (the last two: pip install loom[grammar])
+    grammar_backend: str = "loom"  # loom (alias: outlines) | xgrammar | llguidance (the last two: pip install loom[grammar])
     kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8_e4m3 (half the KV memory of bf16, per-layer scales)
     base_gpu_id: int = 0  # the first GPU this server uses; ranks and data-parallel replicas take the next ones
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
@@ -63,11 +76,10 @@ class ServerArgs:
             raise ValueError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
-        if self.grammar_backend not in GRAMMAR_BACKENDS:
-            raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)}, got {self.grammar_backend!r}")
+        self.grammar_backend = grammar_backend_name(self.grammar_backend)
         if importlib.util.find_spec(GRAMMAR_BACKENDS[self.grammar_backend]) is None:
             raise ValueError(
-                f"grammar_backend {self.grammar_backend!r} needs the {self.grammar_backend} package, which is not "
+                f"grammar_backend {self.grammar_backend!r} needs the {GRAMMAR_BACKENDS[self.grammar_backend]} package, which is not "
                 "installed: pip install 'loom[grammar]' (or pick another grammar_backend)"
             )
         if not isinstance(self.base_gpu_id, int) or self.base_gpu_id < 0:

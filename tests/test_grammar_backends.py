@@ -125,7 +125,7 @@ def test_every_matcher_is_a_grammar_and_lists_its_mask_or_nothing(toy):
     assert isinstance(g, Grammar) and isinstance(g.copy(), Grammar)
     assert g.accept_token(4)  # "c": "a", "ab", "c" or EOS next
     ids = g.allowed_ids(V)
-    if toy.grammar_backend == "outlines":  # Loom's own masks list their tokens; the others say nothing
+    if toy.grammar_backend == "loom":  # Loom's own masks list their tokens; the others say nothing
         assert ids.tolist() == allowed(g) == [EOS, 1, 3, 4]
         assert g.allowed_ids(3) is None  # more than the limit
     else:
@@ -342,7 +342,7 @@ def test_invalid_grammars_abort_alone(engine):
 
 
 def test_grammar_backend_argument_is_checked(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="grammar_backend must be one of outlines, xgrammar, llguidance, got 'lark'"):
+    with pytest.raises(ValueError, match=r"grammar_backend must be one of loom, xgrammar, llguidance \(outlines is an alias of loom\), got 'lark'"):
         ServerArgs(model_path=str(tmp_path), grammar_backend="lark")
     import importlib.util
 
@@ -350,6 +350,20 @@ def test_grammar_backend_argument_is_checked(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xgrammar" else real(name, *a))
     with pytest.raises(ValueError, match=r"needs the xgrammar package.*pip install 'loom\[grammar\]'"):
         ServerArgs(model_path=str(tmp_path), grammar_backend="xgrammar")
+
+
+def test_outlines_is_another_name_for_the_loom_backend(tmp_path):
+    assert ServerArgs(model_path=str(tmp_path), grammar_backend="outlines").grammar_backend == "loom"
+    assert ServerArgs(model_path=str(tmp_path)).grammar_backend == "loom"
+    loom, outlines = (GrammarBackend(TOY, V, frozenset({EOS}), grammar_backend=name) for name in ("loom", "outlines"))
+    try:
+        assert loom.grammar_backend == outlines.grammar_backend == "loom"
+        grammars = [matcher(b, "regex", "(ab|c)+1?") for b in (loom, outlines)]
+        assert type(grammars[0]) is type(grammars[1])
+        assert allowed(grammars[0]) == allowed(grammars[1]) == [1, 3, 4]
+    finally:
+        loom.shutdown()
+        outlines.shutdown()
 
 
 def test_cli_explains_the_flag():

@@ -22,7 +22,7 @@ from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.constrained.schema import schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.vocabulary import TokenVocab
-from loom.runtime.server_args import GRAMMAR_BACKENDS
+from loom.runtime.server_args import grammar_backend_name
 
 GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
 # A JSON Schema whose regex is longer than this goes to the grammar path without trying the DFA (a
@@ -52,17 +52,16 @@ class GrammarBackend:
         cache_size: int = 128,
         compile_timeout_s: float = 30.0,
         whitespace_pattern: str = DEFAULT_WHITESPACE,
-        grammar_backend: str = "outlines",
+        grammar_backend: str = "loom",
         json_open_objects: bool = False,
     ) -> None:
         """token_bytes: token id -> bytes (or a function returning it, called once, lazily, on a
-        worker thread: loading a tokenizer takes a while). grammar_backend: outlines (this
-        package's own compilers), xgrammar or llguidance (their compilers, on the same vocabulary).
+        worker thread: loading a tokenizer takes a while). grammar_backend: loom (this package's own
+        compilers; `outlines` is an alias), xgrammar or llguidance (their compilers, on the same
+        vocabulary); raises ValueError for any other.
         json_open_objects: JSON-Schema objects without `additionalProperties` admit undeclared
         properties, as the spec says (default: only the declared ones; see schema_to_regex)."""
-        if grammar_backend not in GRAMMAR_BACKENDS:
-            raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)}, got {grammar_backend!r}")
-        self.grammar_backend = grammar_backend
+        self.grammar_backend = grammar_backend_name(grammar_backend)
         self._native: Any = None  # the xgrammar / llguidance compiler, built on first use
         self._token_bytes = token_bytes
         self.vocab_size = vocab_size
@@ -94,7 +93,7 @@ class GrammarBackend:
         self._cache.pop((kind, source), None)
 
     def _compile(self, kind: str, source: str) -> CompiledRegex | CompiledEbnf:
-        if self.grammar_backend != "outlines":  # regex, json_schema, ebnf (GBNF) and lark, each natively
+        if self.grammar_backend != "loom":  # regex, json_schema, ebnf (GBNF) and lark, each natively
             return self._native_compiler().compile(kind, source)
         if kind == "regex":
             regex = source
