@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from loom.demo_model import build_tiny_checkpoint
 from loom.runtime.detokenizer.detokenizer import Detokenizer
-from loom.runtime.front.async_engine import AsyncEngine, FrontMetrics
+from loom.runtime.front.async_engine import AsyncEngine
+from loom.runtime.front.metrics import FrontMetrics
 from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.ipc import MESSAGE_TYPES, IpcPaths, decode, encode
 from loom.runtime.messages import (

@@ -1,7 +1,8 @@
 """`AsyncEngine`: the front of the served engine, in the server's event loop.
 
-Starts the scheduler and detokenizer processes, tokenizes and validates requests (the
-`TokenizerManager`), keeps the request table, and streams results back:
+Starts the scheduler and detokenizer processes (`processes.py`) and waits until the model is
+loaded; tokenizes and validates requests (the `TokenizerManager`); keeps the request table, and
+streams results back:
 
     front --PUSH--> scheduler --PUSH--> detokenizer --PUSH--> front (PULL, this object)
 
@@ -13,18 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
-import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from loom.runtime.detokenizer.process import run_detokenizer_process
+from loom.runtime.front.metrics import FrontMetrics
+from loom.runtime.front.processes import EngineProcesses
 from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.ipc import IpcPaths, decode, encode
 from loom.runtime.messages import (
@@ -37,7 +36,6 @@ from loom.runtime.messages import (
     SchedulerReady,
 )
 from loom.runtime.protocol import GenerateItem, GenerateRequest, RequestError
-from loom.runtime.scheduler.process import spawn_scheduler_ranks
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.tokenizer import load_tokenizer
 
@@ -45,51 +43,6 @@ logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.25
 REPLY_TIMEOUT_S = 30.0
-
-
-class FrontMetrics:
-    """Prometheus metrics the front measures (the scheduler's gauges are read at scrape time)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.prompt_tokens = Counter("loom_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("loom_generation_tokens", "Generated tokens of finished requests", registry=r)
-        self.cached_tokens = Counter("loom_cached_tokens", "Prompt tokens served from the radix cache", registry=r)
-        self.requests = Counter("loom_requests", "Finished requests", ["finish_reason"], registry=r)
-        self.ttft = Histogram("loom_time_to_first_token_seconds", "Time to first token", registry=r,
-                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
-        self.itl = Histogram("loom_inter_token_latency_seconds", "Time between output tokens", registry=r,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))  # fmt: skip
-        self.e2e = Histogram("loom_e2e_request_latency_seconds", "Request latency, arrival to last token", registry=r,
-                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
-        self.running = Gauge("loom_num_running_reqs", "Requests decoding", registry=r)
-        self.queued = Gauge("loom_num_queued_reqs", "Requests waiting for admission", registry=r)
-        self.kv_usage = Gauge("loom_kv_cache_usage", "Share of KV slots in use (not free, not evictable)", registry=r)
-        self.cache_hit_rate = Gauge("loom_cache_hit_rate", "Share of prompt tokens served from the radix cache", registry=r)
-
-    def observe(self, state: ReqState, n_new: int, last_time: float | None, now: float) -> None:
-        if n_new:
-            if last_time is None:
-                self.ttft.observe(now - state.created)
-            else:
-                for _ in range(n_new):
-                    self.itl.observe((now - last_time) / n_new)
-        if state.finished:
-            self.prompt_tokens.inc(state.prompt_tokens)
-            self.generation_tokens.inc(state.completion_tokens)
-            self.cached_tokens.inc(state.cached_tokens)
-            self.requests.labels(state.finished_reason.get("type", "unknown")).inc()
-            self.e2e.observe(now - state.created)
-
-    def set_scheduler_gauges(self, info: SchedulerInfoOut) -> None:
-        self.running.set(info.running)
-        self.queued.set(info.waiting)
-        mem = info.memory
-        self.kv_usage.set((mem["capacity"] - mem["free"] - mem["evictable"]) / max(mem["capacity"], 1))
-        self.cache_hit_rate.set(info.stats.get("cached_tokens", 0) / max(info.stats.get("prompt_tokens", 0), 1))
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class EngineDeadError(RuntimeError):
@@ -117,13 +70,6 @@ class _Entry:
 
 
 _DEAD = object()
-
-
-@dataclass
-class _Child:
-    name: str
-    proc: Any
-    started: float = field(default_factory=time.monotonic)
 
 
 class GenerateAPI:
@@ -156,7 +102,7 @@ class AsyncEngine(GenerateAPI):
         self.dead_reason: str | None = None
         self.on_death: Callable[[str], None] | None = None
         self._reqs: dict[str, _Entry] = {}
-        self._children: list[_Child] = []
+        self.children = EngineProcesses()
         self._paths: IpcPaths | None = None
         self._tasks: list[asyncio.Task] = []
         self._replies: dict[type, asyncio.Future] = {}
@@ -176,17 +122,7 @@ class AsyncEngine(GenerateAPI):
         self._pull.bind(paths.to_front)
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.connect(paths.to_scheduler)
-        spawn = mp.get_context("spawn")
-        args = self.server_args
-        me = os.getpid()
-        for name, target, targs in (
-            ("detokenizer", run_detokenizer_process, (args.to_dict(), paths, me, self.log_level)),
-        ):
-            proc = spawn.Process(target=target, args=targs, name=f"loom-{name}", daemon=True)
-            proc.start()
-            self._children.append(_Child(name, proc))
-        # One scheduler per tensor-parallel rank of this node; all are watched like the detokenizer.
-        self._children += [_Child(name, proc) for name, proc in spawn_scheduler_ranks(args, paths, self.log_level)]
+        self.children.start(self.server_args, paths, self.log_level)
         deadline = time.monotonic() + timeout_s
         while self.ready is None:
             self._check_children()
@@ -215,14 +151,7 @@ class AsyncEngine(GenerateAPI):
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for child in self._children:
-            if child.proc.is_alive():
-                child.proc.terminate()
-        for child in self._children:
-            child.proc.join(5)
-            if child.proc.is_alive():
-                child.proc.kill()
-                child.proc.join(5)
+        self.children.stop()
         self._fail_all("the server is shutting down")
         for sock in (getattr(self, "_pull", None), getattr(self, "_push", None)):
             if sock is not None:
@@ -236,16 +165,14 @@ class AsyncEngine(GenerateAPI):
 
     @property
     def child_pids(self) -> dict[str, int]:
-        return {c.name: c.proc.pid for c in self._children}
+        return self.children.pids
 
     def _check_children(self) -> None:
         if self._closed or self.dead_reason:
             return
-        for child in self._children:
-            code = child.proc.exitcode
-            if code is not None:
-                self._die(f"the {child.name} process died (exit code {code}); the server cannot serve requests")
-                return
+        reason = self.children.death()
+        if reason is not None:
+            self._die(reason)
 
     def _die(self, reason: str) -> None:
         if self.dead_reason:

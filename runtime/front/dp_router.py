@@ -22,7 +22,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError, FrontMetrics, GenerateAPI
+from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError, GenerateAPI
+from loom.runtime.front.metrics import FrontMetrics
 from loom.runtime.messages import FlushCacheOut, SchedulerInfoOut
 from loom.runtime.protocol import GenerateItem, GenerateRequest
 from loom.runtime.server_args import ServerArgs
