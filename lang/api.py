@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom.lang import choices as _choices
-from loom.lang import ir
+import loom.lang.choices as _choices
+import loom.lang.ir as ir
 from loom.lang.program import get_default_backend
 
 

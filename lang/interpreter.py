@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from loom.lang import ir
+import loom.lang.ir as ir
 from loom.lang.backend.base import Backend
 from loom.lang.chat_template import ChatTemplate
 from loom.lang.run_trace import CallRecord, ForkRecord, JoinRecord, TraceRecord

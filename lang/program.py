@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from loom.lang import ir
+import loom.lang.ir as ir
 from loom.lang.backend.base import Backend
 from loom.lang.interpreter import BatchWarmer, StreamExecutor
 from loom.lang.state import ProgramState

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from loom.lang import ir
+import loom.lang.ir as ir
 from loom.lang.interpreter import StreamExecutor
 from loom.lang.run_trace import RunTrace
 

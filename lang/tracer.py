@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loom.lang import ir
+import loom.lang.ir as ir
 
 if TYPE_CHECKING:
     from loom.lang.program import Program

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from loom import kernels
+import loom.kernels as kernels
 
 FUSED_OPS = ("auto", "triton", "torch")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
