@@ -23,6 +23,7 @@ _LAZY = {
     "LocalEngine": ("loom.runtime.entrypoints.engine", "LocalEngine"),
     "Runtime": ("loom.local_runtime", "Runtime"),
     "ServerArgs": ("loom.runtime.server_args", "ServerArgs"),
+    "EngineArgumentError": ("loom.runtime.server_args", "EngineArgumentError"),
     "SamplingParams": ("loom.runtime.sampling_params", "SamplingParams"),
 }
 # The front-end language (`import loom as sgl` runs SGLang programs), from loom.lang.

@@ -6,7 +6,6 @@ import importlib.util
 import os
 from dataclasses import asdict, dataclass, fields
 
-
 # Grammar backend -> the module it needs (checked when ServerArgs is built, before any process starts).
 # loom: Loom's own compilers (byte DFAs for regexes and JSON Schemas, outlines-core turning a schema
 # into a regex; LALR masks for EBNF / Lark); xgrammar and llguidance: theirs.
@@ -14,13 +13,20 @@ GRAMMAR_BACKENDS = {"loom": "outlines_core", "xgrammar": "xgrammar", "llguidance
 GRAMMAR_BACKEND_ALIASES = {"outlines": "loom"}  # the loom backend's former name
 
 
+class EngineArgumentError(TypeError, ValueError):
+    """A wrong engine argument, named in the message: an unknown keyword (a TypeError, as Python
+    raises for one) or a value out of range (a ValueError). One type for one mistake, whichever
+    entry point it comes through: `loom.Engine`, `LocalEngine`, `loom.Runtime` (checked in this
+    process before the server starts) or `loom serve`."""
+
+
 def grammar_backend_name(name: str) -> str:
-    """The canonical name of a grammar backend (an alias resolved). Raises ValueError naming the
-    accepted names for any other."""
+    """The canonical name of a grammar backend (an alias resolved). Raises EngineArgumentError
+    naming the accepted names for any other."""
     canonical = GRAMMAR_BACKEND_ALIASES.get(name, name)
     if canonical not in GRAMMAR_BACKENDS:
         aliases = ", ".join(f"{alias} is an alias of {target}" for alias, target in GRAMMAR_BACKEND_ALIASES.items())
-        raise ValueError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)} ({aliases}), got {name!r}")
+        raise EngineArgumentError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)} ({aliases}), got {name!r}")
     return canonical
 
 
@@ -65,55 +71,55 @@ class ServerArgs:
         if self.disable_overlap_schedule is None and os.environ.get("LOOM_DISABLE_OVERLAP_SCHEDULE") in ("0", "1"):
             self.disable_overlap_schedule = os.environ["LOOM_DISABLE_OVERLAP_SCHEDULE"] == "1"  # run test suites both ways
         if self.schedule_policy not in ("lpm", "fcfs"):
-            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+            raise EngineArgumentError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
+            raise EngineArgumentError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
         for name in ("max_total_tokens", "context_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 8):
-                raise ValueError(f"{name} must be an int >= 8 or None, got {value!r}")
+                raise EngineArgumentError(f"{name} must be an int >= 8 or None, got {value!r}")
         if not isinstance(self.max_running_requests, int) or self.max_running_requests < 1:
-            raise ValueError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
+            raise EngineArgumentError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
+            raise EngineArgumentError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
         self.grammar_backend = grammar_backend_name(self.grammar_backend)
         if importlib.util.find_spec(GRAMMAR_BACKENDS[self.grammar_backend]) is None:
-            raise ValueError(
+            raise EngineArgumentError(
                 f"grammar_backend {self.grammar_backend!r} needs the {GRAMMAR_BACKENDS[self.grammar_backend]} package, which is not "
                 "installed: pip install 'loom[grammar]' (or pick another grammar_backend)"
             )
         if not isinstance(self.base_gpu_id, int) or self.base_gpu_id < 0:
-            raise ValueError(f"base_gpu_id must be an int >= 0, got {self.base_gpu_id!r}")
+            raise EngineArgumentError(f"base_gpu_id must be an int >= 0, got {self.base_gpu_id!r}")
         if not isinstance(self.dp_size, int) or self.dp_size < 1:
-            raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
+            raise EngineArgumentError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
         if self.dp_routing not in ("cache_aware", "round_robin"):
-            raise ValueError(f"dp_routing must be 'cache_aware' or 'round_robin', got {self.dp_routing!r}")
+            raise EngineArgumentError(f"dp_routing must be 'cache_aware' or 'round_robin', got {self.dp_routing!r}")
         self._check_parallel()
         if self.disable_overlap_schedule not in (None, True, False):
-            raise ValueError(f"disable_overlap_schedule must be True, False or None (auto), got {self.disable_overlap_schedule!r}")
+            raise EngineArgumentError(f"disable_overlap_schedule must be True, False or None (auto), got {self.disable_overlap_schedule!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:
-            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+            raise EngineArgumentError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
         graph_bs = self.cuda_graph_max_bs
         if graph_bs is not None and (not isinstance(graph_bs, int) or graph_bs < 1):
-            raise ValueError(f"cuda_graph_max_bs must be an int >= 1 or None, got {self.cuda_graph_max_bs!r}")
+            raise EngineArgumentError(f"cuda_graph_max_bs must be an int >= 1 or None, got {self.cuda_graph_max_bs!r}")
 
     def _check_parallel(self) -> None:
         for name in ("tp_size", "nnodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise EngineArgumentError(f"{name} must be an int >= 1, got {value!r}")
         if self.tp_size % self.nnodes:
-            raise ValueError(f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes} (the same ranks per node)")
+            raise EngineArgumentError(f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes} (the same ranks per node)")
         if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node_rank must be an int in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
+            raise EngineArgumentError(f"node_rank must be an int in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
         if self.nnodes > 1 and not self.dist_init_addr:
-            raise ValueError("nnodes > 1 needs dist_init_addr=HOST:PORT, an address of node 0 that every node can reach")
+            raise EngineArgumentError("nnodes > 1 needs dist_init_addr=HOST:PORT, an address of node 0 that every node can reach")
         if self.nnodes > 1 and self.dp_size > 1:
-            raise ValueError("dp_size > 1 with nnodes > 1 is not supported yet; run one server per node instead")
+            raise EngineArgumentError("dp_size > 1 with nnodes > 1 is not supported yet; run one server per node instead")
         if self.dist_init_addr is not None:
             host, _, port = self.dist_init_addr.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"dist_init_addr must be HOST:PORT (e.g. 10.0.0.1:29500), got {self.dist_init_addr!r}")
+                raise EngineArgumentError(f"dist_init_addr must be HOST:PORT (e.g. 10.0.0.1:29500), got {self.dist_init_addr!r}")
 
     @property
     def tp_per_node(self) -> int:
@@ -122,6 +128,22 @@ class ServerArgs:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def check_names(cls, kwargs: dict) -> None:
+        """EngineArgumentError naming any keyword that is not an engine argument."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()) | ({"model_path"} & set(kwargs)))
+        if unknown:
+            expected = ", ".join(name for name in cls.field_names() if name != "model_path")
+            raise EngineArgumentError(f"unknown engine argument(s) {unknown} (expected some of: {expected})")
+
+    @classmethod
+    def from_kwargs(cls, model_path: str | os.PathLike | None, **kwargs) -> ServerArgs:
+        """The engine's arguments from keywords, every name and value checked (EngineArgumentError)."""
+        if model_path is None:
+            raise EngineArgumentError("the engine needs model_path: a folder in the Hugging Face layout")
+        cls.check_names(kwargs)
+        return cls(model_path=str(model_path), **kwargs)
 
     def to_dict(self) -> dict:
         return asdict(self)

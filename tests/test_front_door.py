@@ -14,9 +14,10 @@ import pytest
 import zmq
 
 from loom.demo_model import build_tiny_checkpoint
+from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.entrypoints.launch import ServerProcess, engine_flags
 from loom.runtime.protocol import FrontReply, FrontRequest, decode_reply, encode
-from loom.runtime.entrypoints.engine import LocalEngine
+from loom.runtime.server_args import EngineArgumentError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 MAX_TOTAL_TOKENS = 1024
@@ -76,7 +77,7 @@ def test_engine_flags_round_trip():
     assert engine_flags({"max_total_tokens": 64, "disable_radix_cache": True, "schedule_policy": "lpm"}) == [
         "--max-total-tokens", "64", "--disable-radix-cache",
     ]  # fmt: skip
-    with pytest.raises(TypeError, match="max_total_tokenz"):
+    with pytest.raises(EngineArgumentError, match="max_total_tokenz"):
         engine_flags({"max_total_tokenz": 1})
 
 

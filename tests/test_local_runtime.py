@@ -50,5 +50,23 @@ def test_a_program_runs_on_the_runtime_and_shutdown_stops_everything(model_dir):
 
 
 def test_unknown_engine_arguments_are_named_before_anything_starts(model_dir):
-    with pytest.raises(TypeError, match="max_total_tokenz"):
+    with pytest.raises(sgl.EngineArgumentError, match="max_total_tokenz"):
         sgl.Runtime(model_path=str(model_dir), max_total_tokenz=5)
+
+
+@pytest.mark.parametrize("entry", ["Engine", "LocalEngine", "Runtime"])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"max_total_tokenz": 5}, "max_total_tokenz"), ({"schedule_policy": "fifo"}, "schedule_policy"),
+     ({"grammar_backend": "lark"}, "grammar_backend")],
+)  # fmt: skip
+def test_one_mistake_one_error_type_whichever_entry_point(model_dir, monkeypatch, entry, kwargs, needle):
+    import subprocess
+
+    def no_process(*args, **kw):
+        raise AssertionError("a process was started for a wrong argument")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    with pytest.raises(sgl.EngineArgumentError, match=needle) as err:
+        getattr(sgl, entry)(model_path=str(model_dir), **kwargs)
+    assert isinstance(err.value, TypeError) and isinstance(err.value, ValueError)

@@ -31,18 +31,6 @@ logger = logging.getLogger(__name__)
 MAX_IDLE_STEPS = 1000
 
 
-def _server_args(model_path: str | None, kwargs: dict[str, Any]) -> ServerArgs:
-    """The engine's ServerArgs; ValueError for a missing model_path or an unknown argument."""
-    if model_path is None:
-        raise ValueError("Engine needs model_path: a folder in the Hugging Face layout")
-    unknown = set(kwargs) - set(ServerArgs.field_names())
-    if unknown:
-        raise ValueError(
-            f"unknown engine argument(s) {sorted(unknown)} (expected some of: {', '.join(ServerArgs.field_names())})"
-        )
-    return ServerArgs(model_path=str(model_path), **kwargs)
-
-
 _E = TypeVar("_E", bound="_EngineBase")
 
 
@@ -107,7 +95,7 @@ class LocalEngine(_EngineBase):
     on the serving processes."""
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
-        self.server_args = _server_args(model_path, kwargs)
+        self.server_args = ServerArgs.from_kwargs(model_path, **kwargs)
         args = self.server_args
         if args.dp_size > 1:
             raise ValueError("dp_size > 1 runs replicas in their own processes: use loom.Engine or loom serve, not LocalEngine")
@@ -241,7 +229,7 @@ class ProcessEngine(_EngineBase):
         from loom.runtime.entrypoints.launch import ServerProcess
         from loom.runtime.protocol import FrontDoorClient
 
-        self.server_args = _server_args(model_path, kwargs)  # validates before any process starts
+        self.server_args = ServerArgs.from_kwargs(model_path, **kwargs)  # validates before any process starts
         self._server = ServerProcess(str(model_path), log_level=log_level, **kwargs)
         self._client = FrontDoorClient(self._server.address, is_dead=self._server.exit_reason)
         self._tokenizer: Any = None

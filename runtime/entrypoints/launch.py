@@ -25,17 +25,15 @@ from typing import Any
 import zmq
 
 from loom.runtime.protocol import FrontRequest, decode_reply, encode
+from loom.runtime.server_args import ServerArgs
 
 
 def engine_flags(engine_args: dict[str, Any]) -> list[str]:
-    """ServerArgs keywords -> `loom serve` flags. Unknown keywords fail here, naming the keyword."""
-    from loom.runtime.server_args import ServerArgs
-
+    """ServerArgs keywords -> `loom serve` flags. Unknown keywords fail here (EngineArgumentError)."""
+    ServerArgs.check_names(engine_args)
     fields = {f.name: f for f in dataclasses.fields(ServerArgs)}
     flags: list[str] = []
     for name, value in engine_args.items():
-        if name not in fields or name == "model_path":
-            raise TypeError(f"unknown engine argument {name!r}; expected some of {sorted(set(fields) - {'model_path'})}")
         if value is None or value == fields[name].default:
             continue
         flag = "--" + name.replace("_", "-")
@@ -51,6 +49,7 @@ class ServerProcess:
 
     def __init__(self, model_path: str, *, log_level: str = "warning", timeout_s: float = 600.0,
                  http_port: int | None = None, **engine_args: Any) -> None:  # fmt: skip
+        ServerArgs.from_kwargs(model_path, **engine_args)  # every argument checked here, before a process starts
         self._dir = tempfile.mkdtemp(prefix="loom-rt-")
         os.chmod(self._dir, 0o700)
         self.address = f"ipc://{self._dir}/front"
