@@ -11,7 +11,7 @@ device at hand (CUDA when there is one):
 - prefill tok/s (a batch of prompts, no decoding) for both.
 
 Decode rates are (tokens of N steps - tokens of 1 step) / (time of N steps - time of 1 step), so
-prefill and start-up do not count. Targets on a GPU (issue 6): batch-1 decode >= 70 % of the
+prefill and start-up do not count. Targets on a GPU: batch-1 decode >= 70 % of the
 roofline; >= 3x Transformers at batch 32.
 
 On CUDA, Loom runs twice by default, with decode CUDA graphs and without (`--cuda-graph both`),
@@ -69,7 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def model_path(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model)
-    from loom.demo_model import bench_model_path, build_tiny_checkpoint, cache_dir
+    from loom.cache_dir import cache_dir
+    from loom.checkpoint_writer import build_tiny_checkpoint
+    from loom.demo_model import bench_model_path
 
     if args.shape == "smollm2":
         return bench_model_path()  # the one the CPU benchmarks share

@@ -74,7 +74,7 @@ def bench_tokenizer(vocab_size: int) -> Any:
     the stdlib corpus plus the first 64 MB of `.py` files in site-packages (sorted paths), and cached
     under the loom cache dir keyed by size and corpus hash.
     """
-    from loom.demo_model import tiny_tokenizer
+    from loom.tiny_tokenizer import tiny_tokenizer
 
     if vocab_size <= 49152:
         return tiny_tokenizer(vocab_size)
@@ -83,7 +83,9 @@ def bench_tokenizer(vocab_size: int) -> Any:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from loom.demo_model import SPECIAL_TOKENS, _corpus, cache_dir
+    from loom.cache_dir import cache_dir
+    from loom.tiny_tokenizer import SPECIAL_TOKENS
+    from loom.tiny_tokenizer import corpus as _corpus
 
     texts = _corpus()
     total = 0
@@ -320,7 +322,7 @@ def run_maskbench(args: argparse.Namespace) -> list[MaskBenchResult]:
     return results
 
 
-# Published best empirical coverage on the full JSONSchemaBench (paper, Table 4), as the issue lists them.
+# Published best empirical coverage on the full JSONSchemaBench (paper, Table 4), (the figures a backend must beat).
 PUBLISHED_BEST = {"Glaiveai2K": "0.96 (Guidance)", "Github_easy": "0.86 (Guidance)", "Kubernetes": "0.91 (Guidance)",
                   "WashingtonPost": "0.94 (llama.cpp)", "Github_hard": "0.41 (Guidance)"}  # fmt: skip
 

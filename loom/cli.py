@@ -1,4 +1,4 @@
-"""The `loom` command line: `loom demo` (and, with the serving issue, `loom serve`)."""
+"""The `loom` command line: `loom demo` (a tour on a model), `loom serve` (the HTTP and ZeroMQ server)."""
 
 from __future__ import annotations
 

@@ -154,3 +154,12 @@ def test_no_library_file_is_too_long_to_read():
 def test_runtime_stays_grouped():
     flat = sorted(p.name for p in (ROOT / "runtime").glob("*.py") if p.name != "__init__.py")
     assert len(flat) <= MAX_FLAT_RUNTIME_MODULES, flat
+
+
+def test_the_version_is_written_in_one_place():
+    import loom
+
+    quoted = (f'"{loom.__version__}"', f"'{loom.__version__}'")
+    written = [str(path.relative_to(ROOT)) for path in source_modules().values() if any(q in path.read_text() for q in quoted)]
+    assert written == ["loom/__init__.py"]
+    assert 'dynamic = ["version"]' in (ROOT / "pyproject.toml").read_text()

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+import loom
 from loom.runtime.entrypoints import native_api
 from loom.runtime.entrypoints.http_io import ApiKeyMiddleware, await_result, error_response, first_then_rest, read_json, sse
 from loom.runtime.entrypoints.openai_api import add_openai_routes
@@ -32,7 +33,7 @@ DEATH_EXIT_DELAY_S = 1.0  # let the 503 answers go out before the server stops
 
 
 def create_app(engine: AsyncEngine, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
-    app = FastAPI(title="Loom", version="0.1.0")
+    app = FastAPI(title="Loom", version=loom.__version__)
     app.state.engine = engine
     app.state.served_model_name = served_model_name or engine.server_args.model_path
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import loom
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import RequestError
 
@@ -66,7 +67,7 @@ async def server_info(engine: AsyncEngine) -> dict[str, Any]:
         "stats": info.stats,
         "num_running_reqs": info.running,
         "num_waiting_reqs": info.waiting,
-        "version": "0.1.0",
+        "version": loom.__version__,
         "pids": {"front": os.getpid(), **engine.child_pids},
         "ipc_dir": engine.ipc_dir,
     }
