@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, unpack_bitmask
 from loom.runtime.constrained.vocabulary import byte_decoder
+from loom.tiny_tokenizer import tiny_tokenizer
 
 JSON_GBNF = r"""
 root   ::= object

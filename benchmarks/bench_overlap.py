@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from loom.demo_model import ARCHS, build_tiny_checkpoint
+from loom.checkpoint_writer import ARCHS, build_tiny_checkpoint
 
 
 def _build_triton_kernels_interpreted() -> None:

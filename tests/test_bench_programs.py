@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_programs.py"
 WORKLOADS = ("mmlu", "hellaswag", "tot", "json", "chat", "react")

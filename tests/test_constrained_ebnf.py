@@ -12,7 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import (
     GrammarBackend,
     GrammarError,
@@ -25,6 +24,7 @@ from loom.runtime.constrained import (
 )
 from loom.runtime.constrained.ebnf_gbnf import Alt, Chars, Lit, Ref, Rep, Seq, _class_regex, _cp, parse_gbnf
 from loom.runtime.entrypoints.engine import LocalEngine
+from loom.tiny_tokenizer import tiny_tokenizer
 
 from reference_dfa import regex_to_dfa  # tests/: the 256-column construction, as a reference
 

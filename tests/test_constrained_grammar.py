@@ -10,7 +10,6 @@ import jsonschema
 import pytest
 import torch
 
-from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import (
     ErrorKind,
     GrammarBackend,
@@ -23,6 +22,7 @@ from loom.runtime.constrained import (
     unpack_bitmask,
 )
 from loom.runtime.constrained.json_regex import integer_range_regex
+from loom.tiny_tokenizer import tiny_tokenizer
 
 EOS = 0
 TOY = {1: b"a", 2: b"b", 3: b"ab", 4: b"c", 5: b"\xc3", 6: b"\xa9", 7: b"\xc3\xa9", 8: b"1", 9: b"2", 10: b"-", 11: b"0"}

@@ -14,7 +14,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import (
     GrammarBackend,
     GrammarError,
@@ -28,6 +27,7 @@ from loom.runtime.constrained import (
 from loom.runtime.constrained.dfa import terminal_dfa
 from loom.runtime.constrained.ebnf import CompiledEbnf
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
+from loom.tiny_tokenizer import tiny_tokenizer
 
 from reference_dfa import regex_to_dfa  # tests/: the 256-column construction, as a reference
 

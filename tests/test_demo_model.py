@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from loom import demo_model
-from loom.demo_model import build_tiny_checkpoint, demo_model_path, smollm2_135m_shape
+from loom.checkpoint_writer import build_tiny_checkpoint
+from loom.demo_model import demo_model_path, smollm2_135m_shape
 
 UNICODE = "héllo wörld 你好 🙂"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import loom
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 
 ARCHS = ["llama", "qwen2", "qwen3"]

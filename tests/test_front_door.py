@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import zmq
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.entrypoints.launch import ServerProcess, engine_flags
 from loom.runtime.protocol import FrontReply, FrontRequest, decode_reply, encode

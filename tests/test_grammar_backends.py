@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 
 from loom.cli import build_parser
-from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import Grammar, GrammarBackend, GrammarError, allocate_token_bitmask, unpack_bitmask
-from loom.runtime.server_args import ServerArgs
 from loom.runtime.entrypoints.engine import LocalEngine
+from loom.runtime.server_args import ServerArgs
+from loom.tiny_tokenizer import tiny_tokenizer
 
 BACKENDS = ("outlines", "xgrammar", "llguidance")
 EOS = 0

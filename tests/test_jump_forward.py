@@ -9,10 +9,10 @@ import re
 import jsonschema
 import pytest
 
-from loom.demo_model import tiny_tokenizer
 from loom.runtime.constrained import GrammarBackend, token_bytes
 from loom.runtime.constrained.jump_forward import plan_jump_forward, whole_characters
 from loom.runtime.entrypoints.engine import LocalEngine
+from loom.tiny_tokenizer import tiny_tokenizer
 
 EOS = 0
 TOY = {1: b"a", 2: b"b", 3: b"ab", 4: b"c", 5: b"\xc3", 6: b"\xa9", 7: b"\xc3\xa9", 8: b"1", 9: b"abc"}

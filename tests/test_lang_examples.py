@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from server_proc import Server, serving
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"

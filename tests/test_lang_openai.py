@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import loom as sgl
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from server_proc import Server, serving
 
 GREEDY = {"temperature": 0.0}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import loom as sgl
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.lang.backend.base import NativeBackend
 from loom.lang.backend.transport import HttpTransport
 from loom.lang.interpreter import ProgramError

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from server_proc import Server, serving
 
 if os.environ.get("LOOM_REQUIRE_SGLANG") == "1":

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import loom as sgl
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.lang import RunTrace
 from server_proc import Server, serving
 

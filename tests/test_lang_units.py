@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from loom.demo_model import CHAT_TEMPLATE
+from loom.checkpoint_writer import CHAT_TEMPLATE
 from loom.lang.chat_template import ChatTemplateError, from_jinja
 from loom.lang.choices import ChoiceScores, greedy_token_selection, token_length_normalized, unconditional_likelihood_normalized
 

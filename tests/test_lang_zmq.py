@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 import loom as sgl
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.protocol import FrontReply, RequestError, decode_request, encode, error_body
 
 GREEDY = {"temperature": 0.0}

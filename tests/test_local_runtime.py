@@ -9,7 +9,7 @@ import time
 import pytest
 
 import loom as sgl
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

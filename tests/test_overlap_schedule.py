@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateReq
 from loom.runtime.scheduler.overlap import FutureTokenMap

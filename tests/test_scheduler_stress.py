@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.demo_model import build_tiny_checkpoint
-from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateReq
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
+from loom.runtime.messages import AbortReq, BatchTokenIDOut, TokenizedGenerateReq
 
 
 @pytest.fixture(scope="module")

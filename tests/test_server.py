@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 from server_proc import API_KEY, MAX_TOTAL_TOKENS, Server, free_port  # noqa: F401  (test_tp imports these from here)
 

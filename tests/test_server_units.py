@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.detokenizer.detokenizer import Detokenizer
 from loom.runtime.front.async_engine import AsyncEngine
 from loom.runtime.front.metrics import FrontMetrics

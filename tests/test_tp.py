@@ -26,11 +26,11 @@ import torch
 from test_engine_golden import hf_greedy, random_prompts
 from test_server import Server, alive, child_pids, free_port
 
+from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.cli import build_parser
-from loom.demo_model import build_tiny_checkpoint
+from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.models import loader
 from loom.runtime.server_args import ServerArgs
-from loom.runtime.entrypoints.engine import LocalEngine
 
 NEW_TOKENS = 12
 TIGHT = ["--max-total-tokens", "160", "--chunked-prefill-size", "24", "--debug-check-memory"]

@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 from interpreted_run import run_interpreted
-from loom.demo_model import build_tiny_checkpoint
+from loom.checkpoint_writer import build_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
