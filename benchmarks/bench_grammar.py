@@ -69,7 +69,7 @@ _LARGE_CORPUS_BYTES = 64_000_000
 def bench_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer of `vocab_size` tokens, trained locally (no hub).
 
-    Up to 49152 tokens this is `loom.demo_model.tiny_tokenizer` (the stdlib corpus fills it). The
+    Up to 49152 tokens this is `loom.tiny_tokenizer.tiny_tokenizer` (the stdlib corpus fills it). The
     stdlib runs out of merges near 58k, so larger vocabularies (the 128k of Llama 3) are trained on
     the stdlib corpus plus the first 64 MB of `.py` files in site-packages (sorted paths), and cached
     under the loom cache dir keyed by size and corpus hash.
@@ -84,10 +84,9 @@ def bench_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from loom.cache_dir import cache_dir
-    from loom.tiny_tokenizer import SPECIAL_TOKENS
-    from loom.tiny_tokenizer import corpus as _corpus
+    from loom.tiny_tokenizer import SPECIAL_TOKENS, corpus
 
-    texts = _corpus()
+    texts = corpus()
     total = 0
     for root in sorted(site.getsitepackages()):
         for path in sorted(pathlib.Path(root).rglob("*.py")):

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Tiny random-weight checkpoints in the Hugging Face layout (see `loom.demo_model`), built once
+Tiny random-weight checkpoints in the Hugging Face layout (see `loom.checkpoint_writer`), built once
 per test session under pytest's temp dir. A test module that needs a checkpoint with its own
 seed or shape calls `make_tiny_model(arch, **kwargs)`; equal arguments share one folder, so
 treat the folders as read-only.
