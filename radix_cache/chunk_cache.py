@@ -1,4 +1,4 @@
-"""The cache used with `--disable-radix-cache`: same interface as `RadixCache`, caches nothing.
+"""The cache used with `--disable-radix-cache`: a `PrefixCache` (base.py) that caches nothing.
 
 Every request owns all of its KV slots; finishing frees them. Useful to measure what prefix
 reuse buys, and for models or modes where sharing KV is not wanted.
@@ -10,12 +10,15 @@ from collections.abc import Sequence
 
 import torch
 
+from loom.radix_cache.base import MatchResult, PrefixCache
 from loom.radix_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
-from loom.radix_cache.radix_cache import MatchResult, TreeNode
+from loom.radix_cache.radix_cache import TreeNode
 
 
-class ChunkCache:
+class ChunkCache(PrefixCache):
     """No prefix sharing: matches are always empty and nothing is ever evictable."""
+
+    shares_prefixes = False
 
     def __init__(
         self,
@@ -42,9 +45,6 @@ class ChunkCache:
 
     def dec_lock_ref(self, node: TreeNode) -> None:
         pass
-
-    lock = inc_lock_ref
-    unlock = dec_lock_ref
 
     def evict(self, num_tokens: int) -> int:
         return 0

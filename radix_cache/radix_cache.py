@@ -1,4 +1,5 @@
-"""The prefix tree over token ids whose nodes own KV slots (page size 1).
+"""The prefix tree over token ids whose nodes own KV slots (page size 1): a `PrefixCache` (base.py,
+which states the contract: who locks, who frees) that shares prefixes.
 
 Ownership: every KV slot handed out by the allocator is in exactly one place: the allocator's
 free list, a tree node (evictable when no request locks its path, protected otherwise), or a
@@ -12,10 +13,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
+from loom.radix_cache.base import MatchResult, PrefixCache
 from loom.radix_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
 
 _node_ids = itertools.count()
@@ -39,11 +40,6 @@ class TreeNode:
         return f"TreeNode(id={self.id}, key={self.key}, lock_ref={self.lock_ref}, t={self.last_access_time})"
 
 
-class MatchResult(NamedTuple):
-    indices: torch.Tensor  # int64 KV slots of the matched prefix; empty when nothing matched
-    last_node: TreeNode  # the node where the match ends (lock it before using `indices`)
-
-
 def _as_list(key: Sequence[int] | torch.Tensor) -> Sequence[int]:
     # Tensor elements hash by identity, so a tensor key would never match a child.
     return key.tolist() if isinstance(key, torch.Tensor) else key
@@ -57,7 +53,7 @@ def _common_prefix_len(a: list[int], b: Sequence[int]) -> int:
     return i
 
 
-class RadixCache:
+class RadixCache(PrefixCache):
     """A radix tree of token sequences -> KV slots, with LRU eviction of unlocked leaves.
 
     With `token_to_kv_pool_allocator=None` it is a simulation tree: values may be any tensor of
@@ -76,6 +72,10 @@ class RadixCache:
         self.disable = disable
         self.device = token_to_kv_pool_allocator.device if token_to_kv_pool_allocator is not None else torch.device("cpu")
         self.reset()
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return not self.disable
 
     def reset(self) -> None:
         """Forget every node (without freeing slots: the caller clears the allocator too)."""
@@ -187,9 +187,6 @@ class RadixCache:
             node.lock_ref -= 1
             assert node.parent is not None, "dec_lock_ref on a node that is no longer in the tree"
             node = node.parent
-
-    lock = inc_lock_ref
-    unlock = dec_lock_ref
 
     # ------------------------------------------------------------------ eviction
     def evict(self, num_tokens: int) -> int:

@@ -1,15 +1,16 @@
-"""The radix tree: matching, splitting, locks, LRU eviction, request bookkeeping, and a
-property test against a flat reference model (every cached token = the prefix ending at it)."""
+"""The radix tree: matching, splitting, locks, LRU eviction, request bookkeeping, a property test
+against a flat reference model (every cached token = the prefix ending at it), and the
+`PrefixCache` contract that the radix and chunk caches both keep, driven as the scheduler does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from loom.radix_cache import ChunkCache, RadixCache, TokenToKVPoolAllocator, TreeNode
+from loom.radix_cache import ChunkCache, PrefixCache, RadixCache, TokenToKVPoolAllocator, TreeNode
 
 
 def t(*xs: int) -> torch.Tensor:
@@ -378,3 +379,132 @@ RadixVsReference.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_radix_vs_reference = RadixVsReference.TestCase
+
+
+# ---------------------------------------------------------------------------- the PrefixCache contract
+def test_prefix_cache_is_abstract() -> None:
+    with pytest.raises(TypeError, match="abstract"):
+        PrefixCache()  # type: ignore[abstract]
+
+
+CACHES = {
+    "radix": lambda alloc: RadixCache(None, alloc),
+    "chunk": lambda alloc: ChunkCache(None, alloc),
+    "disabled": lambda alloc: RadixCache(None, alloc, disable=True),
+}
+tokens = st.lists(st.integers(0, 3), min_size=1, max_size=10)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("start"), tokens),
+        st.tuples(st.just("back_out"), tokens),  # admission locks, then finds no room and unlocks
+        st.tuples(st.just("decode"), st.integers(0, 99), st.lists(st.integers(0, 3), min_size=1, max_size=3), st.booleans()),
+        st.tuples(st.just("finish"), st.integers(0, 99), st.booleans()),
+    ),
+    max_size=25,
+)
+
+
+class ContractDriver:
+    """Requests through the PrefixCache interface alone, as admission / batch_runner / output do
+    it: match, lock, compute, `cache_unfinished`, decode, then `cache_finished` or (retraction)
+    free own slots + `dec_lock_ref`. Checks the accounting of base.py after every operation."""
+
+    CAPACITY = 24
+
+    def __init__(self, kind: str) -> None:
+        self.alloc = TokenToKVPoolAllocator(self.CAPACITY)
+        self.cache: PrefixCache = CACHES[kind](self.alloc)
+        self.reqs: list[dict] = []  # tokens, kv (the request's row), prefix_len, node
+
+    def owned(self, req: dict) -> int:
+        """Slots [0, owned) of the request's row belong to the cache."""
+        return req["prefix_len"] if self.cache.shares_prefixes else 0
+
+    def check(self) -> None:
+        c = self.cache
+        held = sum(r["kv"].numel() - self.owned(r) for r in self.reqs)
+        assert self.alloc.available_size() + c.evictable_size() + c.protected_size() + held == self.CAPACITY
+        assert c.evictable_size() + c.protected_size() == c.total_size()
+        if not self.reqs:
+            assert c.protected_size() == 0, "every lock was balanced by an unlock"
+        if not c.shares_prefixes:
+            assert c.total_size() == 0
+
+    def make_room(self, n: int) -> bool:
+        short = n - self.alloc.available_size()
+        if short > 0:
+            evictable = self.cache.evictable_size()
+            assert self.cache.evict(short) >= min(short, evictable)
+        return n <= self.alloc.available_size()
+
+    def match_and_lock(self, key: list[int]) -> tuple[torch.Tensor, object]:
+        idx, node = self.cache.match_prefix(key[: len(key) - 1])  # keep one token to compute
+        assert idx.dtype == torch.int64 and idx.numel() <= len(key) - 1
+        if not self.cache.shares_prefixes:
+            assert idx.numel() == 0
+        sizes = self.cache.evictable_size() + self.cache.protected_size()
+        self.cache.inc_lock_ref(node)
+        assert self.cache.evictable_size() + self.cache.protected_size() == sizes, "a lock moves tokens, frees none"
+        assert self.cache.protected_size() >= idx.numel()
+        return idx, node
+
+    def start(self, key: list[int]) -> None:
+        if len(self.reqs) >= 3:
+            return
+        idx, node = self.match_and_lock(key)
+        if not self.make_room(len(key) - idx.numel()):  # eviction cannot touch the locked prefix
+            self.cache.dec_lock_ref(node)
+            return
+        kv = torch.cat((idx, self.alloc.alloc(len(key) - idx.numel())))
+        new_idx, new_node = self.cache.cache_unfinished(key, kv, idx.numel(), node)  # 0 unless it shares
+        assert new_idx.numel() == len(key) and new_idx[: idx.numel()].equal(idx)
+        self.reqs.append({"tokens": key, "kv": new_idx, "prefix_len": len(key), "node": new_node})
+
+    def back_out(self, key: list[int]) -> None:
+        before = (self.cache.evictable_size(), self.cache.protected_size())
+        _, node = self.match_and_lock(key)
+        self.cache.dec_lock_ref(node)
+        assert (self.cache.evictable_size(), self.cache.protected_size()) == before
+
+    def decode(self, i: int, extra: list[int], share: bool) -> None:
+        if not self.reqs or not self.make_room(len(extra)):
+            return
+        req = self.reqs[i % len(self.reqs)]
+        req["tokens"] = req["tokens"] + extra
+        req["kv"] = torch.cat((req["kv"], self.alloc.alloc(len(extra))))
+        if share:  # a chunked prefill's next chunk
+            new_idx, new_node = self.cache.cache_unfinished(req["tokens"], req["kv"], self.owned(req), req["node"])
+            assert new_idx.numel() == len(req["tokens"])
+            req.update(kv=new_idx, prefix_len=len(req["tokens"]), node=new_node)
+
+    def finish(self, i: int, abort: bool) -> None:
+        if not self.reqs:
+            return
+        req = self.reqs.pop(i % len(self.reqs))
+        if abort:  # retraction: the caller frees its own slots and unlocks
+            self.alloc.free(req["kv"][self.owned(req) :])
+            self.cache.dec_lock_ref(req["node"])
+            return
+        self.cache.cache_finished(req["tokens"], req["kv"], self.owned(req), req["node"])
+        hit = self.cache.match_prefix(req["tokens"]).indices.numel()
+        assert hit == (len(req["tokens"]) if self.cache.shares_prefixes else 0), "a finished request is a cache hit"
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(script=ops)
+def test_every_prefix_cache_keeps_the_contract(kind: str, script: list[tuple]) -> None:
+    driver = ContractDriver(kind)
+    assert isinstance(driver.cache, PrefixCache) and driver.cache.shares_prefixes == (kind == "radix")
+    for op, *args in script:
+        getattr(driver, op)(*args)
+        driver.check()
+    while driver.reqs:
+        driver.finish(0, abort=False)
+        driver.check()
+    # Nothing is locked, so everything cached is evictable, and evicting it all returns every slot.
+    cache = driver.cache
+    assert cache.protected_size() == 0 and cache.evictable_size() == cache.total_size()
+    evictable = cache.evictable_size()
+    assert cache.evict(driver.CAPACITY) == evictable and cache.total_size() == 0
+    assert sorted(driver.alloc.free_slots().tolist()) == list(range(1, driver.CAPACITY + 1)), "a slot leaked"

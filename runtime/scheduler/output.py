@@ -104,10 +104,11 @@ class OutputProcessor:
         self._emit(req)
 
     def release(self, req: Req, cache: bool) -> None:
-        """Give back the request's KV: with cache=True its tokens go into the radix tree,
-        otherwise (retraction) the slots it alone holds are freed. Unlocks its prefix either way."""
+        """Give back the request's KV: with cache=True its tokens go to the prefix cache
+        (`cache_finished`), otherwise (retraction) the slots it alone holds are freed and its
+        prefix unlocked here (see `PrefixCache` for who frees what)."""
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
-        owned = req.prefix_len if self.radix else 0  # a chunk cache owns nothing
+        owned = req.prefix_len if self.tree_cache.shares_prefixes else 0  # slots [0, owned) are the cache's
         if req.inflight:
             # Launched steps not processed yet (overlap): their slots go back (a later step may
             # take them; the forward thread writes it after these), and what is cached is what

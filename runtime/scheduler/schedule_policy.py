@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from loom.radix_cache import RadixCache
+from loom.radix_cache import PrefixCache, RadixCache
 from loom.runtime.scheduler.schedule_batch import Req
 
 # A follower waits only when the shared, uncached part is at least this long.
@@ -19,12 +19,11 @@ LPM_MAX_QUEUE = 256
 
 
 class SchedulePolicy:
-    def __init__(self, policy: str, tree_cache, enable_in_batch_sharing: bool) -> None:
+    def __init__(self, policy: str, tree_cache: PrefixCache, enable_in_batch_sharing: bool) -> None:
         self.policy = policy
         self.tree_cache = tree_cache
-        self.enable_in_batch_sharing = enable_in_batch_sharing and isinstance(tree_cache, RadixCache) and not getattr(
-            tree_cache, "disable", False
-        )
+        # Delaying followers pays only when the leader's prefix is then served from the cache.
+        self.enable_in_batch_sharing = enable_in_batch_sharing and tree_cache.shares_prefixes
 
     def match(self, req: Req) -> None:
         """Set req.prefix_indices / last_node to the longest usable cached prefix (not locked yet)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from loom.radix_cache import ChunkCache, RadixCache
+from loom.radix_cache import ChunkCache, PrefixCache, RadixCache
 from loom.runtime.constrained import GrammarBackend, grammar_source
 from loom.runtime.messages import (
     AbortReq,
@@ -83,10 +83,9 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.allocator = model_runner.token_to_kv_pool_allocator
         if args.disable_radix_cache:
-            self.tree_cache = ChunkCache(self.req_to_token_pool, self.allocator)
+            self.tree_cache: PrefixCache = ChunkCache(self.req_to_token_pool, self.allocator)
         else:
             self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator)
-        self.radix = isinstance(self.tree_cache, RadixCache)
         self.policy = SchedulePolicy(args.schedule_policy, self.tree_cache, args.enable_in_batch_prefix_sharing)
 
         self.waiting: list[Req] = []
@@ -234,7 +233,8 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
     # ------------------------------------------------------------------ checks
     def held_tokens(self) -> int:
         reqs = self.running + ([self.chunked_req] if self.chunked_req else [])
-        return sum(r.kv_len - (r.prefix_len if self.radix else 0) for r in reqs)
+        shared = self.tree_cache.shares_prefixes  # else a request's prefix slots are its own
+        return sum(r.kv_len - (r.prefix_len if shared else 0) for r in reqs)
 
     def check_memory(self) -> None:
         free = self.allocator.available_size()
