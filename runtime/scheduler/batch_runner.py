@@ -136,10 +136,9 @@ class BatchRunner:
         limit = self.runner.vocab_size // SPARSE_LOGITS_SHARE
         out: dict[int, torch.Tensor] = {}
         for i, req in enumerate(reqs):
-            allowed_ids = getattr(req.grammar, "allowed_ids", None)
-            if allowed_ids is None or req.return_logprob:
+            if req.grammar is None or req.return_logprob:
                 continue
-            ids = allowed_ids(limit)
+            ids = req.grammar.allowed_ids(limit)  # None: the backend cannot list them cheaply
             if ids is not None and ids.numel():
                 out[i] = ids
         return out

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from loom.runtime.constrained.grammar import Grammar
 from loom.runtime.messages import DecodeOptions
 from loom.runtime.model_executor.device import to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -69,14 +70,14 @@ class Req:
 
         self.output_ids: list[int] = []
         self.finished_reason: dict[str, Any] | None = None
-        # The request's grammar matcher (regex / json_schema): its state has accepted every output
-        # token, so a retracted request's re-prefill does not feed it tokens again.
-        self.grammar: Any = None
+        # The request's grammar matcher (any backend's, constrained/grammar.py): its state has
+        # accepted every output token, so a retracted request's re-prefill does not feed it again.
+        self.grammar: Grammar | None = None
 
         # KV state
         self.req_pool_idx: int | None = None
         self.prefix_indices: torch.Tensor = _EMPTY
-        self.last_node: Any = None
+        self.last_node: Any = None  # the prefix cache's handle (MatchResult.last_node); locked once admitted
         self.kv_len = 0
         self.extend_input_len = 0  # new tokens computed by the current extend step
         # Overlap scheduling: launched decode steps whose sampled id is not in output_ids yet, and
