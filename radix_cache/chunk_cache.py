@@ -27,7 +27,6 @@ class ChunkCache(PrefixCache):
     ) -> None:
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
-        self.disable = True
         self.device = token_to_kv_pool_allocator.device if token_to_kv_pool_allocator is not None else torch.device("cpu")
         self.root_node = TreeNode()  # the dummy `last_node` of every match
 

@@ -116,11 +116,6 @@ class Req:
         return int(self.prefix_indices.numel())
 
     @property
-    def held_tokens(self) -> int:
-        """KV slots this request holds outside the radix tree."""
-        return self.kv_len - self.prefix_len if self.req_pool_idx is not None else 0
-
-    @property
     def pending_len(self) -> int:
         """Tokens of fill_ids without KV: the next step's input (1 in decode, more after a jump-forward)."""
         return self.fill_len - self.kv_len
