@@ -1,4 +1,9 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and where the tests find their helpers.
+
+The tests lie in folders named after the source (runtime/, lang/, kernels/, radix_cache/, loom/;
+e2e/ starts real server processes; benchmarks/ runs the benchmark scripts small). Helpers that
+several of them use live in tests/support/ and are imported by module name (`from server_proc
+import Server`); tests/data/ holds data files.
 
 Tiny random-weight checkpoints in the Hugging Face layout (see `loom.checkpoint_writer`), built once
 per test session under pytest's temp dir. A test module that needs a checkpoint with its own
@@ -11,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,12 +24,28 @@ import pytest
 
 from loom.checkpoint_writer import ARCHS, build_tiny_checkpoint
 
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _support_on_path() -> None:
+    """tests/support/ on sys.path; tests/ itself off it. pytest put tests/ there to import this
+    file, but its folders are named like Loom's (kernels/, runtime/, lang/, loom/) and must not
+    become namespace packages that answer `import kernels` (Hugging Face's package) or `import
+    loom` in place of the installed ones."""
+    sys.path[:] = [entry for entry in sys.path if pathlib.Path(entry or ".").resolve() != HERE]
+    support = str(HERE / "support")
+    if support not in sys.path:
+        sys.path.insert(0, support)
+
+
+_support_on_path()
+
 
 def _build_triton_kernels_interpreted() -> None:
     """Define Loom's Triton kernels under Triton's interpreter on a CPU-only machine, now, before
     any test module (or a library it imports, such as sglang) imports triton without it: Triton
     reads TRITON_INTERPRET when it is imported and when a kernel is defined. The variable is
-    restored at once; tests/triton_setup.py switches it on again for the kernel tests only."""
+    restored at once; tests/support/triton_setup.py switches it on again for the kernel tests only."""
     if importlib.util.find_spec("triton") is None:
         return
     import torch

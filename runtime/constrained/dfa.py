@@ -143,7 +143,7 @@ def co_reachable(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
 def terminal_dfa(pattern: str, where: str) -> ByteDFA:
     """A regex's minimal byte DFA, built over byte classes: determinise's subset construction, then
     Moore refinement on the class columns, each signature numbered one column at a time (exact;
-    the 256-column version, tests/reference_dfa.py, took minutes on terminals of a few thousand
+    the 256-column version, tests/support/reference_dfa.py, took minutes on terminals of a few thousand
     states, such as the counted strings and key sets of generated JSON-Schema grammars)."""
     try:
         table, byte_class, accepting = determinise(pattern, where, 1 << 30, float("inf"))

@@ -1,0 +1,305 @@
+"""JSON Schemas the regex path refuses, compiled to a grammar for the EBNF engine (schema_grammar.py):
+recursive $refs, large objects with many optional properties, open objects, long strings; what a
+user notices is that the backend compiles them, valid JSON is accepted and invalid JSON rejected,
+and text sampled under the masks validates."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loom.runtime.constrained import (
+    GrammarBackend,
+    GrammarError,
+    TokenVocab,
+    allocate_token_bitmask,
+    apply_token_bitmask_,
+    compile_grammar,
+    token_bytes,
+    unpack_bitmask,
+)
+from loom.runtime.constrained.dfa import terminal_dfa
+from loom.runtime.constrained.ebnf import CompiledEbnf
+from loom.runtime.constrained.schema_grammar import schema_to_grammar
+from loom.tiny_tokenizer import tiny_tokenizer
+
+from reference_dfa import regex_to_dfa  # tests/support: the 256-column construction, as a reference
+
+EOS = 0
+BYTES = {b + 1: bytes([b]) for b in range(256)}  # one token per byte: any text can be fed
+
+TREE = {
+    "$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer"},
+                                                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                       "required": ["value"], "additionalProperties": False}},
+    "$ref": "#/$defs/node",
+}  # fmt: skip
+LINKED = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "required": ["name", "next"],
+    "additionalProperties": False,
+}
+WIDE = {
+    "type": "object",
+    "properties": {f"p{i}": ({"type": "integer", "minimum": 0, "maximum": 99} if i % 3 else {"type": "string", "maxLength": 5})
+                   for i in range(60)},
+    "required": ["p10", "p50"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def byte_vocab() -> TokenVocab:
+    return TokenVocab.build(BYTES, 258, frozenset({EOS}))
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[TokenVocab, object]:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(2048), eos_token="<|endoftext|>")
+    return TokenVocab.build(token_bytes(tok), 2048, frozenset({EOS})), tok
+
+
+def grammar(vocab: TokenVocab, schema, open_objects: bool = False) -> CompiledEbnf:
+    source, dfas = schema_to_grammar(json.dumps(schema), open_objects=open_objects)
+    return compile_grammar("lark", source, vocab, terminal_dfas=dfas)
+
+
+def accepts(compiled: CompiledEbnf, text: str) -> bool:
+    g = compiled.matcher()
+    return all(g.accept_token(b + 1) for b in text.encode()) and g.accept_token(EOS)
+
+
+def accepts_tokens(compiled: CompiledEbnf, tok, text: str) -> bool:
+    g = compiled.matcher()
+    return all(g.accept_token(t) for t in tok(text, add_special_tokens=False)["input_ids"]) and g.accept_token(EOS)
+
+
+def test_recursive_tree_accepts_nested_and_rejects_invalid(byte_vocab):
+    c = grammar(byte_vocab, TREE)
+    assert accepts(c, '{"value":1}')
+    assert accepts(c, '{"value":1,"children":[{"value":2},{"value":3,"children":[{"value":4,"children":[]}]}]}')
+    assert accepts(c, '{ "value": 1, "children": [ { "value": -2 } ] }')
+    assert not accepts(c, '{"children":[]}')  # value required
+    assert not accepts(c, '{"value":1,"children":[{"value":"x"}]}')  # wrong type, deep
+    assert not accepts(c, '{"value":1,"children":[{"value":2,"extra":0}]}')  # closed
+    assert not accepts(c, '{"value":1,"children":[{"value":2}]')  # unbalanced
+
+
+def test_backend_falls_back_to_the_grammar_for_recursion(real):
+    vocab, tok = real
+    backend = GrammarBackend(vocab.by_id, vocab.vocab_size, vocab.eos_token_ids)
+    compiled = backend.compile("json_schema", json.dumps(LINKED)).result(timeout=60)
+    assert isinstance(compiled, CompiledEbnf)
+    assert accepts_tokens(compiled, tok, '{"name":"a","next":{"name":"b","next":{"name":"c","next":null}}}')
+    assert not accepts_tokens(compiled, tok, '{"name":"a","next":{"name":"too long a name","next":null}}')
+    assert not accepts_tokens(compiled, tok, '{"name":"a","next":{"name":"b"}}')
+    backend.shutdown()
+
+
+def test_refusals_name_both_paths_and_the_keyword():
+    backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
+    schema = {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(GrammarError, match="uniqueItems.*as a grammar.*uniqueItems"):
+        backend._compile("json_schema", json.dumps(schema))
+    with pytest.raises(GrammarError, match="'not'"):
+        schema_to_grammar(json.dumps({"$defs": {"n": {"not": {"const": 1}, "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}))
+    backend.shutdown()
+
+
+def test_sixty_optional_properties_compile_and_validate(byte_vocab):
+    t0 = time.monotonic()
+    c = grammar(byte_vocab, WIDE)
+    assert time.monotonic() - t0 < 20
+    assert accepts(c, '{"p10":1,"p50":2}')
+    assert accepts(c, '{"p0":"abc","p1":5,"p10":1,"p33":"","p50":2,"p59":7}')
+    assert accepts(c, '{"p59":1,"p10":1,"p3":"b","p1":5,"p50":2,"p0":""}')  # optional members in any order
+    assert not accepts(c, '{"p50":2,"p10":1}')  # required ones in declared order
+    assert not accepts(c, '{"p10":1}')  # p50 required
+    assert not accepts(c, '{"p10":100,"p50":2}')  # out of range
+    assert not accepts(c, '{"p0":"abcdef","p10":1,"p50":2}')  # too long
+    assert not accepts(c, '{"p10":1,"p50":2,"zz":1}')  # closed by default (as schema_to_regex)
+    assert not accepts(c, '{"p10":1,"p10":1,"p50":2}')  # no repeated key
+
+
+def test_open_objects_admit_undeclared_keys_only(byte_vocab):
+    c = grammar(byte_vocab, WIDE, open_objects=True)
+    assert accepts(c, '{"zz":{"a":[1,null]},"p10":1,"q":"x","p50":2,"r":true}')
+    assert not accepts(c, '{"p10":1,"p50":2,"p51":"not an integer"}')  # a declared key is not "undeclared"
+    assert accepts(c, '{"p10":1,"p50":2,"Vendor\\\\Ns\\\\":"x","q\\n":0}')  # escaped keys no declared name can be
+    assert not accepts(c, '{"p10":1,"p50":2,"p\\u0035":"x"}')  # "p5" spelled with an escape is no undeclared key
+    typed = {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
+    c = grammar(byte_vocab, typed)
+    assert accepts(c, '{"a":"x","b":1,"c":2}')
+    assert not accepts(c, '{"a":"x","b":"y"}')
+
+
+def test_long_max_length_string(byte_vocab):
+    c = grammar(byte_vocab, {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 3000}},
+                             "required": ["s"]})  # fmt: skip
+    for n, ok in [(0, False), (2, False), (3, True), (64, True), (65, True), (1000, True), (2999, True), (3000, True), (3001, False)]:
+        assert accepts(c, json.dumps({"s": "é" * n}, ensure_ascii=False)) == ok, n
+    assert accepts(c, json.dumps({"s": '"\\' * 1500}))  # escapes count as one character each
+    for lo, hi in [(100, None), (64, None), (130, 200), (0, 65)]:  # every chunk boundary, with and without a maximum
+        c = grammar(byte_vocab, {"type": "string", "minLength": lo, **({} if hi is None else {"maxLength": hi})})
+        for n in sorted({0, 1, 63, 64, 65, 99, 100, 101, 127, 128, 129, 130, 199, 200, 201, 300}):
+            assert accepts(c, json.dumps("a" * n)) == (n >= lo and (hi is None or n <= hi)), (lo, hi, n)
+
+
+def test_formats_beside_lengths_and_dates(byte_vocab):
+    c = grammar(byte_vocab, {"type": "array", "items": {"type": "string", "format": "date"}, "maxItems": 2})
+    assert accepts(c, '["2020-02-29","2021-12-31"]')
+    assert not accepts(c, '["2021-02-29"]') and not accepts(c, '["2020-04-31"]')
+    assert not accepts(c, '["a","b","c"]')
+    c = grammar(byte_vocab, {"type": "string", "format": "date-time"})
+    assert accepts(c, '"2022-01-01T12:00:00Z"') and accepts(c, '"2022-01-01T12:00:00.5+01:00"')
+    assert not accepts(c, '"2022-01-01T12:00:00"')
+    c = grammar(byte_vocab, {"type": "string", "pattern": "^[a-z]+$", "minLength": 3, "maxLength": 5})  # both enforced
+    assert [accepts(c, json.dumps(x)) for x in ["ab", "abc", "abcde", "abcdef", "ab1"]] == [False, True, True, False, False]
+    c = grammar(byte_vocab, {"type": "string", "format": "email", "maxLength": 20})
+    assert accepts(c, '"a@b.co"') and not accepts(c, '"nope"') and not accepts(c, json.dumps("a" * 20 + "@b.co"))
+    with pytest.raises(GrammarError, match="format"):
+        schema_to_grammar(json.dumps({"type": "string", "format": "email", "maxLength": 5000}))
+
+
+PATTERNED = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}},
+    "patternProperties": {"^x-": {"type": "integer"}, "^/[^/]+$": {"type": "string", "pattern": "^([a-z]:)?/[^/]*$"},
+                          "^n": {"maxLength": 3}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("open_objects", [False, True])
+def test_pattern_properties(byte_vocab, open_objects):
+    c = grammar(byte_vocab, PATTERNED, open_objects)
+    assert accepts(c, '{"name":"abc","x-1":2,"/a":"c:/d"}')
+    assert accepts(c, '{"x-1":2,"name":"a","x-2":-3}')  # pattern members anywhere, declared ones in order
+    assert not accepts(c, '{"x-1":"two"}')  # a matching key takes its pattern's schema
+    assert not accepts(c, '{"/a":"no-slash"}')
+    assert accepts(c, '{"/a/b":"/c"}') == open_objects  # "/a/b" matches no pattern
+    assert not accepts(c, '{"name":"abcd"}')  # a declared name matching a pattern takes both schemas
+    assert accepts(c, '{"other":[1,{"a":null}]}') == open_objects  # matching no pattern: additionalProperties
+    assert not accepts(c, '{"x-other":[1]}')
+    with pytest.raises(GrammarError, match="overlap"):
+        schema_to_grammar(json.dumps({"patternProperties": {"^a": {}, "b$": {"type": "integer"}}}))
+
+
+def test_terminal_dfa_equals_regex_to_dfa():
+    for pattern in [r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}){0,20}"', r"(?:ab|a)*c", r"é+|ü", r"x[^\n]{2,5}"]:
+        a, b = regex_to_dfa(pattern, "t"), terminal_dfa(pattern, "t")
+        assert a.table.shape == b.table.shape and (a.table == b.table).all() and (a.accepting == b.accepting).all()
+
+
+SCHEMAS = {"tree": TREE, "linked": LINKED, "wide": WIDE}
+# Where random tokens would almost never spell the required keys (WIDE's open object takes any
+# key), a sample starts from a prefix holding them, then goes on at random.
+PREFIXES = {"wide": '{"p10": 5, "p50": 7'}
+_COMPILED: dict[str, CompiledEbnf] = {}
+
+
+def compiled_for(which: str, vocab: TokenVocab) -> CompiledEbnf:
+    if which not in _COMPILED:
+        _COMPILED[which] = grammar(vocab, SCHEMAS[which], open_objects=which == "wide")
+    return _COMPILED[which]
+
+
+def sample(compiled: CompiledEbnf, gen: torch.Generator, vocab_size: int, max_tokens: int = 150, prefix: list[int] = ()) -> tuple[bytes, bool]:
+    g = compiled.matcher()
+    out = b""
+    for token in prefix:
+        assert g.accept_token(token), token
+        out += compiled.vocab.by_id[token]
+    for _ in range(max_tokens):
+        logits = torch.randn(1, vocab_size, generator=gen) * 2
+        logits[0, EOS] += 3.0
+        row = allocate_token_bitmask(1, vocab_size)
+        g.fill_mask(row[0])
+        apply_token_bitmask_(logits, row)
+        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        assert g.accept_token(token), token
+        if token == EOS:
+            return out, True
+        out += compiled.vocab.by_id[token]
+    return out, False
+
+
+def sample_schema(real: tuple[TokenVocab, object], which: str, seed: int) -> tuple[bytes, bool]:
+    vocab, tok = real
+    prefix = tok.encode(PREFIXES[which], add_special_tokens=False) if which in PREFIXES else []
+    return sample(compiled_for(which, vocab), torch.Generator().manual_seed(seed), vocab.vocab_size, prefix=prefix)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(sorted(SCHEMAS)), seed=st.integers(0, 2**16))
+def test_sampled_json_validates(real, which, seed):
+    text, ended = sample_schema(real, which, seed)
+    if ended:
+        jsonschema.validate(json.loads(text), SCHEMAS[which])
+
+
+@pytest.mark.parametrize("which", sorted(SCHEMAS))
+def test_sampling_ends_often_enough_to_check(real, which):
+    """The property test above checks only samples that end: enough must, or it checked little."""
+    ended = 0
+    for seed in range(10):
+        text, done = sample_schema(real, which, seed)
+        if done:
+            jsonschema.validate(json.loads(text), SCHEMAS[which])
+            ended += 1
+    assert ended >= 3, f"{ended} of 10 samples of {which!r} ended within 150 tokens"
+
+
+def test_mask_equals_brute_force(real):
+    vocab, _ = real
+    c = grammar(vocab, TREE)
+    g = c.matcher()
+    single = {b: t for t, b in vocab.by_id.items() if len(b) == 1}
+    for text in ['{"value":1,"children":[{"value":', "2}]", "}"]:
+        brute = {t for t, b in vocab.by_id.items() if c.walk(g.state, b)} | ({EOS} if c.can_end(g.state) else set())
+        row = allocate_token_bitmask(1, vocab.vocab_size)
+        g.fill_mask(row[0])
+        assert set(unpack_bitmask(row, vocab.vocab_size)[0].nonzero().view(-1).tolist()) == brute
+        for b in text.encode():
+            assert g.accept_token(single[bytes([b])])
+    assert g.is_terminated() or g.accept_token(EOS)
+
+
+def test_huge_schema_regex_goes_straight_to_the_grammar(monkeypatch):
+    from loom.runtime.constrained import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "MAX_SCHEMA_REGEX_CHARS", 10)
+    backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
+    compiled = backend._compile("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    assert isinstance(compiled, CompiledEbnf)
+    assert accepts(compiled, '{"a":1}') and not accepts(compiled, '{"a":"x"}')
+    backend.shutdown()
+
+
+def test_draft4_exclusive_bounds_and_unresolved_keywords(byte_vocab):
+    c = grammar(byte_vocab, {"type": "array", "items": {"type": "integer", "minimum": 0, "exclusiveMinimum": True, "maximum": 9}})
+    assert accepts(c, "[1,9]") and not accepts(c, "[0]") and not accepts(c, "[10]")
+    with pytest.raises(GrammarError, match="recursiveRef"):
+        schema_to_grammar(json.dumps({"type": "object", "properties": {"a": {"$recursiveRef": "#"}}}))
+
+
+def test_open_objects_take_required_members_in_any_order_and_oneof_exactly(byte_vocab):
+    dims = {"type": "object", "properties": {k: {"type": "number"} for k in ("base", "height", "length", "radius", "width")},
+            "oneOf": [{"required": ["radius"]}, {"required": ["length", "width"]}, {"required": ["base", "height"]}]}  # fmt: skip
+    schema = {"type": "object", "properties": {"shape": {"type": "string"}, "dimensions": dims, "tree": {"$ref": "#"}},
+              "required": ["dimensions", "shape"]}  # recursive: the grammar path  # fmt: skip
+    c = grammar(byte_vocab, schema, open_objects=True)
+    assert accepts(c, '{"shape":"c","dimensions":{"radius":5}}')
+    assert accepts(c, '{"dimensions":{"width":2,"length":1},"note":0,"shape":"c","tree":{"shape":"d","dimensions":{"base":1,"height":2}}}')
+    assert not accepts(c, '{"shape":"c","dimensions":{"radius":5,"length":1,"width":2}}')  # two branches hold
+    assert not accepts(c, '{"shape":"c"}')
+    closed = grammar(byte_vocab, schema)  # declared order where objects are closed
+    assert accepts(closed, '{"shape":"c","dimensions":{"radius":5}}') and not accepts(closed, '{"dimensions":{"radius":5},"shape":"c"}')
+

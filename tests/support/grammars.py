@@ -1,0 +1,31 @@
+"""Grammars and schemas shared by the constrained-decoding tests."""
+
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"""
+ARITH_GBNF = r"""
+root ::= expr
+expr ::= term (ws [-+] ws term)*
+term ::= factor (ws [*/] ws factor)*
+factor ::= [0-9]+ ("." [0-9]+)? | "(" ws expr ws ")" | "-" factor
+ws ::= " "?
+"""
+CHOICES_GBNF = r'root ::= ("cat" | "dog" | "bird" | "日本" | "élan") ("s")? ("," " "? root)?'
+
+# A small extraction schema: bounded strings and integers, a boolean, an enum array with a non-ASCII member.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "é"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "ok"],
+}
