@@ -11,6 +11,7 @@ import argparse
 import json
 
 import loom as sgl
+
 from _backend import main, save_trace  # examples/_backend.py
 
 PERSON_SCHEMA = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import loom as sgl
+
 from _backend import main, save_trace  # examples/_backend.py
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# isort: off
 from loom.lang.api import (
     assistant, assistant_begin, assistant_end, flush_cache, gen, gen_int, gen_string, get_server_info, image, select,
     system, system_begin, system_end, user, user_begin, user_end,
 )  # fmt: skip
+# isort: on
 from loom.lang.backend.base import Backend, NativeBackend
 from loom.lang.backend.runtime_endpoint import RuntimeEndpoint
 from loom.lang.backend.runtime_zmq import ZmqEndpoint

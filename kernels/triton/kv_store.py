@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def round_to_e4m3(x):
     """fp32 with |x| <= 448 -> the nearest e4m3 value, ties to even, still fp32 (so the cast to fp8 is exact).

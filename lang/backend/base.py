@@ -12,9 +12,8 @@ from typing import Any, Protocol
 
 from loom.lang.backend.transport import Transport
 from loom.lang.chat_template import ChatTemplate, from_model_info
-from loom.lang.choices import ChoicesMethod, ChoiceScores, Decision
+from loom.lang.choices import ChoiceScores, ChoicesMethod, Decision
 from loom.lang.ir import SamplingParams
-
 
 SELECT_RECOMPUTE_CHARS = 32  # about 8 tokens
 
