@@ -21,7 +21,8 @@ from loom.runtime.entrypoints.launch import ServerProcess
 class Runtime(ZmqEndpoint):
     def __init__(self, model_path: str, *, log_level: str = "warning", timeout_s: float = 600.0, **engine_args: Any) -> None:
         """engine_args: the engine's arguments (`loom serve --help`), e.g. max_total_tokens,
-        tp_size, dp_size, grammar_backend. An unknown one raises TypeError naming it."""
+        tp_size, dp_size, grammar_backend. A wrong one raises EngineArgumentError naming it, before
+        any process starts."""
         self.server = ServerProcess(str(model_path), log_level=log_level, timeout_s=timeout_s, **engine_args)
         super().__init__(self.server.address, is_dead=self.server.exit_reason)
         self._closed = False
