@@ -241,6 +241,12 @@ class ProcessEngine(_EngineBase):
             self._tokenizer = load_tokenizer(self.server_args)
         return self._tokenizer
 
+    @property
+    def front_door_address(self) -> str:
+        """The engine's ZeroMQ front door (`ipc://...`), where prompt programs reach the same
+        processes and cache: `loom.ZmqEndpoint(engine.front_door_address)`."""
+        return self._server.address
+
     def _generate(self, request: GenerateRequest, items: list[GenerateItem]) -> dict | list[dict] | Iterator[dict]:
         # Checked here already (items()), so a malformed call fails before any message is sent.
         body = request.to_body()

@@ -61,10 +61,12 @@ def test_demo_runs_and_says_the_weights_are_random(tmp_path):
     env = {**os.environ, "LOOM_CACHE": str(tmp_path)}
     env.pop("LOOM_MODEL", None)
     out = subprocess.run(
-        [sys.executable, "-m", "loom", "demo", "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300
-    )
+        [sys.executable, "-m", "loom", "demo", "--random-weights", "--max-new-tokens", "4"], capture_output=True, text=True,
+        env=env, timeout=300,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "RANDOM WEIGHTS" in out.stdout
+    assert "select" in out.stdout and "fields: {" in out.stdout and "chat (streamed)" in out.stdout
     assert "came from the radix cache" in out.stdout
     # The table's last three columns are prompt, cached and new tokens: every question after the
     # first reuses the cached few-shot prefix.
