@@ -39,6 +39,23 @@ IDLE_POLL_MS = 1000  # also how often an idle scheduler checks that its parent s
 PENDING_POLL_MS = 2  # requests wait but none could run (grammars compiling, memory short)
 
 
+class StartupClock:
+    """Where a process's start-up time went, phase by phase, for its "ready" log line."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in self.laps if seconds >= 0.005)
+        return f"{time.perf_counter() - self.start:.2f}s ({shown})"
+
+
 def run_scheduler_process(
     args_dict: dict[str, Any], paths: IpcPaths | None, parent_pid: int, log_level: str, tp_rank: int = 0
 ) -> None:
@@ -48,12 +65,14 @@ def run_scheduler_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when we stop
     who = "scheduler" if args_dict.get("tp_size", 1) == 1 else f"scheduler rank {tp_rank}"
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s {who}: %(message)s")
+    clock = StartupClock()
     from loom.runtime.model_executor.distributed import TpGroup
     from loom.runtime.model_executor.model_runner import ModelRunner
     from loom.runtime.scheduler.scheduler import Scheduler
     from loom.runtime.scheduler.tp_scheduler import TensorParallelScheduler, TpFollowerIO, TpLeaderIO
     from loom.runtime.tokenizer import load_tokenizer, scheduler_text_hooks
 
+    clock.lap("imports")
     args = ServerArgs(**args_dict)
     tp: TpGroup | None = None
     share = args.tp_per_node * args.dp_size  # processes computing on this node's cores at once
@@ -66,8 +85,11 @@ def run_scheduler_process(
     ctx = zmq.Context()
     zmq_io = ZmqIO(ctx, paths) if tp_rank == 0 else None
     io: Any = zmq_io if tp is None else TpLeaderIO(zmq_io, tp) if tp_rank == 0 else TpFollowerIO(tp)
+    clock.lap("process group")
     tokenizer = load_tokenizer(args)
+    clock.lap("tokenizer")
     runner = ModelRunner(args, tp)
+    clock.lap("model and KV pool")
     extra: dict[str, Any] = {} if tp is None else {"tp": tp}
     scheduler = (Scheduler if tp is None else TensorParallelScheduler)(
         args,
@@ -78,6 +100,7 @@ def run_scheduler_process(
     )
     if tp is not None:
         tp.barrier()  # every rank has its model and KV pool before rank 0 says ready
+    clock.lap("scheduler")
     if zmq_io is not None:
         zmq_io.send(SchedulerReady(runner.context_len, runner.vocab_size, runner.max_total_tokens))
     # What startup built (model, tokenizer, imports: ~10^5 objects) lives as long as the process:
@@ -85,7 +108,7 @@ def run_scheduler_process(
     # measured between two grammar masks before, on the scheduler's thread).
     gc.collect()
     gc.freeze()
-    logger.info("ready (pid %d)", os.getpid())
+    logger.info("ready (pid %d) after %s", os.getpid(), clock)
     try:
         if tp_rank == 0:
             _leader_loop(scheduler, zmq_io, parent_pid, tp)
