@@ -96,7 +96,7 @@ class AsyncEngine(GenerateAPI):
     def __init__(self, server_args: ServerArgs, log_level: str = "warning") -> None:
         self.server_args = server_args
         self.log_level = log_level
-        self.tokenizer = load_tokenizer(server_args)
+        self.tokenizer: Any = None  # loaded in start(), while the children start
         self.tokenizer_manager: TokenizerManager | None = None
         self.ready: SchedulerReady | None = None
         self.dead_reason: str | None = None
@@ -123,6 +123,11 @@ class AsyncEngine(GenerateAPI):
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.connect(paths.to_scheduler)
         self.children.start(self.server_args, paths, self.log_level)
+        try:  # here, not before: the children import and load the model meanwhile
+            self.tokenizer = load_tokenizer(self.server_args)
+        except BaseException:
+            await self.shutdown()
+            raise
         deadline = time.monotonic() + timeout_s
         while self.ready is None:
             self._check_children()

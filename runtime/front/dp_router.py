@@ -171,9 +171,12 @@ class DataParallelEngine(GenerateAPI):
         for r in self.replicas:
             r.metrics = self.metrics  # one set of counters for the whole front
         self.router = CacheAwareRouter(server_args.dp_size, server_args.dp_routing)
-        self.tokenizer = self.replicas[0].tokenizer
         self.dead_reason: str | None = None
         self._on_death: Callable[[str], None] | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.replicas[0].tokenizer
 
     # ------------------------------------------------------------------ life cycle
     async def start(self, timeout_s: float = 600.0) -> None:
