@@ -7,7 +7,6 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig
 
 from loom.kernels.attention import create_attention_backend
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocator
@@ -16,7 +15,7 @@ from loom.runtime.model_executor.cuda_graph_runner import DEFAULT_MAX_BS, CudaGr
 from loom.runtime.model_executor.device import resolve_device, resolve_dtype, to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch
 from loom.runtime.model_executor.sampling import ScratchRows
-from loom.runtime.models.loader import load_model
+from loom.runtime.models.loader import load_config, load_model
 from loom.runtime.server_args import ServerArgs
 
 if TYPE_CHECKING:
@@ -52,7 +51,7 @@ class ModelRunner:
         self.device = tp.device if tp else resolve_device(args.device, args.base_gpu_id)
         if args.random_seed is not None:
             torch.manual_seed(args.random_seed)
-        config = AutoConfig.from_pretrained(args.model_path)
+        config = load_config(args.model_path)
         self.dtype = resolve_dtype(args.dtype, self.device, config)
         self.model, self.hf_config = load_model(
             args.model_path, self.dtype, device=self.device, tp_rank=self.tp_rank, tp_size=self.tp_size

@@ -1,8 +1,9 @@
-"""Build a native model from a Hugging Face folder and stream its safetensors weights into it.
+"""Build a native model from a Hugging Face folder or a GGUF file and stream its weights into it.
 
 The model is built directly on the target device in the target dtype (parameters are
 `torch.empty`, so nothing is initialised twice); each checkpoint tensor is then read once, as a
-lazy safetensors slice that the parameter's `weight_loader` cuts to this rank's shard.
+lazy slice (safetensors', or a `GGUFWeight` that dequantises what it reads) that the parameter's
+`weight_loader` cuts to this rank's shard.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from transformers import AutoConfig
 
 from loom.runtime.layers.linear import LoadedWeight, default_weight_loader
 from loom.runtime.models import get_model_class
+from loom.runtime.models.gguf_file import find_gguf_file, read_gguf
+from loom.runtime.models.gguf_loader import gguf_config, iter_gguf_weights
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +42,13 @@ def checkpoint_dtype(config: Any) -> torch.dtype | None:
 
 
 def resolve_model_dir(model_path: str | os.PathLike) -> pathlib.Path:
-    """A local folder as is; otherwise a hub id already in the local Hugging Face cache (no download)."""
+    """A local folder as is; otherwise a hub id already in the local Hugging Face cache (no download).
+    (A GGUF file, or a folder holding one, is found by `gguf_file.find_gguf_file` first.)"""
     path = pathlib.Path(model_path)
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"model path {str(path)!r} is a file; expected a folder with config.json")
+        raise NotADirectoryError(f"model path {str(path)!r} is a file; expected a folder with config.json or a .gguf file")
     try:
         from huggingface_hub import snapshot_download
 
@@ -131,6 +135,19 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, LoadedWeight]], 
         raise ValueError(f"{source} is missing weights the model needs: {shown}")
 
 
+def load_config(model_path: str | os.PathLike) -> Any:
+    """The model's Transformers config: from config.json, or from a GGUF file's metadata.
+
+    Raises:
+        GGUFError (a ValueError): a GGUF file Loom cannot read.
+        FileNotFoundError / OSError: no such model.
+    """
+    gguf_path = find_gguf_file(model_path)
+    if gguf_path is not None:
+        return gguf_config(read_gguf(gguf_path))
+    return AutoConfig.from_pretrained(resolve_model_dir(model_path))
+
+
 def load_model(
     model_path: str | os.PathLike,
     dtype: torch.dtype,
@@ -142,18 +159,29 @@ def load_model(
 
     `dtype` is explicit: the caller resolves "auto" (see `checkpoint_dtype`).
 
+    `model_path`: a Hugging Face folder (safetensors), a GGUF file, or a folder holding one GGUF file.
+
     Raises:
         FileNotFoundError: no such folder, no safetensors weights, or a shard named by the index is absent.
-        ValueError: an unsupported architecture, or weights missing / shaped unlike the config says.
+        ValueError: an unsupported architecture, or weights missing / shaped unlike the config says;
+            GGUFError (a ValueError) for a GGUF file Loom cannot read.
         NotImplementedError: a feature of the config not supported yet (sliding window, rope type).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype (resolve 'auto' first), got {dtype!r}")
-    model_dir = resolve_model_dir(model_path)
-    config = AutoConfig.from_pretrained(model_dir)
+    gguf_path = find_gguf_file(model_path)
+    gguf_file = read_gguf(gguf_path) if gguf_path is not None else None
+    if gguf_file is not None:
+        config = gguf_config(gguf_file)
+    else:
+        model_dir = resolve_model_dir(model_path)
+        config = AutoConfig.from_pretrained(model_dir)
     model_class = get_model_class(config)
-    files = weight_files(model_dir)
+    if gguf_file is not None:
+        weights, source = iter_gguf_weights(gguf_file), f"GGUF file {gguf_path}"
+    else:
+        weights, source = iter_checkpoint(weight_files(model_dir)), f"checkpoint {model_dir}"
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
-    load_weights(model, iter_checkpoint(files), source=f"checkpoint {model_dir}")
+    load_weights(model, weights, source=source)
     return model.eval(), config
