@@ -100,6 +100,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 def _read_gguf(path: pathlib.Path, size: int, mtime_ns: int) -> GGUFFile:
     with open(path, "rb") as f:
         magic = f.read(4)
+    if len(magic) < len(GGUF_MAGIC) and GGUF_MAGIC.startswith(magic):
+        raise GGUFError(f"{path}: truncated: the file has {size} bytes, not even the GGUF header")
     if magic != GGUF_MAGIC:
         raise GGUFError(
             f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {GGUF_MAGIC!r}); "

@@ -1,0 +1,462 @@
+"""GGUF model files: Loom reads config, tokenizer, chat template and weights from one `.gguf`, and
+gets what Transformers gets from the same file (`from_pretrained(dir, gguf_file=...)`).
+
+The files are written here with the `gguf` package: tiny Llama / Qwen2 / Qwen3 models with random
+weights in every tensor type Loom reads (quantised with `gguf.quants.quantize` where it can; the
+K-quants as random valid blocks), the repo's tiny byte-level BPE tokenizer plus a control and a
+user-defined token, and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from loom.runtime.entrypoints.engine import LocalEngine
+from loom.runtime.models.gguf_file import SUPPORTED_TYPES, GGUFError, find_gguf_file, read_gguf
+from loom.runtime.models.gguf_loader import gguf_config, iter_gguf_weights
+from loom.runtime.models.gguf_tokenizer import gguf_tokenizer
+from loom.runtime.models.loader import load_config, load_model
+from loom.tiny_tokenizer import tiny_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# arch -> hidden, intermediate, heads, kv heads, head dim. Rows of 256 values fit every block size;
+# Qwen3's head_dim is Transformers' default (128): it does not read the file's key_length.
+SHAPES = {"llama": (256, 512, 4, 2, 64), "qwen2": (256, 512, 4, 2, 64), "qwen3": (256, 512, 2, 1, 128)}
+TYPES = [Q[name] for name in SUPPORTED_TYPES]
+EXTRA_TOKENS = [("<|tool|>", 3), ("<think>", 4)]  # a control token and a user-defined one (llama.cpp's token types)
+
+
+# ----------------------------------------------------------------------------- writing GGUF files
+
+
+def _tokenizer_parts() -> tuple[list[str], list[int], list[str]]:
+    model = json.loads(tiny_tokenizer(384).to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    types = [3 if t.startswith("<|") else 1 for t in tokens]
+    tokens += [t for t, _ in EXTRA_TOKENS]
+    types += [k for _, k in EXTRA_TOKENS]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, types, merges
+
+
+def _random_k_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int, std: float) -> np.ndarray:
+    """Random valid K-quant blocks (gguf cannot quantise to these) with values centred near 0, of about `std`."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+
+    def f16(value: float) -> np.ndarray:
+        return np.full((rows, cols // block), value, dtype=np.float16).view(np.uint8).reshape(rows, cols // block, 2)
+
+    if qtype == Q.Q6_K:  # d * int8 scale * (q - 32), q in [0, 64)
+        raw[..., 208:210] = f16(std / 1200)
+        return raw.reshape(rows, -1)
+    # Q4_K / Q5_K: d * scale * q - dmin * min, 6-bit scales and mins packed in bytes 4..15 of a block
+    # (ggml's get_scale_min_k4). Equal scales and mins (bytes 8..11 = 4..7, high nibbles of 12..15 = low
+    # nibbles) and dmin = d * mean(q) centre the values.
+    raw[..., 8:12] = raw[..., 4:8]
+    raw[..., 12:16] = (raw[..., 12:16] & 0x0F) * 0x11
+    levels = 16 if qtype == Q.Q4_K else 32
+    d = std / (37 * levels * 0.29)
+    raw[..., 0:2], raw[..., 2:4] = f16(d), f16(d * (levels - 1) / 2)
+    return raw.reshape(rows, -1)
+
+
+def _encode(rng: np.random.Generator, values: np.ndarray, qtype: Q, std: float) -> tuple[np.ndarray, Q | None]:
+    if qtype == Q.F32:
+        return values.astype(np.float32), None
+    if qtype == Q.F16:
+        return values.astype(np.float16), None
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return _random_k_blocks(rng, qtype, *values.shape, std), qtype
+    return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
+
+
+def write_gguf(path: pathlib.Path, arch: str = "llama", types: list[Q] = TYPES, *, layers: int = 2, seed: int = 0,
+               tie: bool = False, name: str = "tiny", pre: str = "smollm", skip: tuple[str, ...] = (),
+               tensor_type: dict[str, Q] | None = None) -> pathlib.Path:  # fmt: skip
+    """A tiny `arch` model; its matrices take the types of `types` in turn (`tensor_type` pins some).
+    `skip` leaves metadata keys out."""
+    hidden, inter, heads, kv_heads, head_dim = SHAPES.get(arch, SHAPES["llama"])
+    tokens, token_types, merges = _tokenizer_parts()
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    keys = {
+        "general.name": name, f"{arch}.block_count": layers, f"{arch}.context_length": 512,
+        f"{arch}.embedding_length": hidden, f"{arch}.feed_forward_length": inter, f"{arch}.attention.head_count": heads,
+        f"{arch}.attention.head_count_kv": kv_heads, f"{arch}.rope.freq_base": 10000.0,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-6, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHAT_TEMPLATE,
+    }  # fmt: skip
+    if arch == "llama":
+        keys |= {"llama.rope.dimension_count": head_dim, "llama.vocab_size": len(tokens)}
+    else:
+        keys |= {f"{arch}.attention.key_length": head_dim, f"{arch}.attention.value_length": head_dim}
+    for key, value in keys.items():
+        if key in skip:
+            continue
+        kind = {str: gguf.GGUFValueType.STRING, bool: gguf.GGUFValueType.BOOL, float: gguf.GGUFValueType.FLOAT32}
+        w.add_key_value(key, value, kind.get(type(value), gguf.GGUFValueType.UINT32))
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_merges(merges)
+    std = 3.0 / np.sqrt(hidden)  # peaky logits: greedy tokens do not hinge on float noise
+    turn = iter(range(1 << 30))
+
+    def matrix(tensor: str, rows: int, cols: int) -> None:
+        qtype = (tensor_type or {}).get(tensor, types[next(turn) % len(types)])
+        data, raw = _encode(rng, rng.normal(0, std, size=(rows, cols)), qtype, std)
+        w.add_tensor(tensor, data, raw_dtype=raw)
+
+    def vector(tensor: str, n: int, centre: float = 1.0, scale: float = 0.1) -> None:
+        w.add_tensor(tensor, (centre + scale * rng.normal(size=n)).astype(np.float32))
+
+    matrix("token_embd.weight", len(tokens), hidden)
+    for i in range(layers):
+        vector(f"blk.{i}.attn_norm.weight", hidden)
+        matrix(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        if arch == "qwen2":
+            for proj, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+                vector(f"blk.{i}.attn_{proj}.bias", n * head_dim, 0.0, 0.5)
+        if arch == "qwen3":
+            vector(f"blk.{i}.attn_q_norm.weight", head_dim)
+            vector(f"blk.{i}.attn_k_norm.weight", head_dim)
+        vector(f"blk.{i}.ffn_norm.weight", hidden)
+        matrix(f"blk.{i}.ffn_gate.weight", inter, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", inter, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, inter)
+    vector("output_norm.weight", hidden)
+    if not tie:
+        matrix("output.weight", len(tokens), hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ----------------------------------------------------------------------------- Transformers' side
+
+_HF: dict[pathlib.Path, torch.nn.Module] = {}
+
+
+def hf_model(path: pathlib.Path) -> torch.nn.Module:
+    if path not in _HF:
+        _HF[path] = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return _HF[path]
+
+
+@torch.inference_mode()
+def hf_greedy(path: pathlib.Path, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(hf_model(path)(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def hf_param(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Transformers' tensor for Loom's parameter `name` (q/k/v and gate/up are packed in Loom)."""
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for fused, parts in packed.items():
+        if f".{fused}." in name:
+            return torch.cat([state[name.replace(fused, part)] for part in parts])
+    return state[name]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    """One file per architecture, its matrices in all the types in turn. Qwen's split text with the
+    qwen2 pre-tokenizer; Qwen3's embedding is tied to its LM head (no output.weight), as SmolLM2's is."""
+    root = tmp_path_factory.mktemp("gguf")
+    return {arch: write_gguf(root / arch / "model.gguf", arch, seed=i, tie=arch == "qwen3", pre="smollm" if arch == "llama" else "qwen2")
+            for i, arch in enumerate(SHAPES)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- config, tokenizer
+
+
+@pytest.mark.parametrize("arch", list(SHAPES))
+def test_config_is_transformers_config(files, arch):
+    path = files[arch]
+    ours, theirs = load_config(path), AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(ours) is type(theirs)
+    differ = {k for k in ours.to_dict().keys() | theirs.to_dict().keys() if ours.to_dict().get(k) != theirs.to_dict().get(k)}
+    assert differ == {"architectures", "_name_or_path"}
+    assert ours.architectures == [type(ours).__name__.replace("Config", "ForCausalLM")]
+    assert ours.tie_word_embeddings is (arch == "qwen3") and ours.vocab_size == len(_tokenizer_parts()[0])
+
+
+TEXTS = ["Hello there! How are you today?", "  two spaces\n\nand\ttabs", "<|im_start|>user\nhi<|im_end|>\n",
+         "naïve café 日本語 🙂", "<think>step</think> <|tool|>call", "def f(a, b):\n    return a + b  # 12345"]  # fmt: skip
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And <think> 3+3?"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(SHAPES))
+def test_tokenizer_is_transformers_tokenizer(files, arch):
+    path = files[arch]
+    file = read_gguf(path)
+    ours = gguf_tokenizer(file, gguf_config(file))
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(ours) is type(theirs)
+    for text in TEXTS:
+        assert ours.encode(text) == theirs.encode(text), text
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == theirs.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == theirs.decode(ids) == text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    rendered = ours.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert rendered == theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_end|>\n<|im_start|>assistant\n") and ours.chat_template == CHAT_TEMPLATE
+    assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True) == theirs.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
+    assert (ours.bos_token, ours.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    assert ours.all_special_ids == theirs.all_special_ids and ours.get_vocab() == theirs.get_vocab()
+    # The control and the user-defined token stay whole, as in llama.cpp.
+    tool, think = (ours.convert_tokens_to_ids(t) for t, _ in EXTRA_TOKENS)
+    assert tool in ours.encode("a<|tool|>b") and think in ours.encode("a<think>b")
+    assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+
+
+def test_sentencepiece_tokenizer_is_transformers_tokenizer(tmp_path):
+    """A sentencepiece vocabulary (tokenizer.ggml.model "llama": scores and byte tokens, no merges), as
+    Llama 2 and Mistral files have: Transformers rebuilds the merges from the scores and adds BOS."""
+    pieces = ["▁", "e", "t", "h", "l", "o", "▁t", "he", "▁the", "ll", "llo", "▁he", "▁hello", "w", "r", "d", "▁w",
+              "or", "▁wor", "ld", "▁world"]  # fmt: skip
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    path = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": 1, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 2}.items():
+        w.add_key_value(f"llama.{key}", value, gguf.GGUFValueType.UINT32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    file = read_gguf(path)
+    ours, theirs = gguf_tokenizer(file, gguf_config(file)), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["hello world", " the world", "hello\nworld é", "</s>the"]:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
+    assert ours.encode("hello world") == [1, tokens.index("▁hello"), tokens.index("▁world")]
+    assert ours.apply_chat_template(MESSAGES, tokenize=False) == theirs.apply_chat_template(MESSAGES, tokenize=False)
+    assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_weights_equal_transformers(tmp_path, qtype):
+    """Every parameter, dequantised (and Llama's q/k rows unpermuted), equals Transformers' from the same file."""
+    path = write_gguf(tmp_path / "model.gguf", "llama", [qtype], layers=1, seed=3)
+    model, _ = load_model(path, torch.float32)
+    state = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, hf_param(state, name)), name
+    assert read_gguf(path).tensors["blk.0.attn_q.weight"].type_name == qtype.name
+
+
+def test_weights_in_bfloat16_equal_transformers(tmp_path):
+    path = write_gguf(tmp_path / "model.gguf", "qwen3", [Q.Q4_K, Q.F16, Q.Q8_0], layers=1, seed=4)
+    model, _ = load_model(path, torch.bfloat16)
+    state = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.bfloat16).state_dict()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, hf_param(state, name)), name
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_shard_reads_equal_slices_of_the_full_tensor(tmp_path, qtype):
+    """A tensor-parallel rank's rows (and the row-parallel columns) equal that slice of the whole tensor."""
+    path = write_gguf(tmp_path / "model.gguf", "llama", [qtype], layers=1, seed=5)
+    weights = dict(iter_gguf_weights(read_gguf(path)))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):  # fmt: skip
+        w = weights[name]
+        full = w.full()
+        rows, cols = w.get_shape()
+        assert tuple(full.shape) == (rows, cols)
+        for start, size in ((0, rows // 2), (rows // 2, rows // 2), (rows // 4, rows // 4), (3, 5)):
+            assert torch.equal(w[start : start + size, :], full[start : start + size]), (name, start)
+        for start, size in ((0, cols // 2), (cols // 2, cols // 2), (7, 40)):
+            assert torch.equal(w[:, start : start + size], full[:, start : start + size]), (name, start)
+
+
+def test_a_rank_dequantises_only_its_rows(tmp_path, monkeypatch):
+    """With tp_size=2 each rank's parameters are its slices of the whole model's, and it dequantises
+    about half the file: every sharded tensor but o_proj, whose 128-column halves cut its 256-value blocks."""
+    path = write_gguf(tmp_path / "model.gguf", "llama", [Q.Q4_K], layers=1, seed=6)
+    whole = dict(load_model(path, torch.float32)[0].named_parameters())
+    quantised = sum(info.nbytes for info in read_gguf(path).tensors.values() if info.type_name == "Q4_K")
+    seen: list[int] = []
+    dequantize = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, qtype: seen.append(data.size) or dequantize(data, qtype))
+    for rank in range(2):
+        seen.clear()
+        shard = dict(load_model(path, torch.float32, tp_rank=rank, tp_size=2)[0].named_parameters())
+        assert 0.45 < sum(seen) / quantised < 0.6
+        qkv, full_qkv = shard["model.layers.0.self_attn.qkv_proj.weight"], whole["model.layers.0.self_attn.qkv_proj.weight"]
+        q, k = slice(rank * 128, (rank + 1) * 128), slice(256 + rank * 64, 256 + (rank + 1) * 64)
+        assert torch.equal(qkv[:128], full_qkv[q]) and torch.equal(qkv[128:192], full_qkv[k])
+        down = whole["model.layers.0.mlp.down_proj.weight"][:, rank * 256 : (rank + 1) * 256]
+        assert torch.equal(shard["model.layers.0.mlp.down_proj.weight"], down)
+        o_proj = whole["model.layers.0.self_attn.o_proj.weight"][:, rank * 128 : (rank + 1) * 128]
+        assert torch.equal(shard["model.layers.0.self_attn.o_proj.weight"], o_proj)
+        emb = shard["model.embed_tokens.weight"]
+        start, real = rank * emb.shape[0], min(emb.shape[0], whole["model.embed_tokens.weight"].shape[0] - rank * emb.shape[0])
+        assert torch.equal(emb[:real], whole["model.embed_tokens.weight"][start : start + real])
+
+
+def test_mistral_file(tmp_path):
+    """llama.cpp writes Mistral as "llama"; Transformers' config calls a file Mistral when general.name is
+    "mistral", and so does Loom's. (Transformers then cannot load its weights: gguf-py has no "mistral"
+    tensor map. The same bytes under another name load as Llama, and Loom's Mistral holds those weights.)"""
+    path = write_gguf(tmp_path / "mistral" / "model.gguf", "llama", [Q.Q8_0, Q.Q5_K], layers=1, seed=7, name="mistral")
+    config = load_config(path)
+    assert type(config).__name__ == "MistralConfig" and config.architectures == ["MistralForCausalLM"]
+    blank = {"architectures": None, "_name_or_path": ""}
+    assert config.to_dict() | blank == AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict() | blank
+    model, _ = load_model(path, torch.float32)
+    assert type(model).__name__ == "MistralForCausalLM"
+    llama = write_gguf(tmp_path / "llama" / "model.gguf", "llama", [Q.Q8_0, Q.Q5_K], layers=1, seed=7, name="tiny")
+    state = AutoModelForCausalLM.from_pretrained(llama.parent, gguf_file=llama.name, dtype=torch.float32).state_dict()
+    assert all(torch.equal(param, hf_param(state, name)) for name, param in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 380) for _ in range(rng.randint(3, 40))] for _ in range(4)]
+
+
+@pytest.mark.parametrize("arch", list(SHAPES))
+def test_greedy_tokens_equal_transformers(files, arch):
+    path = files[arch]
+    model_path = path.parent if arch == "qwen2" else path  # a folder holding one .gguf works as well
+    prompts = _prompts(len(arch))
+    greedy = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+    with LocalEngine(model_path=str(model_path), max_total_tokens=2048, debug_check_memory=True) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=greedy)
+        text = engine.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+        chat = engine.generate(prompt=text, sampling_params=greedy)
+    for prompt, out in zip(prompts, outs):
+        assert out["output_ids"] == hf_greedy(path, prompt, 10)
+    assert len({t for out in outs for t in out["output_ids"]}) > 6  # not one token over and over
+    reference = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert chat["output_ids"] == hf_greedy(path, reference.encode(text, add_special_tokens=False), 10)
+
+
+def test_eos_from_the_file_stops_generation(files):
+    path = files["llama"]
+    with LocalEngine(model_path=str(path), max_total_tokens=1024) as engine:
+        assert 2 in engine.scheduler.eos_token_ids
+        out = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 4})
+    assert out["output_ids"] == hf_greedy(path, [5, 6, 7], 4)[: len(out["output_ids"])]
+
+
+# ----------------------------------------------------------------------------- files Loom cannot read
+
+
+def test_model_path_forms(tmp_path, files):
+    assert find_gguf_file(files["llama"]) == files["llama"]
+    assert find_gguf_file(files["llama"].parent) == files["llama"]
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert find_gguf_file(tmp_path) is None  # a Hugging Face folder keeps its path
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(GGUFError, match=r"holds 2 \.gguf files \(a\.gguf, b\.gguf\)"):
+        load_config(tmp_path)
+
+
+def _error(path: pathlib.Path) -> str:
+    with pytest.raises(ValueError) as info:
+        load_model(path, torch.float32)
+    assert isinstance(info.value, GGUFError) and str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_wrong_magic(tmp_path, files):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04" + files["llama"].read_bytes()[4:])
+    assert "not a GGUF file (it starts with b'PK\\x03\\x04'" in _error(bad)
+
+
+@pytest.mark.parametrize("keep", [3, 100_000, -4096])
+def test_truncated_file(tmp_path, files, keep):
+    data = files["llama"].read_bytes()
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(data[:keep])
+    message = _error(bad)
+    assert ": truncated: " in message
+    if keep < 0:
+        assert "tensor 'output.weight' needs bytes up to" in message
+
+
+def test_unknown_architecture(tmp_path):
+    bad = write_gguf(tmp_path / "model.gguf", "gpt2", [Q.F16], layers=1)
+    assert "architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3" in _error(bad)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    bad = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 66), dtype=np.uint8), raw_dtype=Q.IQ2_XXS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    message = _error(bad)
+    assert f"tensor 'blk.0.attn_q.weight' has type IQ2_XXS; supported: {', '.join(SUPPORTED_TYPES)}" in message
+
+
+def test_missing_key(tmp_path):
+    bad = write_gguf(tmp_path / "model.gguf", "llama", [Q.F16], layers=1, skip=("llama.block_count",))
+    assert "the metadata has no 'llama.block_count'" in _error(bad)
+
+
+def test_engine_reports_a_bad_file_without_hanging(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00")
+    with pytest.raises(GGUFError, match="truncated"):
+        LocalEngine(model_path=str(bad))
+
+
+def test_unknown_tensor_type_id(tmp_path, files):
+    """A type id gguf does not know (a newer llama.cpp's) is named with its tensor."""
+    data = bytearray(files["llama"].read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[at : at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    data[type_at : type_at + 4] = (99).to_bytes(4, "little")
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(bytes(data))
+    assert "tensor 'blk.0.attn_q.weight' has type id 99, which gguf does not know; supported: F32" in _error(bad)
