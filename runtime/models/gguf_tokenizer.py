@@ -85,11 +85,29 @@ def gguf_tokenizer(file: GGUFFile, config: Any) -> Any:
         GGUFError: no vocabulary, a special token id outside it, or a tokenizer kind Transformers
             cannot build (it names the kinds it can).
     """
+    return tokenizer_from_recipe(tokenizer_recipe(file, config))
+
+
+def tokenizer_recipe(file: GGUFFile, config: Any) -> dict[str, Any]:
+    """What `gguf_tokenizer` builds, as JSON-ready data: the `tokenizers` backend (its JSON), the
+    class `AutoTokenizer` picks and the keyword arguments it is made with. Saved, it rebuilds the
+    same tokenizer without the file (`tokenizer_from_recipe`); Transformers' own save_pretrained
+    does not: reloading a Qwen2 tokenizer adds an NFC normaliser the GGUF one lacks."""
     tokenizer_dict, kwargs = tokenizer_fields(file)
     try:
         backend, extra = _converter()(file.architecture, tokenizer_dict)
     except (ValueError, KeyError) as exc:
         raise GGUFError(f"{file.path}: cannot build its tokenizer: {exc}") from exc
     cls = _tokenizer_class(config)
-    tokenizer = cls(tokenizer_object=backend, name_or_path=str(file.path), **kwargs, **extra)
-    return tokenizer
+    return {"backend": backend.to_str(), "class": [cls.__module__, cls.__qualname__],
+            "kwargs": {"name_or_path": str(file.path), **kwargs, **extra}}  # fmt: skip
+
+
+def tokenizer_from_recipe(recipe: dict[str, Any]) -> Any:
+    import importlib
+
+    from tokenizers import Tokenizer
+
+    module, name = recipe["class"]
+    cls = getattr(importlib.import_module(module), name)
+    return cls(tokenizer_object=Tokenizer.from_str(recipe["backend"]), **recipe["kwargs"])

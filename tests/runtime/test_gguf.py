@@ -25,6 +25,8 @@ from loom.runtime.models.gguf_file import SUPPORTED_TYPES, GGUFError, find_gguf_
 from loom.runtime.models.gguf_loader import gguf_config, iter_gguf_weights
 from loom.runtime.models.gguf_tokenizer import gguf_tokenizer
 from loom.runtime.models.loader import load_config, load_model
+from loom.runtime.server_args import ServerArgs
+from loom.runtime.tokenizer import load_tokenizer
 from loom.tiny_tokenizer import tiny_tokenizer
 
 CHAT_TEMPLATE = (
@@ -210,11 +212,20 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And <think> 3+3?"}]  # fmt: skip
 
 
+@pytest.mark.parametrize("how", ["built", "cached"])
 @pytest.mark.parametrize("arch", list(SHAPES))
-def test_tokenizer_is_transformers_tokenizer(files, arch):
+def test_tokenizer_is_transformers_tokenizer(files, arch, how, tmp_path, monkeypatch):
+    """Built from the file, and as every engine process loads it after the first: read back from
+    the Loom cache folder, where the first load saved it."""
     path = files[arch]
-    file = read_gguf(path)
-    ours = gguf_tokenizer(file, gguf_config(file))
+    if how == "built":
+        file = read_gguf(path)
+        ours = gguf_tokenizer(file, gguf_config(file))
+    else:
+        monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+        load_tokenizer(ServerArgs(model_path=str(path)))
+        assert len(list((tmp_path / "gguf-tokenizers").glob("*.json"))) == 1
+        ours = load_tokenizer(ServerArgs(model_path=str(path)))
     theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     assert type(ours) is type(theirs)
     for text in TEXTS:
@@ -407,6 +418,26 @@ def test_wrong_magic(tmp_path, files):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"PK\x03\x04" + files["llama"].read_bytes()[4:])
     assert "not a GGUF file (it starts with b'PK\\x03\\x04'" in _error(bad)
+
+
+@pytest.mark.parametrize("version", [1, 4, 0x03000000])
+def test_unreadable_version(tmp_path, files, version):
+    bad = tmp_path / "model.gguf"
+    data = files["llama"].read_bytes()
+    bad.write_bytes(data[:4] + version.to_bytes(4, "little") + data[8:])
+    assert ("a big-endian file" if version == 0x03000000 else f"version {version}") in _error(bad)
+
+
+@pytest.mark.parametrize("arch", list(SHAPES))
+def test_header_equals_the_gguf_packages_reading(files, arch):
+    """Loom reads the header itself (gguf's reader took seconds on a real vocabulary): the same
+    metadata and tensor table as gguf.GGUFReader."""
+    path = files[arch]
+    ours = read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    assert ours.metadata == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert {(t.name, t.tensor_type.name, tuple(reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
+            for t in reader.tensors} == {(i.name, i.type_name, i.shape, i.offset, i.nbytes) for i in ours.tensors.values()}  # fmt: skip
 
 
 @pytest.mark.parametrize("keep", [3, 100_000, -4096])
