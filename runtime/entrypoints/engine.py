@@ -18,10 +18,8 @@ from typing import Any, TypeVar
 from loom.runtime.detokenizer.detokenizer import Detokenizer
 from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.messages import AbortReq, BatchStrOut, FlushCacheOut, FlushCacheReq
-from loom.runtime.model_executor.model_runner import ModelRunner
 from loom.runtime.protocol import GenerateItem, GenerateRequest, RequestError
 from loom.runtime.scheduler.io import LocalIO
-from loom.runtime.scheduler.scheduler import Scheduler
 from loom.runtime.server_args import ServerArgs
 from loom.runtime.tokenizer import load_tokenizer, scheduler_text_hooks
 
@@ -100,6 +98,11 @@ class LocalEngine(_EngineBase):
         if args.dp_size > 1:
             raise ValueError("dp_size > 1 runs replicas in their own processes: use loom.Engine or loom serve, not LocalEngine")
         self.tokenizer = load_tokenizer(args)
+        # Here, not at the top: `loom.Engine` (the serving processes) imports this module too, and its
+        # process needs neither torch nor the model code.
+        from loom.runtime.model_executor.model_runner import ModelRunner
+        from loom.runtime.scheduler.scheduler import Scheduler
+
         self.model_runner = ModelRunner(args)
         self.io = LocalIO()
         self.scheduler = Scheduler(
