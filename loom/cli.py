@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over HTTP: SGLang's native API (/generate) and the OpenAI API (/v1/...)",
         description="Start the engine processes (scheduler, detokenizer) and an HTTP server in front of them.",
     )
-    serve.add_argument("--model", "--model-path", dest="model", required=True, help="a Hugging Face model folder")
+    serve.add_argument("--model", "--model-path", dest="model", required=True,
+                       help="the model: a .gguf file, or a folder (Hugging Face layout, or holding one .gguf)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=30000, help="port to listen on (default: 30000)")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")

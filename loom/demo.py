@@ -93,8 +93,9 @@ def select_program(engine: Any) -> None:
 
     @sgl.function
     def sentiment(s, review: str):
-        s += sgl.user(f"Is this review positive or negative?\n\n{review}")
-        s += sgl.assistant("The review is " + sgl.select("label", choices=["positive", "negative"]))
+        s += sgl.system("You classify the sentiment of customer reviews.")
+        s += sgl.user(f"Review: {review}\nIs the sentiment positive or negative? Answer with one word.")
+        s += sgl.assistant(sgl.select("label", choices=["positive", "negative"]))
 
     backend = sgl.ZmqEndpoint(engine.front_door_address)
     try:

@@ -141,7 +141,7 @@ class ServerArgs:
     def from_kwargs(cls, model_path: str | os.PathLike | None, **kwargs) -> ServerArgs:
         """The engine's arguments from keywords, every name and value checked (EngineArgumentError)."""
         if model_path is None:
-            raise EngineArgumentError("the engine needs model_path: a folder in the Hugging Face layout")
+            raise EngineArgumentError("the engine needs model_path: a .gguf file, or a folder (Hugging Face layout, or holding one .gguf)")
         cls.check_names(kwargs)
         return cls(model_path=str(model_path), **kwargs)
 
