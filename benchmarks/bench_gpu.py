@@ -47,7 +47,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", choices=[*SHAPES, "smollm2"], default="1b", help="model shape (random weights, built once)")
-    p.add_argument("--model", default=None, help="a Hugging Face model folder instead of a random one")
+    p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder instead of a random model")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128], help="decode batch sizes")
@@ -161,14 +161,15 @@ def hf_rates(model: Any, args: argparse.Namespace, vocab: int, device: torch.dev
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from loom.runtime.entrypoints.engine import LocalEngine
     from loom.runtime.model_executor.device import resolve_device, resolve_dtype
+    from loom.runtime.models.loader import load_config
+
+    from hf_reference import hf_model
 
     path = model_path(args)
     device = resolve_device(args.device)
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     dtype = resolve_dtype(args.dtype, device, config)
     dtype_name = str(dtype).removeprefix("torch.")
     bandwidth = copy_bandwidth(device)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_decode: dict[int, float] = {}
     hf_prefill = float("nan")
     if not args.skip_hf:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = hf_model(path, dtype).to(device)
         hf_decode, hf_prefill = hf_rates(model, args, vocab, device)
         del model
 

@@ -110,11 +110,13 @@ class OutlinesSystem:
     def __init__(self, path: Path, batch: int, max_new: int) -> None:
         import outlines
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hf_reference import hf_model as load_hf_model
+        from hf_reference import hf_tokenizer
 
         self.outlines, self.torch, self.batch, self.max_new = outlines, torch, batch, max_new
-        hf_tok = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        hf_tok = hf_tokenizer(path)
+        hf_model = load_hf_model(path, torch.float32)
         self.model = outlines.from_transformers(hf_model, hf_tok)
         eos = hf_model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemas", type=int, default=len(SCHEMAS), help="how many of the three schemas (one batch each)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the schemas (each round interleaves the systems)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--model", type=Path, default=None, help="default: loom.demo_model.bench_model_path()")
+    parser.add_argument("--model", type=Path, default=None, help="a .gguf file or Hugging Face folder (default: loom.demo_model.bench_model_path())")
     args = parser.parse_args(argv)
     path = args.model or bench_model_path()
     schemas = SCHEMAS[: args.schemas]

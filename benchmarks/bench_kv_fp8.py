@@ -31,7 +31,7 @@ TOPICS = ["the weather", "a long journey", "the history of bread", "how engines 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="a Hugging Face model folder (default: a SmolLM2-135M-shaped random model)")
+    p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: a SmolLM2-135M-shaped random model)")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt")
     p.add_argument("--max-total-tokens", type=int, default=8192, help="KV cache slots for each engine")

@@ -1,4 +1,5 @@
-"""Offline engine benchmarks, side by side in one run, on a SmolLM2-135M-shaped random model.
+"""Offline engine benchmarks, side by side in one run, on a SmolLM2-135M-shaped random model
+(or on `--model`, a .gguf file or Hugging Face folder: Transformers then loads the same file).
 
 1. few-shot: 64 programs share a 1,000-token prefix, each adds a 24-token question and
    generates 8 tokens. Loom (radix cache on) vs Loom (radix cache off) vs Transformers
@@ -7,6 +8,7 @@
 
     python benchmarks/bench_offline.py                 # everything (~10 min on 2 CPU cores)
     python benchmarks/bench_offline.py --only decode   # one part
+    python benchmarks/bench_offline.py --model SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
-from loom.demo_model import bench_model_path as model_dir
+from loom.demo_model import bench_model_path
 from loom.runtime.entrypoints.engine import LocalEngine
+
+from hf_reference import hf_model  # benchmarks/hf_reference.py
 
 
 def fewshot_workload(programs: int, prefix_len: int, question_len: int, vocab: int, seed: int = 0):
@@ -132,11 +135,12 @@ def main() -> None:
     parser.add_argument("--kv-tokens", type=int, default=80000)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--model", help="a .gguf file or Hugging Face folder (default: the SmolLM2-135M-shaped random model)")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
-    path = model_dir()
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    path = Path(args.model) if args.model else bench_model_path()
+    hf = hf_model(path)
     print(f"torch threads: {torch.get_num_threads()}, model: {path}", file=sys.stderr)
     if args.only in (None, "fewshot"):
         bench_fewshot(args, path, hf)

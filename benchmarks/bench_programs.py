@@ -226,10 +226,10 @@ class HFRunner:
     """The same programs, written the way a Transformers user writes them."""
 
     def __init__(self, model_path: str, z: Sizes) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from hf_reference import hf_model, hf_tokenizer  # benchmarks/hf_reference.py
 
-        self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+        self.tok = hf_tokenizer(model_path)
+        self.model = hf_model(model_path, torch.float32)
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.z = z
 
@@ -399,7 +399,7 @@ WORKLOADS = ("mmlu", "hellaswag", "tot", "json", "chat", "react")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the SmolLM2-135M-shaped random model)")
+    p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: the SmolLM2-135M-shaped random model)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--programs", type=int, default=24, help="programs per workload for Loom (both radix settings)")
     p.add_argument("--hf-programs", type=int, default=4,

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=None,
-                   help="Hugging Face model folder to serve (default: the built-in random-weight demo model, "
+                   help="a .gguf file or Hugging Face folder to serve (default: the built-in random-weight demo model, "
                         "built on first use by loom.demo_model.demo_model_path())")
     p.add_argument("--num-requests", type=int, default=256, help="requests sent to each server")
     p.add_argument("--request-rate", type=float, default=16.0,

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from loom.runtime.model_executor.forward_batch import ForwardBatch
 from loom.runtime.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -29,6 +28,7 @@ from loom.runtime.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
+from loom.runtime.model_executor.forward_batch import ForwardBatch
 
 
 def head_dim_of(config: Any) -> int:
