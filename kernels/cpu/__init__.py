@@ -1,0 +1,93 @@
+"""CPU kernels built from C++ on first use: weight-only quantized linear layers (`qlinear`).
+
+The extension is compiled with the machine's own instruction set (`-march=native`: AVX-512 where
+the CPU has it, else AVX2, else plain C++) by `torch.utils.cpp_extension` the first time a process
+asks for it, and cached under torch's extensions folder by a name that carries the CPU's flags
+and the versions, so a home folder shared by different machines never loads a wrong build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import pathlib
+import platform
+import time
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HERE = pathlib.Path(__file__).resolve().parent
+# GGUF's type ids of the block formats the kernel reads.
+QTYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}
+BLOCK = 32
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def extension() -> Any | None:
+    """The compiled extension, or None where it cannot be built (no x86-64, no compiler)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    from torch.utils.cpp_extension import load
+
+    source = HERE / "qlinear.cpp"
+    key = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{source.read_bytes().hex()}".encode()).hexdigest()[:12]
+    t0 = time.perf_counter()
+    try:
+        module = load(name=f"loom_qlinear_{key}", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
+        logger.warning("the quantized CPU kernels could not be built (%s); dequantising per call instead", exc)
+        return None
+    logger.info("quantized CPU kernels ready (%s) in %.1fs", module.isa(), time.perf_counter() - t0)
+    return module
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    """[N, cols / 32 * block bytes] uint8 -> [N, cols] float32: the reference the kernel must equal."""
+    b = blocks.reshape(blocks.shape[0], cols // BLOCK, BLOCK_BYTES[qtype])
+    d = b[..., 0:2].contiguous().view(torch.float16).float()
+    if qtype == "Q8_0":
+        return (d * b[..., 2:].contiguous().view(torch.int8).float()).reshape(-1, cols)
+    qs = b[..., 4:] if qtype == "Q4_1" else b[..., 2:]
+    nibbles = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+    if qtype == "Q4_0":
+        return (d * (nibbles - 8)).reshape(-1, cols)
+    m = b[..., 2:4].contiguous().view(torch.float16).float()
+    return (d * nibbles + m).reshape(-1, cols)
+
+
+def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x [..., K] float32 @ dequant(blocks)^T -> [..., N]; blocks [N, K / 32 * block bytes] uint8."""
+    ext = extension()
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    if ext is None:
+        y = x2 @ dequantize(blocks, qtype, shape[-1]).T
+    else:
+        y = ext.qlinear(x2, blocks, QTYPES[qtype], torch.get_num_threads())
+    return y.reshape(*shape[:-1], blocks.shape[0])
+
+
+def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """float [N, K] -> GGUF blocks [N, K / 32 * block bytes] uint8 (Q8_0 or Q4_0, as llama.cpp rounds)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    data = gguf_quantize(weight.detach().float().cpu().numpy().astype(np.float32), GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(data))
