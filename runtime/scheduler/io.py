@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from loom.runtime.ipc import IpcPaths, decode, encode
+from loom.runtime.ipc import IpcPaths, decode, encode, engine_socket, send_while_parent_lives
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,15 @@ class LocalIO:
 
 
 class ZmqIO:
-    """The scheduler's I/O in its own process: PULL from the front, PUSH to the detokenizer."""
+    """The scheduler's I/O in its own process: PULL from the front, PUSH to the detokenizer.
 
-    def __init__(self, ctx: zmq.Context, paths: IpcPaths) -> None:
-        self.pull = ctx.socket(zmq.PULL)
+    `send` raises ParentGone when it cannot deliver and the front (`parent_pid`) has exited."""
+
+    def __init__(self, ctx: zmq.Context, paths: IpcPaths, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        self.pull = engine_socket(ctx, zmq.PULL)
         self.pull.bind(paths.to_scheduler)
-        self.push = ctx.socket(zmq.PUSH)
+        self.push = engine_socket(ctx, zmq.PUSH)
         self.push.connect(paths.to_detokenizer)
 
     def recv(self) -> list[Any]:
@@ -61,7 +64,7 @@ class ZmqIO:
             msgs.append(msg)
 
     def send(self, msg: Any) -> None:
-        self.push.send(encode(msg))
+        send_while_parent_lives(self.push, encode(msg), self.parent_pid)
 
     def wait(self, timeout_ms: int) -> None:
         self.pull.poll(timeout_ms)

@@ -2,7 +2,9 @@
 
 PULL from the front (requests, aborts, flushes) and PUSH to the detokenizer (token ids, replies).
 The loop steps the scheduler while it has work and otherwise blocks on a poll of its socket, so
-an idle server burns no CPU.
+an idle server burns no CPU. Between any two steps, busy or idle, it checks that the front that
+started it still lives; once it is gone the scheduler removes the socket folder and exits at once
+(`leave_orphaned`), and a send the detokenizer no longer reads stops blocking (`ParentGone`).
 
 With tp_size > 1 there is one such process per rank; only rank 0 talks ZeroMQ and the others
 follow it (`runtime/scheduler/tp_scheduler.py`). An idle rank 0 still steps once a second, which keeps the
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from loom.runtime.ipc import IpcPaths, parent_gone
+from loom.runtime.ipc import IpcPaths, ParentGone, leave_orphaned, parent_gone
 from loom.runtime.messages import SchedulerReady
 from loom.runtime.scheduler.io import ZmqIO
 from loom.runtime.server_args import ServerArgs
@@ -35,7 +37,7 @@ if TYPE_CHECKING:  # imported in the scheduler process only: the front stays fre
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_MS = 1000  # also how often an idle scheduler checks that its parent still lives
+IDLE_POLL_MS = 1000  # an idle rank 0 steps this often (tensor parallelism: see above)
 PENDING_POLL_MS = 2  # requests wait but none could run (grammars compiling, memory short)
 
 
@@ -83,7 +85,7 @@ def run_scheduler_process(
     if args.tp_size > 1:
         tp = TpGroup.init(args, tp_rank)
     ctx = zmq.Context()
-    zmq_io = ZmqIO(ctx, paths) if tp_rank == 0 else None
+    zmq_io = ZmqIO(ctx, paths, parent_pid) if tp_rank == 0 else None
     io: Any = zmq_io if tp is None else TpLeaderIO(zmq_io, tp) if tp_rank == 0 else TpFollowerIO(tp)
     clock.lap("process group")
     tokenizer = load_tokenizer(args)
@@ -114,6 +116,10 @@ def run_scheduler_process(
             _leader_loop(scheduler, zmq_io, parent_pid, tp)
         else:
             _follower_loop(scheduler, parent_pid)
+    except ParentGone:
+        if tp is not None and tp_rank == 0:
+            tp.stop_others()
+        leave_orphaned(paths)
     except RuntimeError as exc:  # a collective failed: a peer died or hung past the timeout
         if tp is None:
             raise
@@ -143,15 +149,14 @@ def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup |
             if terminated:
                 tp.stop_others()
                 sys.exit(0)
+            # Every iteration, busy or not (a getppid() call): a scheduler whose front died must
+            # not decode on for the requests of nobody.
+            if parent_gone(parent_pid):
+                raise ParentGone()
             if scheduler.step():
                 continue
             # Nothing ran: block on the socket; briefly while requests wait (e.g. grammars compiling).
             io.wait(PENDING_POLL_MS if scheduler.has_work() else IDLE_POLL_MS)
-            if parent_gone(parent_pid):
-                logger.warning("the front process is gone; exiting")
-                if tp is not None:
-                    tp.stop_others()
-                sys.exit(0)
     except RuntimeError:
         if terminated:  # the front stops all ranks at once: a peer that went first is no failure
             os._exit(0)
