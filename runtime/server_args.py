@@ -54,6 +54,9 @@ class ServerArgs:
     disable_overlap_schedule: bool | None = None
     grammar_backend: str = "loom"  # loom (alias: outlines) | xgrammar | llguidance (the last two: pip install loom[grammar])
     kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8_e4m3 (half the KV memory of bf16, per-layer scales)
+    # Weight-only quantized linear layers on the CPU (runtime/layers/quantized.py): none | auto (a GGUF's own
+    # Q8_0/Q4_0/Q4_1, other quantized types as Q8_0) | int8 | int4 (quantized at load, 32-weight blocks).
+    quantization: str = "none"
     base_gpu_id: int = 0  # the first GPU this server uses; ranks and data-parallel replicas take the next ones
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin
@@ -80,6 +83,8 @@ class ServerArgs:
                 raise EngineArgumentError(f"{name} must be an int >= 8 or None, got {value!r}")
         if not isinstance(self.max_running_requests, int) or self.max_running_requests < 1:
             raise EngineArgumentError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise EngineArgumentError(f"quantization must be one of auto, none, int8, int4, got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise EngineArgumentError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
         self.grammar_backend = grammar_backend_name(self.grammar_backend)

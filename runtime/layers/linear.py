@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.kernels.cpu import BLOCK, quantize
+from loom.runtime.layers.quantized import quantized_linear
+
 # A full checkpoint tensor, or a lazy safetensors slice of one (supports `[...]` and `get_shape()`).
 LoadedWeight = Any
 
@@ -144,13 +147,33 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # oneDNN's layout of `weight` (pack_cpu_weights)
+        # Kept quantized (layers/quantized.py): the weight's blocks and their format; `weight` is then None.
+        self.register_buffer("qweight", None, persistent=False)
+        self.qtype: str | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: Any = None) -> None:
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.qweight is not None:
+            return quantized_linear(x, self.qweight, self.qtype, bias)
+        return linear(x, self.weight, bias, self.packed_weight)
+
+    def quantize_(self, qtype: str) -> int:
+        """Keep this layer's weight as `qtype` blocks (layers/quantized.py) instead of floats.
+        -> the float bytes freed (0 when its input features are not whole blocks: it stays float)."""
+        weight = self.weight.detach()
+        if weight.shape[1] % BLOCK:
+            return 0
+        self.qweight, self.qtype = quantize(weight, qtype), qtype
+        del self.weight
+        self.register_parameter("weight", None)
+        self.packed_weight = None
+        return weight.numel() * weight.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out_per_rank]
-        return linear(x, self.weight, self.bias, self.packed_weight)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -274,7 +297,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out]
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias, self.packed_weight)
+            return self.matmul(x, self.bias)
         # Only one rank adds the bias to its partial sum, so the reduced sum holds it once.
-        out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed_weight)
+        out = self.matmul(x, self.bias if self.tp_rank == 0 else None)
         return tensor_parallel_all_reduce(out) if self.reduce_results else out

@@ -54,7 +54,8 @@ class ModelRunner:
         config = load_config(args.model_path)
         self.dtype = resolve_dtype(args.dtype, self.device, config)
         self.model, self.hf_config = load_model(
-            args.model_path, self.dtype, device=self.device, tp_rank=self.tp_rank, tp_size=self.tp_size
+            args.model_path, self.dtype, device=self.device, tp_rank=self.tp_rank, tp_size=self.tp_size,
+            quantization=args.quantization,
         )
         if self.device.type == "cpu" and self.dtype == torch.float32 and not args.disable_cpu_weight_packing:
             added = pack_cpu_weights(self.model)  # before the KV pool takes its share of what is free

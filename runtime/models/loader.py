@@ -21,7 +21,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
-from loom.runtime.layers.linear import LoadedWeight, default_weight_loader
+from loom.runtime.layers.linear import LinearBase, LoadedWeight, default_weight_loader
+from loom.runtime.layers.quantized import QUANTIZATION_MODES, layer_type, packed_source
 from loom.runtime.models import get_model_class
 from loom.runtime.models.gguf_file import find_gguf_file, read_gguf
 from loom.runtime.models.gguf_loader import gguf_config, iter_gguf_weights
@@ -154,12 +155,14 @@ def load_model(
     device: str | torch.device = "cpu",
     tp_rank: int = 0,
     tp_size: int = 1,
+    quantization: str = "none",
 ) -> tuple[nn.Module, Any]:
     """-> (model in eval mode on `device` with `dtype` parameters, the Transformers config).
 
     `dtype` is explicit: the caller resolves "auto" (see `checkpoint_dtype`).
 
     `model_path`: a Hugging Face folder (safetensors), a GGUF file, or a folder holding one GGUF file.
+    `quantization`: which linear layers stay quantized on the CPU (`layers/quantized.py`).
 
     Raises:
         FileNotFoundError: no such folder, no safetensors weights, or a shard named by the index is absent.
@@ -183,5 +186,51 @@ def load_model(
         weights, source = iter_checkpoint(weight_files(model_dir)), f"checkpoint {model_dir}"
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
-    load_weights(model, weights, source=source)
+    source_types: dict[str, str] = {}
+    load_weights(model, _recording_types(weights, source_types), source=source)
+    summary = quantize_layers(model, quantization, source_types, torch.device(device))
+    if summary["layers"]:
+        logger.info("linear layers kept quantized: %s; their weights %.1f MiB (%.1f MiB in %s)",
+                    ", ".join(f"{n} {t}" for t, n in sorted(summary["layers"].items())), summary["quantized_bytes"] / 2**20,
+                    summary["float_bytes"] / 2**20, dtype)  # fmt: skip
     return model.eval(), config
+
+
+def quantize_layers(model: nn.Module, mode: str, source_types: dict[str, str], device: torch.device) -> dict[str, Any]:
+    """Keep the linear layers that `mode` quantizes as blocks (`layers/quantized.py`).
+
+    `source_types`: checkpoint tensor name -> its GGUF type (from the loader). -> a summary for the
+    log: layers kept quantized by type, and their weight bytes before and after."""
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
+    summary: dict[str, Any] = {"layers": {}, "float_bytes": 0, "quantized_bytes": 0}
+    if mode == "none":
+        return summary
+    if device.type != "cpu":
+        if mode in ("int8", "int4"):
+            raise ValueError(f"quantization={mode!r} runs on the CPU only so far; use 'none' on {device.type}")
+        return summary  # auto on a GPU: dequantised, until a GPU kernel exists
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase) or module.weight is None:
+            continue
+        sources = {t for tensor, t in source_types.items() if tensor.startswith(name + ".") or packed_source(tensor, name)}
+        qtype = layer_type(mode, sources)
+        if qtype is None:
+            continue
+        freed = module.quantize_(qtype)
+        if not freed:
+            logger.warning("%s: its input features are not whole blocks; kept in %s", name, module.weight.dtype)
+            continue
+        summary["layers"][qtype] = summary["layers"].get(qtype, 0) + 1
+        summary["float_bytes"] += freed
+        summary["quantized_bytes"] += module.qweight.numel()
+    return summary
+
+
+def _recording_types(weights: Iterator[tuple[str, LoadedWeight]], types: dict[str, str]) -> Iterator[tuple[str, LoadedWeight]]:
+    """The weights, noting each GGUF tensor's type under its checkpoint name as it passes."""
+    for name, loaded in weights:
+        info = getattr(loaded, "info", None)
+        if info is not None:
+            types[name] = info.type_name
+        yield name, loaded

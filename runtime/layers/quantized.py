@@ -1,0 +1,76 @@
+"""Weight-only quantized linear layers on the CPU: which layers are kept quantized, and their forward.
+
+`quantization` (an engine argument) decides, per linear layer:
+- `auto`: keep a GGUF file's own quantization where Loom has a kernel for it (Q8_0, Q4_0, Q4_1);
+  other quantized types (K-quants, Q5_*) are repacked into Q8_0; float tensors stay float;
+- `none`: every layer in the engine's float dtype (what the golden tests against Transformers use);
+- `int8` / `int4`: quantize every linear layer at load into 32-weight blocks with a scale each
+  (Q8_0), or a scale and a minimum each (Q4_1).
+
+A quantized layer holds its blocks (`qweight`, uint8 [out, in / 32 * block bytes]) and no float
+weight. Up to KERNEL_MAX_ROWS rows (decode) its forward is `kernels/cpu` `qlinear`, which reads the
+blocks and dequantises them in registers; for more rows (prefill) it dequantises BAND output rows at
+a time and multiplies each band in float, so no full-size float copy of a weight is ever made.
+Blocks run along the input features: a row-parallel shard must hold whole blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loom.kernels.cpu import dequantize, qlinear
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+KERNEL_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # block formats qlinear reads
+MODE_TYPES = {"int8": "Q8_0", "int4": "Q4_1"}
+KERNEL_MAX_ROWS = 16  # up to here the fused kernel; above, band-wise dequantisation and a float matmul
+BAND = 512  # output rows dequantised at a time above KERNEL_MAX_ROWS
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequant(qweight)^T + bias, in x's dtype."""
+    rows = x.numel() // x.shape[-1]
+    x32 = x if x.dtype == torch.float32 else x.float()
+    if rows <= KERNEL_MAX_ROWS:
+        y = qlinear(x32, qweight, qtype)
+    else:
+        flat = x32.reshape(-1, x.shape[-1])
+        y = torch.empty(flat.shape[0], qweight.shape[0], dtype=torch.float32)
+        for n0 in range(0, qweight.shape[0], BAND):
+            band = dequantize(qweight[n0 : n0 + BAND], qtype, x.shape[-1])
+            torch.matmul(flat, band.T, out=y[:, n0 : n0 + band.shape[0]])
+        y = y.reshape(*x.shape[:-1], qweight.shape[0])
+    if bias is not None:
+        y = y + bias.float()
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def layer_type(mode: str, sources: set[str]) -> str | None:
+    """The block format one layer is kept in, given the GGUF types of the tensors it was loaded from
+    (empty for a safetensors checkpoint); None: float."""
+    if mode == "none":
+        return None
+    if mode in MODE_TYPES:
+        return MODE_TYPES[mode]
+    quantized = sources - set(FLOAT_TYPES)
+    if not quantized:
+        return None
+    if len(sources) == 1 and quantized <= set(KERNEL_TYPES):
+        return next(iter(quantized))
+    return "Q8_0"  # K-quants, Q5_*, or shards of different types packed into one layer
+
+
+# Checkpoint names of the projections packed into one layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def packed_source(tensor: str, module: str) -> bool:
+    """Whether checkpoint tensor `tensor` is one of the projections packed into linear layer `module`."""
+    prefix, _, last = module.rpartition(".")
+    return any(tensor.startswith(f"{prefix}.{part}.") for part in _PACKED.get(last, ()))
+
