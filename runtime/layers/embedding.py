@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.kernels.cpu import BLOCK, dequantize, quantize
 from loom.runtime.layers.linear import (
     LoadedWeight,
     copy_checked,
@@ -18,6 +19,7 @@ from loom.runtime.layers.linear import (
     read_shard,
     tensor_parallel_all_reduce,
 )
+from loom.runtime.layers.quantized import quantized_linear
 
 
 def tensor_parallel_all_gather(x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -77,6 +79,17 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size)
         self.packed_weight: torch.Tensor | None = None  # oneDNN's layout of `weight` (pack_cpu_weights)
+        # The head kept quantized (layers/quantized.py): blocks of `weight`, which stays for the
+        # embedding it may be tied to; the logits then come from the blocks.
+        self.register_buffer("qweight", None, persistent=False)
+        self.qtype: str | None = None
+
+    def quantize_(self, qtype: str) -> bool:
+        """Compute the logits from `qtype` blocks of the weight; False when its rows are not whole blocks."""
+        if self.weight.shape[1] % BLOCK:
+            return False
+        self.qweight, self.qtype, self.packed_weight = quantize(self.weight.detach(), qtype), qtype, None
+        return True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied through compute_logits(hidden_states)")
@@ -84,17 +97,23 @@ class ParallelLMHead(VocabParallelEmbedding):
     def logits_for_ids(self, hidden_state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """hidden_state: [hidden], ids: [k] int64 -> those tokens' logits [k] fp32 (one rank only)."""
         assert self.tp_size == 1, "logits_for_ids needs the whole vocabulary on one rank"
+        if self.qweight is not None:
+            rows = dequantize(self.qweight.index_select(0, ids), self.qtype, self.weight.shape[1])
+            return torch.mv(rows, hidden_state.float())
         return torch.mv(self.weight.index_select(0, ids), hidden_state).float()
 
     def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype).
         `out` ([N, vocab] fp32) receives them where it can (one rank, fp32, no vocabulary padding):
         the same GEMM as `F.linear`, written into a kept block instead of a fresh one."""
-        if (out is not None and self.tp_size == 1 and out.shape == (hidden_states.shape[0], self.num_embeddings)
+        if self.qweight is not None:
+            logits = quantized_linear(hidden_states, self.qweight, self.qtype)
+        elif (out is not None and self.tp_size == 1 and out.shape == (hidden_states.shape[0], self.num_embeddings)
                 and self.weight.shape[0] == self.num_embeddings
                 and self.weight.dtype == hidden_states.dtype == out.dtype == torch.float32):  # fmt: skip
             return torch.matmul(hidden_states, self.weight.t(), out=out)
-        logits = linear(hidden_states, self.weight, packed=self.packed_weight)  # [N, V_padded / tp]
+        else:
+            logits = linear(hidden_states, self.weight, packed=self.packed_weight)  # [N, V_padded / tp]
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, self.tp_size)
         if logits.shape[-1] != self.num_embeddings:

@@ -105,6 +105,8 @@ def pack_cpu_weights(model: nn.Module) -> int:
         weight = getattr(module, "weight", None)
         if not hasattr(module, "packed_weight") or weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
             continue
+        if getattr(module, "qweight", None) is not None:  # computed from its blocks (a quantized LM head)
+            continue
         module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
         added += weight.numel() * weight.element_size()
     return added

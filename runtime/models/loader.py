@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
+from loom.runtime.layers.embedding import ParallelLMHead
 from loom.runtime.layers.linear import LinearBase, LoadedWeight, default_weight_loader
 from loom.runtime.layers.quantized import QUANTIZATION_MODES, layer_type, packed_source
 from loom.runtime.models import get_model_class
@@ -224,6 +225,14 @@ def quantize_layers(model: nn.Module, mode: str, source_types: dict[str, str], d
         summary["layers"][qtype] = summary["layers"].get(qtype, 0) + 1
         summary["float_bytes"] += freed
         summary["quantized_bytes"] += module.qweight.numel()
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, ParallelLMHead):  # the largest matrix of a small model: read at every decode step
+        sources = {t for tensor, t in source_types.items() if tensor in ("lm_head.weight", "model.embed_tokens.weight")}
+        sources = {source_types["lm_head.weight"]} if "lm_head.weight" in source_types else sources
+        qtype = "Q8_0" if mode in ("int8", "int4") else layer_type(mode, sources)  # int4 keeps the head 8-bit
+        if qtype is not None and head.quantize_(qtype):
+            summary["layers"][f"{qtype} (LM head)"] = 1
+            summary["quantized_bytes"] += head.qweight.numel()
     return summary
 
 

@@ -99,3 +99,18 @@ def test_engine_on_auto_gives_the_float_engines_tokens(gguf_path):
         with LocalEngine(model_path=str(gguf_path), quantization=mode, max_total_tokens=1024) as engine:
             runs[mode] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert runs["auto"] == runs["none"]
+
+
+@pytest.mark.parametrize("mode, qtype", [("auto", "Q8_0"), ("int4", "Q8_0")])
+def test_the_lm_head_is_kept_quantized_too(tmp_path, mode, qtype):
+    """A tied head (its embedding stays float for the lookup): logits from the blocks, dense and sparse."""
+    path = write_gguf(tmp_path / "tied.gguf", "qwen3", [Q.Q8_0], tie=True, seed=2)
+    model, _ = load_model(path, torch.float32, quantization=mode)
+    head = model.lm_head
+    assert head.qtype == qtype and head.weight is not None and head.packed_weight is None
+    hidden = torch.randn(3, head.weight.shape[1])
+    want = hidden @ dequantize(head.qweight, qtype, hidden.shape[1]).T
+    got = head.compute_logits(hidden)
+    torch.testing.assert_close(got, want[:, : head.num_embeddings], rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    ids = torch.tensor([0, 7, 100])
+    torch.testing.assert_close(head.logits_for_ids(hidden[1], ids), got[1, ids], rtol=1e-4, atol=1e-3)
