@@ -49,7 +49,7 @@ def extension() -> Any | None:
     t0 = time.perf_counter()
     try:
         module = load(name=f"loom_qlinear_{key}", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                      extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+                      verbose=False)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
         logger.warning("the quantized CPU kernels could not be built (%s); dequantising per call instead", exc)
         return None
@@ -79,7 +79,7 @@ def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     if ext is None:
         y = x2 @ dequantize(blocks, qtype, shape[-1]).T
     else:
-        y = ext.qlinear(x2, blocks, QTYPES[qtype], torch.get_num_threads())
+        y = ext.qlinear(x2, blocks, QTYPES[qtype])
     return y.reshape(*shape[:-1], blocks.shape[0])
 
 

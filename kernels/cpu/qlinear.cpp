@@ -10,7 +10,7 @@
 //
 // Each block's 32 weights become two 16-float vectors (AVX-512) or four 8-float vectors (AVX2),
 // which every row of x then multiplies: the dequantisation is paid once per block for all M rows.
-// Output rows are split over threads.
+// Output rows are split over torch's threads.
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -138,19 +138,18 @@ void rows_block(const float* x, int64_t K, const uint8_t* W, int64_t row_bytes, 
   }
 }
 
+// Output rows split over torch's own intra-op threads (at::parallel_for), so the kernel shares
+// torch's thread pool and its set_num_threads instead of starting an OpenMP team of its own.
 template <int MB>
-void run_rows(const float* x, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int bb, int64_t N, float* y,
-              int threads) {
-  const int64_t chunk = 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) rows_block<MB>(x, K, W, row_bytes, qtype, bb, n0, std::min(N, n0 + chunk), y, N);
+void run_rows(const float* x, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int bb, int64_t N, float* y) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows_block<MB>(x, K, W, row_bytes, qtype, bb, n0, n1, y, N); });
 }
 #endif
 
 }  // namespace
 
 // y = x @ dequant(W)^T: x [M, K] float32 (contiguous), W [N, K / 32 * block bytes] uint8.
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype, int64_t threads) {
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D float32 tensor");
   TORCH_CHECK(W.dtype() == torch::kUInt8 && W.dim() == 2 && W.is_contiguous(), "W must be a contiguous 2-D uint8 tensor");
   const int bb = block_bytes((int)qtype);
@@ -162,29 +161,29 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype, int64_t t
   const uint8_t* wp = W.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = W.size(1);
-  const int nt = (int)std::max<int64_t>(1, threads);
 #ifdef LOOM_QLINEAR_SCALAR
-#pragma omp parallel for num_threads(nt)
-  for (int64_t n = 0; n < N; ++n) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float w[QK];
-    for (int64_t m = 0; m < M; ++m) yp[m * N + n] = 0.f;
-    for (int64_t j = 0; j < K / QK; ++j) {
-      dequant_block_scalar(wp + n * row_bytes + j * bb, (int)qtype, w);
-      for (int64_t m = 0; m < M; ++m) {
-        float s = 0.f;
-        for (int i = 0; i < QK; ++i) s += w[i] * xp[m * K + j * QK + i];
-        yp[m * N + n] += s;
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = 0.f;
+      for (int64_t j = 0; j < K / QK; ++j) {
+        dequant_block_scalar(wp + n * row_bytes + j * bb, (int)qtype, w);
+        for (int64_t m = 0; m < M; ++m) {
+          float s = 0.f;
+          for (int i = 0; i < QK; ++i) s += w[i] * xp[m * K + j * QK + i];
+          yp[m * N + n] += s;
+        }
       }
     }
-  }
+  });
 #else
   // Rows of x in groups of 8 (AVX-512 keeps 8 accumulators and the block's weights in registers;
   // AVX2's 16 registers fit 8 accumulators too), then 4, 2, 1 for the rest.
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) run_rows<8>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N, nt);
-  for (; m + 4 <= M; m += 4) run_rows<4>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N, nt);
-  for (; m + 2 <= M; m += 2) run_rows<2>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N, nt);
-  for (; m < M; ++m) run_rows<1>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N, nt);
+  for (; m + 8 <= M; m += 8) run_rows<8>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
+  for (; m + 4 <= M; m += 4) run_rows<4>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
+  for (; m + 2 <= M; m += 2) run_rows<2>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
+  for (; m < M; ++m) run_rows<1>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
 #endif
   return y;
 }

@@ -72,4 +72,4 @@ def test_the_kernel_is_built_on_x86_64():
 def test_a_wrong_weight_width_is_refused():
     ext = extension()
     with pytest.raises(RuntimeError, match="bytes a row"):
-        ext.qlinear(torch.randn(1, 64), random_blocks(4, 32, "Q8_0", seed=0), 8, 1)
+        ext.qlinear(torch.randn(1, 64), random_blocks(4, 32, "Q8_0", seed=0), 8)
