@@ -95,9 +95,52 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.http and not args.zmq_address:
         print("loom serve: --no-http needs --zmq-address (otherwise nothing could reach the server)", file=sys.stderr)
         return 2
-    return serve(server_args, host=args.host, port=args.port, api_key=args.api_key,
-                 served_model_name=args.served_model_name, log_level=args.log_level, zmq_address=args.zmq_address,
-                 http=args.http, parent_pid=args.parent_pid)  # fmt: skip
+    from loom.runtime.entrypoints.http_options import HttpOptions, resolve_api_key
+
+    try:
+        options = HttpOptions(
+            api_key=resolve_api_key(args.api_key, args.api_key_file), max_request_bytes=args.max_request_bytes,
+            max_json_depth=args.max_json_depth, shutdown_grace_s=args.shutdown_grace_s,
+            allowed_hosts=_names(args.allowed_hosts), allowed_origins=_names(args.allowed_origins) or (),
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"loom serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(server_args, host=args.host, port=args.port, options=options, served_model_name=args.served_model_name,
+                 log_level=args.log_level, zmq_address=args.zmq_address, http=args.http, parent_pid=args.parent_pid)  # fmt: skip
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated flag value -> its names; None when the flag was not given."""
+    return None if value is None else tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _add_http_flags(serve: argparse.ArgumentParser) -> None:
+    """`loom serve`'s own flags for its HTTP front: not engine arguments, they go to serve()."""
+    from loom.runtime.entrypoints.http_options import API_KEY_ENV, DEFAULT_SHUTDOWN_GRACE_S
+    from loom.runtime.entrypoints.json_body import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES
+
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` on every route but /health. Any local user can read a "
+                            f"command line: prefer --api-key-file or ${API_KEY_ENV}")  # fmt: skip
+    serve.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help=f"read the API key from the first line of this file (default: ${API_KEY_ENV}, when set)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                       help="refuse larger request bodies with 413, before reading them whole "
+                            f"(default: {DEFAULT_MAX_REQUEST_BYTES}, 16 MiB)")  # fmt: skip
+    serve.add_argument("--max-json-depth", type=int, default=DEFAULT_MAX_JSON_DEPTH, metavar="N",
+                       help=f"refuse request bodies nested deeper with 400 (default: {DEFAULT_MAX_JSON_DEPTH})")
+    serve.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S, metavar="S",
+                       help="on SIGTERM or SIGINT, refuse new requests (503) and give running ones this long to "
+                            f"finish; then answer them 503 (default: {DEFAULT_SHUTDOWN_GRACE_S:g}; a second signal cuts it short)")  # fmt: skip
+    serve.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                       help="comma-separated host names accepted in the Host header, or '*' (default: only localhost, "
+                            "127.0.0.1 and ::1 when --host is a loopback address, which stops DNS rebinding; any when "
+                            "--host opens the server to other addresses)")  # fmt: skip
+    serve.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                       help="comma-separated origins (https://app.example:8443) whose browser pages may call the server, "
+                            "or '*'; CORS preflights are then answered. Default: none, so a request with another "
+                            "Origin header than the server's own is refused (403)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model: a .gguf file, or a folder (Hugging Face layout, or holding one .gguf)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=30000, help="port to listen on (default: 30000)")
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
     serve.add_argument("--served-model-name", default=None, help="model name in the OpenAI API (default: the --model path)")
     serve.add_argument("--zmq-address", default=None,
                        help="also bind the ZeroMQ front door (loom.Runtime's wire, msgpack) at this address: "
@@ -136,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
                        help="serve HTTP (--no-http: only the ZeroMQ front door; needs --zmq-address)")  # fmt: skip
     serve.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone (loom.Runtime sets it)")
+    _add_http_flags(serve)
     _add_engine_flags(serve)
     serve.set_defaults(func=_serve)
     return parser

@@ -61,11 +61,14 @@ def encode(msg: FrontRequest | FrontReply) -> bytes:
 
 
 def decode_request(data: bytes) -> FrontRequest:
-    """Raises ValueError naming what is wrong with a frame that is not a FrontRequest."""
+    """Raises ValueError naming what is wrong with a frame that is not a FrontRequest (also one
+    nested too deeply to decode)."""
     try:
         return _request_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a FrontRequest ({{id, method, body}} as msgpack): {exc}") from None
+    except RecursionError:  # a body nested thousands deep
+        raise ValueError("the FrontRequest nests too deeply to decode") from None
 
 
 def decode_reply(data: bytes) -> FrontReply:
@@ -73,6 +76,8 @@ def decode_reply(data: bytes) -> FrontReply:
         return _reply_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a FrontReply ({{id, type, body}} as msgpack): {exc}") from None
+    except RecursionError:
+        raise ValueError("the FrontReply nests too deeply to decode") from None
 
 
 class RequestError(ValueError):

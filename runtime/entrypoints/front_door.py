@@ -4,7 +4,9 @@
 wire is `loom.runtime.protocol` (msgpack maps, never pickle); the answers are the native API's, the
 same functions the HTTP routes call. Each request runs as its own task, so a long generation never
 holds up an info query. A streamed request whose client is gone (ROUTER_MANDATORY makes the send
-fail) or that the client cancels is aborted, which releases its KV memory.
+fail) or that the client cancels is aborted, which releases its KV memory. A frame over
+`--max-request-bytes` is refused (413) before it is decoded, and a body nested deeper than
+`--max-json-depth` with 400, as over HTTP.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from loom.runtime.entrypoints import native_api
+from loom.runtime.entrypoints.json_body import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, check_depth, too_large
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import FrontReply, GenerateRequest, RequestError, decode_request, encode, error_body
 
@@ -28,10 +31,13 @@ class ClientGone(Exception):
 
 
 class FrontDoor:
-    def __init__(self, engine: AsyncEngine, address: str, served_model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, address: str, served_model_name: str,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_json_depth: int = DEFAULT_MAX_JSON_DEPTH) -> None:  # fmt: skip
         self.engine = engine
         self.address = address
         self.served_model_name = served_model_name
+        self.max_request_bytes = max_request_bytes
+        self.max_json_depth = max_json_depth
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: dict[tuple[bytes, str], asyncio.Task] = {}
@@ -60,6 +66,10 @@ class FrontDoor:
         while True:
             frames = await self._sock.recv_multipart()
             identity, data = frames[0], frames[-1]
+            if len(data) > self.max_request_bytes:
+                exc = too_large(self.max_request_bytes, len(data))
+                await self._reply_quietly(identity, "", "error", {"status": 413, **error_body(413, str(exc), exc.param)})
+                continue
             try:
                 req = decode_request(data)
             except ValueError as exc:
@@ -83,12 +93,15 @@ class FrontDoor:
         try:
             try:
                 await self._dispatch(identity, rid, method, body)
-            except RequestError as exc:
-                await self._send(identity, rid, "error", {"status": exc.status, **error_body(exc.status, str(exc), exc.param)})
-            except ValueError as exc:
-                await self._send(identity, rid, "error", {"status": 400, **error_body(400, str(exc))})
-            except EngineDeadError as exc:
-                await self._send(identity, rid, "error", {"status": 503, **error_body(503, str(exc), None, "service_unavailable")})
+            except (ValueError, EngineDeadError) as exc:
+                if method == "generate":
+                    self.engine.metrics.count_refused(exc)
+                if isinstance(exc, RequestError):
+                    await self._send(identity, rid, "error", {"status": exc.status, **error_body(exc.status, str(exc), exc.param)})
+                elif isinstance(exc, ValueError):
+                    await self._send(identity, rid, "error", {"status": 400, **error_body(400, str(exc))})
+                else:
+                    await self._send(identity, rid, "error", {"status": 503, **error_body(503, str(exc), None, "service_unavailable")})
             except (ClientGone, asyncio.CancelledError):
                 raise
             except Exception as exc:  # a bug must not take the front door down with it
@@ -100,6 +113,7 @@ class FrontDoor:
     async def _dispatch(self, identity: bytes, rid: str, method: str, body: dict[str, Any]) -> None:
         engine = self.engine
         if method == "generate":
+            check_depth(body, self.max_json_depth)
             req = GenerateRequest.from_body(body)
             agen = engine.generate(req)
             try:

@@ -1,18 +1,21 @@
-"""The HTTP plumbing every route shares: reading a JSON body, error and SSE responses, awaiting a
-result while watching for the client to leave, and the API-key check."""
+"""The HTTP plumbing every route shares: reading a JSON body (bounded in size and depth), error and
+SSE responses, awaiting a result while watching for the client to leave."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from loom.runtime.entrypoints.json_body import loads_json, too_large
 from loom.runtime.protocol import RequestError, error_body
+
+# Bodies larger than this are parsed on a worker thread, so the event loop goes on meanwhile.
+PARSE_OFF_LOOP_BYTES = 1 << 20
 
 
 def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None) -> JSONResponse:
@@ -20,15 +23,26 @@ def error_response(status: int, message: str, param: str | None = None, err_type
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or RequestError naming what is wrong with it."""
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", "body") from exc
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}", "body")
-    return body
+    """The request body as a JSON object, or RequestError naming what is wrong with it: 415 for
+    another Content-Type than application/json, 413 past `--max-request-bytes` (counted while
+    the body arrives, never read whole first), 400 for invalid JSON or one nested too deep."""
+    options = request.app.state.options
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"{media_type!r}" if media_type else "none"
+        raise RequestError(f"send the body as JSON with `Content-Type: application/json` (got {shown})", "content-type", 415)
+    limit = options.max_request_bytes
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if len(raw) <= PARSE_OFF_LOOP_BYTES:
+        return loads_json(raw, options.max_json_depth)
+    return await asyncio.get_running_loop().run_in_executor(None, loads_json, raw, options.max_json_depth)
 
 
 def sse(obj: Any) -> str:
@@ -48,27 +62,6 @@ async def first_then_rest(agen: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[
             await agen.aclose()  # aborts what is unfinished when the client left
 
     return first, rest()
-
-
-class ApiKeyMiddleware:
-    """401 for every HTTP route but /health without `Authorization: Bearer KEY`.
-
-    A plain ASGI middleware (not BaseHTTPMiddleware), so routes still see client disconnects."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(header, self.expected):
-                response = error_response(
-                    401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authorization", "authentication_error"
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def await_result(request: Request, agen: AsyncIterator[Any]) -> Any:

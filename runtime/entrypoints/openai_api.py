@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 
-Each request is mapped onto Loom's sampling params (SGLang's extras such as `top_k`, `min_p`,
-`ignore_eos` come through `extra_body`) and run by `AsyncEngine`; `n > 1` runs n requests.
+Each request is checked and mapped onto Loom's sampling params by `openai_params.py` (SGLang's
+extras such as `top_k`, `min_p`, `ignore_eos` come through `extra_body`) and run by `AsyncEngine`;
+`n > 1` runs n requests. Errors name the OpenAI field, also those Loom's own layers find.
 """
 
 from __future__ import annotations
@@ -14,63 +15,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from loom.runtime.entrypoints import openai_params as op
+from loom.runtime.entrypoints.api_schema import request_body
 from loom.runtime.entrypoints.http_io import await_result, first_then_rest, read_json, sse
 from loom.runtime.front.async_engine import AsyncEngine, EngineDeadError
 from loom.runtime.protocol import GenerateRequest, RequestError
 
-_COMMON = {
-    "model", "stream", "stream_options", "n", "stop", "max_tokens", "max_completion_tokens", "temperature",
-    "top_p", "seed", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "user",
-    # SGLang's extras (extra_body)
-    "top_k", "min_p", "ignore_eos", "repetition_penalty", "min_tokens", "stop_token_ids", "skip_special_tokens",
-    "no_stop_trim", "regex", "ebnf", "lark", "json_schema", "rid",
-}  # fmt: skip
-_COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-_CHAT_KEYS = _COMMON | {"messages", "response_format", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
-def _check_type(body: dict, key: str, types: tuple, expected: str) -> None:
-    value = body.get(key)
-    if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-        raise RequestError(f"{key} must be {expected}, got {value!r}", key)
-
-
-def sampling_from_openai(body: dict, allowed: set[str]) -> dict[str, Any]:
-    """OpenAI request fields -> Loom sampling params. RequestError names a bad or unknown field."""
-    unknown = set(body) - allowed
-    if unknown:
-        raise RequestError(f"unknown field(s) {sorted(unknown)}", sorted(unknown)[0])
-    _check_type(body, "max_tokens", (int,), "an int >= 0")
-    _check_type(body, "max_completion_tokens", (int,), "an int >= 0")
-    _check_type(body, "n", (int,), "an int >= 1")
-    _check_type(body, "temperature", (int, float), "a number >= 0")
-    _check_type(body, "top_p", (int, float), "a number in (0, 1]")
-    _check_type(body, "seed", (int,), "an int")
-    _check_type(body, "stop", (str, list), "a string or a list of strings")
-    _check_type(body, "stream", (bool,), "a bool")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and max_tokens < 0:
-        raise RequestError(f"max_tokens must be an int >= 0, got {max_tokens!r}", "max_tokens")
-    params: dict[str, Any] = {"max_new_tokens": max_tokens}
-    for key, name in (
-        ("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"), ("stop", "stop"),
-        ("frequency_penalty", "frequency_penalty"), ("presence_penalty", "presence_penalty"), ("top_k", "top_k"),
-        ("min_p", "min_p"), ("ignore_eos", "ignore_eos"), ("repetition_penalty", "repetition_penalty"),
-        ("min_tokens", "min_new_tokens"), ("stop_token_ids", "stop_token_ids"),
-        ("skip_special_tokens", "skip_special_tokens"), ("no_stop_trim", "no_stop_trim"), ("regex", "regex"),
-        ("ebnf", "ebnf"), ("lark", "lark"), ("json_schema", "json_schema"),
-    ):  # fmt: skip
-        if body.get(key) is not None:
-            params[name] = body[key]
-    return params
-
-
-def _n(body: dict) -> int:
-    n = body.get("n") or 1
-    if n < 1 or n > 128:
-        raise RequestError(f"n must be an int in [1, 128], got {n!r}", "n")
-    return n
 
 
 def _usage(results: list[dict], n: int) -> dict[str, Any]:
@@ -129,6 +80,7 @@ def add_openai_routes(app: FastAPI, engine: AsyncEngine) -> None:
             text=None if ids_mode else prompts, input_ids=prompts if ids_mode else None,
             sampling_params={**params, "n": n},  # each prompt's n samples next to each other
             return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0, stream=stream,
+            rid=body.get("rid"), text_name="messages" if kind == "chat" else "prompt",
         )  # fmt: skip
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -189,76 +141,40 @@ def add_openai_routes(app: FastAPI, engine: AsyncEngine) -> None:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body("CompletionBody"))
     async def completions(request: Request):
         body = await read_json(request)
-        params = sampling_from_openai(body, _COMPLETION_KEYS)
-        model = check_model(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts: list[Any] = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-            prompts = prompt
-        else:
-            raise RequestError("prompt must be a string, a list of strings, or token ids (list of ints or lists)", "prompt")
-        if body.get("echo"):
-            raise RequestError("echo is not supported", "echo")
-        logprobs = body.get("logprobs")
-        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
-            raise RequestError(f"logprobs must be an int in [0, 20], got {logprobs!r}", "logprobs")
-        return await run(request, body, prompts, params, _n(body), logprobs, "completion", model, body.get("stream", False))
+        try:
+            params = op.sampling_from_openai(body, op.COMPLETION_KEYS)
+            model = check_model(body)
+            prompts = op.completion_prompts(body)
+            logprobs = op.completion_logprobs(body)
+            return await run(request, body, prompts, params, op.n_of(body), logprobs, "completion", model, body.get("stream", False))
+        except RequestError as exc:
+            raise op.openai_error(exc, "prompt", body) from None
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body("ChatBody"))
     async def chat_completions(request: Request):
         body = await read_json(request)
-        params = sampling_from_openai(body, _CHAT_KEYS)
-        model = check_model(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise RequestError(f"messages[{i}] must be an object with a string `role`", f"messages[{i}]")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}]
-                try:
-                    m = {**m, "content": "".join(part["text"] for part in content if part.get("type") == "text")}
-                except (TypeError, KeyError, AttributeError) as exc:
-                    raise RequestError(f"messages[{i}].content parts must be {{type: text, text}}", f"messages[{i}].content") from exc
-                messages[i] = m
-            elif content is not None and not isinstance(content, str):
-                raise RequestError(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-        fmt = body.get("response_format")
-        if fmt is not None:
-            kind = fmt.get("type") if isinstance(fmt, dict) else None
-            if kind == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema")
-                if not isinstance(schema, dict):
-                    raise RequestError("response_format.json_schema.schema must be an object", "response_format")
-                params["json_schema"] = schema
-            elif kind == "json_object":
-                params["json_schema"] = {"type": "object"}
-            elif kind != "text":
-                raise RequestError("response_format.type must be text, json_object or json_schema", "response_format")
-        if body.get("tools"):
-            raise RequestError("tools are not supported", "tools")
         try:
-            prompt = engine.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **(body.get("chat_template_kwargs") or {})
-            )
-        except Exception as exc:  # noqa: BLE001 - the template rejected the conversation
-            raise RequestError(f"messages could not be rendered by the model's chat template: {exc}", "messages") from exc
-        logprobs = None
-        if body.get("logprobs"):
-            top = body.get("top_logprobs") or 0
-            if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
-                raise RequestError(f"top_logprobs must be an int in [0, 20], got {top!r}", "top_logprobs")
-            logprobs = top
-        return await run(request, body, [prompt], params, _n(body), logprobs, "chat", model, body.get("stream", False))
+            params = op.sampling_from_openai(body, op.CHAT_KEYS)
+            model = check_model(body)
+            if body.get("messages") is None:
+                raise RequestError("messages is required: a non-empty list of {role, content} objects", "messages")
+            messages = op.chat_messages(body)
+            schema = op.response_format_schema(body)
+            if schema is not None:
+                params["json_schema"] = schema
+            kwargs = op.template_kwargs(body, getattr(engine.tokenizer, "chat_template", None))
+            logprobs = op.chat_logprobs(body)
+            try:  # off the event loop: a long conversation takes a while to render
+                prompt = await engine.off_loop(engine.tokenizer.apply_chat_template, messages, tokenize=False,
+                                               add_generation_prompt=True, **kwargs)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - the template rejected the conversation
+                raise RequestError(f"messages could not be rendered by the model's chat template: {exc}", "messages") from exc
+            return await run(request, body, [prompt], params, op.n_of(body), logprobs, "chat", model, body.get("stream", False))
+        except RequestError as exc:
+            raise op.openai_error(exc, "messages", body) from None
 
 
 def _chat_logprobs(engine: AsyncEngine, meta: dict, last: int | None = None) -> dict[str, Any]:

@@ -7,7 +7,11 @@ streams results back:
     front --PUSH--> scheduler --PUSH--> detokenizer --PUSH--> front (PULL, this object)
 
 Every request that enters gets exactly one final answer: its result, an abort, or
-`EngineDeadError` when a child process died (the HTTP layer answers 503 and exits non-zero).
+`EngineDeadError` when a child process died (the HTTP layer answers 503 and exits non-zero) or
+when the server shuts down and its grace period ran out (`stop_admitting`, `drain`, `abort_all`).
+
+Nothing a client sends runs long on the event loop: large prompts are tokenized, and chat
+templates rendered, on worker threads (`off_loop`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from loom.runtime.front.metrics import FrontMetrics
+from loom.runtime.front.metrics import FrontMetrics, mark_counted
 from loom.runtime.front.processes import EngineProcesses
 from loom.runtime.front.tokenizer_manager import ReqState, TokenizerManager
 from loom.runtime.ipc import IpcPaths, decode, encode
@@ -43,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.25
 REPLY_TIMEOUT_S = 30.0
+# A call whose prompts hold more characters (or token ids) than this is tokenized on a worker
+# thread (Hugging Face's fast tokenizers release the GIL); smaller ones take well under a
+# millisecond inline, and skip the hop.
+TOKENIZE_INLINE_MAX = 2048
+OFF_LOOP_THREADS = 4
 
 
 class EngineDeadError(RuntimeError):
@@ -69,7 +79,16 @@ class _Entry:
     last_token_time: float | None = None
 
 
-_DEAD = object()
+_DEAD = object()  # in a call's queue: a child process died
+_ABORT_REASONS = {"abandoned": "the client went away", "aborted": "the server ended the request",
+                  "refused": "another request of its call was refused"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """In a call's queue: the server ended the call (shutdown past its grace period)."""
+
+    reason: str
 
 
 class GenerateAPI:
@@ -108,7 +127,10 @@ class AsyncEngine(GenerateAPI):
         self._replies: dict[type, asyncio.Future] = {}
         self._reply_lock = asyncio.Lock()
         self._closed = False
+        self.closing: str | None = None  # set by stop_admitting: new requests get EngineDeadError (503)
+        self._ended: str | None = None  # set by abort_all: no request may start any more
         self.metrics = FrontMetrics()
+        self._pool = ThreadPoolExecutor(OFF_LOOP_THREADS, thread_name_prefix="loom-front")
 
     # ------------------------------------------------------------------ life cycle
     async def start(self, timeout_s: float = 600.0) -> None:
@@ -158,6 +180,7 @@ class AsyncEngine(GenerateAPI):
             task.cancel()
         self.children.stop()
         self._fail_all("the server is shutting down")
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for sock in (getattr(self, "_pull", None), getattr(self, "_push", None)):
             if sock is not None:
                 sock.close(linger=0)
@@ -238,8 +261,44 @@ class AsyncEngine(GenerateAPI):
     def check_alive(self) -> None:
         if self.dead_reason:
             raise EngineDeadError(self.dead_reason)
+        if self.closing:
+            raise EngineDeadError(self.closing)
         if self._closed or self.tokenizer_manager is None:
             raise EngineDeadError("the engine is not running")
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) on a worker thread: for what a client can make long (tokenizing a
+        large prompt, rendering a chat template), so that it holds up no other client."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    # ------------------------------------------------------------------ shutting down
+    def stop_admitting(self, reason: str = "the server is shutting down") -> None:
+        """From now on new requests get EngineDeadError(reason) (503); running ones go on."""
+        self.closing = reason
+
+    async def drain(self, grace_s: float) -> bool:
+        """Wait up to `grace_s` for the running requests to finish -> whether they all did."""
+        deadline = time.monotonic() + grace_s
+        while self._reqs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._reqs
+
+    def abort_all(self, reason: str) -> int:
+        """End every running request now: the scheduler drops it, its caller gets
+        EngineDeadError(reason) (503). Logs one line per generate call -> how many calls."""
+        calls: dict[int, list[_Entry]] = {}
+        for entry in self._reqs.values():
+            calls.setdefault(id(entry.queue), []).append(entry)
+        for entries in calls.values():
+            rids = ", ".join(e.state.rid for e in entries)
+            tokens = sum(len(e.state.output_ids) for e in entries)
+            logger.warning("aborted request %s (%d tokens generated): %s", rids, tokens, reason)
+            entries[0].queue.put_nowait(_Ended(reason))
+        self._ended = reason
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+        return len(calls)
 
     # ------------------------------------------------------------------ requests
     async def generate_items(self, request: GenerateRequest, items: list[GenerateItem]) -> AsyncIterator[Any]:
@@ -253,7 +312,9 @@ class AsyncEngine(GenerateAPI):
         `request.reject_invalid`; otherwise it is a result with an abort finish_reason like any
         other. Closing the iterator early aborts the unfinished items, which frees their KV."""
         self.check_alive()
-        reqs, states = self.tokenizer_manager.tokenize(request, items)
+        reqs, states = await self._tokenize(request, items)
+        if self.dead_reason or self._ended or self._closed:  # it ended while this call was tokenized
+            raise EngineDeadError(self.dead_reason or self._ended or "the engine is not running")
         seen = set()
         for state in states:
             if state.rid in self._reqs or state.rid in seen:
@@ -267,6 +328,7 @@ class AsyncEngine(GenerateAPI):
             self._send(req)
         numbered = request.answers_list()
         yielded = False
+        ending = "abandoned"  # how the unfinished items end if the caller stops listening
         try:
             unfinished = len(entries)
             while unfinished:
@@ -276,15 +338,18 @@ class AsyncEngine(GenerateAPI):
                     got.append(queue.get_nowait())
                 texts: dict[int, str] = {}
                 for item in got:
-                    if item is _DEAD:
-                        raise EngineDeadError(self.dead_reason or "the engine stopped")
+                    if item is _DEAD or isinstance(item, _Ended):
+                        ending = "aborted"
+                        reason = item.reason if isinstance(item, _Ended) else self.dead_reason or "the engine stopped"
+                        raise mark_counted(EngineDeadError(reason))
                     index, delta, final = item
                     texts[index] = texts.get(index, "") + delta
                     unfinished -= final
                     if final and request.reject_invalid and not yielded:
                         rejected = _rejection(entries[index].state, index if numbered else None)
                         if rejected is not None:
-                            raise rejected  # the finally below aborts the call's other requests
+                            ending = "refused"
+                            raise mark_counted(rejected)  # the finally below aborts the call's other requests
                 if not request.stream:
                     continue
                 for index, text in texts.items():
@@ -300,10 +365,19 @@ class AsyncEngine(GenerateAPI):
             if not request.stream:
                 yield [self.tokenizer_manager.result(entries[item.index].state) for item in items]
         finally:
+            now = time.perf_counter()
             for entry in entries.values():
                 self._reqs.pop(entry.state.rid, None)
+                self.metrics.count_end(entry.state, ending, now)
                 if not entry.state.finished and not self.dead_reason and not self._closed:
-                    self._send(AbortReq(entry.state.rid, "the client went away"))
+                    self._send(AbortReq(entry.state.rid, _ABORT_REASONS[ending]))
+
+    async def _tokenize(self, request: GenerateRequest, items: list[GenerateItem]) -> tuple[list, list[ReqState]]:
+        """TokenizerManager.tokenize, on a worker thread when the prompts are large."""
+        size = sum(len(i.text) if i.text is not None else len(i.input_ids or ()) for i in items)
+        if size <= TOKENIZE_INLINE_MAX:
+            return self.tokenizer_manager.tokenize(request, items)
+        return await self.off_loop(self.tokenizer_manager.tokenize, request, items)
 
     def abort(self, rid: str) -> bool:
         """Abort a running request by rid; its caller gets an abort finish_reason. False: unknown rid."""

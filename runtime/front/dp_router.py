@@ -209,6 +209,23 @@ class DataParallelEngine(GenerateAPI):
     async def shutdown(self) -> None:
         await asyncio.gather(*(r.shutdown() for r in self.replicas))
 
+    def stop_admitting(self, reason: str = "the server is shutting down") -> None:
+        for r in self.replicas:
+            r.stop_admitting(reason)
+
+    async def drain(self, grace_s: float) -> bool:
+        return all(await asyncio.gather(*(r.drain(grace_s) for r in self.replicas)))
+
+    @property
+    def num_running(self) -> int:
+        return sum(r.num_running for r in self.replicas)
+
+    def abort_all(self, reason: str) -> int:
+        return sum(r.abort_all(reason) for r in self.replicas)
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self.replicas[0].off_loop(fn, *args, **kwargs)
+
     @property
     def ready(self) -> Any:
         ready = self.replicas[0].ready

@@ -65,10 +65,13 @@ class TokenizerManager:
         Raises RequestError naming the offending input before any request is created."""
         reqs: list[TokenizedGenerateReq] = []
         states: list[ReqState] = []
+        encoded: dict[str, list[int]] = {}  # n samples of one prompt are tokenized once
         for item in items:
             where = item.where
             if item.text is not None:
-                ids = self.tokenizer.encode(item.text, add_special_tokens=False)
+                ids = encoded.get(item.text)
+                if ids is None:
+                    ids = encoded[item.text] = self.tokenizer.encode(item.text, add_special_tokens=False)
             else:
                 ids = item.input_ids or []
                 bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -87,8 +90,13 @@ class TokenizerManager:
                     f"{where} has {len(ids)} tokens but the KV cache holds only {self.max_total_tokens}; "
                     "raise max_total_tokens or shorten the prompt", field_name
                 )  # fmt: skip
-            params = SamplingParams.from_dict(item.sampling_params)
+            try:
+                params = SamplingParams.from_dict(item.sampling_params)
+            except RecursionError:  # json.loads of a json_schema string nested thousands deep
+                raise RequestError("sampling_params.json_schema nests too deeply", "sampling_params.json_schema") from None
             params.validate(self.vocab_size)
+            if item.sampling_params.get("max_new_tokens") is not None:
+                self._check_room(len(ids), params.max_new_tokens, field_name)
             room = min(self.context_len, self.max_total_tokens) - len(ids)
             params.max_new_tokens = min(params.max_new_tokens, room)
             params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
@@ -107,6 +115,18 @@ class TokenizerManager:
             reqs.append(TokenizedGenerateReq(rid, list(ids), params.to_dict(), item.return_logprob, start, top, request.stream, decode))
             states.append(ReqState(rid, len(ids), item.return_logprob, request.return_text_in_logprobs))
         return reqs, states
+
+    def _check_room(self, prompt_tokens: int, max_new_tokens: int, prompt_name: str) -> None:
+        """An explicit max_new_tokens must fit in the context after the prompt (as vLLM and SGLang
+        refuse it): quietly capping 10**12 would make one request generate for minutes. Unset
+        (or null) it means "until the context is full"."""
+        total = prompt_tokens + max_new_tokens
+        if total > self.context_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_len} tokens. However, you requested {total} tokens "
+                f"({prompt_tokens} in the {prompt_name}, {max_new_tokens} in the completion). "
+                f"Please reduce the length of the {prompt_name} or completion.", "sampling_params.max_new_tokens"
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ outputs
     def process_output(self, state: ReqState, out: StrOut) -> str:

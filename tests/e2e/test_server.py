@@ -208,7 +208,7 @@ def test_abort_request_by_rid(server):
     ],
 )
 def test_bad_input_is_4xx_naming_the_field(server, body, field):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
     r = server.client.post("/generate", **kw)
     assert 400 <= r.status_code < 500
     err = r.json()["error"]

@@ -102,7 +102,7 @@ def test_stream_deltas_survive_bunched_messages(tokenizer):
 
     async def run() -> tuple[list[dict], str]:
         engine = AsyncEngine.__new__(AsyncEngine)
-        engine.dead_reason, engine._closed, engine._reqs = None, False, {}
+        engine.dead_reason, engine._closed, engine._reqs, engine.closing, engine._ended = None, False, {}, None, None
         engine.metrics = FrontMetrics()
         engine.tokenizer_manager = TokenizerManager(tokenizer, context_len=2048, vocab_size=512, max_total_tokens=2048)
         sent: list = []
