@@ -1,23 +1,36 @@
-"""Compiling grammars off the scheduler's thread, with a bounded cache.
+"""Compiling grammars off the scheduler's thread, bounded in size, time and memory.
 
     backend.compile(kind, source) -> Future[compiled grammar]  (cached by (kind, source), LRU)
     compiled.matcher()            -> a per-request Grammar (grammar.py)
 
 The scheduler keeps a request whose future is not done aside and polls it each step, so a slow
 compilation never stalls the batch. Futures that fail carry a `GrammarError` naming the problem.
+
+Bounds (issue 19: a 58-byte schema held a compile thread for minutes):
+- size: `limits.check_source` refuses, before anything is built, a source whose string lengths,
+  item counts, repetitions, nesting or unrolled regex are past `GrammarLimits` (kind TOO_LARGE,
+  the message naming the keyword and the limit);
+- time: a compile runs as a `CompileJobs` job: stopped at `compile_timeout_s`, or as soon as no
+  request holds its future (aborted, answered, timed out in the scheduler);
+- memory: finished compilations (and refusals) are kept in an LRU bounded both by count
+  (`cache_size`) and by bytes (`cache_bytes`, each compiled grammar's `nbytes`, its masks
+  included); each compiled grammar bounds its own mask caches too (regex_dfa.py, ebnf.py).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
+from loom.runtime.constrained.compile_jobs import CompileJobs, CompileStopped
 from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, compile_grammar
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
+from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.constrained.schema import schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
@@ -28,6 +41,7 @@ GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
 # A JSON Schema whose regex is longer than this goes to the grammar path without trying the DFA (a
 # 27M-character regex took over 3 minutes to refuse; the largest MaskBench one that compiles is 1.4M).
 MAX_SCHEMA_REGEX_CHARS = 4_000_000
+CACHE_BYTES = 512 << 20  # compiled grammars kept (tables and masks), least recently used dropped first
 
 
 def grammar_source(params: Any) -> tuple[str, str] | None:
@@ -50,49 +64,96 @@ class GrammarBackend:
         *,
         max_workers: int = 2,
         cache_size: int = 128,
-        compile_timeout_s: float = 30.0,
+        cache_bytes: int = CACHE_BYTES,
+        compile_timeout_s: float | None = None,
         whitespace_pattern: str = DEFAULT_WHITESPACE,
         grammar_backend: str = "loom",
         json_open_objects: bool = False,
+        limits: GrammarLimits | None = None,
     ) -> None:
         """token_bytes: token id -> bytes (or a function returning it, called once, lazily, on a
         worker thread: loading a tokenizer takes a while). grammar_backend: loom (this package's own
         compilers; `outlines` is an alias), xgrammar or llguidance (their compilers, on the same
         vocabulary); raises ValueError for any other.
         json_open_objects: JSON-Schema objects without `additionalProperties` admit undeclared
-        properties, as the spec says (default: only the declared ones; see schema_to_regex)."""
+        properties, as the spec says (default: only the declared ones; see schema_to_regex).
+        limits: the size limits and compile time budget (compile_timeout_s, when given, overrides
+        limits.compile_timeout_s)."""
         self.grammar_backend = grammar_backend_name(grammar_backend)
         self._native: Any = None  # the xgrammar / llguidance compiler, built on first use
         self._token_bytes = token_bytes
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.cache_size = cache_size
-        self.compile_timeout_s = compile_timeout_s
+        self.cache_bytes = cache_bytes
+        self.limits = limits or GrammarLimits()
+        self.compile_timeout_s = self.limits.compile_timeout_s if compile_timeout_s is None else compile_timeout_s
         self.whitespace_pattern = whitespace_pattern
         self.json_open_objects = json_open_objects
-        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar")
+        # finished (compiled, or refused) futures; in-flight ones as weak references
+        self._cache: OrderedDict[tuple[str, str], Future | weakref.ref] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.jobs = CompileJobs(max_workers)
         self._ebnf_vocab: TokenVocab | None = None
         self._vocab_lock = threading.Lock()
 
     def compile(self, kind: str, source: str) -> Future:
-        """A future of the compiled grammar; the same (kind, source) shares one compilation."""
+        """A future of the compiled grammar; the same (kind, source) shares one compilation (and,
+        while it runs, one future). Hold the future while the result is wanted: a compilation whose
+        future nobody holds any more is stopped (so is one past `compile_timeout_s`; its future then
+        fails with a GrammarError)."""
         key = (kind, source)
-        fut = self._cache.get(key)
-        if fut is not None:
-            self._cache.move_to_end(key)
-            return fut
-        fut = self._pool.submit(self._compile, kind, source)
-        self._cache[key] = fut
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            entry = self._cache.get(key)
+            fut = entry() if isinstance(entry, weakref.ref) else entry
+            if fut is not None:
+                self._cache.move_to_end(key)
+                return fut
+        fut = self.jobs.submit(key, lambda: self._compile(kind, source), self.compile_timeout_s)
+        with self._cache_lock:  # in flight: held weakly here, so that dropping it stops the compile
+            self._cache[key] = weakref.ref(fut)
+            self._trim()
+        fut.add_done_callback(lambda f: self._keep(key, f))
         return fut
 
+    def _keep(self, key: tuple[str, str], fut: Future) -> None:
+        """A finished compilation stays in the cache, held; a stopped one or a crash leaves it (it is
+        retried next time)."""
+        exc = fut.exception()
+        final = exc is None or (isinstance(exc, GrammarError) and not isinstance(exc, CompileStopped))
+        with self._cache_lock:
+            entry = self._cache.get(key)
+            if entry is None or (entry() if isinstance(entry, weakref.ref) else entry) is not fut:
+                return  # dropped meanwhile (LRU, forget) or replaced
+            if final:
+                self._cache[key] = fut
+                self._trim()
+            else:
+                del self._cache[key]
+
+    def _trim(self) -> None:
+        """(holding _cache_lock) Drop the least recently used entries past cache_size or cache_bytes."""
+        total = sum(_nbytes(e) for e in self._cache.values())
+        while self._cache and (len(self._cache) > self.cache_size or total > self.cache_bytes):
+            _, entry = self._cache.popitem(last=False)
+            total -= _nbytes(entry)
+
+    def cached_bytes(self) -> int:
+        """What the cached compilations hold now (tables and masks), in bytes."""
+        with self._cache_lock:
+            return sum(_nbytes(e) for e in self._cache.values())
+
     def forget(self, kind: str, source: str) -> None:
-        """Drop a cache entry (a compilation that timed out is retried from scratch next time)."""
-        self._cache.pop((kind, source), None)
+        """Drop a cache entry and stop its compilation if it is running (a compilation that timed out
+        is retried from scratch next time)."""
+        with self._cache_lock:
+            self._cache.pop((kind, source), None)
+        self.jobs.cancel((kind, source), f"{kind} took longer than {self.compile_timeout_s:g}s to compile; simplify it")
 
     def _compile(self, kind: str, source: str) -> CompiledRegex | CompiledEbnf:
+        if kind not in GRAMMAR_KINDS:
+            raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
+        check_source(kind, source, self.limits)
         if self.grammar_backend != "loom":  # regex, json_schema, ebnf (GBNF) and lark, each natively
             return self._native_compiler().compile(kind, source)
         if kind == "regex":
@@ -101,7 +162,7 @@ class GrammarBackend:
             try:
                 regex = schema_to_regex(source, self.whitespace_pattern, self.json_open_objects)
             except GrammarError as e:
-                if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY):  # not JSON, or `false`: no grammar does better
+                if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY, ErrorKind.TOO_LARGE):  # no grammar does better
                     raise
                 return self._schema_grammar(source, str(e))
             if len(regex) > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes: straight to the grammar
@@ -159,4 +220,11 @@ class GrammarBackend:
             return self._native
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.jobs.shutdown()
+
+
+def _nbytes(entry: Future | weakref.ref) -> int:
+    """The bytes a finished compilation holds (0 for a refusal, and while it runs)."""
+    if isinstance(entry, weakref.ref) or not entry.done() or entry.exception() is not None:
+        return 0
+    return int(getattr(entry.result(), "nbytes", 0))

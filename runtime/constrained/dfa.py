@@ -13,8 +13,9 @@ JSON-Schema grammar's key automata are minimised (terminal_dfa, minimal_dfa).
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,8 +140,32 @@ def co_reachable(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
     return live
 
 
-@functools.lru_cache(maxsize=1024)
+TERMINAL_CACHE_BYTES = 64 << 20  # terminal automata kept for reuse across grammars (LRU by bytes)
+_terminals: OrderedDict[tuple[str, str], ByteDFA] = OrderedDict()
+_terminals_bytes = 0
+_terminals_lock = threading.Lock()
+
+
 def terminal_dfa(pattern: str, where: str) -> ByteDFA:
+    """A regex's minimal byte DFA (cached: the least recently used past TERMINAL_CACHE_BYTES go)."""
+    global _terminals_bytes
+    key = (pattern, where)
+    with _terminals_lock:
+        hit = _terminals.get(key)
+        if hit is not None:
+            _terminals.move_to_end(key)
+            return hit
+    dfa = _terminal_dfa(pattern, where)
+    with _terminals_lock:
+        if key not in _terminals:
+            _terminals[key] = dfa
+            _terminals_bytes += dfa.table.nbytes
+            while _terminals_bytes > TERMINAL_CACHE_BYTES and len(_terminals) > 1:
+                _terminals_bytes -= _terminals.popitem(last=False)[1].table.nbytes
+    return dfa
+
+
+def _terminal_dfa(pattern: str, where: str) -> ByteDFA:
     """A regex's minimal byte DFA, built over byte classes: determinise's subset construction, then
     Moore refinement on the class columns, each signature numbered one column at a time (exact;
     the 256-column version, tests/support/reference_dfa.py, took minutes on terminals of a few thousand

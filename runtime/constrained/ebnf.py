@@ -33,6 +33,7 @@ MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps th
 WARM_SUFFIX_OFFSETS = (1, 2)
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
+MASK_CACHE_BYTES = 64 << 20  # a grammar's packed masks past this are dropped (recomputed on demand)
 
 # Lark's common.lark spells ESCAPED_STRING with a look-behind, which has no automaton; this is
 # the same set of lexemes: quoted, no raw newline, every backslash escapes the next character.
@@ -143,6 +144,21 @@ class CompiledEbnf:
 
     def matcher(self) -> EbnfGrammar:
         return EbnfGrammar(self)
+
+    def _mask_count(self) -> int:
+        return (len(self._inside) + sum(len(s) for s in self._splits.values()) + len(self._suffixes) + len(self._word_cache)
+                + len(self._masks))  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """What this compiled grammar holds, roughly: its lexer table and the masks computed so far."""
+        return len(self.trans) * 256 * 8 + self._mask_count() * self._eos_words.nbytes
+
+    def _bound_masks(self) -> None:
+        """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
+        if self._mask_count() * self._eos_words.nbytes > MASK_CACHE_BYTES:
+            for memo in (self._inside, self._splits, self._suffixes, self._word_cache, self._masks):
+                memo.clear()
 
     # ------------------------------------------------------------------ the parser
     def _push(self, parent: int, state: int) -> int:
@@ -344,6 +360,7 @@ class CompiledEbnf:
         hit = self._masks.get(configs)
         if hit is not None:
             return hit
+        self._bound_masks()
         words = self._words(configs)
         more = bool(words.any())
         if self.can_end(configs):

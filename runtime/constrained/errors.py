@@ -8,11 +8,12 @@ import enum
 class ErrorKind(enum.Enum):
     """What a GrammarError says about the source as a whole, for a caller choosing what to try next
     (GrammarBackend tries the grammar path for a JSON Schema the regex path refuses, unless the
-    schema is MALFORMED or EMPTY; ebnf's terminals read an EMPTY regex as the empty automaton)."""
+    schema is MALFORMED, EMPTY or TOO_LARGE; ebnf's terminals read an EMPTY regex as the empty automaton)."""
 
     INVALID = "invalid"  # the default: the source, or a part of it, is invalid or past what this compiler enforces
     MALFORMED = "malformed"  # the source as a whole does not parse (a JSON Schema that is not JSON)
     EMPTY = "empty"  # the source admits no string at all (the schema `false`, a regex matching nothing)
+    TOO_LARGE = "too_large"  # past a size limit (limits.py) or the compile's time budget: refused, nothing else is tried
 
 
 class GrammarError(ValueError):

@@ -113,6 +113,8 @@ def format_body(fmt: Any) -> str | None:
     if fmt in _STRICT_FORMATS:
         return _STRICT_FORMATS[fmt]
     if fmt not in _FORMAT_BODIES:
+        if len(_FORMAT_BODIES) >= 256:  # format names come from clients: keep the memo bounded
+            _FORMAT_BODIES.clear()
         try:
             quoted = build_regex_from_schema(json.dumps({"type": "string", "format": fmt}))
             body = json_string_body("(?a)^(?:" + quoted[1:-1] + ")$", f"format {fmt!r}")

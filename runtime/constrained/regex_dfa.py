@@ -36,6 +36,7 @@ MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and 
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
 PRECOMPUTE_TIME_S = 1.0  # masks scanned at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
+MASK_CACHE_BYTES = 64 << 20  # a grammar's masks past this are dropped and recomputed as visited
 
 
 class CompiledRegex:
@@ -77,6 +78,12 @@ class CompiledRegex:
     def num_states(self) -> int:
         return self.dead
 
+    @property
+    def nbytes(self) -> int:
+        """What this compiled regex holds: its tables and the masks computed so far."""
+        mask_bytes = self._eos_words.nbytes
+        return self.table.nbytes * 3 + self.mask_class.nbytes + (len(self._words) + len(self._masks)) * mask_bytes
+
     def matcher(self) -> RegexGrammar:
         return RegexGrammar(self)
 
@@ -100,6 +107,10 @@ class CompiledRegex:
         key = (int(self.mask_class[state]), bool(self.accepting[state]))
         entry = self._masks.get(key)
         if entry is None:
+            if (len(self._words) + len(self._masks)) * self._eos_words.nbytes > MASK_CACHE_BYTES:
+                with self._lock:  # bounded: the masks of states not visited lately are recomputed on demand
+                    self._words.clear()
+                    self._masks.clear()
             words = self._words.get(key[0])
             if words is None:
                 words = self._words[key[0]] = self._scan(state)

@@ -1,7 +1,11 @@
 """The grammar queue: a request with a regex / json_schema / ebnf / lark constraint waits here,
 never in a batch, while its grammar compiles on `GrammarBackend`'s threads; once compiled it joins
-the waiting queue with its matcher in `req.grammar`. A grammar that fails or takes longer than
-its timeout finishes the request with a 400-style abort naming the field.
+the waiting queue with its matcher in `req.grammar`. A grammar that fails, is too large
+(GrammarLimits: refused before it compiles) or takes longer than its timeout finishes the request
+with a 400-style abort naming the field.
+
+A compilation runs while some request holds its future (`GrammarBackend.compile`): a request that
+leaves the queue (aborted, timed out) drops it, and a compilation no request waits for is stopped.
 """
 
 from __future__ import annotations

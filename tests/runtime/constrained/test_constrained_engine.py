@@ -4,8 +4,10 @@ batch, through chunked prefill, retraction and every sampling mode."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import time
 
 import jsonschema
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loom.runtime.entrypoints.engine import LocalEngine
+from loom.runtime.protocol import GenerateRequest
 
 from grammars import PERSON_SCHEMA as SCHEMA
 
@@ -244,3 +247,40 @@ def test_sparse_logits_give_the_tokens_of_the_full_lm_head(engine, monkeypatch):
     dense = engine.generate(prompts, params)
     assert not sparse_rows
     assert [o["output_ids"] for o in sparse] == [o["output_ids"] for o in dense]
+
+
+def test_a_hostile_schema_is_answered_400_at_once_beside_a_small_request(engine):
+    """Issue 19: `minLength 200000` held a compile thread for minutes; now it is refused before
+    anything is built, naming the keyword and the limit, and the request beside it is served."""
+    t0 = time.monotonic()
+    outs = engine.generate(
+        ["a", "b"],
+        [
+            {"json_schema": json.dumps({"type": "string", "minLength": 200000, "maxLength": 400000}), "max_new_tokens": 5},
+            {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
+        ],
+    )
+    assert time.monotonic() - t0 < 5
+    reason = outs[0]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["status_code"] == 400 and reason["param"] == "sampling_params.json_schema"
+    assert "minLength 200000" in reason["message"] and "limit of 65536" in reason["message"]
+    assert outs[1]["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert engine.scheduler.grammar_queue == [] and not engine.scheduler.has_work()
+
+
+def test_an_aborted_requests_compile_stops(engine):
+    """A request aborted while its grammar compiles leaves the queue, and its compilation stops."""
+    backend = engine.scheduler.get_grammar_backend()
+    before = backend.jobs.cancelled_count
+    slow = "(a|b)*a(a|b){16}"  # seconds of subset construction
+    request = GenerateRequest(text="x", sampling_params={"regex": slow, "max_new_tokens": 4}, rid="slow-1")
+    reqs, _states = engine.tokenizer_manager.tokenize(request, request.items())
+    engine.scheduler.add_request(reqs[0])
+    assert [r.rid for r, _, _ in engine.scheduler.grammar_queue] == ["slow-1"]
+    engine.scheduler.abort_request("slow-1", "client left")
+    gc.collect()
+    t_end = time.monotonic() + 3
+    while backend.jobs.in_flight() and time.monotonic() < t_end:
+        time.sleep(0.02)
+    assert backend.jobs.in_flight() == 0 and backend.jobs.cancelled_count == before + 1
+    engine.scheduler.flush_outbox()

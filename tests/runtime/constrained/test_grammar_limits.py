@@ -1,0 +1,162 @@
+"""Grammar compilation bounded in size, time and memory (issue 19): sources past a limit are refused
+up front naming the keyword and the limit, a compile past its budget or wanted by nobody stops
+(its thread stops burning CPU), and the caches stay within their bounds."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+
+import pytest
+
+from loom.runtime.constrained import ErrorKind, GrammarBackend, GrammarError
+from loom.runtime.constrained.compile_jobs import CompileJobs, CompileStopped
+from loom.runtime.constrained.limits import GrammarLimits, check_source
+
+from byte_vocab import BYTES, EOS, V
+
+HOSTILE = json.dumps({"type": "string", "minLength": 200000, "maxLength": 400000})  # issue 19's 58-byte schema
+
+
+def refused(kind: str, source: str, limits: GrammarLimits | None = None) -> str:
+    with pytest.raises(GrammarError) as info:
+        check_source(kind, source, limits or GrammarLimits())
+    assert info.value.kind is ErrorKind.TOO_LARGE
+    return str(info.value)
+
+
+def test_limits_name_the_keyword_the_value_and_the_limit():
+    msg = refused("json_schema", HOSTILE)
+    assert "minLength" in msg and "200000" in msg and "65536" in msg and "GrammarLimits.max_string_length" in msg
+    msg = refused("json_schema", json.dumps({"type": "object", "properties": {"xs": {"type": "array", "maxItems": 10**9}}}))
+    assert "maxItems" in msg and "#/properties/xs" in msg and "max_items" in msg
+    msg = refused("json_schema", json.dumps({"type": "string", "pattern": "^a{0,100001}$"}))
+    assert "'pattern'" in msg and "{0,100001}" in msg and "max_repeat" in msg
+    assert "max_regex_size" in refused("regex", "((a{1000}){1000}){1000}")
+    assert "max_repeat" in refused("regex", "[0-9]{50000}")
+    deep: dict = {"type": "string"}
+    for _ in range(200):
+        deep = {"type": "array", "items": deep}
+    assert "max_nesting" in refused("json_schema", json.dumps(deep))
+    assert "max_nesting" in refused("json_schema", "[" * 100_000 + "]" * 100_000)
+    assert "max_source_chars" in refused("regex", "a" * 2001, GrammarLimits(max_source_chars=2000))
+
+
+def test_sizes_within_the_limits_pass_the_check():
+    for kind, source in [
+        ("json_schema", json.dumps({"type": "string", "maxLength": 65535})),
+        ("json_schema", json.dumps({"type": "array", "maxItems": 1000, "items": {"type": "string", "pattern": "^[a-z]{1,255}$"}})),
+        ("json_schema", json.dumps({"enum": ["x" * 100_000]})),  # values are not sizes
+        ("regex", "[0-9]{1,1000}(\\.[0-9]+)?"),
+        ("ebnf", 'root ::= "a"{1000}'),
+    ]:
+        check_source(kind, source, GrammarLimits())
+
+
+@pytest.fixture
+def backend():
+    b = GrammarBackend(BYTES, V, frozenset({EOS}))
+    yield b
+    b.shutdown()
+
+
+def test_the_hostile_schema_is_refused_at_once_and_a_small_one_compiles_beside_it(backend):
+    t0 = time.monotonic()
+    hostile = backend.compile("json_schema", HOSTILE)
+    small = backend.compile("json_schema", json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+    with pytest.raises(GrammarError, match="maxLength 400000|minLength 200000") as info:
+        hostile.result(timeout=5)
+    assert info.value.kind is ErrorKind.TOO_LARGE
+    assert time.monotonic() - t0 < 1.0
+    m = small.result(timeout=30).matcher()
+    for b in b'{"n":42}':
+        assert m.accept_token(b + 1)
+    assert m.accept_token(EOS)
+
+
+def _spinner(counter: list[int], stop_after: float = 60.0):
+    def spin() -> str:
+        t_end = time.monotonic() + stop_after
+        while time.monotonic() < t_end:  # pure Python, checks nothing: only an injected exception stops it
+            counter[0] += 1
+        return "finished"
+
+    return spin
+
+
+def _stops_counting(counter: list[int], within_s: float = 2.0) -> bool:
+    t_end = time.monotonic() + within_s
+    while time.monotonic() < t_end:
+        before = counter[0]
+        time.sleep(0.1)
+        if counter[0] == before:
+            return True
+    return False
+
+
+def test_a_compile_past_its_budget_stops_and_its_thread_is_reused():
+    jobs = CompileJobs(1)
+    counter = [0]
+    ticket = jobs.submit("slow", _spinner(counter), timeout_s=0.2)
+    with pytest.raises(CompileStopped, match="took longer than 0.2s"):
+        ticket.result(timeout=5)
+    assert _stops_counting(counter), "the compile thread kept running after its budget"
+    assert jobs.submit("next", lambda: 7, timeout_s=5).result(timeout=5) == 7  # the same single thread, unharmed
+    jobs.shutdown()
+
+
+def test_a_compile_nobody_waits_for_stops():
+    jobs = CompileJobs(1)
+    counter = [0]
+    ticket = jobs.submit("slow", _spinner(counter), timeout_s=60)
+    t_end = time.monotonic() + 5
+    while counter[0] == 0 and time.monotonic() < t_end:
+        time.sleep(0.01)
+    assert counter[0] > 0
+    del ticket  # the request was aborted: the scheduler dropped its future
+    gc.collect()
+    assert _stops_counting(counter), "an abandoned compile kept running"
+    assert jobs.cancelled_count == 1 and jobs.in_flight() == 0
+    jobs.shutdown()
+
+
+def test_a_shared_compile_runs_while_any_ticket_is_held():
+    jobs = CompileJobs(1)
+    counter = [0]
+    first = jobs.submit("k", _spinner(counter, stop_after=0.3), timeout_s=30)
+    second = jobs.submit("k", _spinner(counter, stop_after=0.3), timeout_s=30)  # the same key: one run
+    del first
+    gc.collect()
+    assert second.result(timeout=10) == "finished"
+    assert jobs.cancelled_count == 0
+    jobs.shutdown()
+
+
+def test_a_real_compile_past_the_timeout_stops_cpu_work():
+    backend = GrammarBackend(BYTES, V, frozenset({EOS}), compile_timeout_s=0.3)
+    exploding = "(a|b)*a(a|b){16}"  # 2^17 DFA states: seconds of subset construction
+    fut = backend.compile("regex", exploding)
+    with pytest.raises(GrammarError, match="took longer than 0.3s|more than"):
+        fut.result(timeout=10)
+    t_cpu, t_wall = time.process_time(), time.monotonic()
+    time.sleep(0.5)
+    assert time.process_time() - t_cpu < 0.25, "the process kept computing after the compile was stopped"
+    assert time.monotonic() - t_wall >= 0.5
+    again = backend.compile("regex", exploding)  # a stopped compile is not cached: it is tried anew
+    assert again is not fut
+    backend.shutdown()
+
+
+def test_caches_stay_within_count_and_bytes(backend):
+    small = GrammarBackend(BYTES, V, frozenset({EOS}), cache_size=8)
+    for i in range(40):
+        small.compile("regex", f"[a-z]{{{i},{i + 3}}}").result(timeout=30)
+    assert len(small._cache) <= 8
+    tight = GrammarBackend(BYTES, V, frozenset({EOS}), cache_bytes=200_000)
+    for i in range(40):
+        compiled = tight.compile("regex", f"[a-z]{{{i},{i + 30}}}").result(timeout=30)
+        assert compiled.nbytes > 0  # its table and the masks computed so far
+    assert tight.cached_bytes() <= 200_000
+    small.shutdown()
+    tight.shutdown()
