@@ -34,6 +34,8 @@ from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.constrained.regex_dfa import CompiledRegex
 from loom.runtime.constrained.schema import schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
+from loom.runtime.constrained.token_walk import available as walk_available
+from loom.runtime.constrained.token_walk import token_trie
 from loom.runtime.constrained.vocabulary import TokenVocab
 from loom.runtime.server_args import grammar_backend_name
 
@@ -198,7 +200,10 @@ class GrammarBackend:
     def _token_vocab(self) -> TokenVocab:
         with self._vocab_lock:
             if self._ebnf_vocab is None:
-                self._ebnf_vocab = TokenVocab.build(self._resolved_token_bytes(), self.vocab_size, self.eos_token_ids)
+                vocab = TokenVocab.build(self._resolved_token_bytes(), self.vocab_size, self.eos_token_ids)
+                if walk_available():  # the mask walk's trie and C code, once per vocabulary, before the first grammar
+                    token_trie(vocab)
+                self._ebnf_vocab = vocab
             return self._ebnf_vocab
 
     def _resolved_token_bytes(self) -> dict[int, bytes]:

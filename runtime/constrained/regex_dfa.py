@@ -11,13 +11,13 @@ the DFA to a state from which acceptance is still reachable; EOS iff the state a
 The automaton: the regex's Thompson NFA over UTF-8 byte ranges (nfa.build_nfa) -> subset
 construction over *byte classes* (dfa.determinise: bytes no edge tells apart share a column, ~20
 columns instead of 256) -> the states that cannot reach acceptance collapsed into one dead state.
-It is not minimised; masks are shared instead by *mask class*: states that agree on liveness after
-every string up to the longest token's length have the same mask (a `maxLength: 200` string has
-~800 states but a few dozen mask classes).
+It is not minimised.
 
-A mask is computed once per mask class, lazily: one vectorised pass of the vocabulary (the
-TokenVocab the EBNF engine walks too) through the DFA, starting from the tokens whose first byte
-is live and dropping tokens as they die.
+A mask is computed once per state, lazily, by a walk of the vocabulary's byte trie in C
+(token_walk.py: tens of microseconds, a dead prefix skipping its subtree). Without a C compiler,
+masks are computed once per *mask class* instead (states that agree on liveness after every
+string up to the longest token's length share a mask: a `maxLength: 200` string has ~800 states
+but a few dozen classes), by one vectorised numpy pass of the vocabulary through the DFA.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ import torch
 
 from loom.runtime.constrained.dfa import determinise
 from loom.runtime.constrained.matcher import TokenMatcher
+from loom.runtime.constrained.token_walk import available as walk_available
+from loom.runtime.constrained.token_walk import token_trie, trie_mask
 from loom.runtime.constrained.vocabulary import TokenVocab
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
-PRECOMPUTE_TIME_S = 1.0  # masks scanned at compile time, nearest states first (CompiledRegex._precompute)
+PRECOMPUTE_TIME_S = 0.005  # masks walked at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's masks past this are dropped and recomputed as visited
 
@@ -62,8 +64,12 @@ class CompiledRegex:
         self.initial_state = 0
         self._rows: list[list[int]] = table.tolist()  # the same table for per-byte Python walks
         self._cls: list[int] = byte_class.tolist()
-        max_len = int(vocab.lens.max()) if len(vocab.lens) else 1
-        self.mask_class = _mask_classes(table, self.dead, max_len)  # [S + 1] int64
+        self._trie = token_trie(vocab) if walk_available() else None
+        if self._trie is not None:  # a walk costs less than the classes (up to 60 ms at compile): one mask per state
+            self.mask_class = np.arange(table.shape[0], dtype=np.int64)  # [S + 1]
+        else:
+            max_len = int(vocab.lens.max()) if len(vocab.lens) else 1
+            self.mask_class = _mask_classes(table, self.dead, max_len)  # [S + 1] int64
         self._first = _first_byte_rows(vocab)
         self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._words: dict[int, np.ndarray] = {}  # mask class -> packed non-EOS tokens (uint32)
@@ -142,9 +148,17 @@ class CompiledRegex:
             seen[frontier] = True
 
     def _scan(self, state: int) -> np.ndarray:
-        """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive: one pass
-        over the vocabulary matrix, byte position by byte position, from the tokens whose first
-        byte is live; tokens leave the pass when they end (allowed) or die."""
+        """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive: a walk of
+        the vocabulary's trie (token_walk.py), else `_scan_numpy`."""
+        if self._trie is not None:
+            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state)
+            if words is not None:
+                return words
+        return self._scan_numpy(state)
+
+    def _scan_numpy(self, state: int) -> np.ndarray:
+        """`_scan` as one pass over the vocabulary matrix, byte position by byte position, from the
+        tokens whose first byte is live; tokens leave the pass when they end (allowed) or die."""
         v, table, bc, dead = self.vocab, self.table, self.byte_class, self.dead
         row = table[state][bc]  # [256] next state per byte
         live_first = np.flatnonzero(row != dead)

@@ -1,0 +1,87 @@
+"""The C trie walk that computes regex masks (runtime/constrained/token_walk.py) allows exactly the
+tokens the numpy scan allows, on hand-made and trained vocabularies, and the numpy scan takes over
+where no compiler is at hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loom.runtime.constrained import TokenVocab, token_bytes, token_walk
+from loom.runtime.constrained.regex_dfa import CompiledRegex
+from loom.runtime.constrained.schema import schema_to_regex
+
+from grammars import PERSON_SCHEMA
+
+pytestmark = pytest.mark.skipif(not token_walk.available(), reason="no C compiler: the numpy scan is used")
+
+# Prefixes of one another, the same bytes under two ids, a token past vocab_size, multi-byte UTF-8.
+HAND = {1: b"a", 2: b"ab", 3: b"abc", 4: b"abd", 5: b"b", 6: b"ab", 7: b'"', 8: b'",', 9: "é".encode(), 10: b"\xc3", 11: b"1",
+        12: b"12", 13: b"}", 40: b"zz"}  # fmt: skip
+
+
+def test_the_trie_holds_every_token_once_in_preorder():
+    vocab = TokenVocab.build(HAND, 32, frozenset({0}))
+    trie = token_walk.token_trie(vocab)
+    assert sorted(trie.tok_ids.tolist()) == sorted(vocab.by_id)  # 40 is past vocab_size: not a token
+    spelled = {}
+    path: list[int] = []
+    for i, (b, d) in enumerate(zip(trie.node_byte.tolist(), trie.node_depth.tolist())):
+        path[d - 1 :] = [b]
+        for t in trie.tok_ids[trie.tok_off[i] : trie.tok_off[i + 1]].tolist():
+            spelled[t] = bytes(path)
+        end = int(trie.node_skip[i])
+        assert all(trie.node_depth[j] > d for j in range(i + 1, end)) and (end == len(trie.node_depth) or trie.node_depth[end] <= d)
+    assert spelled == vocab.by_id
+
+
+def both(compiled: CompiledRegex) -> None:
+    for state in range(compiled.dead + 1):
+        walked = compiled._scan(state)
+        scanned = compiled._scan_numpy(state)
+        assert np.array_equal(walked, scanned), f"state {state} of {compiled.regex!r}"
+
+
+@pytest.mark.parametrize("regex", [r"ab?c*", r'"(?:[^"\\]|\\.)*",?', r"(é|1)+2?\}", r"[a-z]{2,5}", r"x"])
+def test_walk_equals_the_numpy_scan_on_a_hand_made_vocabulary(regex):
+    both(CompiledRegex(regex, TokenVocab.build(HAND, 32, frozenset({0}))))
+
+
+@pytest.fixture(scope="module")
+def trained_vocab():
+    from loom.tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(2048)
+
+    class HFLike:
+        all_special_ids = [0, 1, 2]
+        added_tokens_decoder = {0: None, 1: None, 2: None}
+
+        def get_vocab(self) -> dict[str, int]:
+            return tok.get_vocab(with_added_tokens=True)
+
+    return TokenVocab.build(token_bytes(HFLike()), 2048, frozenset({0}))
+
+
+def test_walk_equals_the_numpy_scan_on_a_schema(trained_vocab):
+    both(CompiledRegex(schema_to_regex(json.dumps(PERSON_SCHEMA)), trained_vocab))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([r"[a-z]+", r"\d{1,3}", r"(?:foo|bar)", r" ?", r"[^x]", r"\.", r"é*", r'"[^"]{0,4}"']), min_size=1, max_size=4))
+def test_walk_equals_the_numpy_scan_on_random_regexes(trained_vocab, parts):
+    both(CompiledRegex("".join(parts), trained_vocab))
+
+
+def test_without_a_compiler_the_numpy_scan_gives_the_same_masks(monkeypatch, trained_vocab):
+    regex = schema_to_regex(json.dumps(PERSON_SCHEMA))
+    walked = CompiledRegex(regex, trained_vocab)
+    monkeypatch.setattr(token_walk, "_library", lambda: None)
+    scanned = CompiledRegex(regex, trained_vocab)
+    assert scanned._trie is None and walked._trie is not None
+    for state in range(walked.dead):
+        assert walked.mask(state)[0].tolist() == scanned.mask(state)[0].tolist()
