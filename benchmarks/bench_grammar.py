@@ -131,9 +131,15 @@ def _init_worker(vocab_size: int, tokenizer: str | None, open_objects: bool = Fa
     from loom.runtime.constrained import token_bytes
 
     if tokenizer:
-        from transformers import AutoTokenizer
+        if tokenizer.endswith(".gguf"):  # a GGUF model's own tokenizer (SmolLM2's: the real 49k vocabulary)
+            from loom.runtime.server_args import ServerArgs
+            from loom.runtime.tokenizer import load_tokenizer
 
-        hf = AutoTokenizer.from_pretrained(tokenizer)
+            hf = load_tokenizer(ServerArgs(model_path=tokenizer))
+        else:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(tokenizer)
         tb, eos = token_bytes(hf), frozenset({hf.eos_token_id})
         width = max(len(hf), max(tb) + 1)
     else:
@@ -459,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=400, help="token budget of each generated sample")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per schema (compile + sample) before it counts as timed out")
     parser.add_argument("--vocab-size", type=int, default=8192, help="size of the locally trained byte-level BPE tokenizer")
-    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer folder to use instead")
+    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer folder or a .gguf model file to use instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=pathlib.Path, default=None, help="also write the table here")
     parser.add_argument("--csv", type=pathlib.Path, default=None, help="also write one row per (dataset, backend) here")

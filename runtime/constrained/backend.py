@@ -173,8 +173,8 @@ class GrammarBackend:
             return compile_grammar(kind, source, self._token_vocab())
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
-        try:  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index
-            return CompiledRegex(regex, self._token_vocab())
+        try:  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index; a schema's built as walks reach its states
+            return CompiledRegex(regex, self._token_vocab(), lazy=kind == "json_schema")
         except GrammarError as e:
             if kind == "json_schema":  # the message shows the schema's regex: say where it came from
                 return self._schema_grammar(source, f"json_schema cannot be compiled to an automaton: {e}")
@@ -192,7 +192,7 @@ class GrammarBackend:
             grammar_error = str(e)
         if self.json_open_objects:
             try:
-                return CompiledRegex(schema_to_regex(source, self.whitespace_pattern, False), self._token_vocab())
+                return CompiledRegex(schema_to_regex(source, self.whitespace_pattern, False), self._token_vocab(), lazy=True)
             except GrammarError:
                 pass
         raise GrammarError(f"{regex_error[:600]}; as a grammar: {grammar_error[:600]}")

@@ -12,6 +12,7 @@ anchors and back-references have no automaton and raise GrammarError.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from loom.runtime.constrained.errors import GrammarError
@@ -59,6 +60,7 @@ class NFA:
     def __init__(self) -> None:
         self.edges: list[list[tuple[int, int, int]]] = []  # state -> [(byte lo, byte hi, target)]
         self.eps: list[list[int]] = []
+        self.has_empty_set = False  # a character set with no encodable character: some states may not reach the end
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -69,14 +71,21 @@ class NFA:
 
     def charset(self, ranges: Ranges) -> tuple[int, int]:
         start, end = self.state(), self.state()
-        for lo, hi in normalise_ranges(ranges):
-            for seq in _utf8_sequences(lo, hi):
-                cur = start
-                for k, (a, b) in enumerate(seq):
-                    nxt = end if k == len(seq) - 1 else self.state()
-                    self.edges[cur].append((a, b, nxt))
-                    cur = nxt
+        sequences = _charset_sequences(tuple(ranges))
+        self.has_empty_set |= not sequences
+        for seq in sequences:
+            cur = start
+            for k, (a, b) in enumerate(seq):
+                nxt = end if k == len(seq) - 1 else self.state()
+                self.edges[cur].append((a, b, nxt))
+                cur = nxt
         return start, end
+
+
+@functools.lru_cache(maxsize=4096)
+def _charset_sequences(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """A character set's UTF-8 byte-range sequences (the same sets recur in every JSON schema)."""
+    return tuple(tuple(seq) for lo, hi in normalise_ranges(list(ranges)) for seq in _utf8_sequences(lo, hi))
 
 
 def _build(nfa: NFA, items: list, flags: int, where: str) -> tuple[int, int]:
@@ -102,6 +111,10 @@ def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tupl
                 ranges = case_variants(ranges)
             if negate:
                 ranges = complement_ranges(ranges)
+        elif op is sre_constants.LITERAL and not icase and av < 0x80:  # the common case, without the set machinery
+            start, end = nfa.state(), nfa.state()
+            nfa.edges[start].append((av, av, end))  # type: ignore[arg-type]
+            return start, end
         else:
             ranges = [(av, av)]  # type: ignore[list-item]
             if icase:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.dfa import determinise
+from loom.runtime.constrained.lazy_dfa import DEAD, SubsetDFA
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.token_walk import available as walk_available
 from loom.runtime.constrained.token_walk import token_trie, trie_mask
@@ -36,6 +37,7 @@ from loom.runtime.constrained.vocabulary import TokenVocab
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
+EAGER_BUDGET_S = 0.01  # a JSON Schema's DFA built whole within this, else state by state as walks reach them
 PRECOMPUTE_TIME_S = 0.005  # masks walked at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's masks past this are dropped and recomputed as visited
@@ -49,24 +51,40 @@ class CompiledRegex:
     back-references), regexes matching nothing, and automata past MAX_DFA_STATES or the time limit."""
 
     def __init__(
-        self, regex: str, vocab: TokenVocab, *, max_states: int = MAX_DFA_STATES, time_limit_s: float = COMPILE_TIME_LIMIT_S
+        self, regex: str, vocab: TokenVocab, *, max_states: int = MAX_DFA_STATES, time_limit_s: float = COMPILE_TIME_LIMIT_S,
+        lazy: bool = False,
     ) -> None:
+        """lazy: build the DFA's states as walks reach them (lazy_dfa.py) when building it whole takes
+        longer than EAGER_BUDGET_S (and the C walk is at hand); a DFA built whole then is exactly
+        the eager one. Past `max_states` a lazy DFA narrows instead of growing (sound); an eager
+        one is refused."""
         self.regex = regex
         self.vocab = vocab
         self.vocab_size = vocab.vocab_size
         self.eos_token_ids = vocab.eos_token_ids
         shown = f"regex {regex[:200]!r}{'...' if len(regex) > 200 else ''}"
-        table, byte_class, accepting = determinise(regex, shown, max_states, time_limit_s)
-        self.table = table  # [S + 1, C] int32; row S is the dead state
-        self.byte_class = byte_class  # [256] int64
-        self.accepting = accepting  # [S + 1] bool
-        self.dead = table.shape[0] - 1
-        self.initial_state = 0
-        self._rows: list[list[int]] = table.tolist()  # the same table for per-byte Python walks
-        self._cls: list[int] = byte_class.tolist()
         self._trie = token_trie(vocab) if walk_available() else None
+        self._lazy: SubsetDFA | None = None
+        if lazy and self._trie is not None:
+            dfa = SubsetDFA(regex, shown, max_states)
+            if dfa.explore(EAGER_BUDGET_S):
+                table, byte_class, accepting = dfa.eager()
+            else:
+                self._lazy = dfa
+                table, byte_class, accepting = dfa.table, dfa.byte_class, dfa.accepting
+        else:
+            table, byte_class, accepting = determinise(regex, shown, max_states, time_limit_s)
+        self._table = table  # [S + 1, C] int32; row S is the dead state (lazy: the dfa's, growing; row 1 is dead)
+        self.byte_class = byte_class  # [256] int64
+        self._accepting = accepting  # [S + 1] bool
+        self.dead = DEAD if self._lazy is not None else table.shape[0] - 1
+        self.initial_state = 0
+        self._rows: list[list[int]] = [] if self._lazy is not None else table.tolist()  # for per-byte Python walks
+        self._cls: list[int] = byte_class.tolist()
+        self.mask_class: np.ndarray | None = None  # None: each state its own class (lazy DFAs)
         if self._trie is not None:  # a walk costs less than the classes (up to 60 ms at compile): one mask per state
-            self.mask_class = np.arange(table.shape[0], dtype=np.int64)  # [S + 1]
+            if self._lazy is None:
+                self.mask_class = np.arange(table.shape[0], dtype=np.int64)  # [S + 1]
         else:
             max_len = int(vocab.lens.max()) if len(vocab.lens) else 1
             self.mask_class = _mask_classes(table, self.dead, max_len)  # [S + 1] int64
@@ -78,17 +96,40 @@ class CompiledRegex:
         self._lock = threading.Lock()
         self.mask(self.initial_state)  # warm up on the compiling thread, not the scheduler's
         self.forced_bytes(self.initial_state)
-        self._precompute(PRECOMPUTE_TIME_S)
+        if self._lazy is None:
+            self._precompute(PRECOMPUTE_TIME_S)
+
+    @property
+    def table(self) -> np.ndarray:
+        return self._lazy.table if self._lazy is not None else self._table
+
+    @property
+    def accepting(self) -> np.ndarray:
+        return self._lazy.accepting if self._lazy is not None else self._accepting
+
+    def _class(self, state: int) -> int:
+        return state if self.mask_class is None else int(self.mask_class[state])
+
+    def _row(self, state: int) -> np.ndarray:
+        """State's row [C] (built first where the DFA is lazy)."""
+        if self._lazy is not None:
+            self._lazy.expand(state)
+        return self.table[state]
+
+    def _expand(self, state: int) -> np.ndarray:
+        assert self._lazy is not None
+        self._lazy.expand(state)
+        return self._lazy.table
 
     @property
     def num_states(self) -> int:
-        return self.dead
+        return self._lazy.num_states - 1 if self._lazy is not None else self.dead
 
     @property
     def nbytes(self) -> int:
         """What this compiled regex holds: its tables and the masks computed so far."""
         mask_bytes = self._eos_words.nbytes
-        return self.table.nbytes * 3 + self.mask_class.nbytes + (len(self._words) + len(self._masks)) * mask_bytes
+        return self.table.nbytes * 3 + (len(self._words) + len(self._masks)) * mask_bytes
 
     def matcher(self) -> RegexGrammar:
         return RegexGrammar(self)
@@ -101,7 +142,14 @@ class CompiledRegex:
         data = self.vocab.by_id.get(token_id)
         if data is None:
             return None
-        rows, cls, dead = self._rows, self._cls, self.dead
+        cls, dead = self._cls, self.dead
+        if self._lazy is not None:
+            for b in data:
+                state = int(self._row(state)[cls[b]])
+                if state == dead:
+                    return None
+            return state
+        rows = self._rows
         for b in data:
             state = rows[state][cls[b]]
             if state == dead:
@@ -110,7 +158,7 @@ class CompiledRegex:
 
     def mask(self, state: int) -> tuple[torch.Tensor, bool]:
         """-> (packed mask [ceil(V / 32)] int32, whether any non-EOS token is allowed)."""
-        key = (int(self.mask_class[state]), bool(self.accepting[state]))
+        key = (self._class(state), bool(self.accepting[state]))
         entry = self._masks.get(key)
         if entry is None:
             if (len(self._words) + len(self._masks)) * self._eos_words.nbytes > MASK_CACHE_BYTES:
@@ -140,7 +188,7 @@ class CompiledRegex:
             for state in frontier.tolist():
                 if time.monotonic() > deadline:
                     return
-                key = int(self.mask_class[state])
+                key = self._class(state)
                 if key not in self._words:
                     self._words[key] = self._scan(state)
             nxt = np.unique(self.table[frontier].ravel())
@@ -151,7 +199,8 @@ class CompiledRegex:
         """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive: a walk of
         the vocabulary's trie (token_walk.py), else `_scan_numpy`."""
         if self._trie is not None:
-            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state)
+            expand = self._expand if self._lazy is not None else None
+            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state, expand)
             if words is not None:
                 return words
         return self._scan_numpy(state)
@@ -190,12 +239,13 @@ class CompiledRegex:
         if forced is None:
             out, q, dead = bytearray(), state, self.dead
             while not self.accepting[q] and len(out) < MAX_FORCED_BYTES:
-                live = np.flatnonzero(self.table[q][self.byte_class] != dead)
+                row = self._row(q)
+                live = np.flatnonzero(row[self.byte_class] != dead)
                 if len(live) != 1:
                     break
                 b = int(live[0])
                 out.append(b)
-                q = self._rows[q][self._cls[b]]
+                q = int(row[self._cls[b]])
             forced = bytes(out)
             with self._lock:
                 self._forced[state] = forced

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,17 +37,19 @@ logger = logging.getLogger(__name__)
 _C_SOURCE = r"""
 #include <stdint.h>
 /* Preorder trie: node i has byte node_byte[i] at depth node_depth[i] (1-based); node_skip[i] is the
-   first node after its subtree; tokens ending at node i are tok_ids[tok_off[i] .. tok_off[i + 1]). */
-void loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
-                    const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
-                    const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
-                    int32_t start, int32_t *stack, uint32_t *out) {
-    stack[0] = start;
-    int64_t i = 0;
+   first node after its subtree; tokens ending at node i are tok_ids[tok_off[i] .. tok_off[i + 1]).
+   Walks from node *pos with the DFA states of the path so far in stack[]. Returns -1 when done, or
+   a state whose row is UNKNOWN (-1: not built yet), with *pos at the node to resume from once it is. */
+int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
+                       const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
+                       const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
+                       int32_t *stack, uint32_t *out, int64_t *pos) {
+    int64_t i = *pos;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
         int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
         if (s == dead) { i = node_skip[i]; continue; }
+        if (s < 0) { *pos = i; return stack[d - 1]; }
         stack[d] = s;
         for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
             int32_t t = tok_ids[k];
@@ -54,6 +57,8 @@ void loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, const i
         }
         i++;
     }
+    *pos = i;
+    return -1;
 }
 """
 
@@ -150,8 +155,8 @@ def _library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     ptr = ctypes.c_void_p
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
-                                   ctypes.c_int32, ptr, ptr]  # fmt: skip
-    lib.loom_trie_mask.restype = None
+                                   ptr, ptr, ptr]  # fmt: skip
+    lib.loom_trie_mask.restype = ctypes.c_int32
     return lib
 
 
@@ -159,16 +164,28 @@ def available() -> bool:
     return _library() is not None
 
 
-def trie_mask(trie: TokenTrie, table: np.ndarray, byte_class: np.ndarray, dead: int, state: int) -> np.ndarray | None:
+def trie_mask(
+    trie: TokenTrie, table: np.ndarray, byte_class: np.ndarray, dead: int, state: int,
+    expand: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray | None:
     """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive in the DFA
-    `table` [S, C] int32 (byte_class [256] int64 -> column); None where the walk is not compiled."""
+    `table` [S, C] int32 (byte_class [256] int64 -> column); None where the walk is not compiled.
+    A table built on demand (lazy_dfa.py) holds UNKNOWN (-1) rows: the walk stops at one, `expand(q)`
+    builds state q's row and returns the table (maybe reallocated), and the walk resumes."""
     lib = _library()
     if lib is None:
         return None
-    assert table.dtype == np.int32 and table.flags.c_contiguous and byte_class.dtype == np.int64, "the walk reads raw arrays"
+    assert byte_class.dtype == np.int64, "the walk reads raw arrays"
     out = np.zeros(trie.width, dtype=np.uint32)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
+    stack[0] = state
+    pos = np.zeros(1, dtype=np.int64)
     p = lambda a: a.ctypes.data  # noqa: E731
-    lib.loom_trie_mask(p(trie.node_byte), p(trie.node_depth), p(trie.node_skip), p(trie.tok_off), p(trie.tok_ids),
-                       len(trie.node_byte), p(table), table.shape[1], p(byte_class), dead, state, p(stack), p(out))  # fmt: skip
-    return out
+    while True:
+        assert table.dtype == np.int32 and table.flags.c_contiguous, "the walk reads raw arrays"
+        unknown = lib.loom_trie_mask(p(trie.node_byte), p(trie.node_depth), p(trie.node_skip), p(trie.tok_off), p(trie.tok_ids),
+                                     len(trie.node_byte), p(table), table.shape[1], p(byte_class), dead, p(stack), p(out), p(pos))  # fmt: skip
+        if unknown < 0:
+            return out
+        assert expand is not None, f"state {unknown} has no row in a table that is not built on demand"
+        table = expand(unknown)

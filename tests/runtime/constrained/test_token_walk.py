@@ -85,3 +85,60 @@ def test_without_a_compiler_the_numpy_scan_gives_the_same_masks(monkeypatch, tra
     assert scanned._trie is None and walked._trie is not None
     for state in range(walked.dead):
         assert walked.mask(state)[0].tolist() == scanned.mask(state)[0].tolist()
+
+
+# ----------------------------------------------------------------------------- DFAs built as walks reach them
+
+
+def lockstep(eager: CompiledRegex, lazy: CompiledRegex, vocab: TokenVocab, seed: int, steps: int = 80) -> bytes:
+    """A random walk taken in both at once: the same mask, forced bytes and end at every step."""
+    rng = np.random.default_rng(seed)
+    a, b = eager.matcher(), lazy.matcher()
+    out = bytearray()
+    for _ in range(steps):
+        ma, mb = a.compiled.mask(a.state), b.compiled.mask(b.state)
+        assert ma[0].tolist() == mb[0].tolist() and ma[1] == mb[1], bytes(out)
+        assert a.forced_bytes() == b.forced_bytes() and a.is_terminated() == b.is_terminated()
+        ids = np.flatnonzero(np.unpackbits(ma[0].numpy().view(np.uint8), bitorder="little"))
+        ids = [int(t) for t in ids if t not in vocab.eos_token_ids]
+        if not ids or a.is_terminated():
+            break
+        token = ids[rng.integers(len(ids))]
+        assert a.accept_token(token) and b.accept_token(token)
+        out += vocab.by_id[token]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("regex", [r'"(?:[^"\\]|\\.){0,40}"', r"(?:[a-z]{1,3}[0-9]?){1,12}", None])
+def test_a_lazy_dfa_gives_the_eager_masks_at_every_step(monkeypatch, trained_vocab, regex):
+    from loom.runtime.constrained import regex_dfa
+
+    regex = regex or schema_to_regex(json.dumps(PERSON_SCHEMA))
+    eager = CompiledRegex(regex, trained_vocab)
+    monkeypatch.setattr(regex_dfa, "EAGER_BUDGET_S", 0.0)
+    lazy = CompiledRegex(regex, trained_vocab, lazy=True)
+    assert lazy._lazy is not None and lazy.num_states < eager.num_states  # only what the start's mask reached
+    for seed in range(6):
+        lockstep(eager, lazy, trained_vocab, seed)
+
+
+def test_a_lazy_dfa_past_its_state_bound_narrows_and_stays_sound(monkeypatch, trained_vocab):
+    import re
+
+    from loom.runtime.constrained import regex_dfa
+
+    monkeypatch.setattr(regex_dfa, "EAGER_BUDGET_S", 0.0)
+    regex = r"(?:[a-c][0-9]){1,30}"
+    lazy = CompiledRegex(regex, trained_vocab, lazy=True, max_states=12)
+    for seed in range(10):
+        g, out, rng = lazy.matcher(), bytearray(), np.random.default_rng(seed)
+        for _ in range(40):
+            mask = np.unpackbits(lazy.mask(g.state)[0].numpy().view(np.uint8), bitorder="little")
+            ids = [int(t) for t in np.flatnonzero(mask) if t not in trained_vocab.eos_token_ids]
+            if not ids:
+                break
+            token = ids[rng.integers(len(ids))]
+            assert g.accept_token(token)
+            out += trained_vocab.by_id[token]
+            assert re.fullmatch(r"(?:[a-c][0-9]){0,30}[a-c]?", out.decode()), out  # never a wrong byte
+        assert lazy.num_states <= 12

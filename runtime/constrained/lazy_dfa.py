@@ -1,0 +1,162 @@
+"""Subset construction on demand: the DFA states a walk reaches, and no others.
+
+    dfa = SubsetDFA(regex, shown)         the NFA, its byte classes and the start state (cheap)
+    dfa.explore(budget_s) -> bool          expand states breadth first; True when every state is built
+    dfa.expand(q)                          build state q's row (its successors get rows of UNKNOWN)
+    dfa.eager() -> (table, byte_class, accepting)   once complete: dfa.determinise's layout (start 0, dead last)
+
+A schema with a counted string or two `date-time` formats has a DFA of thousands of states whose
+construction in Python took 30-150 ms before the first token; a generation visits a few dozen of
+them. Here the table grows as masks and tokens reach states (regex_dfa.CompiledRegex expands the
+state a walk of the token trie stops at, and resumes the walk).
+
+Liveness without the whole DFA: a subset keeps only NFA states from which the NFA's final state
+is reachable (computed on the NFA, linearly), so the empty subset is the one dead state and every
+other subset can still reach acceptance: the masks are exact, as with the trimmed eager DFA.
+
+Lazy layout: state 0 starts, state 1 is dead (its row points to itself), rows not built yet hold
+UNKNOWN. Past `max_states` states, new subsets are taken as dead: the language narrows (sound, no
+invalid text is ever allowed) instead of memory growing without bound.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.nfa import build_nfa
+
+UNKNOWN = -1
+START, DEAD = 0, 1
+
+
+class SubsetDFA:
+    def __init__(self, regex: str, shown: str, max_states: int) -> None:
+        try:
+            nfa, start, final = build_nfa(regex)
+        except GrammarError as e:  # "regex: invalid regex '...': why" -> "regex '...' cannot be compiled: why"
+            why = str(e).removeprefix("regex: ").replace(f"invalid regex {regex!r}: ", "")
+            raise GrammarError(f"{shown} cannot be compiled: {why}") from None
+        cuts = {0, 256}
+        for edges in nfa.edges:
+            for a, b, _ in edges:
+                cuts.update((a, b + 1))
+        bounds = sorted(cuts)
+        self.byte_class = np.zeros(256, dtype=np.int64)
+        for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            self.byte_class[lo:hi] = k
+        self.n_cls = len(bounds) - 1
+        # co-reachable NFA states: the final one, and every state with an edge (byte or epsilon) into
+        # one. In a Thompson NFA without an empty character set, that is every state.
+        live = [True] * len(nfa.edges)
+        if nfa.has_empty_set:
+            back: list[list[int]] = [[] for _ in nfa.edges]
+            for s, (edges, eps) in enumerate(zip(nfa.edges, nfa.eps)):
+                for _, _, t in edges:
+                    back[t].append(s)
+                for t in eps:
+                    back[t].append(s)
+            live = [False] * len(nfa.edges)
+            live[final] = True
+            todo = [final]
+            while todo:
+                for s in back[todo.pop()]:
+                    if not live[s]:
+                        live[s] = True
+                        todo.append(s)
+        self._live = live
+        self._edges = nfa.edges
+        self._cls = self.byte_class.tolist()
+        self._moves: list[list[tuple[int, int]] | None] = [None] * len(nfa.edges)  # per NFA state, built on first use
+        self._keep = [live[s] and (bool(edges) or s == final) for s, edges in enumerate(nfa.edges)]
+        self._eps = nfa.eps
+        self._final = final
+        self._closures: dict[frozenset[int], frozenset[int]] = {}
+        self.max_states = max_states
+        first = self._closure(frozenset({start}))
+        if not first:
+            raise GrammarError(f"{shown} matches nothing", ErrorKind.EMPTY)
+        self._subsets: list[frozenset[int]] = [first, frozenset()]
+        self._index: dict[frozenset[int], int] = {first: START, frozenset(): DEAD}
+        self.table = np.full((64, self.n_cls), UNKNOWN, dtype=np.int32)  # [capacity, C]
+        self.table[DEAD] = DEAD
+        self.accepting = np.zeros(64, dtype=bool)
+        self.accepting[START] = final in first
+        self.expanded = np.zeros(64, dtype=bool)
+        self.expanded[DEAD] = True
+        self._frontier = [START]  # states whose row is not built, in order of discovery
+
+    @property
+    def num_states(self) -> int:
+        return len(self._subsets)
+
+    def _closure(self, seeds: frozenset[int]) -> frozenset[int]:
+        out = self._closures.get(seeds)
+        if out is None:
+            todo, seen, eps = list(seeds), set(seeds), self._eps
+            while todo:
+                for t in eps[todo.pop()]:
+                    if t not in seen:
+                        seen.add(t)
+                        todo.append(t)
+            keep = self._keep
+            out = self._closures[seeds] = frozenset(s for s in seen if keep[s])
+        return out
+
+    def _state(self, subset: frozenset[int]) -> int:
+        q = self._index.get(subset)
+        if q is None:
+            if len(self._subsets) >= self.max_states:
+                return DEAD  # past the bound: narrower, never wrong
+            q = self._index[subset] = len(self._subsets)
+            self._subsets.append(subset)
+            if q >= self.table.shape[0]:
+                grow = self.table.shape[0]
+                self.table = np.vstack([self.table, np.full((grow, self.n_cls), UNKNOWN, dtype=np.int32)])
+                self.accepting = np.concatenate([self.accepting, np.zeros(grow, dtype=bool)])
+                self.expanded = np.concatenate([self.expanded, np.zeros(grow, dtype=bool)])
+            self.accepting[q] = self._final in subset
+            self._frontier.append(q)
+        return q
+
+    def expand(self, q: int) -> None:
+        """Build state q's row (a no-op when it is built)."""
+        if self.expanded[q]:
+            return
+        targets: list[list[int]] = [[] for _ in range(self.n_cls)]
+        moves = self._moves
+        for s in self._subsets[q]:
+            m = moves[s]
+            if m is None:
+                cls, live = self._cls, self._live
+                m = moves[s] = [(c, t) for a, b, t in self._edges[s] if live[t] for c in range(cls[a], cls[b] + 1)]
+            for c, t in m:
+                targets[c].append(t)
+        row = [self._state(self._closure(frozenset(ts))) if ts else DEAD for ts in targets]
+        self.table[q] = row  # after _state: the table may have grown meanwhile
+        self.expanded[q] = True
+
+    def explore(self, budget_s: float) -> bool:
+        """Expand states breadth first until every state is built (True) or the budget is spent."""
+        deadline = time.monotonic() + budget_s
+        i = 0
+        while i < len(self._frontier):
+            if i % 16 == 0 and time.monotonic() > deadline:
+                self._frontier = self._frontier[i:]
+                return False
+            self.expand(self._frontier[i])
+            i += 1
+        self._frontier = []
+        return len(self._subsets) < self.max_states
+
+    def eager(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(table [S + 1, C] int32, byte -> class [256], accepting [S + 1]) in dfa.determinise's
+        layout (start 0, live states, dead last), once `explore` returned True."""
+        n = len(self._subsets)
+        order = np.array([0, *range(2, n), 1])  # new position -> old id
+        new_of = np.empty(n, dtype=np.int64)
+        new_of[order] = np.arange(n)
+        table = new_of[self.table[:n][order]].astype(np.int32)
+        return np.ascontiguousarray(table), self.byte_class, self.accepting[:n][order].copy()
