@@ -104,6 +104,9 @@ IGNORED_GENERATE_KEYS = frozenset(
 )
 
 
+_FLAGS = ("stream", "reject_invalid", "return_text_in_logprobs")  # GenerateRequest's plain bools
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -158,8 +161,8 @@ class GenerateRequest:
         if unknown:
             first = sorted(unknown)[0]
             raise RequestError(f"unknown field(s) {sorted(unknown)}; expected some of {sorted(fields_)}", first)
-        known = {k: v for k, v in body.items() if k in fields_}
-        for flag in ("stream", "reject_invalid", "return_text_in_logprobs"):
+        known = {k: v for k, v in body.items() if k in fields_ and not (v is None and k in _FLAGS)}  # null: the default
+        for flag in _FLAGS:
             if flag in known and not isinstance(known[flag], bool):
                 raise RequestError(f"{flag} must be a bool, got {known[flag]!r}", flag)
         defaults = {"return_logprob": False, "top_logprobs_num": 0}

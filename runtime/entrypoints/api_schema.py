@@ -8,7 +8,7 @@ tests/runtime/test_api_schema.py keeps them true: the same fields as the parsers
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Stop = str | list[str] | None
 MaxN = 128  # protocol.MAX_N
+Text = Annotated[str, Field(min_length=1)]
+Texts = Annotated[list[Text], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, description="ids below the vocabulary size")]
+TokenIdLists = Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class _Body(BaseModel):
@@ -58,8 +62,8 @@ class GenerateBody(_Body):
     """SGLang's /generate: one prompt, or a batch when `text` / `input_ids` is a list (of
     prompts); the other fields then take one value for all prompts or a list of one per prompt."""
 
-    text: str | list[str] | None = Field(None, description="give text or input_ids, not both")
-    input_ids: list[int] | list[list[int]] | None = None
+    text: Text | Texts | None = Field(None, description="give text or input_ids, not both")
+    input_ids: TokenIds | TokenIdLists | None = None
     sampling_params: SamplingParamsBody | list[SamplingParamsBody | None] | None = None
     return_logprob: bool | list[bool] | None = None
     logprob_start_len: int | list[int] | None = Field(None, description="-1: output tokens only")
@@ -115,7 +119,7 @@ class _OpenAIBody(_Body):
 
 
 class CompletionBody(_OpenAIBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | Texts | TokenIds | TokenIdLists
     logprobs: int | None = Field(None, ge=0, le=20, description="top tokens per position")
     top_logprobs: None = Field(None, description="chat only; here `logprobs` is the count")
     echo: bool | None = Field(None, description="not supported: false only")
@@ -130,7 +134,7 @@ class TextPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(None, description="null only for an assistant message")
+    content: str | list[TextPart] | None = Field(None, description="null or absent: empty")
     name: str | None = None
 
 

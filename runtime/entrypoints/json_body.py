@@ -50,11 +50,18 @@ def check_depth(obj: Any, limit: int) -> None:
         raise too_deep(limit)
 
 
+def _number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: an int when it has no fractional part (1.0,
+    1e3), as JSON Schema's `integer` counts it and pydantic-based servers accept it for an int."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def loads_json(raw: bytes, max_depth: int) -> dict[str, Any]:
     """A request body as a JSON object. RequestError (400, naming `body`) for invalid JSON, a body
     that is not an object, or one nested deeper than `max_depth`."""
     try:
-        body = json.loads(raw or b"null")
+        body = json.loads(raw or b"null", parse_float=_number)
     except RecursionError:
         raise too_deep(max_depth) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -180,9 +180,7 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
                                        f"got {_short(part)}", where)  # fmt: skip
                 texts.append(part["text"])
             m = {**m, "content": "".join(texts)}
-        elif content is None:
-            if role != "assistant":
-                raise RequestError(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+        elif content is None:  # an assistant's turn without text (or a message without content): empty
             m = {**m, "content": ""}
         elif not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts, got {_short(content)}",

@@ -49,6 +49,17 @@ def test_depth_walk_does_not_recurse():
     assert not nesting_depth_over({"a": [1, {"b": [2]}]}, 4) and nesting_depth_over({"a": [1, {"b": [2]}]}, 3)
 
 
+def test_json_numbers_without_a_fraction_are_ints():
+    assert loads_json(b'{"n": 2.0, "max_tokens": 1e3, "temperature": 0.5, "top_p": 1}', 64) == {
+        "n": 2, "max_tokens": 1000, "temperature": 0.5, "top_p": 1}  # fmt: skip
+    assert isinstance(loads_json(b'{"n": 2.0}', 64)["n"], int)
+
+
+def test_null_flags_mean_their_defaults():
+    req = GenerateRequest.from_body({"text": "x", "stream": None, "reject_invalid": None, "return_text_in_logprobs": None})
+    assert (req.stream, req.reject_invalid, req.return_text_in_logprobs) == (False, True, False)
+
+
 @pytest.mark.parametrize("raw, message", [(b"{not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"),
                                           (b"\xff\xfe", "not valid JSON")])  # fmt: skip
 def test_invalid_bodies_name_the_body(raw, message):
