@@ -41,7 +41,7 @@ def servers(model_dir) -> Iterator[dict[str, Server]]:
 
 def _stream_forever(srv: Server, stop: threading.Event) -> None:
     """A client reading a long stream until the server goes away."""
-    body = {"text": "x", "sampling_params": {"max_new_tokens": 100_000, "ignore_eos": True}, "stream": True}
+    body = {"text": "x", "sampling_params": {"max_new_tokens": None, "ignore_eos": True}, "stream": True}  # null: until the context is full
     try:
         with httpx.stream("POST", srv.url + "/generate", json=body, timeout=30) as r:
             for _ in r.iter_lines():
@@ -105,7 +105,7 @@ def test_killing_the_detokenizer_gives_503_and_nonzero_exit(servers):
     answer: dict = {}
 
     def long_request() -> None:
-        body = {"text": "x", "sampling_params": {"max_new_tokens": 100_000, "ignore_eos": True}}
+        body = {"text": "x", "sampling_params": {"max_new_tokens": None, "ignore_eos": True}}  # until the context is full
         try:
             answer["r"] = httpx.post(srv.url + "/generate", json=body, timeout=30)
         except httpx.HTTPError as exc:  # pragma: no cover - reported below
