@@ -8,7 +8,7 @@ streams results back:
 
 Every request that enters gets exactly one final answer: its result, an abort, or
 `EngineDeadError` when a child process died (the HTTP layer answers 503 and exits non-zero) or
-when the server shuts down and its grace period ran out (`stop_admitting`, `drain`, `abort_all`).
+when the server shuts down and its grace period ran out (`stop_admitting`, then `abort_all`).
 
 Nothing a client sends runs long on the event loop: large prompts are tokenized, and chat
 templates rendered, on worker threads (`off_loop`).
@@ -275,13 +275,6 @@ class AsyncEngine(GenerateAPI):
     def stop_admitting(self, reason: str = "the server is shutting down") -> None:
         """From now on new requests get EngineDeadError(reason) (503); running ones go on."""
         self.closing = reason
-
-    async def drain(self, grace_s: float) -> bool:
-        """Wait up to `grace_s` for the running requests to finish -> whether they all did."""
-        deadline = time.monotonic() + grace_s
-        while self._reqs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return not self._reqs
 
     def abort_all(self, reason: str) -> int:
         """End every running request now: the scheduler drops it, its caller gets

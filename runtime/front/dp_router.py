@@ -213,9 +213,6 @@ class DataParallelEngine(GenerateAPI):
         for r in self.replicas:
             r.stop_admitting(reason)
 
-    async def drain(self, grace_s: float) -> bool:
-        return all(await asyncio.gather(*(r.drain(grace_s) for r in self.replicas)))
-
     @property
     def num_running(self) -> int:
         return sum(r.num_running for r in self.replicas)

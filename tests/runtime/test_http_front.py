@@ -233,7 +233,7 @@ def test_shutdown_aborts_what_runs_with_503_and_counts_every_end(tokenizer, capl
         engine.stop_admitting()
         with pytest.raises(EngineDeadError, match="shutting down"):
             await engine.generate(GenerateRequest(input_ids=[1])).__anext__()  # no new request once stopping
-        assert not await engine.drain(0.1) and engine.num_running == 2
+        assert engine.num_running == 2  # still running: the server's grace period would wait for them
         assert engine.abort_all("the server is shutting down: grace period over") == 2
         results = await asyncio.gather(*tasks, return_exceptions=True)
         return engine, sent, results
