@@ -7,6 +7,13 @@ Three pieces, as in SGLang:
 - `TokenToKVPoolAllocator`: hands out KV slots `1..size` (slot 0 is reserved: padded tokens
   write their K/V there, so it must never hold a real token).
 - `TokenToKVPool`: the K and V buffers themselves, `[size + 1, kv_heads, head_dim]` per layer.
+
+Memory policy. The pool is the prefix cache's one budget: `size` slots (`max_total_tokens`, by
+default a `mem_fraction_static` share of free memory), fixed at start-up and never exceeded; the
+cache keeps what it has computed until a new request needs the room (LRU eviction). On the CPU the
+buffers are private zero pages that become resident as slots are first written (the allocator hands
+slots out in turn, so: as tokens are computed), up to the budget and no further;
+`release_pages()` (called by /flush_cache, once every slot is free) hands them back to the kernel.
 """
 
 from __future__ import annotations
@@ -93,18 +100,27 @@ FP8_E4M3_MAX = 448.0
 FP8_CALIBRATION_MARGIN = 4.0
 
 
-def zeroed_buffers(count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """`count` zero tensors of `shape`. On the CPU they are views of one anonymous memory map: the
-    kernel hands out zero pages only when a slot is first written, so a pool of several GiB costs
-    nothing at start-up (torch.zeros wrote every byte of it: 8.6 s for the default pool of a
-    135M model) and its resident memory grows with the tokens actually cached."""
+def zeroed_buffers(
+    count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[list[torch.Tensor], mmap.mmap | None]:
+    """`count` zero tensors of `shape`, and on the CPU the memory map they are views of (else None).
+
+    On the CPU the map is private and anonymous: the kernel hands out zero pages only when a slot is
+    first written, so a pool of several GiB costs nothing at start-up (torch.zeros wrote every byte
+    of it: 8.6 s for the default pool of a 135M model) and its resident memory grows with the tokens
+    actually cached. Private, not shared (mmap's default), so that MADV_DONTNEED frees the pages
+    (`release_pages`); shared anonymous memory would stay resident until the map is closed."""
     if device.type != "cpu":
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(count)]
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(count)], None
     numel = math.prod(shape)
     stride = -(-numel * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE  # each buffer starts on a page
-    mapping = mmap.mmap(-1, max(stride * count, mmap.PAGESIZE))
+    mapping = mmap.mmap(-1, max(stride * count, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_DONTDUMP"):
+        # GiBs of KV are of no use in a core dump; the flag also keeps the pool a map of its own
+        # (not merged with its neighbours), shown with `dd` in /proc/PID/smaps' VmFlags.
+        mapping.madvise(mmap.MADV_DONTDUMP)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # shares the mapping, which stays open as long as `raw` lives
-    return [raw[i * stride : i * stride + numel * dtype.itemsize].view(dtype).view(shape) for i in range(count)]
+    return [raw[i * stride : i * stride + numel * dtype.itemsize].view(dtype).view(shape) for i in range(count)], mapping
 
 
 class TokenToKVPool:
@@ -135,11 +151,18 @@ class TokenToKVPool:
         self.head_dim = head_dim
         self.layer_num = layer_num
         self.device = torch.device(device)
-        buffers = zeroed_buffers(2 * layer_num, (size + 1, head_num, head_dim), self.kv_dtype, self.device)
+        buffers, self._mapping = zeroed_buffers(2 * layer_num, (size + 1, head_num, head_dim), self.kv_dtype, self.device)
         self.k_buffer: list[torch.Tensor] = buffers[:layer_num]
         self.v_buffer: list[torch.Tensor] = buffers[layer_num:]
         self.k_scale: list[float | None] = list(scales[0]) if scales else [None] * layer_num
         self.v_scale: list[float | None] = list(scales[1]) if scales else [None] * layer_num
+
+    def release_pages(self) -> None:
+        """Give the buffers' memory back to the kernel; every slot reads zero again afterwards.
+        Only while no slot holds a token the cache or a request still needs (after a flush).
+        A no-op off the CPU, where the buffers are allocated once, whole."""
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         return self.k_buffer[layer_id]  # [size + 1, Hkv, D]

@@ -271,7 +271,9 @@ class ScratchRows:
     `select` choices: 2000 rows over a 49k vocabulary, 390 MB) would otherwise get a fresh block
     each time, and the page faults of touching it cost more than the log_softmax written into it.
     Fewer than `min_rows` rows, or another device, get None (a fresh tensor is cheap there). The
-    view handed out is valid until the next `get`: one owner, one step at a time."""
+    view handed out is valid until the next `get`: one owner, one step at a time. Bounded: one
+    block, as large as the largest step asked for (a new vocabulary width replaces it); the
+    scheduler drops it on /flush_cache."""
 
     ROUND = 256  # rows are allocated in multiples of this, so the block is not regrown each step
 

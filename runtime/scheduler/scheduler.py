@@ -17,6 +17,7 @@ KV memory accounting (checked after every step when `debug_check_memory` is on):
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -61,6 +62,20 @@ logger = logging.getLogger(__name__)
 # is small. So the CPU keeps the simpler synchronous loop. With a GPU the forward thread mostly
 # waits on the device, and the scheduler's work hides behind it.
 CPU_OVERLAP_DEFAULT = False
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the kernel (glibc's malloc_trim; elsewhere a no-op).
+
+    Tensors of many shapes (each prefill has its own) are malloc'd and freed; glibc keeps what is
+    freed inside the heap for reuse and hands back only the free space at its very top, so without
+    this the resident size stays at the high-water mark of the steps' tensors."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(ctypes.c_size_t(0))
 
 
 class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapScheduling, GrammarQueue):
@@ -223,11 +238,17 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
                 return
 
     def flush_cache(self) -> FlushCacheOut:
+        """Empty the prefix cache and give its memory back: the tree's nodes, the KV pool's pages
+        (`TokenToKVPool.release_pages`) and the heap they and the steps' tensors leave free
+        (`release_free_heap`). Refused while any request runs or waits."""
         if self.has_work():
             return FlushCacheOut(False, "cannot flush the cache while requests are running or waiting")
         self.tree_cache.reset()
         self.req_to_token_pool.clear()
         self.allocator.clear()
+        self.runner.token_to_kv_pool.release_pages()
+        self.logits_scratch, self.logprobs_scratch = ScratchRows(), ScratchRows()
+        release_free_heap()
         return FlushCacheOut(True)
 
     # ------------------------------------------------------------------ checks

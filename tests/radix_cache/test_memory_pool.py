@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 
@@ -97,3 +99,29 @@ def test_bytes_per_token_and_size_for_budget(dtype: torch.dtype) -> None:
     assert pool.mem_bytes() <= budget < pool.mem_bytes() + per_token  # the reserved row counts
     assert pool.mem_bytes() == (size + 1) * per_token
     assert TokenToKVPool.size_for_budget(per_token // 2, dtype, 2, 8, 3) == 0
+
+
+def _pool_resident_kib() -> int:
+    """Resident KiB of this process's don't-dump maps (the CPU KV pools), from /proc/self/smaps."""
+    total, rss = 0, 0
+    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("VmFlags:") and " dd" in line:
+            total += rss
+    return total
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_release_pages_gives_the_memory_back_and_slots_read_zero() -> None:
+    before = _pool_resident_kib()
+    pool = TokenToKVPool(4096, torch.float32, 4, 64, 2)  # 4 buffers of 4 MiB, none resident yet
+    assert _pool_resident_kib() - before < 64
+    for layer in range(2):
+        pool.set_kv_buffer(layer, torch.arange(1, 4097), torch.ones(4096, 4, 64), torch.ones(4096, 4, 64))
+    assert _pool_resident_kib() - before >= 16 * 1024 - 64  # every page written is resident
+    pool.release_pages()
+    assert _pool_resident_kib() - before < 64
+    assert not any(b.any() for b in pool.k_buffer + pool.v_buffer)  # a released slot reads zero
+    pool.set_kv_buffer(1, torch.tensor([7]), torch.full((1, 4, 64), 2.0), torch.full((1, 4, 64), 3.0))
+    assert pool.get_key_buffer(1)[7].eq(2.0).all() and pool.get_value_buffer(1)[7].eq(3.0).all()  # and takes writes again
