@@ -31,7 +31,7 @@ WATCH_INTERVAL_S = 0.02  # how often running jobs are checked for their deadline
 # Compile threads run at a lower CPU priority than the scheduler's: on a CPU host the model's
 # intra-op threads take every core, and a compile competing with them at equal priority made
 # 4-token requests 10x slower (benchmarks/bench_grammar_stall.py).
-COMPILE_NICE = 10
+COMPILE_NICE = 5
 
 
 class CompileStopped(GrammarError):

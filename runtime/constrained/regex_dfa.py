@@ -37,8 +37,8 @@ from loom.runtime.constrained.vocabulary import TokenVocab
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
-EAGER_BUDGET_S = 0.01  # a JSON Schema's DFA built whole within this, else state by state as walks reach them
-PRECOMPUTE_TIME_S = 0.005  # masks walked at compile time, nearest states first (CompiledRegex._precompute)
+EAGER_BUDGET_S = 0.003  # a JSON Schema's DFA built whole within this, else state by state as walks reach them
+PRECOMPUTE_TIME_S = 0.002  # masks walked at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's masks past this are dropped and recomputed as visited
 
