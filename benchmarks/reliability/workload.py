@@ -91,8 +91,8 @@ def random_prompt(rng: random.Random, words: tuple[int, int]) -> str:
 
 
 def make_requests(n: int, seed: int = 0, *, model: str = "default", abandon: float = 0.10, constrained: float = 0.3,
-                  stream: float = 0.5, words: tuple[int, int] = (3, 40), max_tokens: tuple[int, int] = (4, 24),
-                  constrained_max_tokens: tuple[int, int] = (24, 64)) -> list[SoakRequest]:  # fmt: skip
+                  stream: float = 0.5, words: tuple[int, int] = (3, 24), max_tokens: tuple[int, int] = (2, 16),
+                  constrained_max_tokens: tuple[int, int] = (16, 48)) -> list[SoakRequest]:  # fmt: skip
     """`n` requests drawn from `seed`: each route a third, `stream` of them streamed (of which
     `abandon` are left after a few events), `constrained` of them under a schema (2/3) or a regex."""
     rng = random.Random(seed)

@@ -2,9 +2,10 @@
 
 PULL from the front (requests, aborts, flushes) and PUSH to the detokenizer (token ids, replies).
 The loop steps the scheduler while it has work and otherwise blocks on a poll of its socket, so
-an idle server burns no CPU. Between any two steps, busy or idle, it checks that the front that
-started it still lives; once it is gone the scheduler removes the socket folder and exits at once
-(`leave_orphaned`), and a send the detokenizer no longer reads stops blocking (`ParentGone`).
+an idle server burns no CPU. Every few seconds of work it hands the C heap's free pages back
+(heap.py), so the process's memory follows what it holds, not the holes its tensors left.
+Between any two steps, busy or idle, it checks that the front that started it still lives; once
+it is gone the scheduler removes the socket folder and exits at once (`leave_orphaned`), and a send the detokenizer no longer reads stops blocking (`ParentGone`).
 
 With tp_size > 1 there is one such process per rank; only rank 0 talks ZeroMQ and the others
 follow it (`runtime/scheduler/tp_scheduler.py`). An idle rank 0 still steps once a second, which keeps the
@@ -28,6 +29,7 @@ import zmq
 
 from loom.runtime.ipc import IpcPaths, ParentGone, leave_orphaned, parent_gone
 from loom.runtime.messages import SchedulerReady
+from loom.runtime.scheduler.heap import HeapTrimmer
 from loom.runtime.scheduler.io import ZmqIO
 from loom.runtime.server_args import ServerArgs
 
@@ -155,6 +157,7 @@ def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup |
             terminated = True
 
         signal.signal(signal.SIGTERM, on_sigterm)
+    heap = HeapTrimmer()
     try:
         while True:
             if terminated:
@@ -164,7 +167,9 @@ def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup |
             # not decode on for the requests of nobody.
             if parent_gone(parent_pid):
                 raise ParentGone()
-            if scheduler.step():
+            ran = scheduler.step()
+            heap.after_step(ran)
+            if ran:
                 continue
             # Nothing ran: block on the socket; briefly while requests wait (e.g. grammars compiling).
             io.wait(PENDING_POLL_MS if scheduler.has_work() else IDLE_POLL_MS)
@@ -175,8 +180,9 @@ def _leader_loop(scheduler: Scheduler, io: ZmqIO, parent_pid: int, tp: TpGroup |
 
 
 def _follower_loop(scheduler: Scheduler, parent_pid: int) -> None:
+    heap = HeapTrimmer()
     while True:
-        scheduler.step()  # blocks in rank 0's broadcast, which comes at least once a second
+        heap.after_step(scheduler.step())  # blocks in rank 0's broadcast, which comes at least once a second
         if parent_gone(parent_pid):  # our node's launcher is gone: leave, and rank 0 fails with us
             logger.error("the process that started this rank is gone; exiting")
             sys.exit(1)

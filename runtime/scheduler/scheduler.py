@@ -17,7 +17,6 @@ KV memory accounting (checked after every step when `debug_check_memory` is on):
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler.admission import INIT_NEW_TOKEN_RATIO, PrefillAdmission
 from loom.runtime.scheduler.batch_runner import BatchRunner
 from loom.runtime.scheduler.grammar_queue import GrammarQueue
+from loom.runtime.scheduler.heap import release_free_heap
 from loom.runtime.scheduler.io import SchedulerIO
 from loom.runtime.scheduler.output import OutputProcessor
 from loom.runtime.scheduler.overlap import InflightStep, OverlapWorker
@@ -62,20 +62,6 @@ logger = logging.getLogger(__name__)
 # is small. So the CPU keeps the simpler synchronous loop. With a GPU the forward thread mostly
 # waits on the device, and the scheduler's work hides behind it.
 CPU_OVERLAP_DEFAULT = False
-
-
-def release_free_heap() -> None:
-    """Return the C heap's free pages to the kernel (glibc's malloc_trim; elsewhere a no-op).
-
-    Tensors of many shapes (each prefill has its own) are malloc'd and freed; glibc keeps what is
-    freed inside the heap for reuse and hands back only the free space at its very top, so without
-    this the resident size stays at the high-water mark of the steps' tensors."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(ctypes.c_size_t(0))
 
 
 class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapScheduling, GrammarQueue):
@@ -239,7 +225,8 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
 
     def flush_cache(self) -> FlushCacheOut:
         """Empty the prefix cache and give its memory back: the tree's nodes, the KV pool's pages
-        (`TokenToKVPool.release_pages`) and the heap they and the steps' tensors leave free
+        (`TokenToKVPool.release_pages`), the scratch blocks, on CUDA torch's cached device and
+        pinned host blocks, and the C heap they and the steps' tensors leave free
         (`release_free_heap`). Refused while any request runs or waits."""
         if self.has_work():
             return FlushCacheOut(False, "cannot flush the cache while requests are running or waiting")
@@ -248,6 +235,11 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
         self.allocator.clear()
         self.runner.token_to_kv_pool.release_pages()
         self.logits_scratch, self.logprobs_scratch = ScratchRows(), ScratchRows()
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()  # the caching allocator's free blocks: activations of every shape seen
+            empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+            if empty_host_cache is not None:
+                empty_host_cache()  # the pinned host blocks behind host_to_device, one per size seen
         release_free_heap()
         return FlushCacheOut(True)
 
