@@ -96,6 +96,9 @@ def error_body(status: int, message: str, param: str | None = None, err_type: st
 
 
 MAX_N = 128  # the most samples `sampling_params.n` may ask for one prompt
+# The most requests one call may become (prompts times samples): a 16 MiB body of one-character
+# prompts would otherwise be millions of requests, tokenized and queued before anyone else's.
+MAX_ITEMS_PER_CALL = 4096
 
 # Keys SGLang clients may send in a /generate body that mean nothing for a text-only engine:
 # accepted and ignored.
@@ -224,6 +227,11 @@ class GenerateRequest:
             if copies > 1 and rids[i] is not None:
                 raise RequestError("rid cannot be given with sampling_params.n > 1 (each sample is its own request)", "rid")
             one = {k: v for k, v in (p or {}).items() if k != "n"}
+            if len(items) + copies > MAX_ITEMS_PER_CALL:
+                raise RequestError(
+                    f"one call may ask for at most {MAX_ITEMS_PER_CALL} completions (prompts times n); "
+                    f"this one asks for more ({n} prompts)", field_name
+                )  # fmt: skip
             for _ in range(copies):
                 items.append(GenerateItem(
                     index=len(items), where=f"{field_name}[{i}]" if batch else field_name,

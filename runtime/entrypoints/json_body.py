@@ -7,6 +7,7 @@ the front door's process need not import it. Both limits are `loom serve` flags.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from loom.runtime.protocol import RequestError
@@ -50,6 +51,31 @@ def check_depth(obj: Any, limit: int) -> None:
         raise too_deep(limit)
 
 
+# A \\uD800-\\uDFFF escape: JSON may spell half a surrogate pair, which is no Unicode text.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate_at(obj: Any) -> str | None:
+    """Where in `obj` (decoded JSON) a string, key or value, holds an unpaired UTF-16 surrogate,
+    as a field path (`messages[0].content`); None when every string is valid Unicode."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                stack.append((key, child_path))
+                stack.append((child, child_path))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node))
+    return None
+
+
 def _number(text: str) -> float | int:
     """A JSON number with a fraction or exponent: an int when it has no fractional part (1.0,
     1e3), as JSON Schema's `integer` counts it and pydantic-based servers accept it for an int."""
@@ -69,4 +95,9 @@ def loads_json(raw: bytes, max_depth: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}", "body")
     check_depth(body, max_depth)
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the body (a pair is fine, half of one is not)
+        where = lone_surrogate_at(body)
+        if where is not None:
+            raise RequestError(f"{where} holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF escape alone), "
+                               "which is not valid Unicode text", where)  # fmt: skip
     return body

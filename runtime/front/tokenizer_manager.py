@@ -7,6 +7,7 @@ caller's thread. Every user mistake raises `RequestError` (a ValueError) naming 
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class TokenizerManager:
             if item.text is not None:
                 ids = encoded.get(item.text)
                 if ids is None:
+                    self._check_text_length(item.text, where)
                     ids = encoded[item.text] = self.tokenizer.encode(item.text, add_special_tokens=False)
             else:
                 ids = item.input_ids or []
@@ -116,6 +118,31 @@ class TokenizerManager:
             states.append(ReqState(rid, len(ids), item.return_logprob, request.return_text_in_logprobs))
         return reqs, states
 
+    def _check_text_length(self, text: str, where: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit in the context whatever its tokens:
+        no token spells more than `longest_token` characters, so a text of more than `context_len`
+        times that (doubled, for normalisers that drop characters) has more tokens than the context
+        holds. Tokenizing a 16 MiB body would cost half a minute of CPU only to refuse it."""
+        bound = self.context_len * 2 * self.longest_token
+        if len(text) > bound:
+            raise RequestError(
+                f"{where} has {len(text)} characters, more than the model's context length of {self.context_len} tokens "
+                f"can hold (at most {bound} characters)", where.partition("[")[0]
+            )  # fmt: skip
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # half a surrogate pair ("\ud800"): the tokenizer would raise TypeError
+            raise RequestError(f"{where} is not valid Unicode text: {exc.reason} at character {exc.start}",
+                               where.partition("[")[0]) from None  # fmt: skip
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one vocabulary entry spells (special tokens included; at least 16,
+        for tokenizers without a vocabulary to read)."""
+        get_vocab = getattr(self.tokenizer, "get_vocab", None)
+        vocab = get_vocab() if get_vocab is not None else {}
+        return max(16, max(map(len, vocab), default=0))
+
     def _check_room(self, prompt_tokens: int, max_new_tokens: int, prompt_name: str) -> None:
         """An explicit max_new_tokens must fit in the context after the prompt (as vLLM and SGLang
         refuse it): quietly capping 10**12 would make one request generate for minutes. Unset
@@ -125,6 +152,12 @@ class TokenizerManager:
             raise RequestError(
                 f"This model's maximum context length is {self.context_len} tokens. However, you requested {total} tokens "
                 f"({prompt_tokens} in the {prompt_name}, {max_new_tokens} in the completion). "
+                f"Please reduce the length of the {prompt_name} or completion.", "sampling_params.max_new_tokens"
+            )  # fmt: skip
+        if total > self.max_total_tokens:  # a KV pool smaller than the context: the request could never finish
+            raise RequestError(
+                f"The KV cache holds only {self.max_total_tokens} tokens (max_total_tokens). However, you requested {total} "
+                f"tokens ({prompt_tokens} in the {prompt_name}, {max_new_tokens} in the completion). "
                 f"Please reduce the length of the {prompt_name} or completion.", "sampling_params.max_new_tokens"
             )  # fmt: skip
 

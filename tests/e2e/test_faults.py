@@ -20,7 +20,7 @@ import pytest
 
 from loom.checkpoint_writer import build_tiny_checkpoint
 
-from server_proc import Server, alive, child_pids
+from server_proc import Server, alive, child_pids, kill_during_request
 
 LEFT_BEHIND_LIMIT_S = 10.0
 
@@ -102,24 +102,9 @@ def test_front_killed_while_idle_leaves_nothing_behind(servers):
 def test_killing_the_detokenizer_gives_503_and_nonzero_exit(servers):
     srv = servers["detokenizer"].wait_ready()
     info = srv.info()
-    answer: dict = {}
-
-    def long_request() -> None:
-        body = {"text": "x", "sampling_params": {"max_new_tokens": None, "ignore_eos": True}}  # until the context is full
-        try:
-            answer["r"] = httpx.post(srv.url + "/generate", json=body, timeout=30)
-        except httpx.HTTPError as exc:  # pragma: no cover - reported below
-            answer["exc"] = exc
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    os.kill(info["pids"]["detokenizer"], signal.SIGKILL)
-    t.join(15)
-    assert answer.get("r") is not None, answer
-    assert answer["r"].status_code == 503 and "detokenizer" in answer["r"].json()["error"]["message"]
-    assert time.monotonic() - t0 < 5
+    r, took = kill_during_request(srv, "detokenizer", max_new_tokens=None)
+    assert r.status_code == 503 and "detokenizer" in r.json()["error"]["message"]
+    assert took < 5
     assert srv.proc.wait(20) == 1
     assert not pathlib.Path(info["ipc_dir"]).exists(), "the socket folder was not removed"
     srv.client.close()

@@ -6,7 +6,6 @@ One server (with an API key) serves most tests; the fault and shutdown tests sta
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import threading
@@ -20,7 +19,7 @@ import pytest
 from loom.checkpoint_writer import build_tiny_checkpoint
 from loom.runtime.entrypoints.engine import LocalEngine
 
-from server_proc import API_KEY, MAX_TOTAL_TOKENS, Server, alive, child_pids
+from server_proc import API_KEY, MAX_TOTAL_TOKENS, Server, alive, child_pids, kill_during_request
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
@@ -344,25 +343,9 @@ def test_sigterm_leaves_no_processes(servers):
 
 def test_killing_the_scheduler_gives_503_and_nonzero_exit(servers):
     srv = servers["kill"].wait_ready()
-    scheduler = srv.info()["pids"]["scheduler"]
-    answer: dict = {}
-
-    def long_request() -> None:
-        body = {"text": "x", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
-        try:
-            answer["r"] = httpx.post(srv.url + "/generate", json=body, timeout=30)
-        except httpx.HTTPError as exc:  # pragma: no cover - reported below
-            answer["exc"] = exc
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    os.kill(scheduler, signal.SIGKILL)
-    t.join(15)
-    assert answer.get("r") is not None, answer
-    assert answer["r"].status_code == 503 and "scheduler" in answer["r"].json()["error"]["message"]
-    assert time.monotonic() - t0 < 5
+    r, took = kill_during_request(srv, "scheduler")
+    assert r.status_code == 503 and "scheduler" in r.json()["error"]["message"]
+    assert took < 5
     try:
         late = httpx.post(srv.url + "/generate", json={"text": "x"}, timeout=5)
         assert late.status_code == 503

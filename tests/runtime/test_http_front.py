@@ -55,6 +55,14 @@ def test_json_numbers_without_a_fraction_are_ints():
     assert isinstance(loads_json(b'{"n": 2.0}', 64)["n"], int)
 
 
+def test_half_a_surrogate_pair_is_a_400_naming_its_field():
+    """JSON can spell "\\ud800" alone, which is no Unicode text (the tokenizer raised TypeError: 500)."""
+    with pytest.raises(RequestError) as err:
+        loads_json(rb'{"messages": [{"role": "user", "content": "a\udc00b"}]}', 64)
+    assert err.value.param == "messages[0].content" and "surrogate" in str(err.value)
+    assert loads_json(rb'{"text": "\ud83d\ude00 and \\ud800"}', 64)["text"] == "\U0001f600 and \\ud800"  # a pair; an escaped backslash
+
+
 def test_null_flags_mean_their_defaults():
     req = GenerateRequest.from_body({"text": "x", "stream": None, "reject_invalid": None, "return_text_in_logprobs": None})
     assert (req.stream, req.reject_invalid, req.return_text_in_logprobs) == (False, True, False)

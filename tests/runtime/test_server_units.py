@@ -142,14 +142,19 @@ def test_state_takes_the_final_text(tokenizer):
         (lambda tm: GenerateRequest(text="x", input_ids=[1]).items(), "text"),
         (lambda tm: GenerateRequest(text=["a", "b"], sampling_params=[{}]).items(), "sampling_params"),
         (lambda tm: GenerateRequest(text="x", sampling_params={"n": 0}).items(), "sampling_params.n"),
-        (lambda tm: tm.tokenize(r := GenerateRequest(input_ids=[[1], [2] * 3000]), r.items()), "input_ids"),
+        (lambda tm: tm.tokenize(r := GenerateRequest(input_ids=[[1], [2] * 5000]), r.items()), "input_ids"),
         (lambda tm: tm.tokenize(r := GenerateRequest(text="x", top_logprobs_num=-1), r.items()), "top_logprobs_num"),
+        (lambda tm: GenerateRequest(text=["a"] * 33, sampling_params={"n": 128}).items(), "text"),
+        (lambda tm: tm.tokenize(r := GenerateRequest(text=["ok", "x" * 10**7]), r.items()), "text"),
+        (lambda tm: tm.tokenize(r := GenerateRequest(text="x", sampling_params={"max_new_tokens": 2100}), r.items()),
+         "sampling_params.max_new_tokens"),
     ],
 )
 def test_errors_carry_their_field(tokenizer, call, param):
     """A request mistake raises RequestError (a ValueError) whose `param` names the field, whichever
-    layer finds it; the HTTP and ZeroMQ answers take the field from there, not from the text."""
-    tm = TokenizerManager(tokenizer, context_len=2048, vocab_size=512, max_total_tokens=4096)
+    layer finds it; the HTTP and ZeroMQ answers take the field from there, not from the text. (The
+    KV cache here holds fewer tokens than the context: 2,100 new tokens fit the one, not the other.)"""
+    tm = TokenizerManager(tokenizer, context_len=4096, vocab_size=512, max_total_tokens=2048)
     with pytest.raises(RequestError) as err:
         call(tm)
     assert err.value.param == param and isinstance(err.value, ValueError)

@@ -8,11 +8,13 @@ parallel); `wait_ready()` blocks until /health answers and opens an httpx client
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -104,3 +106,26 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def kill_during_request(srv: Server, process: str, max_new_tokens: int | None = 2000) -> tuple[httpx.Response, float]:
+    """Send a long /generate, kill -9 the server's `process` (scheduler, detokenizer) half a second
+    in -> (the request's answer, seconds from the kill to it)."""
+    pid = srv.info()["pids"][process]
+    answer: dict = {}
+
+    def long_request() -> None:
+        body = {"text": "x", "sampling_params": {"max_new_tokens": max_new_tokens, "ignore_eos": True}}  # None: until the context is full
+        try:
+            answer["r"] = httpx.post(srv.url + "/generate", json=body, timeout=30)
+        except httpx.HTTPError as exc:  # pragma: no cover - reported below
+            answer["exc"] = exc
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    t.join(15)
+    assert answer.get("r") is not None, answer
+    return answer["r"], time.monotonic() - t0
