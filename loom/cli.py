@@ -55,6 +55,14 @@ _ENGINE_FLAG_HELP = {
                           "triton or flashinfer attention backend)",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; larger batches run eagerly "
                          "(default: min(160, --max-running-requests))",
+    "grammar_max_source_chars": "longest grammar (regex, JSON Schema, EBNF, Lark) a request may send, in characters",
+    "grammar_max_string_length": "largest minLength / maxLength a JSON Schema may ask for",
+    "grammar_max_items": "largest minItems / maxItems a JSON Schema may ask for",
+    "grammar_max_repeat": "largest {m,n} count in a regex or a schema's pattern",
+    "grammar_max_regex_size": "most atoms a regex may expand to once its repetitions are unrolled",
+    "grammar_max_nesting": "deepest nesting of schemas or regex groups",
+    "grammar_compile_timeout_s": "seconds one grammar may take to compile; past it the compile is cancelled. A grammar "
+                                 "past any --grammar-* limit is answered 400 naming the keyword and the limit",
 }
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from dataclasses import asdict, dataclass, fields
 
+from loom.runtime.grammar_limits import LIMIT_NAMES, GrammarLimits
+
 # Grammar backend -> the module it needs (checked when ServerArgs is built, before any process starts).
 # loom: Loom's own compilers (byte DFAs for regexes and JSON Schemas, outlines-core turning a schema
 # into a regex; LALR masks for EBNF / Lark); xgrammar and llguidance: theirs.
@@ -28,6 +30,9 @@ def grammar_backend_name(name: str) -> str:
         aliases = ", ".join(f"{alias} is an alias of {target}" for alias, target in GRAMMAR_BACKEND_ALIASES.items())
         raise EngineArgumentError(f"grammar_backend must be one of {', '.join(GRAMMAR_BACKENDS)} ({aliases}), got {name!r}")
     return canonical
+
+
+_GRAMMAR_LIMITS = GrammarLimits()
 
 
 @dataclass(slots=True)
@@ -67,6 +72,21 @@ class ServerArgs:
     disable_cpu_weight_packing: bool = False  # keep fp32 CPU weights in one layout only (no oneDNN copy; layers/linear.py)
     disable_cuda_graph: bool = False  # decode eagerly (graphs apply on CUDA with the triton / flashinfer backends)
     cuda_graph_max_bs: int | None = None  # largest decode batch run as a CUDA graph (None: min(160, max_running_requests))
+    # How large a grammar a request may send, and how long its compile may take (runtime/grammar_limits.py).
+    grammar_max_source_chars: int = _GRAMMAR_LIMITS.max_source_chars
+    grammar_max_string_length: int = _GRAMMAR_LIMITS.max_string_length
+    grammar_max_items: int = _GRAMMAR_LIMITS.max_items
+    grammar_max_repeat: int = _GRAMMAR_LIMITS.max_repeat
+    grammar_max_regex_size: int = _GRAMMAR_LIMITS.max_regex_size
+    grammar_max_nesting: int = _GRAMMAR_LIMITS.max_nesting
+    grammar_compile_timeout_s: float = _GRAMMAR_LIMITS.compile_timeout_s
+
+    def grammar_limits(self) -> GrammarLimits:
+        """The `grammar_*` arguments as the grammar backend's limits."""
+        try:
+            return GrammarLimits(**{name: getattr(self, f"grammar_{name}") for name in LIMIT_NAMES})
+        except ValueError as exc:
+            raise EngineArgumentError(str(exc)) from None
 
     def __post_init__(self) -> None:
         if os.environ.get("LOOM_DEBUG_MEMORY") == "1":
@@ -85,6 +105,7 @@ class ServerArgs:
             raise EngineArgumentError(f"max_running_requests must be an int >= 1, got {self.max_running_requests!r}")
         if self.quantization not in ("auto", "none", "int8", "int4"):
             raise EngineArgumentError(f"quantization must be one of auto, none, int8, int4, got {self.quantization!r}")
+        self.grammar_limits()  # EngineArgumentError naming a limit that is not > 0
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise EngineArgumentError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
         self.grammar_backend = grammar_backend_name(self.grammar_backend)

@@ -1,6 +1,6 @@
 """How large a grammar may be: limits checked on the source before any automaton is built.
 
-    GrammarLimits()                              the defaults; GrammarBackend(limits=...) takes others
+    GrammarLimits()                              the defaults (runtime/grammar_limits.py); GrammarBackend(limits=...) takes others
     check_source(kind, source, limits)           raises GrammarError(kind TOO_LARGE) naming the keyword and the limit
 
 A schema's size is not its length: a 58-byte schema with `"maxLength": 400000` asked for an
@@ -14,46 +14,35 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.regex_syntax import REPEAT_OPS, sre_constants, sre_parse
+from loom.runtime.grammar_limits import GrammarLimits, flag_name
 
 
-@dataclass(frozen=True, slots=True)
-class GrammarLimits:
-    """Bounds on what one grammar may ask for. The defaults admit every schema of JSONSchemaBench
-    (lengths up to 65,535, 1,000 items, patterns with `{255}`, nesting 22 deep) and refuse what
-    would take more than seconds to compile."""
-
-    max_source_chars: int = 2_000_000  # the grammar's text (MaskBench's largest schema: 167k)
-    max_string_length: int = 65_536  # minLength / maxLength
-    max_items: int = 1_000  # minItems / maxItems
-    max_repeat: int = 10_000  # a {m,n} count in a regex or a `pattern`
-    max_regex_size: int = 200_000  # the atoms a regex expands to once its repetitions are unrolled
-    max_nesting: int = 128  # nested schemas / groups
-    compile_timeout_s: float = 10.0  # a compile past this stops and its requests are answered 400
-
-    def refuse(self, what: str, value: int, limit_name: str, where: str = "") -> GrammarError:
-        """'{what} {value} at {where} exceeds the limit of N (limit: GrammarLimits.{limit_name})', kind TOO_LARGE."""
-        at = f" at {where}" if where else ""
-        limit = getattr(self, limit_name)
-        return GrammarError(f"{what} {value}{at} exceeds the limit of {limit} (limit: GrammarLimits.{limit_name})", ErrorKind.TOO_LARGE)
+def refuse(limits: GrammarLimits, what: str, value: int, limit_name: str, where: str = "") -> GrammarError:
+    """'{what} {value} at {where} exceeds the limit of N (limit: GrammarLimits.{limit_name}, its flag)',
+    kind TOO_LARGE."""
+    at = f" at {where}" if where else ""
+    limit = getattr(limits, limit_name)
+    return GrammarError(f"{what} {value}{at} exceeds the limit of {limit} (limit: GrammarLimits.{limit_name}, {flag_name(limit_name)})",
+                        ErrorKind.TOO_LARGE)  # fmt: skip
 
 
 def check_source(kind: str, source: str, limits: GrammarLimits) -> None:
     """Refuse a grammar source past `limits` (GrammarError of kind TOO_LARGE); the rest of its
     checking is the compilers'. Cheap: one walk of the parsed schema or regex."""
     if len(source) > limits.max_source_chars:
-        raise limits.refuse(f"{kind}: the source has", len(source), "max_source_chars")
+        raise refuse(limits, f"{kind}: the source has", len(source), "max_source_chars")
     if kind == "regex":
         check_regex(source, "regex", limits)
     elif kind == "json_schema":
         try:
             schema = json.loads(source)
         except RecursionError:
-            raise GrammarError(f"json_schema: nesting exceeds the limit of {limits.max_nesting} (limit: GrammarLimits.max_nesting)",
+            raise GrammarError(f"json_schema: nesting exceeds the limit of {limits.max_nesting} (limit: GrammarLimits.max_nesting, "
+                               f"{flag_name('max_nesting')})",
                                ErrorKind.TOO_LARGE) from None  # fmt: skip
         except json.JSONDecodeError:
             return  # parse_schema says what is wrong with it
@@ -65,7 +54,7 @@ def _check_schema(schema: Any, limits: GrammarLimits) -> None:
     while todo:
         node, path, depth = todo.pop()
         if depth > limits.max_nesting:
-            raise limits.refuse("json_schema: nesting depth", depth, "max_nesting", path)
+            raise refuse(limits, "json_schema: nesting depth", depth, "max_nesting", path)
         if isinstance(node, list):
             todo += [(v, f"{path}/{i}", depth + 1) for i, v in enumerate(node)]
             continue
@@ -77,9 +66,9 @@ def _check_schema(schema: Any, limits: GrammarLimits) -> None:
                 continue  # values, not schemas (their size is the source's)
             if isinstance(value, int) and not isinstance(value, bool):
                 if key in ("minLength", "maxLength") and value > limits.max_string_length:
-                    raise limits.refuse(f"json_schema: {key}", value, "max_string_length", path)
+                    raise refuse(limits, f"json_schema: {key}", value, "max_string_length", path)
                 if key in ("minItems", "maxItems") and value > limits.max_items:
-                    raise limits.refuse(f"json_schema: {key}", value, "max_items", path)
+                    raise refuse(limits, f"json_schema: {key}", value, "max_items", path)
             elif key == "pattern" and isinstance(value, str):
                 check_regex(value, f"json_schema: 'pattern' at {path}", limits)
             elif key == "patternProperties" and isinstance(value, dict):
@@ -97,16 +86,16 @@ def check_regex(pattern: str, where: str, limits: GrammarLimits) -> None:
     except re.error:
         return
     except RecursionError:
-        raise limits.refuse(f"{where}: group nesting is over", limits.max_nesting, "max_nesting") from None
+        raise refuse(limits, f"{where}: group nesting is over", limits.max_nesting, "max_nesting") from None
     size = _regex_size(list(parsed.data), where, limits, 0)
     if size > limits.max_regex_size:
-        raise limits.refuse(f"{where}: unrolled, the regex has", size, "max_regex_size")
+        raise refuse(limits, f"{where}: unrolled, the regex has", size, "max_regex_size")
 
 
 def _regex_size(items: list, where: str, limits: GrammarLimits, depth: int) -> int:
     """The atoms `items` expand to once every {m,n} is unrolled (an unbounded repeat counts once more)."""
     if depth > limits.max_nesting:
-        raise limits.refuse(f"{where}: group nesting is over", limits.max_nesting, "max_nesting")
+        raise refuse(limits, f"{where}: group nesting is over", limits.max_nesting, "max_nesting")
     size = 0
     for op, av in items:
         if op is sre_constants.SUBPATTERN:
@@ -118,7 +107,7 @@ def _regex_size(items: list, where: str, limits: GrammarLimits, depth: int) -> i
             count = lo + 1 if hi is sre_constants.MAXREPEAT else hi
             if max(lo, 0 if hi is sre_constants.MAXREPEAT else hi) > limits.max_repeat:
                 bound = f"{{{lo},}}" if hi is sre_constants.MAXREPEAT else f"{{{lo},{hi}}}"
-                raise limits.refuse(f"{where}: the repetition {bound} counts", max(lo, count), "max_repeat")
+                raise refuse(limits, f"{where}: the repetition {bound} counts", max(lo, count), "max_repeat")
             size += max(count, 1) * _regex_size(list(sub.data), where, limits, depth + 1)
         else:
             size += 1

@@ -30,7 +30,8 @@ class GrammarQueue:
                 return read_token_bytes(load_tokenizer(self.args))
 
             self.grammar_backend = GrammarBackend(
-                token_bytes, self.runner.vocab_size, self.eos_token_ids, grammar_backend=self.args.grammar_backend
+                token_bytes, self.runner.vocab_size, self.eos_token_ids, grammar_backend=self.args.grammar_backend,
+                limits=self.args.grammar_limits(),
             )
         return self.grammar_backend
 

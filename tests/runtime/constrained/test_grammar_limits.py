@@ -13,6 +13,8 @@ import pytest
 from loom.runtime.constrained import ErrorKind, GrammarBackend, GrammarError
 from loom.runtime.constrained.compile_jobs import CompileJobs, CompileStopped
 from loom.runtime.constrained.limits import GrammarLimits, check_source
+from loom.runtime.entrypoints.engine import LocalEngine
+from loom.runtime.server_args import EngineArgumentError, ServerArgs
 
 from byte_vocab import BYTES, EOS, V
 
@@ -29,6 +31,7 @@ def refused(kind: str, source: str, limits: GrammarLimits | None = None) -> str:
 def test_limits_name_the_keyword_the_value_and_the_limit():
     msg = refused("json_schema", HOSTILE)
     assert "minLength" in msg and "200000" in msg and "65536" in msg and "GrammarLimits.max_string_length" in msg
+    assert "--grammar-max-string-length" in msg  # the flag that raises it
     msg = refused("json_schema", json.dumps({"type": "object", "properties": {"xs": {"type": "array", "maxItems": 10**9}}}))
     assert "maxItems" in msg and "#/properties/xs" in msg and "max_items" in msg
     msg = refused("json_schema", json.dumps({"type": "string", "pattern": "^a{0,100001}$"}))
@@ -41,6 +44,21 @@ def test_limits_name_the_keyword_the_value_and_the_limit():
     assert "max_nesting" in refused("json_schema", json.dumps(deep))
     assert "max_nesting" in refused("json_schema", "[" * 100_000 + "]" * 100_000)
     assert "max_source_chars" in refused("regex", "a" * 2001, GrammarLimits(max_source_chars=2000))
+
+
+def test_the_limits_are_engine_arguments(make_tiny_model):
+    """`grammar_*` engine arguments (`loom serve --grammar-*` flags) set the limits the scheduler's
+    backend checks; a limit that is not positive is refused before anything starts."""
+    with pytest.raises(EngineArgumentError, match="--grammar-max-items"):
+        ServerArgs(model_path="x", grammar_max_items=0)
+    path = make_tiny_model("qwen2", vocab_size=512, seed=11)
+    with LocalEngine(model_path=str(path), max_total_tokens=2048, grammar_max_string_length=100) as eng:
+        schema = json.dumps({"type": "string", "maxLength": 200})
+        refused = eng.generate("x", {"json_schema": schema, "max_new_tokens": 4})["meta_info"]["finish_reason"]
+        assert refused["status_code"] == 400 and refused["param"] == "sampling_params.json_schema"
+        assert "maxLength 200 at # exceeds the limit of 100" in refused["message"] and "--grammar-max-string-length" in refused["message"]
+        ok = eng.generate("x", {"json_schema": json.dumps({"type": "string", "maxLength": 50}), "max_new_tokens": 4})
+        assert ok["meta_info"]["completion_tokens"] <= 4
 
 
 def test_sizes_within_the_limits_pass_the_check():
