@@ -64,6 +64,7 @@ async def run_soak(srv: LoomServer, args: argparse.Namespace) -> dict[str, Any]:
             outcomes += await _closed_loop(client, phase, args.clients, deadline, args.request_timeout)
             log(f"soak: {len(outcomes)}/{len(reqs)} answered after {time.perf_counter() - t0:.0f}s")
             await asyncio.to_thread(srv.wait_idle)
+            await asyncio.sleep(1.0)  # the scheduler hands its heap's free pages back on going idle
             points.append(_memory_point(srv, pids, f"after {len(outcomes)} requests"))
             if time.monotonic() > deadline:
                 break

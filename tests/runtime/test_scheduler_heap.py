@@ -7,22 +7,28 @@ import pytest
 from loom.runtime.scheduler import heap
 
 
-def test_trims_once_work_ran_and_the_interval_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trims_while_busy_every_interval_and_once_on_going_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     clock = [100.0]
     monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1))
     monkeypatch.setattr(heap.time, "monotonic", lambda: clock[0])
-    trimmer = heap.HeapTrimmer(interval_s=5.0)
+    trimmer = heap.HeapTrimmer(interval_s=5.0, idle_interval_s=0.5)
     trimmer.after_step(True)
-    assert calls == []  # too soon
-    clock[0] += 5.0
-    trimmer.after_step(False)  # idle now, but work ran since the last trim
-    assert calls == [1]
+    trimmer.after_step(False)
+    assert calls == []  # idle at once, but too soon after the last trim
+    clock[0] += 1.0
+    trimmer.after_step(False)
+    assert calls == [1]  # idle after work: trimmed
     clock[0] += 60.0
     trimmer.after_step(False)
     assert calls == [1]  # nothing ran since: no trim while idle
+    for _ in range(5):  # work from t to t + 4 s: no trim yet
+        clock[0] += 1.0
+        trimmer.after_step(True)
+    assert calls == [1]
+    clock[0] += 1.0
     trimmer.after_step(True)
-    assert calls == [1, 1]
+    assert calls == [1, 1]  # 5 s of work: trimmed
 
 
 def test_release_free_heap_runs() -> None:
