@@ -14,6 +14,7 @@ from loom.kernels.triton.bitmask import apply_token_bitmask_inplace, apply_token
 from loom.kernels.triton.decode_attention import decode_attention, decode_attention_torch, num_kv_splits_for
 from loom.kernels.triton.extend_attention import extend_attention, extend_attention_torch
 from loom.kernels.triton.kv_store import _store_kv_kernel, store_kv
+from loom.kernels.triton.qgemm import qgemm, qgemm_torch
 from loom.kernels.triton.rmsnorm import rmsnorm
 from loom.kernels.triton.rotary import apply_rotary_, rotate_
 
@@ -39,6 +40,8 @@ __all__ = [
     "extend_attention",
     "extend_attention_torch",
     "num_kv_splits_for",
+    "qgemm",
+    "qgemm_torch",
     "rmsnorm",
     "rotate_",
     "store_kv",

@@ -88,7 +88,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """Compute the logits from `qtype` blocks of the weight; False when its rows are not whole blocks."""
         if self.weight.shape[1] % BLOCK:
             return False
-        self.qweight, self.qtype, self.packed_weight = quantize(self.weight.detach(), qtype), qtype, None
+        self.qweight, self.qtype, self.packed_weight = quantize(self.weight.detach(), qtype).to(self.weight.device), qtype, None
         return True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

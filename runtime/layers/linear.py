@@ -167,7 +167,7 @@ class LinearBase(nn.Module):
         weight = self.weight.detach()
         if weight.shape[1] % BLOCK:
             return 0
-        self.qweight, self.qtype = quantize(weight, qtype), qtype
+        self.qweight, self.qtype = quantize(weight, qtype).to(weight.device), qtype
         del self.weight
         self.register_parameter("weight", None)
         self.packed_weight = None

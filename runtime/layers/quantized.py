@@ -8,14 +8,16 @@
   (Q8_0), or a scale and a minimum each (Q4_1).
 
 A quantized layer holds its blocks (`qweight`, uint8 [out, in / 32 * block bytes]) and no float
-weight. Up to KERNEL_MAX_ROWS rows (decode) its forward is `kernels/cpu` `qlinear`, which reads the
-blocks and dequantises them in registers; for more rows (prefill) it dequantises BAND output rows at
-a time and multiplies each band in float, so no full-size float copy of a weight is ever made.
+weight. On the CPU, up to KERNEL_MAX_ROWS rows (decode) its forward is `kernels/cpu` `qlinear`, which
+reads the blocks and dequantises them in registers; for more rows (prefill) it dequantises BAND output
+rows at a time and multiplies each band in float, so no full-size float copy of a weight is ever made.
+On CUDA every row count runs the Triton dequantise-GEMM (`kernels/triton/qgemm.py`) on the same blocks.
 Blocks run along the input features: a row-parallel shard must hold whole blocks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -30,10 +32,20 @@ MODE_TYPES = {"int8": "Q8_0", "int4": "Q4_1"}
 KERNEL_MAX_ROWS = 16  # up to here the fused kernel; above, band-wise dequantisation and a float matmul
 BAND = 512  # output rows dequantised at a time above KERNEL_MAX_ROWS
 FLOAT_TYPES = ("F32", "F16", "BF16")
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether quantized layers have a kernel on `device`: the CPU's, or CUDA's Triton kernel when triton is installed."""
+    return device.type == "cpu" or (device.type == "cuda" and _TRITON_INSTALLED)
 
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequant(qweight)^T + bias, in x's dtype."""
+    """x [..., in] @ dequant(qweight)^T + bias, in x's dtype (qweight on x's device)."""
+    if x.is_cuda:
+        import loom.kernels.triton as kt  # imported on first use: a CPU user needs no Triton
+
+        return kt.qgemm(x, qweight, qtype, bias)
     rows = x.numel() // x.shape[-1]
     x32 = x if x.dtype == torch.float32 else x.float()
     if rows <= KERNEL_MAX_ROWS:

@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from loom.runtime.layers.embedding import ParallelLMHead
 from loom.runtime.layers.linear import LinearBase, LoadedWeight, default_weight_loader
-from loom.runtime.layers.quantized import QUANTIZATION_MODES, layer_type, packed_source
+from loom.runtime.layers.quantized import QUANTIZATION_MODES, layer_type, packed_source, runs_on
 from loom.runtime.models import get_model_class
 from loom.runtime.models.gguf_file import find_gguf_file, read_gguf
 from loom.runtime.models.gguf_loader import gguf_config, iter_gguf_weights
@@ -163,7 +163,7 @@ def load_model(
     `dtype` is explicit: the caller resolves "auto" (see `checkpoint_dtype`).
 
     `model_path`: a Hugging Face folder (safetensors), a GGUF file, or a folder holding one GGUF file.
-    `quantization`: which linear layers stay quantized on the CPU (`layers/quantized.py`).
+    `quantization`: which linear layers stay quantized, on the CPU or CUDA (`layers/quantized.py`).
 
     Raises:
         FileNotFoundError: no such folder, no safetensors weights, or a shard named by the index is absent.
@@ -207,10 +207,10 @@ def quantize_layers(model: nn.Module, mode: str, source_types: dict[str, str], d
     summary: dict[str, Any] = {"layers": {}, "float_bytes": 0, "quantized_bytes": 0}
     if mode == "none":
         return summary
-    if device.type != "cpu":
+    if not runs_on(device):
         if mode in ("int8", "int4"):
-            raise ValueError(f"quantization={mode!r} runs on the CPU only so far; use 'none' on {device.type}")
-        return summary  # auto on a GPU: dequantised, until a GPU kernel exists
+            raise ValueError(f"quantization={mode!r} runs on the CPU, or on CUDA with triton installed; use 'none' on {device.type}")
+        return summary  # auto where no kernel runs: dequantised
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase) or module.weight is None:
             continue
