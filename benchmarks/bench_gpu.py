@@ -22,6 +22,13 @@ with graphs. On the CPU there are no graphs, so Loom runs once.
     python benchmarks/bench_gpu.py --attention-backend triton       # the same on the Triton kernels
     python benchmarks/bench_gpu.py --disable-cuda-graph             # Loom without graphs only
     python benchmarks/bench_gpu.py --shape smollm2 --batches 1 8    # a CPU-sized smoke run
+    python benchmarks/bench_gpu.py --qgemm                          # the quantized GEMM alone (CUDA)
+
+`--qgemm` measures instead the Triton dequantise-GEMM (kernels/triton/qgemm.py) on Q8_0, Q4_0 and Q4_1
+blocks against fp16 `torch.matmul` on the same layer shapes (SmolLM2-135M and Llama-7B: qkv, o,
+gate_up, down, LM head) at 1, 16 and 256 rows, each timed as a CUDA graph replay (no Python launch
+cost, as in the engine's decode graphs), with the weight bytes each reads and its largest error
+against the torch reference.
 
 Nothing here asserts a time: the figures are for reading.
 """
@@ -36,6 +43,14 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+# (N, K) of each linear layer, for --qgemm.
+QGEMM_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
+    "SmolLM2-135M": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)},
+    "Llama-7B": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+                 "lm_head": (32000, 4096)},
+}  # fmt: skip
+QGEMM_ROWS = (1, 16, 256)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -63,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the same as --cuda-graph off")
     p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest decode batch captured (default: Loom's)")
     p.add_argument("--skip-hf", action="store_true", help="Loom and the roofline only")
+    p.add_argument("--qgemm", action="store_true", help="measure the quantized GEMM against fp16 matmul instead (CUDA)")
     return p.parse_args(argv)
 
 
@@ -159,8 +175,68 @@ def hf_rates(model: Any, args: argparse.Namespace, vocab: int, device: torch.dev
     return decode, prefill
 
 
+def gpu_time_us(fn: Any) -> float:
+    """Median microseconds of one call of `fn`, replayed from a CUDA graph (plain launches if it cannot be captured)."""
+    import triton.testing
+
+    try:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception:  # noqa: BLE001 - a capture failure only changes how the time is taken
+        return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def random_blocks(n: int, k: int, qtype: str, device: torch.device) -> torch.Tensor:
+    """Random valid blocks (finite fp16 scales and minimums) of an [n, k] weight, on `device`."""
+    from loom.kernels.cpu import BLOCK_BYTES
+
+    blocks = torch.randint(0, 256, (n, k // 32, BLOCK_BYTES[qtype]), dtype=torch.uint8, device=device)
+    blocks[..., 0:2] = (torch.rand(n, k // 32, 1, device=device) * 0.02 + 0.001).half().view(torch.uint8)
+    if qtype == "Q4_1":
+        blocks[..., 2:4] = ((torch.rand(n, k // 32, 1, device=device) - 0.5) * 0.1).half().view(torch.uint8)
+    return blocks.reshape(n, -1)
+
+
+@torch.inference_mode()
+def qgemm_table(device: torch.device) -> int:
+    """--qgemm: the Triton quantized GEMM against fp16 torch.matmul, per layer shape and row count."""
+    from loom.kernels.triton import qgemm, qgemm_torch
+
+    qtypes = ("Q8_0", "Q4_0", "Q4_1")
+    print(f"\n## Quantized GEMM (Triton) vs fp16 torch.matmul on {torch.cuda.get_device_name(device)}\n")
+    print("x fp16 [M, K]; µs per call (CUDA graph replay, median; a weight smaller than L2 stays there across replays); "
+          "GB/s: weight bytes read per second; err: largest |qgemm - reference| / largest |reference|\n")  # fmt: skip
+    head = " | ".join(f"{q} µs | {q} GB/s | fp16 / {q}" for q in qtypes)
+    print(f"| model | layer | N x K | M | fp16 µs | fp16 GB/s | {head} | err |")
+    print("|---|---|---|---:|" + "---:|" * (2 + 3 * len(qtypes) + 1))
+    for model, layers in QGEMM_SHAPES.items():
+        for layer, (n, k) in layers.items():
+            weight = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
+            blocks = {q: random_blocks(n, k, q, device) for q in qtypes}
+            for m in QGEMM_ROWS:
+                x = torch.randn(m, k, device=device, dtype=torch.float16)
+                fp16_us = gpu_time_us(lambda: torch.matmul(x, weight.T))
+                cells, err = [], 0.0
+                for q in qtypes:
+                    ref = qgemm_torch(x, blocks[q], q).float()
+                    err = max(err, ((qgemm(x, blocks[q], q).float() - ref).abs().max() / ref.abs().max()).item())
+                    us = gpu_time_us(lambda q=q: qgemm(x, blocks[q], q))
+                    cells.append(f"{us:.1f} | {blocks[q].numel() / us / 1e3:.0f} | {fp16_us / us:.2f}x")
+                print(f"| {model} | {layer} | {n} x {k} | {m} | {fp16_us:.1f} | {weight.numel() * 2 / fp16_us / 1e3:.0f} | "
+                      f"{' | '.join(cells)} | {err:.1e} |")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.qgemm:
+        from loom.runtime.model_executor.device import resolve_device
+
+        device = resolve_device(args.device)
+        if device.type != "cuda":
+            print("--qgemm measures the Triton kernel on a CUDA device, and there is none here: nothing measured",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        return qgemm_table(device)
     from loom.runtime.entrypoints.engine import LocalEngine
     from loom.runtime.model_executor.device import resolve_device, resolve_dtype
     from loom.runtime.models.loader import load_config
