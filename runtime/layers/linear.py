@@ -152,12 +152,16 @@ class LinearBase(nn.Module):
         # Kept quantized (layers/quantized.py): the weight's blocks and their format; `weight` is then None.
         self.register_buffer("qweight", None, persistent=False)
         self.qtype: str | None = None
+        # The input features in the blocks' order, where it is not theirs (a GPTQ act-order checkpoint).
+        self.register_buffer("input_perm", None, persistent=False)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: Any = None) -> None:
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.qweight is not None:
+            if self.input_perm is not None:
+                x = x.index_select(-1, self.input_perm)
             return quantized_linear(x, self.qweight, self.qtype, bias)
         return linear(x, self.weight, bias, self.packed_weight)
 
@@ -172,6 +176,17 @@ class LinearBase(nn.Module):
         self.register_parameter("weight", None)
         self.packed_weight = None
         return weight.numel() * weight.element_size()
+
+    def load_quantized_(self, qweight: torch.Tensor, qtype: str, input_perm: torch.Tensor | None = None) -> int:
+        """Keep blocks made from a quantized checkpoint (models/gptq_awq.py) instead of the float weight;
+        `input_perm` [in_per_rank] int64: the input feature each block column reads. -> the float bytes freed."""
+        device, freed = self.weight.device, self.weight.numel() * self.weight.element_size()
+        self.qweight, self.qtype = qweight.to(device), qtype
+        self.input_perm = None if input_perm is None else input_perm.to(device)
+        del self.weight
+        self.register_parameter("weight", None)
+        self.packed_weight = None
+        return freed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out_per_rank]

@@ -27,6 +27,13 @@ from loom.runtime.layers.quantized import QUANTIZATION_MODES, layer_type, packed
 from loom.runtime.models import get_model_class
 from loom.runtime.models.gguf_file import find_gguf_file, read_gguf
 from loom.runtime.models.gguf_loader import gguf_config, iter_gguf_weights
+from loom.runtime.models.gptq_awq import (
+    QuantizedAssembler,
+    check_quantization_mode,
+    iter_quantized_checkpoint,
+    keeps_quantized,
+    read_quant_scheme,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,34 +169,49 @@ def load_model(
 
     `dtype` is explicit: the caller resolves "auto" (see `checkpoint_dtype`).
 
-    `model_path`: a Hugging Face folder (safetensors), a GGUF file, or a folder holding one GGUF file.
+    `model_path`: a Hugging Face folder (safetensors, float or GPTQ / AWQ 4-bit), a GGUF file, or a
+    folder holding one GGUF file.
     `quantization`: which linear layers stay quantized, on the CPU or CUDA (`layers/quantized.py`).
 
     Raises:
         FileNotFoundError: no such folder, no safetensors weights, or a shard named by the index is absent.
         ValueError: an unsupported architecture, or weights missing / shaped unlike the config says;
-            GGUFError (a ValueError) for a GGUF file Loom cannot read.
+            GGUFError (a ValueError) for a GGUF file Loom cannot read, QuantizedCheckpointError (a
+            ValueError) for a GPTQ / AWQ checkpoint Loom cannot run or int8 / int4 asked of one.
         NotImplementedError: a feature of the config not supported yet (sliding window, rope type).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype (resolve 'auto' first), got {dtype!r}")
     gguf_path = find_gguf_file(model_path)
     gguf_file = read_gguf(gguf_path) if gguf_path is not None else None
+    scheme = None  # a GPTQ / AWQ checkpoint's quantization
     if gguf_file is not None:
         config = gguf_config(gguf_file)
     else:
         model_dir = resolve_model_dir(model_path)
+        scheme = read_quant_scheme(model_dir)
+        if scheme is not None:
+            check_quantization_mode(scheme, quantization)
         config = AutoConfig.from_pretrained(model_dir)
     model_class = get_model_class(config)
     if gguf_file is not None:
         weights, source = iter_gguf_weights(gguf_file), f"GGUF file {gguf_path}"
+    elif scheme is not None:
+        weights, source = iter_quantized_checkpoint(weight_files(model_dir), scheme), f"{scheme.method.upper()} checkpoint {model_dir}"
     else:
         weights, source = iter_checkpoint(weight_files(model_dir)), f"checkpoint {model_dir}"
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
+    # GPTQ / AWQ layers kept quantized as they load (models/gptq_awq.py); elsewhere they load dequantised.
+    assembler = QuantizedAssembler(model) if keeps_quantized(scheme, quantization, torch.device(device)) else None
     source_types: dict[str, str] = {}
     load_weights(model, _recording_types(weights, source_types), source=source)
+    kept = assembler.finish() if assembler is not None else None
     summary = quantize_layers(model, quantization, source_types, torch.device(device))
+    if kept is not None:
+        summary["layers"].update({f"{qtype} ({scheme.method.upper()})": n for qtype, n in kept["layers"].items()})
+        summary["float_bytes"] += kept["float_bytes"]
+        summary["quantized_bytes"] += kept["quantized_bytes"]
     if summary["layers"]:
         logger.info("linear layers kept quantized: %s; their weights %.1f MiB (%.1f MiB in %s)",
                     ", ".join(f"{n} {t}" for t, n in sorted(summary["layers"].items())), summary["quantized_bytes"] / 2**20,
