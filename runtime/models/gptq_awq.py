@@ -32,8 +32,9 @@ and the layer permutes its input to match (`LinearBase.input_perm`), as vLLM's M
 
 How it plugs into the loader: each quantized projection is one `PackedLinear`, yielded under the
 name `<module>.weight`. It reads as the float weight (dequantising what a rank's loader indexes),
-so `quantization="none"`, a GPU, packed q/k/v and gate/up, and tensor parallelism all go through
-the layers' own `weight_loader`s unchanged. Under `auto` on the CPU, `QuantizedAssembler` routes
+so `quantization="none"`, a device without a Q4_1 kernel, packed q/k/v and gate/up, and tensor
+parallelism all go through the layers' own `weight_loader`s unchanged. Under `auto` where Q4_1 has a
+kernel (the CPU; CUDA with Triton, not yet run on a GPU), `QuantizedAssembler` routes
 a `PackedLinear` to the same `weight_loader`, twice, with two integer views of it: the codes, and
 a key per weight naming its (scale, zero) entry. A layer whose 32-weight blocks each share one
 entry becomes Q4_1 blocks; any other (a tensor-parallel shard of act-order input features whose
@@ -57,6 +58,7 @@ from torch import nn
 
 from loom.kernels.cpu import BLOCK
 from loom.runtime.layers.linear import LinearBase, LoadedWeight, MergedColumnParallelLinear, QKVParallelLinear, loaded_shape
+from loom.runtime.layers.quantized import runs_on
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +305,9 @@ def iter_quantized_checkpoint(files: list[pathlib.Path], scheme: QuantScheme) ->
 
 
 def keeps_quantized(scheme: QuantScheme | None, mode: str, device: torch.device) -> bool:
-    """Whether the checkpoint's layers stay quantized: `auto` on the CPU (where the kernel runs)."""
-    return scheme is not None and mode == "auto" and device.type == "cpu"
+    """Whether the checkpoint's layers stay quantized: `auto` where Q4_1 has a kernel (the CPU's, or
+    CUDA's Triton one: `layers/quantized.py` `runs_on`); elsewhere they load dequantised."""
+    return scheme is not None and mode == "auto" and runs_on(device)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.layers.linear import LinearBase
-from loom.runtime.models.gptq_awq import QuantizedCheckpointError
+from loom.runtime.layers.quantized import runs_on
+from loom.runtime.models.gptq_awq import QuantizedCheckpointError, keeps_quantized, parse_quant_config
 from loom.runtime.models.loader import load_model
 
 from gptq_files import write_quantized_checkpoint
@@ -234,6 +235,27 @@ def test_tensor_parallel_ranks_hold_their_shards(checkpoints, tmp_path, caplog, 
             assert ((got - want).abs() <= bound).all(), module
         assert ("dequantised into" in caplog.text) == (fell_back > 0)
     assert (fell_back > 0) == FORMATS[name].get("desc_act", False)  # act-order's down_proj halves mix groups here
+
+
+def test_autogptqs_own_quantize_config_json_is_read(checkpoints, tmp_path):
+    """Older AutoGPTQ folders keep the settings in quantize_config.json (no quant_method), as vLLM reads them."""
+    path = shutil.copytree(checkpoints("gptq-g64-sym"), tmp_path / "legacy")
+    config = json.loads((path / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    del quant["quant_method"]
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "quantize_config.json").write_text(json.dumps(quant))
+    model, _ = load_model(path, torch.float32, quantization="auto")
+    assert {m.qtype for m in linear_layers(model).values()} == {"Q4_1"}
+
+
+def test_which_devices_keep_the_layers_quantized():
+    """auto keeps them where Q4_1 has a kernel (the CPU; CUDA with Triton); none and other devices dequantise."""
+    scheme = parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": 128}, "config.json")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert keeps_quantized(scheme, "auto", cpu) and not keeps_quantized(scheme, "none", cpu)
+    assert not keeps_quantized(None, "auto", cpu)  # a float checkpoint
+    assert keeps_quantized(scheme, "auto", cuda) == runs_on(cuda) and not keeps_quantized(scheme, "auto", torch.device("mps"))
 
 
 # ----------------------------------------------------------------------------- what Loom refuses
