@@ -32,7 +32,7 @@ from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.constrained.regex_dfa import CompiledRegex
-from loom.runtime.constrained.schema import schema_to_regex
+from loom.runtime.constrained.schema import schema_regexes, schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.token_walk import available as walk_available
 from loom.runtime.constrained.token_walk import token_trie
@@ -158,11 +158,12 @@ class GrammarBackend:
         check_source(kind, source, self.limits)
         if self.grammar_backend != "loom":  # regex, json_schema, ebnf (GBNF) and lark, each natively
             return self._native_compiler().compile(kind, source)
+        pieces = None
         if kind == "regex":
             regex = source
         elif kind == "json_schema":
             try:
-                regex = schema_to_regex(source, self.whitespace_pattern, self.json_open_objects)
+                regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects)
             except GrammarError as e:
                 if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY, ErrorKind.TOO_LARGE):  # no grammar does better
                     raise
@@ -174,7 +175,7 @@ class GrammarBackend:
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
         try:  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index; a schema's built as walks reach its states
-            return CompiledRegex(regex, self._token_vocab(), lazy=kind == "json_schema")
+            return CompiledRegex(regex, self._token_vocab(), lazy=kind == "json_schema", pieces=pieces)
         except GrammarError as e:
             if kind == "json_schema":  # the message shows the schema's regex: say where it came from
                 return self._schema_grammar(source, f"json_schema cannot be compiled to an automaton: {e}")

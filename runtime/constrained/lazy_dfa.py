@@ -27,21 +27,25 @@ import numpy as np
 
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.nfa import build_nfa
+from loom.runtime.constrained.regex_pieces import RegexPieces
 
 UNKNOWN = -1
 START, DEAD = 0, 1
 
 
 class SubsetDFA:
-    def __init__(self, regex: str, shown: str, max_states: int) -> None:
+    def __init__(self, regex: str, shown: str, max_states: int, pieces: RegexPieces | None = None) -> None:
+        """pieces: `regex` with its pieces as sentinels (regex_pieces.py), whose cached NFA fragments
+        are spliced in; the automaton is the same."""
         try:
-            nfa, start, final = build_nfa(regex)
+            # lazy: spliced states (counted repetitions' copies, pieces) are filled in as subsets reach them
+            nfa, start, final = build_nfa(pieces.regex if pieces else regex, pieces=pieces.texts if pieces else None, lazy=True)
         except GrammarError as e:  # "regex: invalid regex '...': why" -> "regex '...' cannot be compiled: why"
             why = str(e).removeprefix("regex: ").replace(f"invalid regex {regex!r}: ", "")
             raise GrammarError(f"{shown} cannot be compiled: {why}") from None
-        cuts = {0, 256}
+        cuts = {0, 256} | nfa.cuts
         for edges in nfa.edges:
-            for a, b, _ in edges:
+            for a, b, _ in edges or ():
                 cuts.update((a, b + 1))
         bounds = sorted(cuts)
         self.byte_class = np.zeros(256, dtype=np.int64)
@@ -52,6 +56,7 @@ class SubsetDFA:
         # one. In a Thompson NFA without an empty character set, that is every state.
         live = [True] * len(nfa.edges)
         if nfa.has_empty_set:
+            nfa.fill_all()
             back: list[list[int]] = [[] for _ in nfa.edges]
             for s, (edges, eps) in enumerate(zip(nfa.edges, nfa.eps)):
                 for _, _, t in edges:
@@ -70,8 +75,8 @@ class SubsetDFA:
         self._edges = nfa.edges
         self._cls = self.byte_class.tolist()
         self._moves: list[list[tuple[int, int]] | None] = [None] * len(nfa.edges)  # per NFA state, built on first use
-        self._keep = [live[s] and (bool(edges) or s == final) for s, edges in enumerate(nfa.edges)]
         self._eps = nfa.eps
+        self._fill = nfa.fill
         self._final = final
         self._closures: dict[frozenset[int], frozenset[int]] = {}
         self.max_states = max_states
@@ -95,14 +100,16 @@ class SubsetDFA:
     def _closure(self, seeds: frozenset[int]) -> frozenset[int]:
         out = self._closures.get(seeds)
         if out is None:
-            todo, seen, eps = list(seeds), set(seeds), self._eps
+            todo, seen, eps, fill = list(seeds), set(seeds), self._eps, self._fill
             while todo:
-                for t in eps[todo.pop()]:
+                u = todo.pop()
+                for t in eps[u] or fill(u):
                     if t not in seen:
                         seen.add(t)
                         todo.append(t)
-            keep = self._keep
-            out = self._closures[seeds] = frozenset(s for s in seen if keep[s])
+            # a subset only needs the states that read a byte, plus the final one (fewer, more shared keys)
+            edges, live, final = self._edges, self._live, self._final
+            out = self._closures[seeds] = frozenset(s for s in seen if (edges[s] or s == final) and live[s])
         return out
 
     def _state(self, subset: frozenset[int]) -> int:

@@ -8,14 +8,27 @@ character set is compiled to the UTF-8 byte sequences of its code-point ranges (
 regex-syntax does). Matching is whole-string (a lexeme either is in the terminal's language or
 not); lazy quantifiers read as greedy ones, which match the same set of strings. Look-arounds,
 anchors and back-references have no automaton and raise GrammarError.
+
+Copies are spliced, not rebuilt: the copies of a counted repetition (`x{0,80}`) are copies of the
+first one's states, and a regex's pieces (regex_pieces.py: formats, patterns, any JSON value...)
+are fragments built once per process and kept in an LRU (`piece_fragment`). A spliced fragment's
+states are only reserved (None in `edges` / `eps`) and filled in from the fragment when first read
+(`NFA.fill`): lazy_dfa.SubsetDFA reads only the states a walk reaches; every other reader gets
+them filled (build_nfa's `lazy`).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.regex_pieces import PIECE_BASE, PIECE_END
 from loom.runtime.constrained.regex_syntax import (
     ALL_CODEPOINTS,
     REPEAT_OPS,
@@ -30,6 +43,13 @@ from loom.runtime.constrained.regex_syntax import (
 )
 
 MAX_NFA_STATES = 200_000  # past this the DFA would take too long to build; the grammar is refused
+# The flags as plain ints: `int & re.IGNORECASE` builds a RegexFlag enum each time (~10 us; it was a
+# third of a format-heavy schema's NFA build).
+_IGNORECASE, _DOTALL = int(re.IGNORECASE), int(re.DOTALL)
+_DEFAULT_FLAGS = sre_parse.parse("", 0).state.flags  # a str regex's flags without inline ones
+# Pieces' NFA fragments kept for reuse across regexes: the least recently used go first past this
+# many NFA states in all (about 100 bytes each), so a stream of new patterns cannot grow memory.
+PIECE_CACHE_STATES = 300_000
 
 
 def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
@@ -58,9 +78,14 @@ class NFA:
     """A Thompson NFA over byte ranges: per state, its byte edges and its epsilon moves."""
 
     def __init__(self) -> None:
-        self.edges: list[list[tuple[int, int, int]]] = []  # state -> [(byte lo, byte hi, target)]
-        self.eps: list[list[int]] = []
+        # state -> [(byte lo, byte hi, target)] / [target]; None: a spliced state not filled in yet (fill)
+        self.edges: list[list[tuple[int, int, int]] | None] = []
+        self.eps: list[list[int] | None] = []
         self.has_empty_set = False  # a character set with no encodable character: some states may not reach the end
+        self.pieces: Mapping[int, str] = {}  # sentinel code point -> piece regex (regex_pieces.py)
+        self.cuts: set[int] = set()  # byte-class boundaries of spliced fragments (their edges may be unfilled)
+        self._bases: list[int] = []  # first state of each spliced fragment, ascending
+        self._frags: list[Fragment] = []
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -81,6 +106,91 @@ class NFA:
                 cur = nxt
         return start, end
 
+    def fragment(self, lo: int, start: int, end: int) -> Fragment:
+        """States lo.. (a fragment just built, linked to nothing outside) as a Fragment."""
+        self.fill_all(lo)
+        edges = tuple(tuple((a, b, t - lo) for a, b, t in e) for e in self.edges[lo:])  # type: ignore[union-attr]
+        cuts = frozenset(x for e in edges for a, b, _ in e for x in (a, b + 1))
+        return Fragment(edges, tuple(tuple(t - lo for t in e) for e in self.eps[lo:]), start - lo, end - lo,  # type: ignore[union-attr]
+                        self.has_empty_set, cuts)  # fmt: skip
+
+    def splice(self, frag: Fragment) -> tuple[int, int]:
+        """A copy of `frag` as new states (reserved; filled in when read) -> its (start, end). The
+        end is filled now: the caller links it onwards."""
+        base = len(self.edges)
+        if base + len(frag.edges) > MAX_NFA_STATES:
+            raise GrammarError(f"a terminal's automaton needs more than {MAX_NFA_STATES} states; use smaller repetition bounds")
+        self.edges += [None] * len(frag.edges)
+        self.eps += [None] * len(frag.eps)
+        self._bases.append(base)
+        self._frags.append(frag)
+        self.has_empty_set |= frag.has_empty_set
+        self.cuts |= frag.cuts
+        self.fill(frag.end + base)
+        return frag.start + base, frag.end + base
+
+    def fill(self, s: int) -> list[int]:
+        """Fill in spliced state s (a no-op when it is) -> its epsilon moves."""
+        eps = self.eps[s]
+        if eps is None:
+            k = bisect.bisect_right(self._bases, s) - 1
+            base, frag = self._bases[k], self._frags[k]
+            self.edges[s] = [(a, b, t + base) for a, b, t in frag.edges[s - base]]
+            eps = self.eps[s] = [t + base for t in frag.eps[s - base]]
+        return eps
+
+    def fill_all(self, lo: int = 0) -> None:
+        """Fill in every spliced state from lo on."""
+        if self._bases and self._bases[-1] + len(self._frags[-1].edges) > lo:
+            for s in range(lo, len(self.eps)):
+                if self.eps[s] is None:
+                    self.fill(s)
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    """NFA states numbered from 0, whose edges stay among them: spliced into an NFA at an offset."""
+
+    edges: tuple[tuple[tuple[int, int, int], ...], ...]
+    eps: tuple[tuple[int, ...], ...]
+    start: int
+    end: int
+    has_empty_set: bool  # conservative: whether the NFA it came from had an empty set
+    cuts: frozenset[int]  # its byte-class boundaries (each edge's lo and hi + 1)
+
+
+_pieces: OrderedDict[tuple[str, int], Fragment] = OrderedDict()
+_pieces_states = 0
+_pieces_lock = threading.Lock()
+
+
+def piece_fragment(text: str, flags: int, where: str) -> Fragment:
+    """A piece's NFA fragment (its regex read under `flags`, those in force where it stands), built
+    once per process: an LRU of at most PIECE_CACHE_STATES states in all."""
+    global _pieces_states
+    key = (text, flags)
+    with _pieces_lock:
+        hit = _pieces.get(key)
+        if hit is not None:
+            _pieces.move_to_end(key)
+            return hit
+    try:
+        parsed = sre_parse.parse(text, 0)
+    except re.error as e:
+        raise GrammarError(f"{where}: invalid regex {text!r}: {e}") from None
+    if parsed.state.flags != _DEFAULT_FLAGS:  # inline global flags are an error inside a larger regex
+        raise GrammarError(f"{where}: invalid regex: global flags not at the start of the expression in {text[:200]!r}")
+    nfa = NFA()
+    start, end = _build(nfa, parsed.data, flags, where)
+    frag = nfa.fragment(0, start, end)
+    with _pieces_lock:
+        if key not in _pieces:
+            _pieces[key] = frag
+            _pieces_states += len(frag.edges)
+            while _pieces_states > PIECE_CACHE_STATES and len(_pieces) > 1:
+                _pieces_states -= len(_pieces.popitem(last=False)[1].edges)
+    return frag
+
 
 @functools.lru_cache(maxsize=4096)
 def _charset_sequences(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -99,10 +209,15 @@ def _build(nfa: NFA, items: list, flags: int, where: str) -> tuple[int, int]:
 
 
 def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tuple[int, int]:
-    icase = bool(flags & re.IGNORECASE)
+    icase = bool(flags & _IGNORECASE)
+    if op is sre_constants.LITERAL and nfa.pieces and PIECE_BASE <= av <= PIECE_END:  # type: ignore[operator]  # a piece's sentinel (regex_pieces.py)
+        if av == PIECE_END:
+            s = nfa.state()
+            return s, s
+        return nfa.splice(piece_fragment(nfa.pieces[av], flags, where))  # type: ignore[index]
     if op in (sre_constants.LITERAL, sre_constants.NOT_LITERAL, sre_constants.IN, sre_constants.ANY):
         if op is sre_constants.ANY:
-            ranges = list(ALL_CODEPOINTS) if flags & re.DOTALL else complement_ranges([(10, 10)])
+            ranges = list(ALL_CODEPOINTS) if flags & _DOTALL else complement_ranges([(10, 10)])
         elif op is sre_constants.IN:
             items = list(av)  # type: ignore[call-overload]
             negate = bool(items) and items[0][0] is sre_constants.NEGATE
@@ -134,13 +249,25 @@ def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tupl
         return start, end
     if op in REPEAT_OPS:
         lo, hi, sub = av  # type: ignore[misc]
+        copies = lo + (1 if hi is sre_constants.MAXREPEAT else hi - lo)
+        first: list[Fragment] = []
+
+        def copy() -> tuple[int, int]:  # the first copy is built, the others spliced (taken before it is linked)
+            if first:
+                return nfa.splice(first[0])
+            base = len(nfa.edges)
+            s, e = _build(nfa, sub.data, flags, where)
+            if copies > 1:
+                first.append(nfa.fragment(base, s, e))
+            return s, e
+
         start = cur = nfa.state()
         for _ in range(lo):
-            s, e = _build(nfa, sub.data, flags, where)
+            s, e = copy()
             nfa.eps[cur].append(s)
             cur = e
         if hi is sre_constants.MAXREPEAT:
-            s, e = _build(nfa, sub.data, flags, where)
+            s, e = copy()
             nfa.eps[cur] += [s]
             nfa.eps[e] += [s]
             end = nfa.state()
@@ -150,7 +277,7 @@ def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tupl
         end = nfa.state()
         for _ in range(hi - lo):
             nfa.eps[cur].append(end)
-            s, e = _build(nfa, sub.data, flags, where)
+            s, e = copy()
             nfa.eps[cur].append(s)
             cur = e
         nfa.eps[cur].append(end)
@@ -161,14 +288,21 @@ def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tupl
     raise GrammarError(f"{where}: {what} cannot be compiled to an automaton; rewrite the terminal without them")
 
 
-def build_nfa(pattern: str, where: str = "regex") -> tuple[NFA, int, int]:
+def build_nfa(pattern: str, where: str = "regex", pieces: Mapping[int, str] | None = None, lazy: bool = False) -> tuple[NFA, int, int]:
     """A Python regex -> (Thompson NFA over UTF-8 byte ranges, start state, final state), which
     dfa.determinise turns into a DFA over byte classes. Raises GrammarError for syntax errors and
-    constructs with no automaton (look-arounds, anchors, back-references)."""
+    constructs with no automaton (look-arounds, anchors, back-references).
+    pieces: where `pattern` is a RegexPieces' regex, its texts (sentinel -> piece regex).
+    lazy: spliced states are left for the reader to fill in (NFA.fill; `cuts` holds their byte
+    boundaries); else every state is filled in."""
     try:
         parsed = sre_parse.parse(pattern, 0)
     except re.error as e:
         raise GrammarError(f"{where}: invalid regex {pattern!r}: {e}") from None
     nfa = NFA()
+    if pieces:
+        nfa.pieces = pieces
     start, final = _build(nfa, parsed.data, parsed.state.flags, where)
+    if not lazy:
+        nfa.fill_all()
     return nfa, start, final

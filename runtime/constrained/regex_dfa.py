@@ -31,6 +31,7 @@ import torch
 from loom.runtime.constrained.dfa import determinise
 from loom.runtime.constrained.lazy_dfa import DEAD, SubsetDFA
 from loom.runtime.constrained.matcher import TokenMatcher
+from loom.runtime.constrained.regex_pieces import RegexPieces
 from loom.runtime.constrained.token_walk import available as walk_available
 from loom.runtime.constrained.token_walk import token_trie, trie_mask
 from loom.runtime.constrained.vocabulary import TokenVocab
@@ -52,12 +53,13 @@ class CompiledRegex:
 
     def __init__(
         self, regex: str, vocab: TokenVocab, *, max_states: int = MAX_DFA_STATES, time_limit_s: float = COMPILE_TIME_LIMIT_S,
-        lazy: bool = False,
+        lazy: bool = False, pieces: RegexPieces | None = None,
     ) -> None:
         """lazy: build the DFA's states as walks reach them (lazy_dfa.py) when building it whole takes
         longer than EAGER_BUDGET_S (and the C walk is at hand); a DFA built whole then is exactly
         the eager one. Past `max_states` a lazy DFA narrows instead of growing (sound); an eager
-        one is refused."""
+        one is refused. pieces: `regex` with its pieces as sentinels (regex_pieces.py; read by the
+        lazy build, whose NFA splices their cached fragments)."""
         self.regex = regex
         self.vocab = vocab
         self.vocab_size = vocab.vocab_size
@@ -66,7 +68,7 @@ class CompiledRegex:
         self._trie = token_trie(vocab) if walk_available() else None
         self._lazy: SubsetDFA | None = None
         if lazy and self._trie is not None:
-            dfa = SubsetDFA(regex, shown, max_states)
+            dfa = SubsetDFA(regex, shown, max_states, pieces)
             if dfa.explore(EAGER_BUDGET_S):
                 table, byte_class, accepting = dfa.eager()
             else:

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - Python < 3.11
 REPEAT_OPS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, getattr(sre_constants, "POSSESSIVE_REPEAT", sre_constants.MAX_REPEAT))
 
 MAX_CODEPOINT = 0x10FFFF
+_ASCII = int(re.ASCII)  # a plain int: `int & re.ASCII` builds a RegexFlag enum each time
 Ranges = list[tuple[int, int]]  # sorted, disjoint, inclusive code-point ranges
 
 ALL_CODEPOINTS: Ranges = [(0, 0xD7FF), (0xE000, MAX_CODEPOINT)]  # every code point UTF-8 can encode
@@ -103,7 +104,7 @@ def case_variants(ranges: Ranges) -> Ranges:
 def class_item_ranges(op: object, av: object, flags: int, where: str) -> Ranges:
     """The code points of one item of a character class (a literal, a range, \\d / \\s / \\w and
     their negations). Raises GrammarError naming `where` for any other item."""
-    ascii_only = bool(flags & re.ASCII)
+    ascii_only = bool(flags & _ASCII)
     if op is sre_constants.LITERAL:
         return [(av, av)]  # type: ignore[list-item]
     if op is sre_constants.RANGE:

@@ -37,6 +37,7 @@ from loom.runtime.constrained.json_regex import (
     number_range_regex,
     other_key_regex,
 )
+from loom.runtime.constrained.regex_pieces import RegexPieces
 from loom.runtime.constrained.schema_normaliser import (
     ANNOTATIONS,
     BOUNDS,
@@ -73,16 +74,24 @@ def schema_to_regex(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, o
     Raises GrammarError naming the keyword or the problem when the schema is invalid or uses
     something this backend cannot enforce (kind MALFORMED where it is not JSON, EMPTY where it is
     `false`)."""
+    return schema_regexes(source, whitespace_pattern, open_objects)[0]
+
+
+def schema_regexes(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, open_objects: bool = False) -> tuple[str, RegexPieces | None]:
+    """schema_to_regex's regex, and the same regex with its pieces (formats, patterns, any JSON
+    value, number ranges, enums of objects: Loom's own leaf regexes) left as sentinels, for
+    nfa.build_nfa to splice their cached fragments (regex_pieces.py); None where it has none."""
     schema = parse_schema(source)
     norm = _RegexNormaliser(schema, whitespace_pattern, open_objects)
     schema = norm.walk(schema, "#", ())
     try:
-        regex = build_regex_from_schema(json.dumps(schema), whitespace_pattern=whitespace_pattern)
+        template = build_regex_from_schema(json.dumps(schema), whitespace_pattern=whitespace_pattern)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"json_schema cannot be compiled: {e}") from None
+    regex = template
     for i in reversed(range(len(norm.subs))):  # a sub holds only earlier ones; absent where unreachable (maxItems 0)
         regex = regex.replace(f'"{_PLACEHOLDER.format(i)}"', f"({norm.subs[i]})")
-    return regex
+    return regex, RegexPieces.fill(template, norm.subs, norm.leaves, f'"{_PLACEHOLDER}"')
 
 
 class _RegexNormaliser(SchemaNormaliser):
@@ -95,6 +104,7 @@ class _RegexNormaliser(SchemaNormaliser):
         self.open_objects = open_objects
         self._any: str | None = None
         self.subs: list[str] = []  # regexes outlines-core cannot build (or builds wrongly), by placeholder
+        self.leaves: set[int] = set()  # the subs holding no placeholder (the pieces of regex_pieces.py)
         self._sizes: dict[int, int] = {}  # expanded size of each sub (_expanded_size)
 
     def walk(self, node: Any, path: str, refs: tuple[str, ...]) -> Any:
@@ -154,7 +164,10 @@ class _RegexNormaliser(SchemaNormaliser):
             out = for_type(out, types)
         return self._check(out, path)
 
-    def _sub(self, regex: str) -> dict[str, Any]:
+    def _sub(self, regex: str, leaf: bool = True) -> dict[str, Any]:
+        """A placeholder for `regex`; leaf: it holds no placeholder of another sub."""
+        if leaf:
+            self.leaves.add(len(self.subs))
         self.subs.append(regex)
         return {"const": _PLACEHOLDER.format(len(self.subs) - 1)}
 
@@ -259,7 +272,7 @@ class _RegexNormaliser(SchemaNormaliser):
                 tail = (f"{sep}{prop}" if req else f"(?:{sep}{prop})?") + tail
             heads = [""] + [props[k][1] + "".join(f"(?:{sep}{p})?" for _, p in props[k + 1 : r]) + sep for k in range(r)]
             body = "(?:" + "|".join(heads) + ")" + props[r][1] + tail
-        return self._sub(f"\\{{{ws}{body}{ws}\\}}")
+        return self._sub(f"\\{{{ws}{body}{ws}\\}}", leaf=False)
 
     def _any_order(self, required: list[str], loose: list[str], sep: str) -> str | None:
         """The members of an object holding each of `required` (member regexes) in any order, with

@@ -1,0 +1,59 @@
+"""A regex with some sub-regexes left out, so that each is parsed once per process, not once per schema.
+
+    RegexPieces.fill(template, subs, pieces) -> RegexPieces | None   a schema's regex, its pieces as sentinels
+    nfa.build_nfa(pieces.regex, pieces=pieces.texts)                 splices each piece's cached NFA fragment
+
+A JSON Schema's regex is mostly the same few automata pasted in many places: a `date-time` format
+(~1.5k characters of regex), an email, a string pattern, any JSON value, a number range. Python's
+regex parser and the NFA build read every copy of every one of them again for each new schema
+(2-50 ms on format-heavy schemas). Here each such piece stands in the regex as a sentinel: a private
+code point naming the piece, then PIECE_END. nfa.build_nfa splices the piece's NFA fragment, built
+once per process (nfa.piece_fragment, an LRU bounded by NFA states), where it meets the sentinel.
+
+Why two characters: Python's parser folds a branch of single characters into a character set
+(`(?:a|b)` -> `[ab]`), which would hide a one-character sentinel inside a set; every alternative
+holding a sentinel has at least two items, so it never folds. PIECE_END alone reads as the empty
+string. The sentinels are code points no schema needs (U+10FF00-U+10FFFD, private use); a template
+or piece that spells one (raw or escaped) keeps the plain regex instead (`clashes`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PIECE_BASE = 0x10FF00  # piece k's sentinel is PIECE_BASE + k
+PIECE_END = 0x10FFFD  # follows every piece sentinel; read as nothing
+MAX_PIECES = PIECE_END - PIECE_BASE  # more pieces than this in one regex: the rest are pasted as text
+
+_CLASH = re.compile(r"[\U0010ff00-\U0010fffd]|\\U0010ff(?:[0-9a-e][0-9a-f]|f[0-9a-d])", re.IGNORECASE)  # not \U0010ffff
+
+
+def clashes(text: str) -> bool:
+    """Whether `text` may spell a sentinel code point (raw or as a \\U escape; conservative)."""
+    return _CLASH.search(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RegexPieces:
+    """A regex whose pieces stand as sentinels, and the pieces' regexes by sentinel code point."""
+
+    regex: str
+    texts: dict[int, str]
+
+    @staticmethod
+    def fill(template: str, subs: list[str], pieces: set[int], placeholder: str) -> RegexPieces | None:
+        """`template` with each `placeholder.format(i)` replaced by `(subs[i])`, except the subs in
+        `pieces`, which become sentinels. A sub may hold the placeholders of earlier subs (never of
+        later ones) and pieces hold none. None where a text could spell a sentinel, or nothing is a piece."""
+        if not pieces or clashes(template) or any(clashes(s) for s in subs):
+            return None
+        texts: dict[int, str] = {}
+        for i in reversed(range(len(subs))):
+            if i in pieces and len(texts) < MAX_PIECES:
+                cp = PIECE_BASE + len(texts)
+                texts[cp] = subs[i]
+                template = template.replace(placeholder.format(i), chr(cp) + chr(PIECE_END))
+            else:
+                template = template.replace(placeholder.format(i), f"({subs[i]})")
+        return RegexPieces(template, texts) if texts else None
