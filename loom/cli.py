@@ -16,7 +16,8 @@ def _demo(args: argparse.Namespace) -> int:
 # Help for every engine flag of `loom serve` (one per ServerArgs field but model_path).
 _ENGINE_FLAG_HELP = {
     "tokenizer_path": "tokenizer folder (default: the model folder)",
-    "dtype": "weight and activation dtype; auto: float32 on CPU, the checkpoint's dtype on GPU",
+    "dtype": "weight and activation dtype; auto: on CPU bfloat16 where it is native (AVX512_BF16 or AMX), else "
+             "float32 (LOOM_CPU_AUTO_DTYPE=float32 forces it); on GPU the checkpoint's bfloat16/float16, else bfloat16",
     "device": "where the model runs: auto (cuda when available), cpu or cuda",
     "context_length": "max tokens per sequence (default: the model's max_position_embeddings)",
     "max_total_tokens": "KV cache slots (default: --mem-fraction-static of free memory)",

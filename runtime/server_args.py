@@ -39,7 +39,7 @@ _GRAMMAR_LIMITS = GrammarLimits()
 class ServerArgs:
     model_path: str
     tokenizer_path: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": fp32 on CPU, the checkpoint's dtype on GPU)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": on CPU bf16 with AVX512_BF16/AMX, else fp32; the checkpoint's dtype on GPU)
     device: str = "auto"  # auto | cpu | cuda
     context_length: int | None = None  # default: the model's max_position_embeddings
     max_total_tokens: int | None = None  # KV slots; default: mem_fraction_static of free memory

@@ -105,9 +105,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype).
         `out` ([N, vocab] fp32) receives them where it can (one rank, fp32, no vocabulary padding):
-        the same GEMM as `F.linear`, written into a kept block instead of a fresh one."""
+        the same GEMM as `F.linear`, written into a kept block instead of a fresh one. A quantized
+        head computes in fp32 whatever the model dtype, and its logits stay fp32 (in a bf16 model,
+        not rounded to bf16 and back), as `logits_for_ids` gives them on the grammar path."""
         if self.qweight is not None:
-            logits = quantized_linear(hidden_states, self.qweight, self.qtype)
+            logits = quantized_linear(hidden_states.float(), self.qweight, self.qtype)
         elif (out is not None and self.tp_size == 1 and out.shape == (hidden_states.shape[0], self.num_embeddings)
                 and self.weight.shape[0] == self.num_embeddings
                 and self.weight.dtype == hidden_states.dtype == out.dtype == torch.float32):  # fmt: skip

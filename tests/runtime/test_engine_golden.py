@@ -1,5 +1,9 @@
 """Golden tests: Loom's greedy tokens equal Transformers' own model on the same fp32 weights.
 
+Every engine here runs in fp32 (`dtype="float32"`), whatever dtype "auto" picks on this CPU (bf16
+where it is native): the reference is Transformers in fp32. tests/runtime/test_bf16_golden.py
+compares bf16 with bf16.
+
 Every engine here runs with `debug_check_memory=True`, so the KV-pool invariant
 (free + evictable + protected + held == capacity) is asserted after every scheduler step.
 """
@@ -35,6 +39,7 @@ def greedy(n: int = NEW_TOKENS) -> dict:
 
 def make_engine(path, **kw) -> LocalEngine:
     kw.setdefault("debug_check_memory", True)
+    kw.setdefault("dtype", "float32")  # Transformers' side runs in fp32
     kw.setdefault("max_total_tokens", 4096)
     return LocalEngine(model_path=str(path), **kw)
 

@@ -52,7 +52,7 @@ def test_engine_with_fp8_kv_equals_full_precision_with_simulated_rounding(make_t
     model = str(make_tiny_model("qwen2"))
     prompts = ["The quick brown fox jumps over", "Once upon a time in a land far", "Hello there, how are"]
     params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
-    with LocalEngine(model_path=model, max_total_tokens=512, kv_cache_dtype="fp8_e4m3") as eng:
+    with LocalEngine(model_path=model, dtype="float32", max_total_tokens=512, kv_cache_dtype="fp8_e4m3") as eng:
         pool = eng.model_runner.token_to_kv_pool
         assert pool.quantized and pool.k_buffer[0].dtype == torch.float8_e4m3fn
         got = eng.generate(prompts, params)
@@ -60,7 +60,7 @@ def test_engine_with_fp8_kv_equals_full_precision_with_simulated_rounding(make_t
         scored = _score(eng, seqs)
         scales = (list(pool.k_scale), list(pool.v_scale))
         assert all(s is not None for s in scales[0]) and len(set(scales[0])) > 1  # one scale per layer
-    with LocalEngine(model_path=model, max_total_tokens=512) as ref:
+    with LocalEngine(model_path=model, dtype="float32", max_total_tokens=512) as ref:
         sim = ref.model_runner.token_to_kv_pool
         store = sim.set_kv_buffer
 

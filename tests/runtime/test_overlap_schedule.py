@@ -46,6 +46,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 def make_engines(model_dir, **kw) -> dict[bool, LocalEngine]:
     kw.setdefault("max_total_tokens", 4096)
+    kw.setdefault("dtype", "float32")  # greedy tokens are compared with Transformers' in fp32
     engines = {
         overlap: LocalEngine(model_path=str(model_dir), debug_check_memory=True, disable_overlap_schedule=not overlap, **kw)
         for overlap in (True, False)

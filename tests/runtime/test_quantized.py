@@ -96,7 +96,8 @@ def test_engine_on_auto_gives_the_float_engines_tokens(gguf_path):
     params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
     runs = {}
     for mode in ("none", "auto"):
-        with LocalEngine(model_path=str(gguf_path), quantization=mode, max_total_tokens=1024) as engine:
+        # fp32: the float engine then holds the dequantised weights exactly (bf16 would round them)
+        with LocalEngine(model_path=str(gguf_path), dtype="float32", quantization=mode, max_total_tokens=1024) as engine:
             runs[mode] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert runs["auto"] == runs["none"]
 
