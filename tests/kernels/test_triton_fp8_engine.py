@@ -25,9 +25,10 @@ prompts = [shared + [40, 41, 42], shared + [50], [7, 8, 9, 60, 61]]
 greedy = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 result = {}
 for backend in ("torch_native", "triton"):
-    # chunked prefill of 8 tokens: the first prompt's later chunks extend over a cached fp8 prefix
-    with LocalEngine(model_path=path, attention_backend=backend, kv_cache_dtype="fp8_e4m3", max_total_tokens=512,
-                     chunked_prefill_size=8, debug_check_memory=True) as eng:
+    # chunked prefill of 8 tokens: the first prompt's later chunks extend over a cached fp8 prefix; fp32
+    # compute, as Triton's interpreter has no bf16 (which dtype "auto" picks on a CPU with native bf16)
+    with LocalEngine(model_path=path, dtype="float32", attention_backend=backend, kv_cache_dtype="fp8_e4m3",
+                     max_total_tokens=512, chunked_prefill_size=8, debug_check_memory=True) as eng:
         pool = eng.model_runner.token_to_kv_pool
         first = eng.generate(input_ids=prompts[0], sampling_params=greedy)
         rest = eng.generate(input_ids=prompts[1:], sampling_params=[greedy] * 2)  # one extend + batched decode
