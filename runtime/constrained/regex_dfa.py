@@ -38,7 +38,11 @@ from loom.runtime.constrained.vocabulary import TokenVocab
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
-EAGER_BUDGET_S = 0.003  # a JSON Schema's DFA built whole within this, else state by state as walks reach them
+# A JSON Schema's DFA built whole within this, else state by state as walks reach them. 0: always
+# lazily. The first mask reaches only a few states (4 on each of bench_grammar_first_token's 8
+# schemas), and building the rest first cost 0.5-3 ms of CPU before every new schema's first token;
+# the states a generation then reaches are built as it does (~25-50 us each, never more of them).
+EAGER_BUDGET_S = 0.0
 PRECOMPUTE_TIME_S = 0.002  # masks walked at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's masks past this are dropped and recomputed as visited
@@ -69,7 +73,7 @@ class CompiledRegex:
         self._lazy: SubsetDFA | None = None
         if lazy and self._trie is not None:
             dfa = SubsetDFA(regex, shown, max_states, pieces)
-            if dfa.explore(EAGER_BUDGET_S):
+            if EAGER_BUDGET_S > 0 and dfa.explore(EAGER_BUDGET_S):
                 table, byte_class, accepting = dfa.eager()
             else:
                 self._lazy = dfa
