@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir) -> Iterator[Server]:
-    with serving(model_dir, "--api-key", API_KEY) as srv:
+    with serving(model_dir, "--api-key", API_KEY, "--dtype", "float32") as srv:  # scores compared with Transformers' fp32
         yield srv
 
 

@@ -142,7 +142,7 @@ def _greedy() -> dict[str, Any]:
 
 
 def _serve(path: pathlib.Path, *extra: str) -> Server:
-    return Server(path, "--tp-size", "2", *extra)
+    return Server(path, "--tp-size", "2", "--dtype", "float32", *extra)  # compared with Transformers in fp32
 
 
 # A grammar (compiled on every rank, its outcome decided by rank 0) and seeded sampling (rank 0's draw).
@@ -161,7 +161,7 @@ def _generate(srv: Server, prompts: list[list[int]], params: Any = None) -> list
 def _tp1(path: pathlib.Path, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
     """(greedy tokens of `prompts`, tokens of prompts[0] under OTHER_PARAMS) from one rank."""
     with LocalEngine(
-        model_path=str(path), max_total_tokens=160, chunked_prefill_size=24, debug_check_memory=True
+        model_path=str(path), dtype="float32", max_total_tokens=160, chunked_prefill_size=24, debug_check_memory=True
     ) as engine:
         greedy = engine.generate(input_ids=prompts, sampling_params=_greedy())
         other = engine.generate(input_ids=[prompts[0]] * len(OTHER_PARAMS), sampling_params=OTHER_PARAMS)
@@ -215,7 +215,8 @@ def test_two_nodes_over_loopback(ending: str, models: dict[str, pathlib.Path], s
     rendezvous = f"127.0.0.1:{free_port()}"
     common = ["--nnodes", "2", "--dist-init-addr", rendezvous]
     node1 = subprocess.Popen(
-        [sys.executable, "-m", "loom", "serve", "--model", str(path), "--tp-size", "2", *common, "--node-rank", "1"],
+        [sys.executable, "-m", "loom", "serve", "--model", str(path), "--tp-size", "2", "--dtype", "float32", *common,
+         "--node-rank", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
