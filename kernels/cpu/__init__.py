@@ -1,4 +1,6 @@
-"""CPU kernels built from C++ on first use: weight-only quantized linear layers (`qlinear`).
+"""CPU kernels built from C++ on first use: weight-only quantized linear layers (`qlinear`), and a
+Llama-family decode step in one call over those layers (`DecodeModel`, decode.cpp; driven by
+runtime/model_executor/cpu_decode.py).
 
 The extension is compiled with the machine's own instruction set (`-march=native`: AVX-512 where
 the CPU has it, else AVX2, else plain C++) by `torch.utils.cpp_extension` the first time a process
@@ -44,12 +46,13 @@ def extension() -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
-    source = HERE / "qlinear.cpp"
-    key = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{source.read_bytes().hex()}".encode()).hexdigest()[:12]
+    sources = [HERE / "qlinear.cpp", HERE / "decode.cpp"]
+    code = "|".join(f.read_bytes().hex() for f in [*sources, HERE / "qlinear.h"])
+    key = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{code}".encode()).hexdigest()[:12]
     t0 = time.perf_counter()
     try:
-        module = load(name=f"loom_qlinear_{key}", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                      verbose=False)  # fmt: skip
+        module = load(name=f"loom_qlinear_{key}", sources=[str(f) for f in sources],
+                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_include_paths=[str(HERE)], verbose=False)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
         logger.warning("the quantized CPU kernels could not be built (%s); dequantising per call instead", exc)
         return None

@@ -13,23 +13,27 @@
 // Output rows are split over torch's threads.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
 
-namespace {
+#include "qlinear.h"
 
-constexpr int QK = 32;
-enum QType : int { Q8_0 = 8, Q4_0 = 2, Q4_1 = 3 };
-
-inline int block_bytes(int qtype) {
+int loom::block_bytes(int qtype) {
   switch (qtype) {
-    case Q8_0: return 2 + 32;
-    case Q4_0: return 2 + 16;
-    case Q4_1: return 4 + 16;
+    case 8: return 2 + 32;   // Q8_0
+    case 2: return 2 + 16;   // Q4_0
+    case 3: return 4 + 16;   // Q4_1
   }
   return 0;
 }
+
+namespace {
+using loom::block_bytes;
+
+constexpr int QK = 32;
+enum QType : int { Q8_0 = 8, Q4_0 = 2, Q4_1 = 3 };
 
 inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -116,6 +120,11 @@ inline void dequant_block(const uint8_t* b, int qtype, vec* w) {
 #define LOOM_QLINEAR_SCALAR 1
 #endif
 
+// Output rows per thread at least: 64 KiB of blocks (and 16 rows). Waking a second thread costs
+// microseconds, and far more when the machine is oversubscribed and it must wait for a core; a small
+// layer (a tiny model's, or a few hundred rows of a 135M model's narrow ones) is read sooner by one.
+inline int64_t grain(int64_t row_bytes) { return std::max<int64_t>(16, (64 << 10) / std::max<int64_t>(row_bytes, 1)); }
+
 #ifndef LOOM_QLINEAR_SCALAR
 // Rows [m0, m0 + MB) of x against output rows [n0, n1).
 template <int MB>
@@ -142,32 +151,24 @@ void rows_block(const float* x, int64_t K, const uint8_t* W, int64_t row_bytes, 
 // torch's thread pool and its set_num_threads instead of starting an OpenMP team of its own.
 template <int MB>
 void run_rows(const float* x, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int bb, int64_t N, float* y) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows_block<MB>(x, K, W, row_bytes, qtype, bb, n0, n1, y, N); });
+  at::parallel_for(0, N, grain(row_bytes), [&](int64_t n0, int64_t n1) { rows_block<MB>(x, K, W, row_bytes, qtype, bb, n0, n1, y, N); });
 }
 #endif
 
 }  // namespace
 
-// y = x @ dequant(W)^T: x [M, K] float32 (contiguous), W [N, K / 32 * block bytes] uint8.
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(W.dtype() == torch::kUInt8 && W.dim() == 2 && W.is_contiguous(), "W must be a contiguous 2-D uint8 tensor");
-  const int bb = block_bytes((int)qtype);
-  TORCH_CHECK(bb > 0, "unsupported quantization type ", qtype);
-  const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
-  TORCH_CHECK(K % QK == 0 && W.size(1) == K / QK * bb, "W holds ", W.size(1), " bytes a row; K = ", K, " needs ", K / QK * bb);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = W.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t row_bytes = W.size(1);
+// y[M, N] = x[M, K] @ dequant(W)^T on raw pointers (qlinear.h): what `qlinear` and the fused decode
+// step (decode.cpp) both call.
+void loom::qlinear_raw(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes, int qtype, int64_t N,
+                       float* yp) {
+  const int bb = block_bytes(qtype);
 #ifdef LOOM_QLINEAR_SCALAR
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain(row_bytes), [&](int64_t n0, int64_t n1) {
     float w[QK];
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t m = 0; m < M; ++m) yp[m * N + n] = 0.f;
       for (int64_t j = 0; j < K / QK; ++j) {
-        dequant_block_scalar(wp + n * row_bytes + j * bb, (int)qtype, w);
+        dequant_block_scalar(wp + n * row_bytes + j * bb, qtype, w);
         for (int64_t m = 0; m < M; ++m) {
           float s = 0.f;
           for (int i = 0; i < QK; ++i) s += w[i] * xp[m * K + j * QK + i];
@@ -180,11 +181,23 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
   // Rows of x in groups of 8 (AVX-512 keeps 8 accumulators and the block's weights in registers;
   // AVX2's 16 registers fit 8 accumulators too), then 4, 2, 1 for the rest.
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) run_rows<8>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
-  for (; m + 4 <= M; m += 4) run_rows<4>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
-  for (; m + 2 <= M; m += 2) run_rows<2>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
-  for (; m < M; ++m) run_rows<1>(xp + m * K, K, wp, row_bytes, (int)qtype, bb, N, yp + m * N);
+  for (; m + 8 <= M; m += 8) run_rows<8>(xp + m * K, K, wp, row_bytes, qtype, bb, N, yp + m * N);
+  for (; m + 4 <= M; m += 4) run_rows<4>(xp + m * K, K, wp, row_bytes, qtype, bb, N, yp + m * N);
+  for (; m + 2 <= M; m += 2) run_rows<2>(xp + m * K, K, wp, row_bytes, qtype, bb, N, yp + m * N);
+  for (; m < M; ++m) run_rows<1>(xp + m * K, K, wp, row_bytes, qtype, bb, N, yp + m * N);
 #endif
+}
+
+// y = x @ dequant(W)^T: x [M, K] float32 (contiguous), W [N, K / 32 * block bytes] uint8.
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(W.dtype() == torch::kUInt8 && W.dim() == 2 && W.is_contiguous(), "W must be a contiguous 2-D uint8 tensor");
+  const int bb = block_bytes((int)qtype);
+  TORCH_CHECK(bb > 0, "unsupported quantization type ", qtype);
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
+  TORCH_CHECK(K % QK == 0 && W.size(1) == K / QK * bb, "W holds ", W.size(1), " bytes a row; K = ", K, " needs ", K / QK * bb);
+  auto y = torch::empty({M, N}, x.options());
+  loom::qlinear_raw(x.data_ptr<float>(), M, K, W.data_ptr<uint8_t>(), W.size(1), (int)qtype, N, y.data_ptr<float>());
   return y;
 }
 
@@ -201,4 +214,5 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "y = x @ dequant(W)^T for GGUF Q8_0 / Q4_0 / Q4_1 blocks");
   m.def("isa", &isa, "the instruction set the kernel was built for");
+  loom::register_decode(m);  // decode.cpp: the fused decode step
 }

@@ -11,6 +11,7 @@ import torch
 from loom.kernels.attention import create_attention_backend
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocator
 from loom.runtime.layers.linear import pack_cpu_weights
+from loom.runtime.model_executor.cpu_decode import CpuDecodeRunner, unsupported
 from loom.runtime.model_executor.cuda_graph_runner import DEFAULT_MAX_BS, CudaGraphRunner, capture_batch_sizes
 from loom.runtime.model_executor.device import resolve_device, resolve_dtype, to_device
 from loom.runtime.model_executor.forward_batch import ForwardBatch
@@ -105,6 +106,14 @@ class ModelRunner:
                     f"capturing the decode CUDA graphs failed ({e}); --disable-cuda-graph runs without them"
                 ) from e
 
+        self.cpu_decode: CpuDecodeRunner | None = None
+        if self.device.type == "cpu":
+            reason = unsupported(self)
+            if reason is None:
+                self.cpu_decode = CpuDecodeRunner(self)
+            else:
+                logger.info("decode steps run op by op in torch (no fused CPU decode step): %s", reason)
+
     def _use_cuda_graph(self) -> bool:
         """Graphs for decode steps: on CUDA, with a backend whose decode metadata can live in fixed tensors."""
         if self.args.disable_cuda_graph or self.device.type != "cuda":
@@ -133,7 +142,8 @@ class ModelRunner:
         """Run the model over the batch's new tokens -> hidden states [T, hidden] (after the final norm).
 
         The batch's tensors are moved to the model's device in place. Decode batches of up to
-        `cuda_graph_max_bs` rows replay a captured CUDA graph when there is one."""
+        `cuda_graph_max_bs` rows replay a captured CUDA graph when there is one; on the CPU, decode
+        batches of up to `cpu_decode.MAX_ROWS` rows run in one C++ call where the model allows it."""
         fb.req_to_token_pool = self.req_to_token_pool
         fb.token_to_kv_pool = self.token_to_kv_pool
         fb.attn_backend = self.attn_backend
@@ -141,6 +151,8 @@ class ModelRunner:
             setattr(fb, name, to_device(getattr(fb, name), self.device))
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb):
             return self.cuda_graph_runner.replay(fb)
+        if self.cpu_decode is not None and self.cpu_decode.can_run(fb):
+            return self.cpu_decode.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb)
 

@@ -1,0 +1,19 @@
+// What qlinear.cpp shares with the fused decode step (decode.cpp): both are built into one extension.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+
+namespace loom {
+
+// Bytes of one 32-weight block of GGUF type `qtype` (8 = Q8_0, 2 = Q4_0, 3 = Q4_1); 0 for any other.
+int block_bytes(int qtype);
+
+// y[M, N] = x[M, K] @ dequant(W)^T, W [N, row_bytes] in `qtype` blocks; output rows split over torch's threads.
+void qlinear_raw(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int64_t N, float* y);
+
+// Adds the DecodeModel class (decode.cpp) to the extension's module.
+void register_decode(pybind11::module_& m);
+
+}  // namespace loom
