@@ -225,11 +225,11 @@ def loom_answer(workload: str, state: Any, z: Sizes) -> Any:
 class HFRunner:
     """The same programs, written the way a Transformers user writes them."""
 
-    def __init__(self, model_path: str, z: Sizes) -> None:
+    def __init__(self, model_path: str, z: Sizes, dtype: str = "auto") -> None:
         from hf_reference import hf_model, hf_tokenizer  # benchmarks/hf_reference.py
 
         self.tok = hf_tokenizer(model_path)
-        self.model = hf_model(model_path, torch.float32)
+        self.model = hf_model(model_path, dtype)  # in the dtype Loom runs (auto: bf16 on a bf16 CPU)
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.z = z
 
@@ -335,9 +335,10 @@ def run_loom(model: str, workloads: list[str], inputs: dict[str, list[dict]], z:
     return results
 
 
-def run_hf(model: str, workloads: list[str], inputs: dict[str, list[dict]], z: Sizes, n: int) -> dict[str, Result]:
+def run_hf(model: str, workloads: list[str], inputs: dict[str, list[dict]], z: Sizes, n: int,
+           dtype: str = "auto") -> dict[str, Result]:  # fmt: skip
     print("loading Transformers ...", file=sys.stderr)
-    hf = HFRunner(model, z)
+    hf = HFRunner(model, z, dtype)
     hf.select(MMLU_SHOTS, LETTERS)  # warm-up
     results = {}
     for w in workloads:
@@ -405,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-programs", type=int, default=4,
                    help="programs per workload for Transformers (the first ones of Loom's); its rate is per program")
     p.add_argument("--max-total-tokens", type=int, default=40000, help="Loom's KV cache size in tokens")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="Loom's dtype, and Transformers' (auto: bfloat16 on a CPU with native bf16, else float32)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 2 programs, 1 for Transformers, short gens")
     p.add_argument("--figure", type=Path, default=Path(__file__).parent / "figures" / "programs.png",
                    help="where the PNG bar chart goes (needs matplotlib)")
@@ -431,11 +434,11 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = str(bench_model_path())
     inputs = {w: make_inputs(w, args.programs, z.chat_turns) for w in args.workloads}
-    engine = {"max_total_tokens": args.max_total_tokens}
+    engine = {"max_total_tokens": args.max_total_tokens, "dtype": args.dtype}
     on = run_loom(args.model, args.workloads, inputs, z, "Loom, radix cache on", **engine)
     off = on if args.skip_radix_off else run_loom(args.model, args.workloads, inputs, z, "Loom, radix cache off",
                                                   disable_radix_cache=True, **engine)  # fmt: skip
-    hf = run_hf(args.model, args.workloads, inputs, z, args.hf_programs)
+    hf = run_hf(args.model, args.workloads, inputs, z, args.hf_programs, args.dtype)
 
     print(f"\n## Program workloads ({args.programs} programs per workload for Loom, "
           f"{args.hf_programs} for Transformers; programs/s)\n")  # fmt: skip
