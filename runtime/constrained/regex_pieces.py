@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from loom.runtime.constrained.regex_syntax import sre_constants, sre_parse
+
 PIECE_BASE = 0x10FF00  # piece k's sentinel is PIECE_BASE + k
 PIECE_END = 0x10FFFD  # follows every piece sentinel; read as nothing
 MAX_PIECES = PIECE_END - PIECE_BASE  # more pieces than this in one regex: the rest are pasted as text
@@ -42,18 +44,36 @@ class RegexPieces:
     texts: dict[int, str]
 
     @staticmethod
-    def fill(template: str, subs: list[str], pieces: set[int], placeholder: str) -> RegexPieces | None:
+    def fill(template: str, subs: list[str], pieces: set[int], placeholder: str, atoms: tuple[str, ...] = ()) -> RegexPieces | None:
         """`template` with each `placeholder.format(i)` replaced by `(subs[i])`, except the subs in
         `pieces`, which become sentinels. A sub may hold the placeholders of earlier subs (never of
-        later ones) and pieces hold none. None where a text could spell a sentinel, or nothing is a piece."""
-        if not pieces or clashes(template) or any(clashes(s) for s in subs):
+        later ones) and pieces hold none. `atoms`: regexes that are whole units wherever they stand
+        in the filled template (outlines-core's string and number regexes), made pieces too where no
+        quantifier follows and no backslash precedes (longest first). None where a text could spell
+        a sentinel, or nothing is a piece."""
+        if clashes(template) or any(clashes(s) for s in subs):
             return None
         texts: dict[int, str] = {}
+
+        def sentinel(text: str) -> str:  # a group, so that a quantifier after it repeats the whole piece
+            cp = PIECE_BASE + len(texts)
+            texts[cp] = text
+            return f"(?:{chr(cp)}{chr(PIECE_END)})"
+
         for i in reversed(range(len(subs))):
             if i in pieces and len(texts) < MAX_PIECES:
-                cp = PIECE_BASE + len(texts)
-                texts[cp] = subs[i]
-                template = template.replace(placeholder.format(i), chr(cp) + chr(PIECE_END))
+                template = template.replace(placeholder.format(i), sentinel(subs[i]))
             else:
                 template = template.replace(placeholder.format(i), f"({subs[i]})")
+        for atom in sorted(atoms, key=len, reverse=True):
+            if atom in template and len(texts) < MAX_PIECES:
+                piece = sentinel(atom)
+                free = "" if _one_group(atom) else "(?![*+?{])"  # a quantifier after `a(b)` repeats only `(b)`
+                template = re.sub(f"(?<!\\\\){re.escape(atom)}{free}", lambda _: piece, template)
         return RegexPieces(template, texts) if texts else None
+
+
+def _one_group(regex: str) -> bool:
+    """Whether `regex` is one parenthesised group, so that a quantifier after it repeats all of it."""
+    parsed = sre_parse.parse(regex, 0).data
+    return len(parsed) == 1 and parsed[0][0] is sre_constants.SUBPATTERN and regex.startswith("(") and regex.endswith(")")

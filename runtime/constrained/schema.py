@@ -24,7 +24,7 @@ import json
 import re
 from typing import Any
 
-from outlines_core.json_schema import build_regex_from_schema
+from outlines_core.json_schema import INTEGER, NUMBER, STRING, STRING_INNER, build_regex_from_schema
 
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.json_regex import (
@@ -58,6 +58,9 @@ MAX_STRING_LENGTH = 1000
 _UNENFORCED = ("multipleOf", "not", "if", "then", "else", "patternProperties", "dependentRequired",
                "dependentSchemas", "contains", "minContains", "maxContains", "unevaluatedProperties",
                "propertyNames", "minProperties", "maxProperties")  # fmt: skip
+# outlines-core's own regexes for JSON strings, their characters (counted for lengths) and numbers:
+# the same in every schema, so parsed once per process too (regex_pieces.py)
+_OUTLINES_ATOMS = (STRING, STRING_INNER, NUMBER, INTEGER)
 _PLACEHOLDER = "LOOMSUB{}"  # a const outlines-core spells as-is, replaced by one of _RegexNormaliser.subs
 _ANY_ORDER_REQUIRED = 3  # up to 3 required members of an open object in any order (16 copies of each)
 _ANY_ORDER_MAX_SIZE = 200_000  # ...while its regex, placeholders filled in, stays below this many characters
@@ -91,7 +94,7 @@ def schema_regexes(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, op
     regex = template
     for i in reversed(range(len(norm.subs))):  # a sub holds only earlier ones; absent where unreachable (maxItems 0)
         regex = regex.replace(f'"{_PLACEHOLDER.format(i)}"', f"({norm.subs[i]})")
-    return regex, RegexPieces.fill(template, norm.subs, norm.leaves, f'"{_PLACEHOLDER}"')
+    return regex, RegexPieces.fill(template, norm.subs, norm.leaves, f'"{_PLACEHOLDER}"', _OUTLINES_ATOMS)
 
 
 class _RegexNormaliser(SchemaNormaliser):
