@@ -4,16 +4,17 @@
     nfa.build_nfa(pieces.regex, pieces=pieces.texts)                 splices each piece's cached NFA fragment
 
 A JSON Schema's regex is mostly the same few automata pasted in many places: a `date-time` format
-(~1.5k characters of regex), an email, a string pattern, any JSON value, a number range. Python's
-regex parser and the NFA build read every copy of every one of them again for each new schema
-(2-50 ms on format-heavy schemas). Here each such piece stands in the regex as a sentinel: a private
-code point naming the piece, then PIECE_END. nfa.build_nfa splices the piece's NFA fragment, built
-once per process (nfa.piece_fragment, an LRU bounded by NFA states), where it meets the sentinel.
+(~1.5k characters of regex), an email, a string pattern, any JSON value, a number range, and
+outlines-core's own string and number regexes. Python's regex parser and the NFA build read every
+copy of every one of them again for each new schema (2-50 ms on format-heavy schemas). Here each
+such piece stands in the regex as a sentinel, `(?:` a private code point naming the piece, then
+PIECE_END `)`. nfa.build_nfa splices the piece's NFA fragment, built once per process
+(nfa.piece_fragment, an LRU bounded by NFA states), where it meets the sentinel.
 
 Why two characters: Python's parser folds a branch of single characters into a character set
 (`(?:a|b)` -> `[ab]`), which would hide a one-character sentinel inside a set; every alternative
 holding a sentinel has at least two items, so it never folds. PIECE_END alone reads as the empty
-string. The sentinels are code points no schema needs (U+10FF00-U+10FFFD, private use); a template
+string. The group makes a quantifier after the sentinel repeat the whole piece. The sentinels are code points no schema needs (U+10FF00-U+10FFFD, private use); a template
 or piece that spells one (raw or escaped) keeps the plain regex instead (`clashes`).
 """
 
