@@ -53,7 +53,7 @@ from loom.runtime.model_executor import device as device_mod
 from loom.runtime.model_executor.device import resolve_dtype
 
 from gguf_files import write_gguf
-from golden import hf_model, random_prompts
+from golden import check_steps, hf_model, random_prompts, reference_logprobs
 
 LOGPROB_TOL = 0.15
 DECIDED_SHARE = 2 / 3  # of the steps, decided by a margin over 2 * LOGPROB_TOL
@@ -79,40 +79,6 @@ def bf16_engine(path, **kw) -> LocalEngine:
     return LocalEngine(model_path=str(path), dtype="bfloat16", **kw)
 
 
-@torch.inference_mode()
-def reference_logprobs(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    """Transformers' log-softmax at every position of `ids` -> [len(ids), V] fp32 (bf16 logits)."""
-    logits = hf(torch.tensor([ids])).logits[0]
-    assert logits.dtype == BF16, "the reference must run in bf16"
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def check_steps(ref: torch.Tensor, tokens: list[int], logprobs: list[float] | None,
-                allowed: list[torch.Tensor] | None = None) -> tuple[int, int]:  # fmt: skip
-    """The module docstring's checks for one request, step by step. `ref`: [steps, V] Transformers'
-    log-softmax at the positions Loom chose from; `logprobs`: Loom's for its tokens (None: tokens
-    only); `allowed`: per step the token ids a grammar allowed (the argmax is then taken over
-    those). -> (decided steps, steps)."""
-    decided = 0
-    for j, tok in enumerate(tokens):
-        row = ref[j]
-        if allowed is not None:
-            masked = torch.full_like(row, float("-inf"))
-            masked[allowed[j]] = row[allowed[j]]
-            row = masked
-        if logprobs is not None:
-            lp = logprobs[j]
-            assert abs(lp - float(ref[j, tok])) <= LOGPROB_TOL, f"step {j}: logprob {lp:.4f} vs {float(ref[j, tok]):.4f}"
-        top = torch.topk(row, 2)
-        margin = float(top.values[0] - top.values[1])
-        if margin > 2 * LOGPROB_TOL:
-            decided += 1
-            assert tok == int(top.indices[0]), f"step {j}: token {tok}, Transformers' {int(top.indices[0])} by {margin:.3f}"
-        else:
-            assert float(row[tok]) >= float(top.values[0]) - 2 * LOGPROB_TOL, f"step {j}: token {tok} is not a near tie"
-    return decided, len(tokens)
-
-
 def assert_close_to_hf(path, prompts: list[list[int]], outs: list[dict]) -> None:
     hf = hf_model(path, BF16)
     decided = steps = 0
@@ -120,7 +86,7 @@ def assert_close_to_hf(path, prompts: list[list[int]], outs: list[dict]) -> None
         tokens = out["output_ids"]
         logprobs = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
         ref = reference_logprobs(hf, prompt + tokens)[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-        d, n = check_steps(ref, tokens, logprobs)
+        d, n = check_steps(ref, tokens, logprobs, LOGPROB_TOL)
         decided, steps = decided + d, steps + n
     assert decided >= DECIDED_SHARE * steps, f"only {decided} of {steps} steps decided by a margin over the tolerance"
 
@@ -248,7 +214,7 @@ def test_constrained_decoding_matches_transformers_in_bf16(make_tiny_model, logp
         assert matcher.accept_token(tok)
     lps = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]] if logprobs else None
     ref = reference_logprobs(hf_model(path, BF16), prompt + tokens)[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-    check_steps(ref, tokens, lps, allowed)
+    check_steps(ref, tokens, lps, LOGPROB_TOL, allowed)
 
 
 def test_gguf_file_dequantised_into_bf16_matches_transformers(tmp_path):
@@ -264,7 +230,7 @@ def test_gguf_file_dequantised_into_bf16_matches_transformers(tmp_path):
         tokens = out["output_ids"]
         logprobs = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
         ref = reference_logprobs(hf, prompt + tokens)[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-        check_steps(ref, tokens, logprobs)
+        check_steps(ref, tokens, logprobs, LOGPROB_TOL)
 
 
 # ----------------------------------------------------------------------------- quantized layers in bf16
