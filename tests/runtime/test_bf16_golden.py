@@ -174,6 +174,18 @@ def test_cached_prefix_and_chunked_prefill_match_transformers_in_bf16(bf16_dir):
     assert_close_to_hf(bf16_dir, prompts, [first] + rest)
 
 
+def test_overlap_schedule_matches_transformers_in_bf16(make_tiny_model):
+    """The overlap scheduler (off by default on the CPU) in bf16: requests joining and leaving
+    while the next step is already launched."""
+    path = make_tiny_model("llama", vocab_size=512, dtype="bfloat16", seed=10)
+    prompts = random_prompts(27, 4, 3, 30)
+    with bf16_engine(path, disable_overlap_schedule=False) as engine:
+        assert engine.scheduler.overlap
+        outs = engine.generate(input_ids=prompts, sampling_params=[greedy(n) for n in (12, 3, 8, 1)], return_logprob=True)
+    assert [len(o["output_ids"]) for o in outs] == [12, 3, 8, 1]
+    assert_close_to_hf(path, prompts, outs)
+
+
 def test_prompt_logprobs_match_transformers_in_bf16(make_tiny_model):
     """Prefill-only scoring (what select uses): every prompt token's logprob, and the top-2."""
     path = make_tiny_model("llama", vocab_size=512, dtype="bfloat16", seed=6)
