@@ -30,7 +30,7 @@ from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.models import loader
 from loom.runtime.server_args import ServerArgs
 
-from golden import hf_greedy, random_prompts
+from golden import check_steps, hf_greedy, hf_model, random_prompts, reference_logprobs
 from server_proc import Server, alive, child_pids, free_port
 
 NEW_TOKENS = 12
@@ -198,6 +198,28 @@ def test_tp2_gives_the_tokens_of_tp1_and_transformers(
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
     stats = srv.info()["stats"]
     assert stats["retracted"] > 0, f"the KV pool was meant to be too small for the batch: {stats}"
+
+
+@pytest.mark.slow
+def test_tp2_in_bf16_tracks_transformers_in_bf16(tmp_path: pathlib.Path, server_stopper: list[Server]) -> None:
+    """bf16 (what dtype auto runs on a CPU with native bf16) over two ranks: a row-parallel
+    layer's two partial sums are rounded to bf16 and then added (the all-reduce), once more than
+    Transformers' single GEMM rounds. Teacher-forced within test_bf16_golden's tolerance."""
+    path = build_tiny_checkpoint(tmp_path / "bf16", "qwen2", seed=11, dtype="bfloat16", **MODELS["qwen2"])
+    srv = Server(path, "--tp-size", "2", "--dtype", "bfloat16")
+    server_stopper.append(srv)
+    prompts = _workload()
+    srv.wait_ready()
+    r = srv.client.post("/generate", json={"input_ids": prompts, "sampling_params": _greedy(), "return_logprob": True})
+    assert r.status_code == 200, r.text
+    hf = hf_model(path, torch.bfloat16)
+    decided = steps = 0
+    for ids, out in zip(prompts, r.json()):
+        tokens = out["output_ids"]
+        ref = reference_logprobs(hf, ids + tokens)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+        d, n = check_steps(ref, tokens, [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], 0.15)
+        decided, steps = decided + d, steps + n
+    assert steps == NEW_TOKENS * len(prompts) and decided >= 2 * steps / 3, (decided, steps)
 
 
 def _spawned_children(pid: int) -> list[int]:
