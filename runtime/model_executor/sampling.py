@@ -139,6 +139,15 @@ class SamplingBatchInfo:
         )
 
 
+def plain_argmax(params: Sequence[SamplingParams]) -> bool:
+    """Whether every row's next token is the argmax of its raw logits: greedy, no penalty. `sample`
+    then gives `logits.argmax(-1)` (when nothing is banned and no grammar masks), so the caller may
+    skip `SamplingBatchInfo`: building it (four small tensors) cost about as much as a batch-1 decode
+    step's attention on the CPU."""
+    return all(p.is_greedy and p.frequency_penalty == 0 and p.presence_penalty == 0 and p.repetition_penalty == 1
+               for p in params)  # fmt: skip
+
+
 def _column(values: list[float], device: torch.device | str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(-1, 1).to(device)  # [B, 1]
 

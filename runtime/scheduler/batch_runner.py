@@ -18,7 +18,13 @@ from collections.abc import Callable
 import torch
 
 from loom.runtime.constrained import allocate_token_bitmask
-from loom.runtime.model_executor.sampling import SamplingBatchInfo, compute_logprobs, gather_top_logprobs, sample
+from loom.runtime.model_executor.sampling import (
+    SamplingBatchInfo,
+    compute_logprobs,
+    gather_top_logprobs,
+    plain_argmax,
+    sample,
+)
 from loom.runtime.scheduler.schedule_batch import ExtendPlan, Req, build_decode_batch, build_extend_batch
 
 logger = logging.getLogger(__name__)
@@ -149,20 +155,24 @@ class BatchRunner:
         hold -inf outside their grammar's tokens already."""
         if not rows:
             return []
-        rows_t = torch.tensor(rows, dtype=torch.int64)
-        logits = logits.index_select(0, rows_t) if len(rows) != logits.shape[0] else logits
-        info = SamplingBatchInfo.from_params(
-            [r.sampling_params for r in reqs],
-            output_ids=[r.output_ids for r in reqs],
-            prompt_ids=[r.origin_input_ids for r in reqs],
-            vocab_size=logits.shape[-1],
-            device=logits.device,
-            generators=[r.generator for r in reqs],
-            banned_ids=[self._banned_ids(r) for r in reqs],
-        )
-        if any(r.grammar is not None and i not in premasked for i, r in enumerate(reqs)):
-            info.vocab_mask = self._grammar_mask(reqs, logits.shape[-1], premasked)
-        next_ids = sample(logits, info).tolist()
+        if len(rows) != logits.shape[0]:
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
+        banned = [self._banned_ids(r) for r in reqs]
+        if not any(banned) and all(r.grammar is None for r in reqs) and plain_argmax([r.sampling_params for r in reqs]):
+            next_ids = torch.argmax(logits, dim=-1).tolist()  # what `sample` gives, without building its state
+        else:
+            info = SamplingBatchInfo.from_params(
+                [r.sampling_params for r in reqs],
+                output_ids=[r.output_ids for r in reqs],
+                prompt_ids=[r.origin_input_ids for r in reqs],
+                vocab_size=logits.shape[-1],
+                device=logits.device,
+                generators=[r.generator for r in reqs],
+                banned_ids=banned,
+            )
+            if any(r.grammar is not None and i not in premasked for i, r in enumerate(reqs)):
+                info.vocab_mask = self._grammar_mask(reqs, logits.shape[-1], premasked)
+            next_ids = sample(logits, info).tolist()
         if logprobs is not None:
             for row, req, token in zip(rows, reqs, next_ids):
                 if req.return_logprob:

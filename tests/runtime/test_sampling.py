@@ -15,6 +15,7 @@ from loom.runtime.model_executor.sampling import (
     apply_penalties_and_bans,
     compute_logprobs,
     gather_top_logprobs,
+    plain_argmax,
     sample,
 )
 from loom.runtime.sampling_params import MAX_NEW_TOKENS_UNLIMITED, SamplingParams
@@ -226,6 +227,22 @@ def test_greedy_rows_are_argmax_even_in_a_mixed_batch():
     all_greedy = _info([SamplingParams(temperature=0.0)] * 8)
     assert all_greedy.is_all_greedy
     assert torch.equal(sample(logits.clone(), all_greedy), expected)
+
+
+def test_plain_argmax_is_claimed_only_where_sample_gives_the_argmax():
+    """The scheduler skips `SamplingBatchInfo` for such batches (greedy, no penalty) and takes the argmax."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, V) * 3
+    plain = [SamplingParams(temperature=0.0), SamplingParams(top_k=1, temperature=0.7), SamplingParams(temperature=0.0, top_p=0.5)]
+    assert plain_argmax(plain)
+    assert torch.equal(sample(logits[:3].clone(), _info(plain)), torch.argmax(logits[:3], dim=-1))
+    for other in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.0, frequency_penalty=0.5),
+                  SamplingParams(temperature=0.0, presence_penalty=0.1), SamplingParams(temperature=0.0, repetition_penalty=1.3)):  # fmt: skip
+        assert not plain_argmax([*plain, other])
+    # A penalty moves the greedy token: no shortcut may skip it.
+    params = [SamplingParams(temperature=0.0, frequency_penalty=2.0)]
+    top = int(torch.argmax(logits[0]))
+    assert int(sample(logits[:1].clone(), _info(params, output_ids=[[top] * 8]))) != top
 
 
 def test_top_k_one_and_tiny_top_p_are_argmax():
