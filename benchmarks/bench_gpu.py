@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", choices=[*SHAPES, "smollm2"], default="1b", help="model shape (random weights, built once)")
     p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder instead of a random model")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU bf16 where native, AVX512_BF16 or AMX, else fp32), bfloat16, float16 or float32")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128], help="decode batch sizes")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence for decode")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps measured per batch")
