@@ -48,8 +48,9 @@ MAX_NFA_STATES = 200_000  # past this the DFA would take too long to build; the 
 _IGNORECASE, _DOTALL = int(re.IGNORECASE), int(re.DOTALL)
 _DEFAULT_FLAGS = sre_parse.parse("", 0).state.flags  # a str regex's flags without inline ones
 # Pieces' NFA fragments kept for reuse across regexes: the least recently used go first past this
-# many NFA states in all (about 100 bytes each), so a stream of new patterns cannot grow memory.
-PIECE_CACHE_STATES = 300_000
+# many NFA states in all (~170 bytes each, so ~35 MB at most; a date-time is ~2k states), so a
+# stream of new patterns cannot grow memory.
+PIECE_CACHE_STATES = 200_000
 
 
 def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
