@@ -115,7 +115,8 @@ def test_an_engine_decodes_the_same_greedy_tokens(plain_gguf, monkeypatch, dtype
     assert alone["1"] == alone["0"] and batch["1"] == alone["1"]
     if dtype == "float32":
         assert batch["0"] == batch["1"]
-    torch.testing.assert_close(logprobs["1"], logprobs["0"], rtol=0, atol=1e-4 if dtype == "float32" else 0.02)
+    # bf16 keeps 8 significant bits: a logit near 10 is known to about 0.04 either way.
+    torch.testing.assert_close(logprobs["1"], logprobs["0"], rtol=0, atol=1e-4 if dtype == "float32" else 0.06)
 
 
 def test_what_the_fused_step_leaves_to_torch(plain_gguf, odd_gguf, monkeypatch):
