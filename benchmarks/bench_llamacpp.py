@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def run_llama_cpp(model: str, args: argparse.Namespace) -> dict:
 
     row: dict = {"dtype": "file's own"}
     t0 = time.perf_counter()
-    llm = Llama(model_path=model, n_ctx=4096, verbose=False, logits_all=True)
+    llm = Llama(model_path=model, n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, logits_all=True)
     row["load_s"], row["rss_loaded"] = time.perf_counter() - t0, rss_mib()
     prefill, _ = timed(lambda: llm.create_completion("Once upon a time", max_tokens=1, temperature=0))
     total, _ = timed(lambda: llm.create_completion("Once upon a time", max_tokens=DECODE_TOKENS, temperature=0, stop=[]))
@@ -265,6 +266,8 @@ def main() -> int:
     p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS,
                    help="loom:<quantization>[:<dtype>], llama.cpp, transformers (default: %(default)s)")  # fmt: skip
     p.add_argument("--prefix-tokens", type=int, default=700, help="the few-shot programs' shared prefix")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="llama.cpp's threads (its own default is half the cores; Loom uses torch's, all of them)")  # fmt: skip
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)  # run one system in this process, print its row as JSON
     args = p.parse_args()
@@ -280,7 +283,8 @@ def main() -> int:
     rows: dict[str, dict] = {}
     for system in args.systems:
         print(f"running {system} ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--child", system, "--model", model, "--prefix-tokens", str(args.prefix_tokens)]
+        cmd = [sys.executable, __file__, "--child", system, "--model", model, "--prefix-tokens", str(args.prefix_tokens),
+               "--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]

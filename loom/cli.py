@@ -37,10 +37,10 @@ _ENGINE_FLAG_HELP = {
     "disable_jump_forward": "decode grammar-forced text one token per step instead of appending it at once",
     "disable_overlap_schedule": "run each decode step's scheduling after its forward pass instead of while it runs "
                                 "(default: overlap on with CUDA, off on CPU; --no-disable-overlap-schedule forces it on)",
-    "quantization": "weight-only quantized linear layers on the CPU: none (every weight in --dtype), auto (a GGUF's own "
-                    "Q8_0/Q4_0/Q4_1 kept as they are, other quantized types as Q8_0; a GPTQ/AWQ checkpoint's 4-bit layers "
-                    "as Q4_1), int8 or int4 (a float checkpoint "
-                    "quantized at load, 32-weight blocks with a scale each)",
+    "quantization": "weight-only quantized linear layers: auto (a GGUF's own Q8_0/Q4_0/Q4_1 kept as they are, other "
+                    "quantized types as Q8_0; a GPTQ/AWQ checkpoint's 4-bit layers as Q4_1; a float checkpoint stays float), "
+                    "none (every weight dequantised into --dtype), int8 or int4 (a float checkpoint quantized at load, "
+                    "32-weight blocks with a scale each)",
     "kv_cache_dtype": "KV cache storage: auto (the model dtype) or fp8_e4m3 (1 byte per value, a scale per layer)",
     "base_gpu_id": "the first GPU to use: tensor-parallel ranks and data-parallel replicas take the following ones",
     "dp_size": "data-parallel replicas (each its own scheduler and KV cache) behind one front",

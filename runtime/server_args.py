@@ -59,9 +59,9 @@ class ServerArgs:
     disable_overlap_schedule: bool | None = None
     grammar_backend: str = "loom"  # loom (alias: outlines) | xgrammar | llguidance (the last two: pip install loom[grammar])
     kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8_e4m3 (half the KV memory of bf16, per-layer scales)
-    # Weight-only quantized linear layers on the CPU (runtime/layers/quantized.py): none | auto (a GGUF's own
-    # Q8_0/Q4_0/Q4_1, other quantized types as Q8_0) | int8 | int4 (quantized at load, 32-weight blocks).
-    quantization: str = "none"
+    # Weight-only quantized linear layers (runtime/layers/quantized.py): auto (a GGUF's own Q8_0/Q4_0/Q4_1, other
+    # quantized types as Q8_0, GPTQ/AWQ as Q4_1; float checkpoints stay float) | none | int8 | int4 (quantized at load).
+    quantization: str = "auto"
     base_gpu_id: int = 0  # the first GPU this server uses; ranks and data-parallel replicas take the next ones
     dp_size: int = 1  # data-parallel replicas behind one front (loom serve only)
     dp_routing: str = "cache_aware"  # cache_aware | round_robin

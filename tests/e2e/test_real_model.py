@@ -28,7 +28,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 def engine():
     import loom
 
-    with loom.Engine(model_path=str(GGUF), dtype="float32", max_total_tokens=8192) as eng:
+    with loom.Engine(model_path=str(GGUF), dtype="float32", quantization="none", max_total_tokens=8192) as eng:
         yield eng
 
 
@@ -61,7 +61,7 @@ def test_bf16_tokens_track_transformers_in_bf16(engine):
     for question in QUESTIONS:
         ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
         prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
-    with LocalEngine(model_path=str(GGUF), dtype="bfloat16", max_total_tokens=8192) as bf16:
+    with LocalEngine(model_path=str(GGUF), dtype="bfloat16", quantization="none", max_total_tokens=8192) as bf16:
         outs = bf16.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
                              return_logprob=True)  # fmt: skip
     hf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.bfloat16).eval()
@@ -72,6 +72,35 @@ def test_bf16_tokens_track_transformers_in_bf16(engine):
         d, n = check_steps(ref, tokens, [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], 0.5)
         decided, steps = decided + d, steps + n
     assert decided >= steps / 2, f"only {decided} of {steps} steps decided by a margin over the tolerance"
+
+
+def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine):
+    """quantization's default, auto: SmolLM2's Q4_1 layers stay in the file's own blocks (the
+    qlinear kernel and the fused CPU decode step run them). In fp32 they hold the values
+    Transformers dequantises, summed in another order, so teacher-forced logprobs stay within
+    0.01 nats of Transformers' in fp32 (golden.check_steps)."""
+    from transformers import AutoModelForCausalLM
+
+    from loom.runtime.entrypoints.engine import LocalEngine
+    from loom.runtime.layers.linear import LinearBase
+
+    from golden import check_steps
+
+    prompts = []
+    for question in QUESTIONS:
+        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    with LocalEngine(model_path=str(GGUF), dtype="float32", max_total_tokens=8192) as default:
+        kept = {m.qtype for m in default.model_runner.model.modules() if isinstance(m, LinearBase)}
+        outs = default.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
+                                return_logprob=True)  # fmt: skip
+    assert "Q4_1" in kept and None not in kept, kept
+    hf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    for ids, out in zip(prompts, outs):
+        tokens = out["output_ids"]
+        with torch.inference_mode():
+            ref = torch.log_softmax(hf(torch.tensor([ids + tokens])).logits[0].float(), -1)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+        check_steps(ref, tokens, [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], 0.01)
 
 
 def test_it_knows_the_capital_of_france(engine):

@@ -235,7 +235,7 @@ def test_gguf_file_dequantised_into_bf16_matches_transformers(tmp_path):
 
     path = write_gguf(tmp_path / "m" / "model.gguf", "llama", [Q.F32, Q.F16, Q.Q8_0], seed=8)
     prompts = random_prompts(25, 3, 4, 20, vocab=380)
-    with bf16_engine(path, max_total_tokens=1024) as engine:
+    with bf16_engine(path, quantization="none", max_total_tokens=1024) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=greedy(8), return_logprob=True)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=BF16).eval()
     for prompt, out in zip(prompts, outs):

@@ -247,7 +247,8 @@ def test_greedy_tokens_equal_transformers(files, arch):
     model_path = path.parent if arch == "qwen2" else path  # a folder holding one .gguf works as well
     prompts = _prompts(len(arch))
     greedy = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
-    with LocalEngine(model_path=str(model_path), dtype="float32", max_total_tokens=2048, debug_check_memory=True) as engine:
+    with LocalEngine(model_path=str(model_path), dtype="float32", quantization="none", max_total_tokens=2048,
+                     debug_check_memory=True) as engine:  # fmt: skip
         outs = engine.generate(input_ids=prompts, sampling_params=greedy)
         text = engine.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
         chat = engine.generate(prompt=text, sampling_params=greedy)
@@ -260,7 +261,7 @@ def test_greedy_tokens_equal_transformers(files, arch):
 
 def test_eos_from_the_file_stops_generation(files):
     path = files["llama"]
-    with LocalEngine(model_path=str(path), dtype="float32", max_total_tokens=1024) as engine:
+    with LocalEngine(model_path=str(path), dtype="float32", quantization="none", max_total_tokens=1024) as engine:
         assert 2 in engine.scheduler.eos_token_ids
         out = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 4})
     assert out["output_ids"] == hf_greedy(path, [5, 6, 7], 4)[: len(out["output_ids"])]
