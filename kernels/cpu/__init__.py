@@ -74,6 +74,17 @@ def dequantize(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     return (d * nibbles + m).reshape(-1, cols)
 
 
+def dequantize_into(blocks: torch.Tensor, qtype: str, out: torch.Tensor) -> torch.Tensor:
+    """out [N, cols] (float32 or bfloat16, contiguous) = dequant(blocks [N, cols / 32 * block bytes]),
+    by the extension's threads where it is built (the torch reference is several passes over it)."""
+    ext = extension()
+    if ext is None or out.dtype not in (torch.float32, torch.bfloat16):
+        out.copy_(dequantize(blocks, qtype, out.shape[1]))
+    else:
+        ext.dequantize_into(blocks, QTYPES[qtype], out)
+    return out
+
+
 def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """x [..., K] float32 @ dequant(blocks)^T -> [..., N]; blocks [N, K / 32 * block bytes] uint8."""
     ext = extension()

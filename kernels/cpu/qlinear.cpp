@@ -201,6 +201,38 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
   return y;
 }
 
+// out[N, K] = dequant(W): float32 or bfloat16 (rounded to nearest even), rows split over torch's
+// threads. For many rows of x (prefill) the layer dequantises a band of W at a time into `out`
+// and multiplies it with the machine's GEMM, which beats the in-register kernel past ~16 rows.
+void dequantize_into(torch::Tensor W, int64_t qtype, torch::Tensor out) {
+  TORCH_CHECK(W.dtype() == torch::kUInt8 && W.dim() == 2 && W.is_contiguous(), "W must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == W.size(0), "out must be a contiguous [N, K] tensor");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16, "out must be float32 or bfloat16");
+  const int bb = block_bytes((int)qtype);
+  TORCH_CHECK(bb > 0, "unsupported quantization type ", qtype);
+  const int64_t N = W.size(0), K = out.size(1), nb = K / QK;
+  TORCH_CHECK(K % QK == 0 && W.size(1) == nb * bb, "W holds ", W.size(1), " bytes a row; K = ", K, " needs ", nb * bb);
+  const uint8_t* wp = W.data_ptr<uint8_t>();
+  const bool bf16 = out.dtype() == torch::kBFloat16;
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  c10::BFloat16* ob = bf16 ? out.data_ptr<c10::BFloat16>() : nullptr;
+  at::parallel_for(0, N, grain(W.size(1)), [&](int64_t n0, int64_t n1) {
+    alignas(64) float w[QK];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = wp + n * W.size(1) + b * bb;
+        if (bf16) {
+          dequant_block_scalar(blk, (int)qtype, w);
+          c10::BFloat16* dst = ob + n * K + b * QK;
+          for (int i = 0; i < QK; ++i) dst[i] = c10::BFloat16(w[i]);
+        } else {
+          dequant_block_scalar(blk, (int)qtype, of + n * K + b * QK);
+        }
+      }
+    }
+  });
+}
+
 std::string isa() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -214,5 +246,6 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "y = x @ dequant(W)^T for GGUF Q8_0 / Q4_0 / Q4_1 blocks");
   m.def("isa", &isa, "the instruction set the kernel was built for");
+  m.def("dequantize_into", &dequantize_into, "out[N, K] = dequant(W), float32 or bfloat16");
   loom::register_decode(m);  // decode.cpp: the fused decode step
 }

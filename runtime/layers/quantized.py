@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from loom.kernels.cpu import dequantize, qlinear
+from loom.kernels.cpu import dequantize_into, qlinear
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,17 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: t
 
         return kt.qgemm(x, qweight, qtype, bias)
     rows = x.numel() // x.shape[-1]
-    x32 = x if x.dtype == torch.float32 else x.float()
     if rows <= KERNEL_MAX_ROWS:
-        y = qlinear(x32, qweight, qtype)
+        y = qlinear(x if x.dtype == torch.float32 else x.float(), qweight, qtype)
     else:
-        flat = x32.reshape(-1, x.shape[-1])
-        y = torch.empty(flat.shape[0], qweight.shape[0], dtype=torch.float32)
+        # Bands of the weight dequantised into the activations' dtype (bf16 on a bf16 model: half the
+        # bytes written and the CPU's bf16 GEMM, 2x fp32's), one buffer reused for every band.
+        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = torch.empty(flat.shape[0], qweight.shape[0], dtype=dtype)
+        buf = torch.empty(min(BAND, qweight.shape[0]), x.shape[-1], dtype=dtype)
         for n0 in range(0, qweight.shape[0], BAND):
-            band = dequantize(qweight[n0 : n0 + BAND], qtype, x.shape[-1])
+            band = dequantize_into(qweight[n0 : n0 + BAND], qtype, buf[: min(BAND, qweight.shape[0] - n0)])
             torch.matmul(flat, band.T, out=y[:, n0 : n0 + band.shape[0]])
         y = y.reshape(*x.shape[:-1], qweight.shape[0])
     if bias is not None:

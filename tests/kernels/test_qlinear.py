@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom.kernels.cpu import BLOCK_BYTES, dequantize, extension, qlinear, quantize
+from loom.kernels.cpu import BLOCK_BYTES, dequantize, dequantize_into, extension, qlinear, quantize
 
 
 def random_blocks(n: int, k: int, qtype: str, seed: int) -> torch.Tensor:
@@ -30,6 +30,17 @@ def test_reference_equals_gguf_dequantisation(qtype):
     blocks = random_blocks(7, 96, qtype, seed=1)
     theirs = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[qtype])
     assert torch.equal(dequantize(blocks, qtype, 96), torch.from_numpy(np.ascontiguousarray(theirs)).float())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_equals_the_reference(qtype, dtype):
+    """The extension's dequantisation (prefill's bands) is the reference's values, rounded once
+    to bf16 where the buffer is bf16."""
+    blocks = random_blocks(37, 96, qtype, seed=2)
+    out = torch.full((37, 96), float("nan"), dtype=dtype)
+    assert dequantize_into(blocks, qtype, out) is out
+    assert torch.equal(out, dequantize(blocks, qtype, 96).to(dtype))
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
