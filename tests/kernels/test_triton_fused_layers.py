@@ -132,8 +132,9 @@ greedy = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 result = {}
 for arch, path in zip(sys.argv[1::2], sys.argv[2::2]):
     for choice in ("torch", "triton"):
+        # fp32: Triton's interpreter has no bf16 (dtype auto's choice on a CPU with native bf16)
         # chunked prefill of 8 tokens: later chunks extend over a cached prefix
-        with LocalEngine(model_path=path, max_total_tokens=512, chunked_prefill_size=8) as eng:
+        with LocalEngine(model_path=path, dtype="float32", max_total_tokens=512, chunked_prefill_size=8) as eng:
             layers = set_fused_ops(eng.model_runner.model, choice)
             before = dict(calls)
             first = eng.generate(input_ids=prompts[0], sampling_params=greedy)
