@@ -5,28 +5,37 @@ asks for again. glibc keeps freed memory inside the heap for reuse and returns t
 the free space at its very top; tensors that live on (prefix-cache indices, requests) pin the pages
 around the holes. Measured on SmolLM2 (1,200 varied requests in-process): the heap grew by 580 MB,
 of which 540 MB was free and came back with one `malloc_trim(0)`. A trim every few seconds of
-work, and once more when the scheduler goes idle, keeps it flat (+36 MB) at about 5 ms a trim; a fixed mmap threshold instead (so big tensors
-never enter the heap) kept it flat too but made the run 40 % slower (a page fault per page of
-every activation).
+work, and once more when the scheduler goes idle, keeps it flat (+36 MB) at about 5 ms a trim; a
+fixed mmap threshold instead (so big tensors never enter the heap) kept it flat too but made the
+run 40 % slower (a page fault per page of every activation).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
+from collections.abc import Callable
 
 HEAP_TRIM_INTERVAL_S = 5.0  # while busy
 HEAP_TRIM_IDLE_INTERVAL_S = 0.5  # the first idle step after work trims, at most this often
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once; None where the C library has none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_heap() -> None:
     """Return the C heap's free pages, in every arena, to the kernel (glibc's malloc_trim; a no-op
     where there is none)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(ctypes.c_size_t(0))
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(ctypes.c_size_t(0))
 
 
 class HeapTrimmer:
