@@ -157,12 +157,13 @@ class BatchRunner:
             return []
         if len(rows) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
+        params = [r.sampling_params for r in reqs]
         banned = [self._banned_ids(r) for r in reqs]
-        if not any(banned) and all(r.grammar is None for r in reqs) and plain_argmax([r.sampling_params for r in reqs]):
+        if not any(banned) and all(r.grammar is None for r in reqs) and plain_argmax(params):
             next_ids = torch.argmax(logits, dim=-1).tolist()  # what `sample` gives, without building its state
         else:
             info = SamplingBatchInfo.from_params(
-                [r.sampling_params for r in reqs],
+                params,
                 output_ids=[r.output_ids for r in reqs],
                 prompt_ids=[r.origin_input_ids for r in reqs],
                 vocab_size=logits.shape[-1],
