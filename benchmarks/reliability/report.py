@@ -6,17 +6,9 @@ import math
 from collections import Counter
 from typing import Any
 
+from bench_serving import percentile
+
 from reliability.client import Outcome
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]); nan for an empty list."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
