@@ -10,14 +10,18 @@ scheduler drops a request (aborted, answered, timed out), its ticket goes with i
 tickets are all gone is stopped. Stopping a Python thread is done the way a debugger does it: an
 exception (`CompileCancelled`) is raised inside the thread at its next bytecode, so Lark's table
 construction and numpy loops stop too, not only code that checks a flag. The exception is only
-ever raised inside the job it was aimed at (`_running` says which job each thread runs, and the
-thread clears what is pending before it takes the next job).
+ever raised inside the job it was aimed at (a job records the thread that runs it, and the
+thread clears what is pending before it takes the next job). Python cannot raise out of a finaliser
+(`__del__`, a weakref or gc callback): one that a stop lands in reports it to `sys.unraisablehook`
+and carries on, so the watchdog raises it again until the thread has left the job, and a filter on
+that hook keeps those reports quiet (they are part of stopping, not errors).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import time
 import weakref
@@ -73,6 +77,7 @@ class CompileJobs:
     """A thread pool for compilations, with a watchdog that stops the unwanted and the overdue."""
 
     def __init__(self, max_workers: int) -> None:
+        _quiet_stops_in_finalisers()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar", initializer=_lower_priority)
         self._lock = threading.Lock()
         self._jobs: dict[Hashable, _Job] = {}  # in flight (queued or running)
@@ -188,6 +193,21 @@ class CompileJobs:
                 self._stop(job, "the grammar backend is shutting down")
         self._wake.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _unraisable_filter(args: Any) -> None:
+    """sys.unraisablehook: a stop that landed in a finaliser is not reported (the watchdog raises it
+    again); anything else goes on to the hook that was there before."""
+    if isinstance(args.exc_type, type) and issubclass(args.exc_type, CompileCancelled):
+        return
+    _unraisable_filter.previous(args)  # type: ignore[attr-defined]
+
+
+def _quiet_stops_in_finalisers() -> None:
+    """Put the filter in front of whatever sys.unraisablehook is now (once; again if replaced)."""
+    if sys.unraisablehook is not _unraisable_filter:
+        _unraisable_filter.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        sys.unraisablehook = _unraisable_filter
 
 
 def _lower_priority() -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 
 import pytest
 
 from loom.runtime.constrained import ErrorKind, GrammarBackend, GrammarError
-from loom.runtime.constrained.compile_jobs import CompileJobs, CompileStopped
+from loom.runtime.constrained.compile_jobs import CompileCancelled, CompileJobs, CompileStopped
 from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.server_args import EngineArgumentError, ServerArgs
@@ -121,6 +122,35 @@ def test_a_compile_past_its_budget_stops_and_its_thread_is_reused():
         ticket.result(timeout=5)
     assert _stops_counting(counter), "the compile thread kept running after its budget"
     assert jobs.submit("next", lambda: 7, timeout_s=5).result(timeout=5) == 7  # the same single thread, unharmed
+    jobs.shutdown()
+
+
+class _Finaliser:
+    def __del__(self):  # Python code a stop can land in: Python prints what a finaliser raises, and drops it
+        for _ in range(50):
+            pass
+
+
+def _finalising_spinner(counter):
+    def run():
+        while True:
+            _Finaliser()
+            for _ in range(50):
+                counter[0] += 1
+
+    return run
+
+
+def test_a_stop_that_lands_in_a_finaliser_is_neither_printed_nor_lost(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)  # what Python would print as "Exception ignored in"
+    jobs = CompileJobs(1)
+    counter = [0]
+    ticket = jobs.submit("finalisers", _finalising_spinner(counter), timeout_s=0.2)
+    with pytest.raises(CompileStopped, match="took longer than 0.2s"):
+        ticket.result(timeout=5)
+    assert _stops_counting(counter), "the compile kept running after a stop landed in a finaliser"
+    assert not [u for u in seen if issubclass(u.exc_type, CompileCancelled)], "a stop was reported as an unraisable error"
     jobs.shutdown()
 
 
