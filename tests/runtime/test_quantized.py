@@ -115,3 +115,24 @@ def test_the_lm_head_is_kept_quantized_too(tmp_path, mode, qtype):
     torch.testing.assert_close(got, want[:, : head.num_embeddings], rtol=1e-4, atol=1e-4 * want.abs().max().item())
     ids = torch.tensor([0, 7, 100])
     torch.testing.assert_close(head.logits_for_ids(hidden[1], ids), got[1, ids], rtol=1e-4, atol=1e-3)
+
+
+def test_tensor_parallel_ranks_keep_their_shards_blocks(gguf_path):
+    """With tp_size=2 each rank keeps its shard quantized (column-parallel: whole output rows;
+    row-parallel: half the input features, in whole blocks) and computes what the dequantised shard
+    computes: exactly where the file's type is kept, within Q8_0's rounding where it was repacked."""
+    file = read_gguf(gguf_path)
+    gen = torch.Generator().manual_seed(3)
+    for rank in range(2):
+        shard = linear_layers(load_model(gguf_path, torch.float32, tp_rank=rank, tp_size=2, quantization="auto")[0])
+        floats = linear_layers(load_model(gguf_path, torch.float32, tp_rank=rank, tp_size=2, quantization="none")[0])
+        for name, layer in shard.items():
+            weight = floats[name].weight
+            assert layer.qtype in ("Q8_0", "Q4_0", "Q4_1") and layer.weight is None, name
+            x = torch.randn(5, weight.shape[1], generator=gen)
+            want, got = x @ weight.T, layer.matmul(x, None)  # this rank's part, before any all-reduce
+            if layer.qtype == file_type(file, name):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            else:  # repacked: each weight rounded to its Q8_0 block's step (max |w| / 127) at most by half
+                bound = x.abs().sum(-1, keepdim=True) * weight.abs().max() / 254 + 1e-4 * want.abs().max()
+                assert ((got - want).abs() <= bound).all(), name
