@@ -17,10 +17,15 @@ other subset can still reach acceptance: the masks are exact, as with the trimme
 Lazy layout: state 0 starts, state 1 is dead (its row points to itself), rows not built yet hold
 UNKNOWN. Past `max_states` states, new subsets are taken as dead: the language narrows (sound, no
 invalid text is ever allowed) instead of memory growing without bound.
+
+The subset step runs in C where a compiler is at hand (subset_native.py: ~1-3 us a state, where
+this module's Python step takes ~20-40 us); both number the states alike and build the same table.
+`native=False` (or LOOM_NO_C_SUBSET=1) keeps the Python step.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -28,33 +33,27 @@ import numpy as np
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.nfa import build_nfa
 from loom.runtime.constrained.regex_pieces import RegexPieces
+from loom.runtime.constrained.subset_native import NativeSubsets
+from loom.runtime.constrained.subset_native import available as native_available
 
 UNKNOWN = -1
 START, DEAD = 0, 1
 
 
 class SubsetDFA:
-    def __init__(self, regex: str, shown: str, max_states: int, pieces: RegexPieces | None = None) -> None:
+    def __init__(self, regex: str, shown: str, max_states: int, pieces: RegexPieces | None = None, native: bool | None = None) -> None:
         """pieces: `regex` with its pieces as sentinels (regex_pieces.py), whose cached NFA fragments
-        are spliced in; the automaton is the same."""
+        are spliced in; the automaton is the same. native: the C subset step (None: where compiled)."""
         try:
             # lazy: spliced states (counted repetitions' copies, pieces) are filled in as subsets reach them
             nfa, start, final = build_nfa(pieces.regex if pieces else regex, pieces=pieces.texts if pieces else None, lazy=True)
         except GrammarError as e:  # "regex: invalid regex '...': why" -> "regex '...' cannot be compiled: why"
             why = str(e).removeprefix("regex: ").replace(f"invalid regex {regex!r}: ", "")
             raise GrammarError(f"{shown} cannot be compiled: {why}") from None
-        cuts = {0, 256} | nfa.cuts
-        for edges in nfa.edges:
-            for a, b, _ in edges or ():
-                cuts.update((a, b + 1))
-        bounds = sorted(cuts)
-        self.byte_class = np.zeros(256, dtype=np.int64)
-        for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-            self.byte_class[lo:hi] = k
-        self.n_cls = len(bounds) - 1
+        use_native = native_available() if native is None else native
         # co-reachable NFA states: the final one, and every state with an edge (byte or epsilon) into
-        # one. In a Thompson NFA without an empty character set, that is every state.
-        live = [True] * len(nfa.edges)
+        # one. In a Thompson NFA without an empty character set, that is every state (None: all).
+        live = None if use_native else [True] * len(nfa.edges)
         if nfa.has_empty_set:
             nfa.fill_all()
             back: list[list[int]] = [[] for _ in nfa.edges]
@@ -71,6 +70,35 @@ class SubsetDFA:
                     if not live[s]:
                         live[s] = True
                         todo.append(s)
+        self._native: NativeSubsets | None = None
+        if use_native:  # the C step; it finds the byte classes too
+            self._native = NativeSubsets(nfa, start, final, live, max_states)
+            self.byte_class, self.n_cls = self._native.byte_class, self._native.n_cls
+        else:
+            cuts = {0, 256} | nfa.cuts
+            for edges in nfa.edges:
+                for a, b, _ in edges or ():
+                    cuts.update((a, b + 1))
+            bounds = sorted(cuts)
+            self.byte_class = np.zeros(256, dtype=np.int64)
+            for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+                self.byte_class[lo:hi] = k
+            self.n_cls = len(bounds) - 1
+        self.max_states = max_states
+        self.table = np.full((64, self.n_cls), UNKNOWN, dtype=np.int32)  # [capacity, C]
+        self.table[DEAD] = DEAD
+        self.accepting = np.zeros(64, dtype=bool)
+        self.expanded = np.zeros(64, dtype=bool)
+        self.expanded[DEAD] = True
+        self._next = START  # states before it are built (explore's breadth-first order is the numbering)
+        if self._native is not None:
+            if not self._native.start_size():
+                raise GrammarError(f"{shown} matches nothing", ErrorKind.EMPTY)
+            self._n = 2
+            self.accepting[START] = self._native.accepts(START)
+            self._lock = threading.Lock()  # growing the arrays and the C step, as one
+            self._pointers = (self.table.ctypes.data, self.accepting.ctypes.data, self.expanded.ctypes.data)
+            return
         self._live = live
         self._edges = nfa.edges
         self._cls = self.byte_class.tolist()
@@ -79,23 +107,25 @@ class SubsetDFA:
         self._fill = nfa.fill
         self._final = final
         self._closures: dict[frozenset[int], frozenset[int]] = {}
-        self.max_states = max_states
         first = self._closure(frozenset({start}))
         if not first:
             raise GrammarError(f"{shown} matches nothing", ErrorKind.EMPTY)
         self._subsets: list[frozenset[int]] = [first, frozenset()]
         self._index: dict[frozenset[int], int] = {first: START, frozenset(): DEAD}
-        self.table = np.full((64, self.n_cls), UNKNOWN, dtype=np.int32)  # [capacity, C]
-        self.table[DEAD] = DEAD
-        self.accepting = np.zeros(64, dtype=bool)
         self.accepting[START] = final in first
-        self.expanded = np.zeros(64, dtype=bool)
-        self.expanded[DEAD] = True
-        self._frontier = [START]  # states whose row is not built, in order of discovery
 
     @property
     def num_states(self) -> int:
-        return len(self._subsets)
+        return self._n if self._native is not None else len(self._subsets)
+
+    def _grow(self, need: int) -> None:
+        """Room for `need` states in the table and flags (doubling)."""
+        grow = self.table.shape[0]
+        while grow + self.table.shape[0] < need:
+            grow *= 2
+        self.table = np.vstack([self.table, np.full((grow, self.n_cls), UNKNOWN, dtype=np.int32)])
+        self.accepting = np.concatenate([self.accepting, np.zeros(grow, dtype=bool)])
+        self.expanded = np.concatenate([self.expanded, np.zeros(grow, dtype=bool)])
 
     def _closure(self, seeds: frozenset[int]) -> frozenset[int]:
         out = self._closures.get(seeds)
@@ -120,17 +150,20 @@ class SubsetDFA:
             q = self._index[subset] = len(self._subsets)
             self._subsets.append(subset)
             if q >= self.table.shape[0]:
-                grow = self.table.shape[0]
-                self.table = np.vstack([self.table, np.full((grow, self.n_cls), UNKNOWN, dtype=np.int32)])
-                self.accepting = np.concatenate([self.accepting, np.zeros(grow, dtype=bool)])
-                self.expanded = np.concatenate([self.expanded, np.zeros(grow, dtype=bool)])
+                self._grow(q + 1)
             self.accepting[q] = self._final in subset
-            self._frontier.append(q)
         return q
 
     def expand(self, q: int) -> None:
         """Build state q's row (a no-op when it is built)."""
         if self.expanded[q]:
+            return
+        if self._native is not None:
+            with self._lock:
+                if self._n + self.n_cls > self.table.shape[0]:  # the step adds at most one state per class
+                    self._grow(self._n + self.n_cls)
+                    self._pointers = (self.table.ctypes.data, self.accepting.ctypes.data, self.expanded.ctypes.data)
+                self._n = self._native.expand(q, *self._pointers)
             return
         targets: list[list[int]] = [[] for _ in range(self.n_cls)]
         moves = self._moves
@@ -148,20 +181,20 @@ class SubsetDFA:
     def explore(self, budget_s: float) -> bool:
         """Expand states breadth first until every state is built (True) or the budget is spent."""
         deadline = time.monotonic() + budget_s
-        i = 0
-        while i < len(self._frontier):
+        i = self._next
+        while i < self.num_states:
             if i % 16 == 0 and time.monotonic() > deadline:
-                self._frontier = self._frontier[i:]
+                self._next = i
                 return False
-            self.expand(self._frontier[i])
+            self.expand(i)
             i += 1
-        self._frontier = []
-        return len(self._subsets) < self.max_states
+        self._next = i
+        return self.num_states < self.max_states
 
     def eager(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(table [S + 1, C] int32, byte -> class [256], accepting [S + 1]) in dfa.determinise's
         layout (start 0, live states, dead last), once `explore` returned True."""
-        n = len(self._subsets)
+        n = self.num_states
         order = np.array([0, *range(2, n), 1])  # new position -> old id
         new_of = np.empty(n, dtype=np.int64)
         new_of[order] = np.arange(n)

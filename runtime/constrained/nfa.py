@@ -25,7 +25,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.regex_pieces import PIECE_BASE, PIECE_END
@@ -130,6 +130,11 @@ class NFA:
         self.fill(frag.end + base)
         return frag.start + base, frag.end + base
 
+    @property
+    def spliced(self) -> list[tuple[int, Fragment]]:
+        """(first state, fragment) of every splice, in state order."""
+        return list(zip(self._bases, self._frags))
+
     def fill(self, s: int) -> list[int]:
         """Fill in spliced state s (a no-op when it is) -> its epsilon moves."""
         eps = self.eps[s]
@@ -158,6 +163,9 @@ class Fragment:
     end: int
     has_empty_set: bool  # conservative: whether the NFA it came from had an empty set
     cuts: frozenset[int]  # its byte-class boundaries (each edge's lo and hi + 1)
+    # its states as flat arrays, made once on first use (subset_native.fragment_arrays; a cached
+    # piece is spliced into many NFAs)
+    flat: list = field(default_factory=list, init=False, compare=False, repr=False)
 
 
 _pieces: OrderedDict[tuple[str, int], Fragment] = OrderedDict()

@@ -1,9 +1,11 @@
 """A schema's automaton built from cached pieces and spliced repetition copies (regex_pieces.py,
 nfa.py) is the automaton of the regex parsed whole: on hand-made, format-heavy and random schemas,
-and on random regexes against Python's own `re`."""
+and on random regexes against Python's own `re`. The lazy DFA's subset step in C
+(subset_native.py) builds the very table of its Python step, state for state."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -13,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loom.runtime.constrained import nfa as nfa_module
+from loom.runtime.constrained import subset_native
 from loom.runtime.constrained.dfa import determinise
+from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lazy_dfa import SubsetDFA
 from loom.runtime.constrained.regex_pieces import PIECE_BASE, PIECE_END, RegexPieces
 from loom.runtime.constrained.schema import schema_regexes, schema_to_regex
@@ -24,7 +28,27 @@ DFA = tuple[np.ndarray, np.ndarray, np.ndarray]  # (table [S + 1, C], byte -> cl
 def built_lazily(regex: str, pieces: RegexPieces | None) -> DFA:
     dfa = SubsetDFA(regex, "test", 1 << 20, pieces)
     assert dfa.explore(float("inf"))
+    both_steps_agree(regex, pieces)
     return dfa.eager()
+
+
+def both_steps_agree(regex: str, pieces: RegexPieces | None, max_states: int = 1 << 20, order: list[int] | None = None) -> None:
+    """The C step and the Python step build the same states (same NFA subsets, same numbering),
+    rows and byte classes: breadth first, or expanding the states in `order` (ids past the states
+    built are skipped)."""
+    py = SubsetDFA(regex, "test", max_states, pieces, native=False)
+    c = SubsetDFA(regex, "test", max_states, pieces, native=True)
+    if order is None:
+        assert py.explore(float("inf")) == c.explore(float("inf"))
+    for q in order or ():
+        if q < py.num_states:
+            py.expand(q)
+            c.expand(q)
+    n = py.num_states
+    assert c.num_states == n and (c.byte_class == py.byte_class).all() and c.n_cls == py.n_cls
+    assert (c.table[:n] == py.table[:n]).all() and (c.accepting[:n] == py.accepting[:n]).all()
+    assert (c.expanded[:n] == py.expanded[:n]).all()
+    assert c._native is not None and all(c._native.members(q) == py._subsets[q] for q in range(n))
 
 
 def same_language(a: DFA, b: DFA) -> bool:
@@ -113,8 +137,14 @@ LEAVES = st.sampled_from([
 def _compose(children: st.SearchStrategy) -> st.SearchStrategy:
     obj = st.dictionaries(st.sampled_from(["a", "b", "c"]), children, min_size=1, max_size=3).flatmap(
         lambda props: st.builds(
-            lambda req, extra: {"type": "object", "properties": props, "required": req, **({"additionalProperties": extra} if extra else {})},
-            st.lists(st.sampled_from(sorted(props)), unique=True), st.sampled_from([None, True, {"type": "integer", "maximum": 3}]),
+            lambda req, extra: {
+                "type": "object",
+                "properties": props,
+                "required": req,
+                **({"additionalProperties": extra} if extra else {}),
+            },
+            st.lists(st.sampled_from(sorted(props)), unique=True),
+            st.sampled_from([None, True, {"type": "integer", "maximum": 3}]),
         )
     )
     arr = st.builds(lambda it, n: {"type": "array", "items": it, **({"maxItems": n} if n else {})}, children, st.sampled_from([None, 2]))
@@ -156,3 +186,34 @@ def test_spliced_repetition_copies_match_what_python_matches(regex, texts, data)
         if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
             continue  # no UTF-8 encoding: no token can spell it
         assert accepts(text) == bool(re.fullmatch(regex, text)), (regex, text)
+
+
+BENCH_LIKE = [
+    r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}){0,80}"',  # a `maxLength: 80` string
+    r"(?:[a-z]{1,3}[0-9]?){1,12}",
+    r"[^\x00-\U0010ffff]|ab",  # an empty set: some NFA states cannot reach the end
+    r"x[^\x00-\U0010ffff]?y{2,5}(?:é|[^\x00-\U0010ffff]z)*",
+    r"(?:\d+|[^\d]{2})(?:\.\d{1,3})?",
+]
+
+
+@pytest.mark.skipif(not subset_native.available(), reason="no C compiler on this machine: SubsetDFA runs its Python step")
+@pytest.mark.parametrize("regex", BENCH_LIKE)
+def test_the_c_subset_step_builds_the_python_steps_table(regex):
+    both_steps_agree(regex, None)
+    both_steps_agree(regex, None, max_states=12)  # past the bound both narrow to the same dead ends
+    both_steps_agree(regex, None, order=[0, 3, 2, 7, 5, 1, 4, 9])  # numbering follows the order states are built
+
+
+@pytest.mark.skipif(not subset_native.available(), reason="no C compiler on this machine: SubsetDFA runs its Python step")
+def test_the_c_subset_step_on_format_heavy_schemas_and_its_fall_back(monkeypatch):
+    for schema in HAND_MADE:
+        regex, pieces = schema_regexes(json.dumps(schema))
+        both_steps_agree(regex, pieces)
+        both_steps_agree(regex, pieces, order=[0, 5, 3, 11, 2, 8])
+    with pytest.raises(GrammarError) as e:
+        SubsetDFA(r"[^\x00-\U0010ffff]", "regex 'nothing'", 100, native=True)
+    assert e.value.kind is ErrorKind.EMPTY and "matches nothing" in str(e.value)
+    monkeypatch.setenv("LOOM_NO_C_SUBSET", "1")
+    monkeypatch.setattr(subset_native, "_library", functools.cache(subset_native._library.__wrapped__))
+    assert not subset_native.available() and SubsetDFA("ab", "test", 100)._native is None

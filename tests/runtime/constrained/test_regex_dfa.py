@@ -129,6 +129,32 @@ def test_masks_equal_the_brute_force_reference_along_random_walks(toy, node, dat
         assert not g.accept_token(t) and g.state == before
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # monkeypatch.context() per example
+@given(node=_node(), data=st.data())
+def test_the_c_subset_step_gives_the_python_steps_masks(monkeypatch, node, data):
+    """A lazy DFA built by the C subset step (subset_native.py) and one built by the Python step
+    give the same masks, forced bytes and states along the same random walk."""
+    from loom.runtime.constrained import lazy_dfa, regex_dfa, subset_native
+
+    regex = node[0]
+    vocab = TokenVocab.build(TOY, V, frozenset({TOY_EOS}))
+    with monkeypatch.context() as m:
+        m.setattr(regex_dfa, "EAGER_BUDGET_S", 0.0)
+        c = CompiledRegex(regex, vocab, lazy=True)
+        m.setattr(lazy_dfa, "native_available", lambda: False)
+        py = CompiledRegex(regex, vocab, lazy=True)
+    assert py._lazy is not None and py._lazy._native is None
+    assert c._lazy is not None and (c._lazy._native is not None) == subset_native.available()
+    a, b = c.matcher(), py.matcher()
+    for _ in range(6):
+        assert allowed(a) == allowed(b) and a.forced_bytes() == b.forced_bytes() and a.state == b.state
+        steps = sorted(allowed(a) - {TOY_EOS})
+        if not steps:
+            break
+        token = data.draw(st.sampled_from(steps))
+        assert a.accept_token(token) and b.accept_token(token)
+
+
 # ----------------------------------------------------------------------------- bounds and limits
 
 
@@ -221,7 +247,9 @@ def test_json_numbers_at_temperature_one_produce_decimals_and_validate(engine):
 
 def test_long_max_length_schema_outputs_validate(engine):
     schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 200}}, "required": ["note"]}
-    outs = engine.generate(["a", "b"], [{"json_schema": json.dumps(schema), "temperature": 1.0, "max_new_tokens": 300, "seed": s} for s in range(2)])
+    outs = engine.generate(
+        ["a", "b"], [{"json_schema": json.dumps(schema), "temperature": 1.0, "max_new_tokens": 300, "seed": s} for s in range(2)]
+    )
     for out in outs:
         assert out["meta_info"]["finish_reason"]["type"] == "stop", out
         jsonschema.validate(json.loads(out["text"]), schema)
