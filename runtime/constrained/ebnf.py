@@ -9,10 +9,13 @@ terminal accepts, and the next one starts on the same byte, so a token can close
 and open the next, overlapping terminals are all tried, and the language is the grammar's own
 (what Earley with a complete dynamic lexer accepts), not a longest-match lexer's subset.
 
-A mask is computed without re-lexing each token: per lexer state (grammar-wide, once) one
-vectorised pass over the vocabulary gives the tokens that stay inside the lexeme (a packed mask)
-and a trie of the remainders of tokens that end it; only those remainders are walked against
-the parser. Masks are cached per position, so a state seen before costs one copy.
+A mask is computed without re-lexing each token: per lexer state (grammar-wide, once) one walk
+of the vocabulary's byte trie against the terminal's automaton (C, token_walk.trie_scan; a
+vectorised numpy pass where there is no compiler) gives the tokens that stay inside the lexeme,
+which need no parser, and per offset j the few that may end it after j bytes. Only those cross a
+lexeme end: their remainders are walked against the parser, and each token's verdict is kept per
+(offset, stack), as it depends on nothing else. Masks are cached per position, so a state seen
+before costs one copy.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.matcher import TokenMatcher
-from loom.runtime.constrained.vocabulary import TokenVocab, Trie
+from loom.runtime.constrained.token_walk import available as walk_available
+from loom.runtime.constrained.token_walk import token_trie, trie_scan
+from loom.runtime.constrained.vocabulary import TokenVocab
 
 EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
-WARM_SUFFIX_OFFSETS = (1, 2)
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
+_FEW = 64  # _accepted_from walks this many tokens or fewer one by one
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's packed masks past this are dropped (recomputed on demand)
 
@@ -52,6 +57,23 @@ def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) 
         raise GrammarError(f"{kind} grammar: {msg.strip()}") from None
 
 
+_BITS = np.arange(32, dtype=np.uint32)
+
+
+def _unpack_few(words: np.ndarray) -> np.ndarray:
+    """Packed words -> the token ids set in them (a sparse mask: only its non-zero words are read)."""
+    w = np.flatnonzero(words)
+    hit = (words[w, None] >> _BITS) & 1  # [k, 32]
+    return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
+
+
+def _pack_few(ids: np.ndarray, width: int) -> np.ndarray:
+    """Token ids -> packed words [width] uint32 (a few ids: no vocabulary-sized buffer)."""
+    out = np.zeros(width, dtype=np.uint32)
+    np.bitwise_or.at(out, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    return out
+
+
 class CompiledEbnf:
     """A grammar's LALR table, terminal automata and caches, shared by every request using it.
 
@@ -59,7 +81,12 @@ class CompiledEbnf:
     requests); compilation itself runs on a backend worker."""
 
     def __init__(
-        self, source: str, start: str, vocab: TokenVocab, kind: str = "lark", rule_names: dict[str, str] | None = None,
+        self,
+        source: str,
+        start: str,
+        vocab: TokenVocab,
+        kind: str = "lark",
+        rule_names: dict[str, str] | None = None,
         terminal_dfas: dict[str, ByteDFA] | None = None,
     ) -> None:
         """terminal_dfas: automata to use instead of the named terminals' regexes (languages a regex
@@ -79,9 +106,13 @@ class CompiledEbnf:
         self.dfas: list[ByteDFA] = []
         for t in parser.terminals:
             pattern = t.pattern.to_regexp()
-            dfa = (terminal_dfas or {}).get(t.name) or terminal_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}")
+            dfa = (terminal_dfas or {}).get(t.name) or terminal_dfa(
+                _EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}"
+            )
             if dfa.accepting[0]:
-                raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches the empty string; terminals must match at least one character")
+                raise GrammarError(
+                    f"{kind} grammar: terminal {t.name} (/{pattern}/) matches the empty string; terminals must match at least one character"
+                )
             if dfa.dead == 0:
                 raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches nothing")
             self.dfas.append(dfa)
@@ -133,7 +164,10 @@ class CompiledEbnf:
         self._step: dict[tuple[frozenset[int], int], frozenset[int]] = {}
         self._inside: dict[int, np.ndarray] = {}
         self._splits: dict[int, dict[int, np.ndarray]] = {}
-        self._suffixes: dict[tuple[int, int], np.ndarray] = {}
+        self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
+        self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
+        self._set_of: dict[frozenset[int], int] = {}
+        self._set_step: dict[int, int] = {}
         self._word_cache: dict[frozenset[int], np.ndarray] = {}
         self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
@@ -146,8 +180,8 @@ class CompiledEbnf:
         return EbnfGrammar(self)
 
     def _mask_count(self) -> int:
-        return (len(self._inside) + sum(len(s) for s in self._splits.values()) + len(self._suffixes) + len(self._word_cache)
-                + len(self._masks))  # fmt: skip
+        return (len(self._inside) + sum(len(s) for s in self._splits.values()) + 2 * len(self._crossed)
+                + len(self._word_cache) + len(self._masks))  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -157,7 +191,7 @@ class CompiledEbnf:
     def _bound_masks(self) -> None:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self._mask_count() * self._eos_words.nbytes > MASK_CACHE_BYTES:
-            for memo in (self._inside, self._splits, self._suffixes, self._word_cache, self._masks):
+            for memo in (self._inside, self._splits, self._crossed, self._word_cache, self._masks):
                 memo.clear()
 
     # ------------------------------------------------------------------ the parser
@@ -277,12 +311,16 @@ class CompiledEbnf:
 
     # ------------------------------------------------------------------ masks
     def _scan(self, lex: int) -> None:
-        """One vectorised pass of the vocabulary through the lexeme's DFA from lexer state `lex`:
-        the tokens that stay inside it, and per offset j >= 1 the tokens that may end it after
-        their first j bytes (packed masks)."""
+        """The tokens that stay inside the lexeme from lexer state `lex`, and per offset j >= 1 the
+        tokens that may end it after their first j bytes (packed masks): a C walk of the token
+        trie, or (no compiler) one vectorised pass of the vocabulary through the lexeme's DFA."""
         v = self.vocab
         k = self.lex_terminal[lex]
         dfa = self.dfas[k]
+        scanned = trie_scan(token_trie(v), dfa.table, dfa.accepting, lex - self.offsets[k]) if walk_available() else None
+        if scanned is not None:
+            self._inside[lex], self._splits[lex] = scanned
+            return
         idx = np.arange(len(v.ids))
         st = np.full(len(v.ids), lex - self.offsets[k], dtype=np.int32)  # [n] DFA states
         inside: list[np.ndarray] = []
@@ -305,31 +343,82 @@ class CompiledEbnf:
         self._inside[lex] = v.pack(v.ids[np.concatenate(inside)] if inside else [])
         self._splits[lex] = splits
 
-    def _walk(self, node: Trie, configs: frozenset[int], out: list[int]) -> None:
-        for b, child in node[0].items():
-            nxt = self.step(configs, b)
-            if nxt:
-                out.extend(child[1])
-                if child[0]:
-                    self._walk(child, nxt, out)
-
-    def _suffix_words(self, offset: int, sid: int) -> np.ndarray:
-        """Tokens whose bytes from `offset` on are accepted from a lexeme boundary at stack `sid`."""
+    def _crossing(self, offset: int, sid: int, enders: np.ndarray) -> np.ndarray:
+        """The tokens of `enders` (packed) whose bytes from `offset` on are accepted from a lexeme
+        boundary at stack `sid`. A token's verdict depends on nothing else, so each is checked once
+        per (offset, stack)."""
         key = (offset, sid)
-        words = self._suffixes.get(key)
-        if words is None:
-            found: list[int] = []
-            self._walk(self.vocab.suffix_trie(offset), frozenset({sid * self.n_lex + self.boundary}), found)
-            words = self._suffixes[key] = self.vocab.pack(found)
-        return words
+        memo = self._crossed.get(key)
+        if memo is None:
+            zeros = np.zeros_like(enders)
+            memo = self._crossed[key] = (zeros, zeros.copy())
+        checked, allowed = memo
+        new = enders & ~checked
+        if new.any():
+            allowed |= _pack_few(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
+            checked |= new
+        return allowed & enders
+
+    def _accepted_from(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:
+        """The token ids of `ids` whose bytes from `offset` on are accepted from a lexeme boundary at
+        stack `sid`: the tokens walked together byte position by byte position, one parser step
+        per distinct (configurations, byte) at each position, as a walk of their trie would."""
+        v = self.vocab
+        if len(self._set_of) > _CACHE_LIMIT:
+            self._set_of.clear(), self._sets.clear(), self._set_step.clear()
+        rows = np.searchsorted(v.ids, ids)  # [n] rows of the vocabulary matrix
+        left = v.lens[rows] - offset  # [n] bytes still to walk
+        st = np.full(len(rows), self._set_id(frozenset({sid * self.n_lex + self.boundary})), dtype=np.int64)
+        found: list[np.ndarray] = []
+        for j in range(offset, v.data.shape[1] + 1):
+            done = left == j - offset
+            if done.any():
+                found.append(ids[done])
+                keep = ~done
+                ids, rows, left, st = ids[keep], rows[keep], left[keep], st[keep]
+            if len(ids) <= _FEW:  # the vectorised step costs more than walking these one by one
+                found.append(np.asarray(self._walk_each(ids, st, j), dtype=np.int64))
+                break
+            uniq, inv = np.unique(st * 256 + v.data[rows, j], return_inverse=True)
+            st = np.array([self._next_set(int(k)) for k in uniq], dtype=np.int64)[inv]
+            live = st >= 0
+            ids, rows, left, st = ids[live], rows[live], left[live], st[live]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def _walk_each(self, ids: np.ndarray, sets: np.ndarray, j: int) -> list[int]:
+        """The token ids of `ids` whose bytes from `j` on lead their interned configurations `sets` to some."""
+        found: list[int] = []
+        for t, s in zip(ids.tolist(), sets.tolist()):
+            for b in self.vocab.by_id[t][j:]:
+                s = self._next_set(s * 256 + b)
+                if s < 0:
+                    break
+            else:
+                found.append(t)
+        return found
+
+    def _set_id(self, configs: frozenset[int]) -> int:
+        out = self._set_of.get(configs)
+        if out is None:
+            out = self._set_of[configs] = len(self._sets)
+            self._sets.append(configs)
+        return out
+
+    def _next_set(self, key: int) -> int:
+        """Interned configurations `key // 256` stepped by byte `key % 256` (-1: none left)."""
+        out = self._set_step.get(key)
+        if out is None:
+            nxt = self.step(self._sets[key >> 8], key & 255)
+            out = self._set_step[key] = self._set_id(nxt) if nxt else -1
+        return out
 
     def _words(self, configs: frozenset[int]) -> np.ndarray:
         """Packed non-EOS tokens allowed from `configs` (cached).
 
         A token either stays inside a lexeme (the scanned `inside` mask), or ends it after j bytes
         and the rest starts at a boundary at the stack after it: j == 0 is the boundary's own
-        mask (recursion; a lexeme's start states never accept), j >= 1 is a walk of the suffix
-        trie at j, shared by every lexer state that ends there, masked by those that may."""
+        mask (recursion; a lexeme's start states never accept), j >= 1 walks the remainders of
+        the tokens that may end it there (`_crossing`)."""
         words = self._word_cache.get(configs)
         if words is not None:
             return words
@@ -349,7 +438,7 @@ class CompiledEbnf:
                 if self.accepting[lex]:
                     words |= self._words(frozenset({after * self.n_lex + self.boundary}))
                 for j, enders in splits.items():
-                    words |= self._suffix_words(j, after) & enders
+                    words |= self._crossing(j, after, enders)
         if len(self._word_cache) > _CACHE_LIMIT // 100:
             self._word_cache.clear()
         self._word_cache[configs] = words
@@ -428,9 +517,9 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
         compiled = CompiledEbnf(source, "start", vocab, "lark", terminal_dfas=terminal_dfas)
     else:
         raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {EBNF_KINDS}")
-    # Warm up here, on the compiling thread, not the scheduler's: the first mask and the suffix
-    # tries most lexemes end in (built once per vocabulary, ~1 s at 50k tokens).
-    for offset in WARM_SUFFIX_OFFSETS:
-        vocab.suffix_trie(offset)
+    # Warm up here, on the compiling thread, not the scheduler's: the vocabulary's trie (once per
+    # vocabulary) and the first mask.
+    if walk_available():
+        token_trie(vocab)
     compiled.mask(compiled.initial)
     return compiled

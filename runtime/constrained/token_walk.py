@@ -2,6 +2,7 @@
 
     trie = token_trie(vocab)                       once per vocabulary (cached; numpy arrays)
     words = trie_mask(trie, table, byte_class, dead, state)   packed words [ceil(V / 32)] uint32, or None
+    inside, splits = trie_scan(trie, table, accepting, state) a lexeme's scan for the EBNF engine, or None
 
 A token is allowed from `state` iff its bytes lead the DFA to a live state (the DFA's dead state is
 the only one that cannot reach acceptance). The trie shares prefixes, and a dead prefix skips its
@@ -60,6 +61,38 @@ int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, cons
     }
     *pos = i;
     return -1;
+}
+
+/* One lexeme's scan (a complete DFA: no UNKNOWN rows) from `state`: sets in `inside` the tokens whose
+   every byte keeps it live, and in row j of `splits` [max_depth + 1][width] the tokens longer than j
+   whose first j bytes reach an accepting state (the lexeme may end inside them); hit[j] = 1 where
+   row j got any. A subtree's tokens below node i are tok_ids[tok_off[i + 1] .. tok_off[node_skip[i]]). */
+void loom_trie_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
+                    const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
+                    const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
+                    const uint8_t *accepting, int32_t *stack, uint32_t *inside, uint32_t *splits,
+                    int64_t width, uint8_t *hit) {
+    int64_t i = 0;
+    while (i < n_nodes) {
+        int32_t d = node_depth[i];
+        int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
+        if (s == dead) { i = node_skip[i]; continue; }
+        stack[d] = s;
+        for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
+            int32_t t = tok_ids[k];
+            inside[t >> 5] |= (uint32_t)1 << (t & 31);
+        }
+        int32_t end = tok_off[node_skip[i]];
+        if (accepting[s] && tok_off[i + 1] < end) {
+            uint32_t *row = splits + (int64_t)d * width;
+            hit[d] = 1;
+            for (int32_t k = tok_off[i + 1]; k < end; k++) {
+                int32_t t = tok_ids[k];
+                row[t >> 5] |= (uint32_t)1 << (t & 31);
+            }
+        }
+        i++;
+    }
 }
 """
 
@@ -165,6 +198,9 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
                                    ptr, ptr, ptr]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
+    lib.loom_trie_scan.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
+                                   ptr, ptr, ptr, ptr, ctypes.c_int64, ptr]  # fmt: skip
+    lib.loom_trie_scan.restype = None
     return lib
 
 
@@ -173,7 +209,11 @@ def available() -> bool:
 
 
 def trie_mask(
-    trie: TokenTrie, table: np.ndarray, byte_class: np.ndarray, dead: int, state: int,
+    trie: TokenTrie,
+    table: np.ndarray,
+    byte_class: np.ndarray,
+    dead: int,
+    state: int,
     expand: Callable[[int], np.ndarray] | None = None,
 ) -> np.ndarray | None:
     """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive in the DFA
@@ -197,3 +237,27 @@ def trie_mask(
             return out
         assert expand is not None, f"state {unknown} has no row in a table that is not built on demand"
         table = expand(unknown)
+
+
+_IDENTITY_CLASSES = np.arange(256, dtype=np.int64)
+
+
+def trie_scan(trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
+    """A lexeme's scan from `state` of a complete byte DFA (`table` [S + 1, 256] int32, dead last,
+    `accepting` [S + 1] bool): (packed words of the tokens that stay inside the lexeme, {j: packed
+    words of the tokens longer than j that may end it after their first j bytes}); None where the
+    walk is not compiled. The EBNF engine's per-lexer-state masks (ebnf.py), one trie walk each."""
+    lib = _library()
+    if lib is None:
+        return None
+    assert table.dtype == np.int32 and table.flags.c_contiguous and table.shape[1] == 256, "the scan reads raw byte tables"
+    acc = np.ascontiguousarray(accepting, dtype=np.uint8)
+    inside = np.zeros(trie.width, dtype=np.uint32)
+    splits = np.zeros((trie.max_depth + 1, trie.width), dtype=np.uint32)  # [depth, words]
+    hit = np.zeros(trie.max_depth + 1, dtype=np.uint8)
+    stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
+    stack[0] = state
+    lib.loom_trie_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, 256, _IDENTITY_CLASSES.ctypes.data,
+                       table.shape[0] - 1, acc.ctypes.data, stack.ctypes.data, inside.ctypes.data, splits.ctypes.data,
+                       trie.width, hit.ctypes.data)  # fmt: skip
+    return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}

@@ -1,0 +1,127 @@
+"""The EBNF engine's fast masks (ebnf.py: the per-lexer-state C scan of the token trie, the parser
+consulted only for tokens that cross a lexeme end) allow exactly the tokens a brute-force walk of
+each token through the parser allows, on random walks over several grammars and a vocabulary with
+tokens spanning several terminals; the C scan equals the numpy scan; and without a compiler the
+masks are the same."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, ebnf, token_walk, unpack_bitmask
+from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
+from loom.runtime.constrained.schema_grammar import schema_to_grammar
+from loom.runtime.constrained.vocabulary import byte_decoder
+from loom.tiny_tokenizer import tiny_tokenizer
+
+from grammars import ARITH_GBNF, JSON_GBNF
+
+EOS = 0
+JSON_LARK = r"""
+start: value
+?value: dict | list | ESCAPED_STRING | SIGNED_NUMBER | "true" | "false" | "null"
+list : "[" [value ("," value)*] "]"
+dict : "{" [pair ("," pair)*] "}"
+pair : ESCAPED_STRING ":" value
+%import common.ESCAPED_STRING
+%import common.SIGNED_NUMBER
+%import common.WS
+%ignore WS
+"""
+KEYWORDS_LARK = r"""
+start: stmt+
+stmt: NAME "=" NUMBER ";" | "if" NAME ":" stmt
+NAME: /[a-z]+/
+NUMBER: /[0-9]+/
+%ignore " "
+"""
+SCHEMA = '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 1200}, "tags": {"type": "array", "items": {"$ref": "#"}}}}'  # fmt: skip
+# Tokens that close one lexeme and open the next (some more than once), or end one mid-token.
+CROSSING = [b'"a":', b'],[', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]"]  # fmt: skip
+GRAMMARS = {
+    "json gbnf": ("ebnf", JSON_GBNF, None),
+    "arith gbnf": ("ebnf", ARITH_GBNF, None),
+    "json lark": ("lark", JSON_LARK, None),
+    "keywords lark": ("lark", KEYWORDS_LARK, None),
+    "schema": ("lark", *schema_to_grammar(SCHEMA, DEFAULT_WHITESPACE, False)),
+}
+
+
+@pytest.fixture(scope="module")
+def vocab() -> TokenVocab:
+    """A small trained byte-level BPE vocabulary plus hand-made tokens that cross lexeme ends."""
+    tok = tiny_tokenizer(1024)
+    dec = byte_decoder()
+    tb = {i: bytes(dec[c] for c in s) for s, i in tok.get_vocab().items() if i >= 3}
+    for k, b in enumerate(CROSSING):
+        tb[1024 + k] = b
+    return TokenVocab.build(tb, 1024 + len(CROSSING), frozenset({EOS}))
+
+
+def _compile(name: str, vocab: TokenVocab):
+    kind, source, dfas = GRAMMARS[name]
+    return compile_grammar(kind, source, vocab, terminal_dfas=dfas) if dfas else compile_grammar(kind, source, vocab)
+
+
+def _allowed(compiled, state) -> set[int]:
+    row = allocate_token_bitmask(1, compiled.vocab.vocab_size)
+    row[0].copy_(compiled.mask(state)[0])
+    return set(unpack_bitmask(row, compiled.vocab.vocab_size)[0].nonzero().view(-1).tolist())
+
+
+def _brute(compiled, state) -> set[int]:
+    """Every token fed byte by byte through the lexer and parser from `state` (no scan, no trie)."""
+    out = {t for t, b in compiled.vocab.by_id.items() if compiled.walk(state, b)}
+    return out | {EOS} if compiled.can_end(state) else out
+
+
+def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
+    """States along a random walk that prefers the crossing tokens (so lexemes end mid-token)."""
+    rnd = random.Random(seed)
+    g = compiled.matcher()
+    states = [g.state]
+    crossing = set(range(1024, 1024 + len(CROSSING)))
+    for _ in range(steps):
+        allowed = sorted(_allowed(compiled, g.state) - {EOS})
+        if not allowed:
+            break
+        pool = [t for t in allowed if t in crossing]
+        g.accept_token(rnd.choice(pool if pool and rnd.random() < 0.5 else allowed))
+        states.append(g.state)
+    return states
+
+
+@pytest.mark.parametrize("name", sorted(GRAMMARS))
+def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name):
+    compiled = _compile(name, vocab)
+    for seed in range(3):
+        for step, state in enumerate(_random_walk(compiled, seed)):
+            fast, brute = _allowed(compiled, state), _brute(compiled, state)
+            assert fast == brute, (name, seed, step, sorted(fast ^ brute)[:10])
+
+
+@pytest.mark.skipif(not token_walk.available(), reason="no C compiler: only the numpy scan exists")
+@pytest.mark.parametrize("name", sorted(GRAMMARS))
+def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monkeypatch):
+    walked = _compile(name, vocab)
+    monkeypatch.setattr(ebnf, "walk_available", lambda: False)
+    scanned = _compile(name, vocab)
+    for lex in range(walked.boundary):
+        walked._scan(lex)
+        scanned._scan(lex)
+        assert np.array_equal(walked._inside[lex], scanned._inside[lex]), (name, lex)
+        assert walked._splits[lex].keys() == scanned._splits[lex].keys(), (name, lex)
+        for j, enders in walked._splits[lex].items():
+            assert np.array_equal(enders, scanned._splits[lex][j]), (name, lex, j)
+
+
+def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):
+    fast = _compile("json lark", vocab)
+    states = _random_walk(fast, 7)
+    monkeypatch.setattr(ebnf, "walk_available", lambda: False)
+    slow = _compile("json lark", vocab)
+    for state in states:
+        assert _allowed(fast, state) == _allowed(slow, state)
