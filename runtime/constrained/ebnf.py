@@ -36,6 +36,7 @@ from loom.runtime.constrained.vocabulary import TokenVocab
 EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
+_MANY = 2048  # _crossing walks more tokens than this by lexer-state scans (_accepted_after)
 _FEW = 64  # _accepted_from walks this many tokens or fewer one by one
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's packed masks past this are dropped (recomputed on demand)
@@ -165,6 +166,8 @@ class CompiledEbnf:
         self._inside: dict[int, np.ndarray] = {}
         self._splits: dict[int, dict[int, np.ndarray]] = {}
         self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
+        self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        self._rests: dict[tuple[int, int], np.ndarray] = {}
         self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
         self._set_of: dict[frozenset[int], int] = {}
         self._set_step: dict[int, int] = {}
@@ -181,6 +184,7 @@ class CompiledEbnf:
 
     def _mask_count(self) -> int:
         return (len(self._inside) + sum(len(s) for s in self._splits.values()) + 2 * len(self._crossed)
+                + sum(1 + len(s) for _, s in self._offset_scans.values()) + len(self._rests)
                 + len(self._word_cache) + len(self._masks))  # fmt: skip
 
     @property
@@ -191,7 +195,7 @@ class CompiledEbnf:
     def _bound_masks(self) -> None:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self._mask_count() * self._eos_words.nbytes > MASK_CACHE_BYTES:
-            for memo in (self._inside, self._splits, self._crossed, self._word_cache, self._masks):
+            for memo in (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks):
                 memo.clear()
 
     # ------------------------------------------------------------------ the parser
@@ -312,36 +316,64 @@ class CompiledEbnf:
     # ------------------------------------------------------------------ masks
     def _scan(self, lex: int) -> None:
         """The tokens that stay inside the lexeme from lexer state `lex`, and per offset j >= 1 the
-        tokens that may end it after their first j bytes (packed masks): a C walk of the token
-        trie, or (no compiler) one vectorised pass of the vocabulary through the lexeme's DFA."""
+        tokens that may end it after their first j bytes (packed masks)."""
+        self._inside[lex], self._splits[lex] = self._scan_at(lex, 0)
+
+    def _scan_at(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """`_scan` of the lexeme entered after each token's first `offset` bytes (tokens longer
+        than that): a C walk of the token trie, or (no compiler) one vectorised pass of the
+        vocabulary through the lexeme's DFA. Offsets past 0 are cached here."""
+        if offset:
+            hit = self._offset_scans.get((lex, offset))
+            if hit is not None:
+                return hit
         v = self.vocab
         k = self.lex_terminal[lex]
         dfa = self.dfas[k]
-        scanned = trie_scan(token_trie(v), dfa.table, dfa.accepting, lex - self.offsets[k]) if walk_available() else None
-        if scanned is not None:
-            self._inside[lex], self._splits[lex] = scanned
-            return
-        idx = np.arange(len(v.ids))
-        st = np.full(len(v.ids), lex - self.offsets[k], dtype=np.int32)  # [n] DFA states
-        inside: list[np.ndarray] = []
-        splits: dict[int, np.ndarray] = {}
-        for j in range(v.data.shape[1] + 1):
-            done = v.lens[idx] == j
-            if done.any():
-                inside.append(idx[done])
-                keep = ~done
-                idx, st = idx[keep], st[keep]
-            if not len(idx):
-                break
-            if j:  # ending at j == 0 is the boundary's own mask (see mask())
-                hit = dfa.accepting[st]
-                if hit.any():
-                    splits[j] = v.pack(v.ids[idx[hit]])
-            st = dfa.table[st, v.data[idx, j]]
-            live = st != dfa.dead
-            idx, st = idx[live], st[live]
-        self._inside[lex] = v.pack(v.ids[np.concatenate(inside)] if inside else [])
-        self._splits[lex] = splits
+        scanned = trie_scan(token_trie(v), dfa.table, dfa.accepting, lex - self.offsets[k], offset) if walk_available() else None
+        if scanned is None:
+            idx = np.flatnonzero(v.lens > offset)
+            st = np.full(len(idx), lex - self.offsets[k], dtype=np.int32)  # [n] DFA states
+            inside: list[np.ndarray] = []
+            splits: dict[int, np.ndarray] = {}
+            for j in range(offset, v.data.shape[1] + 1):
+                done = v.lens[idx] == j
+                if done.any():
+                    inside.append(idx[done])
+                    keep = ~done
+                    idx, st = idx[keep], st[keep]
+                if not len(idx):
+                    break
+                if j > offset:  # ending where it starts is the boundary's own mask (see _words)
+                    hit = dfa.accepting[st]
+                    if hit.any():
+                        splits[j] = v.pack(v.ids[idx[hit]])
+                st = dfa.table[st, v.data[idx, j]]
+                live = st != dfa.dead
+                idx, st = idx[live], st[live]
+            scanned = (v.pack(v.ids[np.concatenate(inside)] if inside else []), splits)
+        if offset:
+            self._offset_scans[(lex, offset)] = scanned
+        return scanned
+
+    def _accepted_after(self, offset: int, sid: int) -> np.ndarray:
+        """Packed: the tokens longer than `offset` whose bytes from `offset` on are accepted from a
+        lexeme boundary at stack `sid` (`_words`' decomposition, entered `offset` bytes into the
+        tokens: the per-lexer-state scans are shared by every stack, the parser steps once per
+        lexeme end). For many tokens at once, where walking each costs more."""
+        key = (offset, sid)
+        words = self._rests.get(key)
+        if words is None:
+            words = np.zeros(bitmask_width(self.vocab.vocab_size), dtype=np.uint32)
+            for t in self.startable(sid):
+                inside, splits = self._scan_at(self.offsets[t], offset)
+                words |= inside
+                after = self.after(sid, t) if splits else None
+                if after is not None:
+                    for j, enders in splits.items():
+                        words |= self._crossing(j, after, enders)
+            self._rests[key] = words
+        return words
 
     def _crossing(self, offset: int, sid: int, enders: np.ndarray) -> np.ndarray:
         """The tokens of `enders` (packed) whose bytes from `offset` on are accepted from a lexeme
@@ -354,7 +386,10 @@ class CompiledEbnf:
             memo = self._crossed[key] = (zeros, zeros.copy())
         checked, allowed = memo
         new = enders & ~checked
-        if new.any():
+        if int(np.bitwise_count(new).sum()) > _MANY:  # a lexeme ending inside most tokens (a string's chunks)
+            allowed[:] = self._accepted_after(offset, sid)
+            checked[:] = np.uint32(0xFFFFFFFF)
+        elif new.any():
             allowed |= _pack_few(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
             checked |= new
         return allowed & enders

@@ -63,18 +63,20 @@ int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, cons
     return -1;
 }
 
-/* One lexeme's scan (a complete DFA: no UNKNOWN rows) from `state`: sets in `inside` the tokens whose
-   every byte keeps it live, and in row j of `splits` [max_depth + 1][width] the tokens longer than j
-   whose first j bytes reach an accepting state (the lexeme may end inside them); hit[j] = 1 where
-   row j got any. A subtree's tokens below node i are tok_ids[tok_off[i + 1] .. tok_off[node_skip[i]]). */
+/* One lexeme's scan (a complete DFA: no UNKNOWN rows) from `state`, entered after a token's first
+   `offset` bytes: sets in `inside` the tokens longer than offset whose every later byte keeps it
+   live, and in row j of `splits` [max_depth + 1][width] the tokens longer than j whose bytes
+   offset..j reach an accepting state (the lexeme may end inside them); hit[j] = 1 where row j got
+   any. A subtree's tokens below node i are tok_ids[tok_off[i + 1] .. tok_off[node_skip[i]]). */
 void loom_trie_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
                     const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
                     const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
                     const uint8_t *accepting, int32_t *stack, uint32_t *inside, uint32_t *splits,
-                    int64_t width, uint8_t *hit) {
+                    int64_t width, uint8_t *hit, int32_t offset) {
     int64_t i = 0;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
+        if (d <= offset) { stack[d] = stack[d - 1]; i++; continue; }  /* bytes before the lexeme */
         int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
         if (s == dead) { i = node_skip[i]; continue; }
         stack[d] = s;
@@ -199,7 +201,7 @@ def _library() -> ctypes.CDLL | None:
                                    ptr, ptr, ptr]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
     lib.loom_trie_scan.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
-                                   ptr, ptr, ptr, ptr, ctypes.c_int64, ptr]  # fmt: skip
+                                   ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int32]  # fmt: skip
     lib.loom_trie_scan.restype = None
     return lib
 
@@ -242,11 +244,14 @@ def trie_mask(
 _IDENTITY_CLASSES = np.arange(256, dtype=np.int64)
 
 
-def trie_scan(trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
+def trie_scan(
+    trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int, offset: int = 0
+) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
     """A lexeme's scan from `state` of a complete byte DFA (`table` [S + 1, 256] int32, dead last,
-    `accepting` [S + 1] bool): (packed words of the tokens that stay inside the lexeme, {j: packed
-    words of the tokens longer than j that may end it after their first j bytes}); None where the
-    walk is not compiled. The EBNF engine's per-lexer-state masks (ebnf.py), one trie walk each."""
+    `accepting` [S + 1] bool), entered after each token's first `offset` bytes: (packed words of
+    the tokens longer than `offset` whose later bytes stay inside the lexeme, {j: packed words of
+    the tokens longer than j that may end it after their first j bytes}); None where the walk is
+    not compiled. The EBNF engine's per-lexer-state masks (ebnf.py), one trie walk each."""
     lib = _library()
     if lib is None:
         return None
@@ -259,5 +264,5 @@ def trie_scan(trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: 
     stack[0] = state
     lib.loom_trie_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, 256, _IDENTITY_CLASSES.ctypes.data,
                        table.shape[0] - 1, acc.ctypes.data, stack.ctypes.data, inside.ctypes.data, splits.ctypes.data,
-                       trie.width, hit.ctypes.data)  # fmt: skip
+                       trie.width, hit.ctypes.data, offset)  # fmt: skip
     return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}

@@ -94,8 +94,12 @@ def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
     return states
 
 
+@pytest.mark.parametrize("many", [ebnf._MANY, 0], ids=["tokens walked", "lexer-state scans"])
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
-def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name):
+def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, monkeypatch):
+    """Both ways of checking the tokens that cross a lexeme end (walked one by one against the
+    parser, or by lexer-state scans entered mid-token, which many-token crossings take)."""
+    monkeypatch.setattr(ebnf, "_MANY", many)
     compiled = _compile(name, vocab)
     for seed in range(3):
         for step, state in enumerate(_random_walk(compiled, seed)):
@@ -116,6 +120,10 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
         assert walked._splits[lex].keys() == scanned._splits[lex].keys(), (name, lex)
         for j, enders in walked._splits[lex].items():
             assert np.array_equal(enders, scanned._splits[lex][j]), (name, lex, j)
+        for offset in (1, 3):  # entered mid-token
+            (w_in, w_splits), (s_in, s_splits) = walked._scan_at(lex, offset), scanned._scan_at(lex, offset)
+            assert np.array_equal(w_in, s_in) and w_splits.keys() == s_splits.keys(), (name, lex, offset)
+            assert all(np.array_equal(w_splits[j], s_splits[j]) for j in w_splits), (name, lex, offset)
 
 
 def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):
