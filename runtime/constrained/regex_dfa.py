@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.dfa import determinise
-from loom.runtime.constrained.lazy_dfa import DEAD, SubsetDFA
+from loom.runtime.constrained.lazy_dfa import DEAD, UNKNOWN, SubsetDFA
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.regex_pieces import RegexPieces
 from loom.runtime.constrained.token_walk import available as walk_available
@@ -56,8 +56,14 @@ class CompiledRegex:
     back-references), regexes matching nothing, and automata past MAX_DFA_STATES or the time limit."""
 
     def __init__(
-        self, regex: str, vocab: TokenVocab, *, max_states: int = MAX_DFA_STATES, time_limit_s: float = COMPILE_TIME_LIMIT_S,
-        lazy: bool = False, pieces: RegexPieces | None = None,
+        self,
+        regex: str,
+        vocab: TokenVocab,
+        *,
+        max_states: int = MAX_DFA_STATES,
+        time_limit_s: float = COMPILE_TIME_LIMIT_S,
+        lazy: bool = False,
+        pieces: RegexPieces | None = None,
     ) -> None:
         """lazy: build the DFA's states as walks reach them (lazy_dfa.py) when building it whole takes
         longer than EAGER_BUDGET_S (and the C walk is at hand); a DFA built whole then is exactly
@@ -149,11 +155,16 @@ class CompiledRegex:
         if data is None:
             return None
         cls, dead = self._cls, self.dead
-        if self._lazy is not None:
+        lazy = self._lazy
+        if lazy is not None:  # a row not built yet is all UNKNOWN (after a mask, every row a token reads is built)
             for b in data:
-                state = int(self._row(state)[cls[b]])
-                if state == dead:
+                nxt = int(lazy.table[state, cls[b]])
+                if nxt == UNKNOWN:
+                    lazy.expand(state)
+                    nxt = int(lazy.table[state, cls[b]])
+                if nxt == dead:
                     return None
+                state = nxt
             return state
         rows = self._rows
         for b in data:
