@@ -51,9 +51,7 @@ class Req:
         self.sampling_params = sampling_params
         self.return_logprob = return_logprob
         # Prompt logprobs are wanted for prompt tokens [logprob_start_len, len(prompt)).
-        self.logprob_start_len = (
-            len(input_ids) if (not return_logprob or logprob_start_len < 0) else min(logprob_start_len, len(input_ids))
-        )
+        self.logprob_start_len = len(input_ids) if (not return_logprob or logprob_start_len < 0) else min(logprob_start_len, len(input_ids))
         self.prompt_len = len(input_ids)
         # A prefill-only request (max_new_tokens == 0: scoring, cache warming) computes no KV for
         # its last prompt token: nothing comes after it, so only that token's logprob matters, and
@@ -110,6 +108,11 @@ class Req:
     def fill_len(self) -> int:
         """len(fill_ids), without building the list."""
         return len(self.origin_input_ids) + len(self.output_ids)
+
+    def token_at(self, pos: int) -> int:
+        """fill_ids[pos], without building the list."""
+        n = len(self.origin_input_ids)
+        return self.origin_input_ids[pos] if pos < n else self.output_ids[pos - n]
 
     @property
     def prefix_len(self) -> int:
@@ -242,11 +245,14 @@ def build_decode_batch(
     req_to_token: torch.Tensor,
     *,
     input_ids: list[int] | None = None,
+    kv_lens: list[int] | None = None,
     device: torch.device | None = None,
 ) -> ForwardBatch:
     """One new token per request: the newest output token (or input_ids[i], e.g. a future ref),
-    stored at position kv_len. device: as in `build_extend_batch`."""
-    kv_lens = [r.kv_len for r in reqs]
+    stored at position kv_len (or kv_lens[i]: a round of a jump-forward's pending tokens, see
+    `BatchRunner._forward_in_rounds`). device: as in `build_extend_batch`."""
+    if kv_lens is None:
+        kv_lens = [r.kv_len for r in reqs]
     pool_idx = host_to_device([r.req_pool_idx for r in reqs], device)
     positions = host_to_device(kv_lens, device)
     req_to_token[pool_idx, positions] = out_cache_loc
