@@ -11,7 +11,8 @@
 // The arithmetic is the torch path's (runtime/models/llama.py): fp32 throughout; for a bf16 model,
 // every value the torch path stores in bf16 is rounded to bf16 at the same point (`Rounding`), so
 // both paths differ only by summation order. Linear layers are `qlinear_raw` (qlinear.cpp), split over
-// torch's threads; attention splits its (row, head) pairs over them when there is enough to split.
+// torch's threads, with x quantized to int8 blocks where the model is built with int8 = true
+// (LOOM_CPU_INT8_ACT=1); attention splits its (row, head) pairs over them when there is enough to split.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -62,9 +63,9 @@ struct Layer {
 class DecodeModel {
  public:
   DecodeModel(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
-              double scale, bool bf16, torch::Tensor final_norm, torch::Tensor cos_sin)
+              double scale, bool bf16, torch::Tensor final_norm, torch::Tensor cos_sin, bool int8)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), inter_(intermediate), eps_((float)eps),
-        scale_((float)scale), bf16_(bf16), final_norm_(final_norm.contiguous()), cos_sin_(cos_sin.contiguous()) {
+        scale_((float)scale), bf16_(bf16), int8_(int8), final_norm_(final_norm.contiguous()), cos_sin_(cos_sin.contiguous()) {
     TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must be a multiple of kv_heads, head_dim even");
     TORCH_CHECK(final_norm_.dtype() == torch::kFloat32 && final_norm_.numel() == hidden, "final norm: [hidden] fp32");
     TORCH_CHECK(cos_sin_.dtype() == torch::kFloat32 && cos_sin_.dim() == 2 && cos_sin_.size(1) == head_dim,
@@ -156,6 +157,7 @@ class DecodeModel {
   int64_t hidden_, heads_, kv_heads_, head_dim_, inter_;
   float eps_, scale_;
   bool bf16_;
+  bool int8_;  // linear layers with int8 activations (qlinear_raw)
   torch::Tensor final_norm_, cos_sin_;
   std::vector<Layer> layers_;
 
@@ -172,7 +174,7 @@ class DecodeModel {
 
   // y[M, N] = x[M, K] @ W^T, each output rounded as the torch path stores it.
   void run(const Linear& w, const float* x, int64_t M, float* y) const {
-    loom::qlinear_raw(x, M, w.k, w.blocks.data_ptr<uint8_t>(), w.blocks.size(1), w.qtype, w.n, y);
+    loom::qlinear_raw(x, M, w.k, w.blocks.data_ptr<uint8_t>(), w.blocks.size(1), w.qtype, w.n, y, int8_);
     if (bf16_)
       for (int64_t i = 0; i < M * w.n; ++i) y[i] = round_bf16(y[i]);
   }
@@ -308,10 +310,10 @@ class DecodeModel {
 
 void loom::register_decode(pybind11::module_& m) {
   pybind11::class_<DecodeModel>(m, "DecodeModel", "A Llama-family decode step in one call (decode.cpp)")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, torch::Tensor, torch::Tensor>(),
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, torch::Tensor, torch::Tensor, bool>(),
            pybind11::arg("hidden"), pybind11::arg("heads"), pybind11::arg("kv_heads"), pybind11::arg("head_dim"),
            pybind11::arg("intermediate"), pybind11::arg("eps"), pybind11::arg("scale"), pybind11::arg("bf16"),
-           pybind11::arg("final_norm"), pybind11::arg("cos_sin"))
+           pybind11::arg("final_norm"), pybind11::arg("cos_sin"), pybind11::arg("int8") = false)
       .def("add_layer", &DecodeModel::add_layer)
       .def("forward", &DecodeModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

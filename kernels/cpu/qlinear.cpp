@@ -1,21 +1,28 @@
 // Weight-only quantized linear layers for the CPU: y[M, N] = x[M, K] @ W[N, K]^T, with W kept in
-// GGUF's block formats (32 weights a block) and dequantised in registers, block by block, never
-// into a float copy of W. Built for few rows (decode: M = 1 to 16), where a linear layer is bound
-// by the bytes of W it reads: 1.06 bytes a weight for Q8_0, 0.56 for Q4_0, 0.63 for Q4_1, against
-// 4 for fp32.
+// GGUF's block formats (32 weights a block), never dequantised into a float copy of W. Built for
+// few rows (decode: M = 1 to 16).
 //
 //   Q8_0: fp16 d, int8 q[32]           w = d * q
 //   Q4_0: fp16 d, uint8 qs[16]         w = d * (nibble - 8); low nibbles are weights 0-15, high 16-31
 //   Q4_1: fp16 d, fp16 m, uint8 qs[16] w = d * nibble + m
 //
-// Each block's 32 weights become two 16-float vectors (AVX-512) or four 8-float vectors (AVX2),
-// which every row of x then multiplies: the dequantisation is paid once per block for all M rows.
+// Two paths:
+// - float: each block's 32 weights become float vectors in registers, which every row of x then
+//   multiplies in fp32 (the dequantisation is paid once per block for all M rows). Exact to
+//   summation order.
+// - int8 activations (LOOM_CPU_INT8_ACT=1, where the CPU has AVX2; llama.cpp's q8_0 / q8_1 "vec_dot_type"):
+//   each row of x is quantized once per call into 32-blocks of int8 with a scale, and a block of
+//   weights meets it in integer dot products (AVX512-VNNI vpdpbusd, 64 weights an instruction, or
+//   AVX2 maddubs), one float multiply-add per block. A dequantise-and-FMA step is compute bound on
+//   these sizes; this does several times fewer instructions a weight, at ~1e-2 relative error.
 // Output rows are split over torch's threads.
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <immintrin.h>
 
 #include "qlinear.h"
@@ -155,12 +162,229 @@ void run_rows(const float* x, int64_t K, const uint8_t* W, int64_t row_bytes, in
 }
 #endif
 
+
+// ---- int8 activations ----------------------------------------------------------------------------
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define LOOM_INT8_512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LOOM_INT8_256 1
+#endif
+
+#if defined(LOOM_INT8_512) || defined(LOOM_INT8_256)
+// The rows of x quantized to int8 in 32-blocks (llama.cpp's q8_1): d = max|x| / 127, q = round(x / d),
+// and d * sum(q), which carries Q4_0's -8 and Q4_1's minimum (w = d_w * nibble + c: the c part of a
+// block's dot product is c * d_x * sum(q)). Per-block values are padded with zeros to a multiple of 16.
+//
+// With VNNI the quants are stored by groups of 4 blocks, 128 bytes: the 4 blocks' weights 0-15, then
+// their weights 16-31, as a Q4 group's 4 x 16 bytes of nibbles unpack (low, then high). Two vpdpbusd
+// then give the group's dot products in 16 int32 lanes, 4 a block, which meet the 4 blocks' scales
+// in one convert and one multiply-add. (A pair of blocks a vector costs a convert, a permute and a
+// multiply-add every 64 weights, which ran no faster than the float path; 16 blocks a vector from
+// vpgatherdd ran slower still on AMD, whose gathers are slow.)
+// With AVX2, blocks in order.
+struct QuantRows {
+  int64_t nb = 0, q_stride = 0, s_stride = 0;
+  std::vector<int8_t> q;     // [M, q_stride]
+  std::vector<float> d;      // [M, s_stride]: the blocks' scales
+  std::vector<float> sums;   // [M, s_stride]: d * sum(q) per block
+
+  void quantize(const float* x, int64_t M, int64_t K) {
+    nb = K / QK;
+    s_stride = (nb + 15) / 16 * 16;
+    q_stride = s_stride * QK;
+    q.assign(M * q_stride, 0);
+    d.assign(M * s_stride, 0.f);
+    sums.assign(M * s_stride, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      int8_t* qm = q.data() + m * q_stride;
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* xb = x + m * K + j * QK;
+        float amax = 0.f;
+        for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float dj = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t qb[QK];
+        int sum = 0;
+        for (int i = 0; i < QK; ++i) {
+          const float v = xb[i] * id;
+          qb[i] = (int8_t)(int)(v + (v >= 0.f ? 0.5f : -0.5f));  // round half away from zero, as llama.cpp
+          sum += qb[i];
+        }
+        d[m * s_stride + j] = dj;
+        sums[m * s_stride + j] = dj * (float)sum;
+#ifdef LOOM_INT8_512
+        int8_t* qg = qm + j / 4 * 128 + j % 4 * 16;
+        std::memcpy(qg, qb, 16);
+        std::memcpy(qg + 64, qb + 16, 16);
+#else
+        std::memcpy(qm + j * QK, qb, QK);
+#endif
+      }
+    }
+  }
+};
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_fp32(h);
+}
+
+#ifdef LOOM_INT8_512
+// 16 bytes from each of `live` (1-4) blocks bb bytes apart, one a 128-bit lane; zeros for the rest.
+template <int bb>
+inline __m512i gather4(const uint8_t* p, int live) {
+  auto at = [p](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * bb)); };
+  if (live == 4)
+    return _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(at(0)), at(1), 1), at(2), 2), at(3), 3);
+  __m512i z = _mm512_setzero_si512();
+  for (int i = 0; i < live; ++i) {
+    const __m128i v = at(i);
+    z = i == 0 ? _mm512_inserti32x4(z, v, 0) : i == 1 ? _mm512_inserti32x4(z, v, 1) : _mm512_inserti32x4(z, v, 2);
+  }
+  return z;
+}
+#endif
+
+// Rows [m0, m0 + MB) of the quantized x against output rows [n0, n1) of W, in format QT. `c`: scratch
+// of a.s_stride floats, zero past the blocks.
+template <int QT, int MB>
+void int8_rows(const QuantRows& a, int64_t m0, const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, float* y,
+               int64_t N, float* c) {
+  constexpr int bb = QT == Q8_0 ? 34 : QT == Q4_0 ? 18 : 20;
+  constexpr int qoff = QT == Q4_1 ? 4 : 2;
+  const int64_t nb = a.nb;
+  const int8_t* qx = a.q.data() + m0 * a.q_stride;
+  const float* dx = a.d.data() + m0 * a.s_stride;
+  const float* sx = a.sums.data() + m0 * a.s_stride;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = W + n * row_bytes;
+#ifdef LOOM_INT8_512
+    (void)c;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bb));
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+      // The scales of 16 blocks (Q4_1: d and m) in one gather, times each row's d_x.
+      const int64_t cnt = std::min<int64_t>(16, nb - j0);
+      const __m512i g = _mm512_mask_i32gather_epi32(zero, (__mmask16)((1u << cnt) - 1), lanes, row + j0 * bb, 1);
+      const __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));  // 0 in the dead lanes
+      __m512 sd[MB];
+      for (int m = 0; m < MB; ++m) sd[m] = _mm512_mul_ps(dv, _mm512_loadu_ps(dx + m * a.s_stride + j0));
+      if constexpr (QT != Q8_0) {  // the blocks' offsets (-8 d, or m) times d_x * sum(q)
+        const __m512 cv = QT == Q4_0 ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f)) : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(cv, _mm512_loadu_ps(sx + m * a.s_stride + j0), acc[m]);
+      }
+      __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // a group's scales, 4 lanes a block
+      for (int64_t jg = j0; jg < j0 + cnt; jg += 4, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(4))) {
+        const int live = (int)std::min<int64_t>(4, nb - jg);
+        const uint8_t* b0 = row + jg * bb + qoff;
+        __m512i wlo, whi;
+        __mmask64 nlo = 0, nhi = 0;
+        if constexpr (QT == Q8_0) {
+          wlo = gather4<bb>(b0, live);
+          whi = gather4<bb>(b0 + 16, live);
+          nlo = _mm512_movepi8_mask(wlo);
+          nhi = _mm512_movepi8_mask(whi);
+          wlo = _mm512_abs_epi8(wlo);  // vpdpbusd multiplies unsigned by signed: |w| times x with w's sign
+          whi = _mm512_abs_epi8(whi);
+        } else {
+          const __m512i z = gather4<bb>(b0, live), f = _mm512_set1_epi8(0x0F);
+          wlo = _mm512_and_si512(z, f);
+          whi = _mm512_and_si512(_mm512_srli_epi16(z, 4), f);
+        }
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xq = qx + m * a.q_stride + jg * QK;
+          __m512i xl = _mm512_loadu_si512(xq), xh = _mm512_loadu_si512(xq + 64);
+          if constexpr (QT == Q8_0) {
+            xl = _mm512_mask_sub_epi8(xl, nlo, zero, xl);
+            xh = _mm512_mask_sub_epi8(xh, nhi, zero, xh);
+          }
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, wlo, xl), whi, xh);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, sd[m]), acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
+#else
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint8_t* b = row + j * bb;
+      const __m256 dw = _mm256_set1_ps(half_at(b));
+      __m256i w;
+      if constexpr (QT == Q8_0) {
+        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + qoff));
+      } else {
+        const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + qoff));
+        const __m128i f = _mm_set1_epi8(0x0F);
+        w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(t, f)), _mm_and_si128(_mm_srli_epi16(t, 4), f), 1);
+        c[j] = QT == Q4_0 ? -8.f * half_at(b) : half_at(b + 2);
+      }
+      const __m256i wu = QT == Q8_0 ? _mm256_sign_epi8(w, w) : w;  // maddubs: unsigned times signed
+      for (int m = 0; m < MB; ++m) {
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * a.q_stride + j * QK));
+        if constexpr (QT == Q8_0) xq = _mm256_sign_epi8(xq, w);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xq), ones);
+        const __m256 sc = _mm256_mul_ps(_mm256_broadcast_ss(dx + m * a.s_stride + j), dw);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[m]);
+      }
+    }
+    if constexpr (QT != Q8_0) {  // the blocks' offsets (-8 d, or m) times d_x * sum(q)
+      for (int m = 0; m < MB; ++m)
+        for (int64_t t = 0; t < a.s_stride; t += 8)
+          acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(c + t), _mm256_loadu_ps(sx + m * a.s_stride + t), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+      s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+      y[m * N + n] = _mm_cvtss_f32(s4);
+    }
+#endif
+  }
+}
+
+template <int QT, int MB>
+void int8_run(const QuantRows& a, int64_t m0, const uint8_t* W, int64_t row_bytes, int64_t N, float* y) {
+  at::parallel_for(0, N, grain(row_bytes), [&](int64_t n0, int64_t n1) {
+#ifdef LOOM_INT8_256
+    std::vector<float> c(a.s_stride, 0.f);  // zero past nb: the sums there are zero, and 0 * garbage may be NaN
+    int8_rows<QT, MB>(a, m0, W, row_bytes, n0, n1, y + m0 * N, N, c.data());
+#else
+    int8_rows<QT, MB>(a, m0, W, row_bytes, n0, n1, y + m0 * N, N, nullptr);
+#endif
+  });
+}
+
+template <int QT>
+void int8_linear(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t row_bytes, int64_t N, float* y) {
+  thread_local QuantRows a;  // reused: a decode step quantizes ~4 activations a layer
+  a.quantize(x, M, K);
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) int8_run<QT, 8>(a, m, W, row_bytes, N, y);
+  for (; m + 4 <= M; m += 4) int8_run<QT, 4>(a, m, W, row_bytes, N, y);
+  for (; m + 2 <= M; m += 2) int8_run<QT, 2>(a, m, W, row_bytes, N, y);
+  for (; m < M; ++m) int8_run<QT, 1>(a, m, W, row_bytes, N, y);
+}
+#endif  // int8 activations
+
 }  // namespace
 
 // y[M, N] = x[M, K] @ dequant(W)^T on raw pointers (qlinear.h): what `qlinear` and the fused decode
 // step (decode.cpp) both call.
 void loom::qlinear_raw(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes, int qtype, int64_t N,
-                       float* yp) {
+                       float* yp, bool int8) {
+#if defined(LOOM_INT8_512) || defined(LOOM_INT8_256)
+  if (int8) {
+    switch (qtype) {
+      case Q8_0: return int8_linear<Q8_0>(xp, M, K, wp, row_bytes, N, yp);
+      case Q4_0: return int8_linear<Q4_0>(xp, M, K, wp, row_bytes, N, yp);
+      case Q4_1: return int8_linear<Q4_1>(xp, M, K, wp, row_bytes, N, yp);
+    }
+  }
+#endif
   const int bb = block_bytes(qtype);
 #ifdef LOOM_QLINEAR_SCALAR
   at::parallel_for(0, N, grain(row_bytes), [&](int64_t n0, int64_t n1) {
@@ -188,8 +412,9 @@ void loom::qlinear_raw(const float* xp, int64_t M, int64_t K, const uint8_t* wp,
 #endif
 }
 
-// y = x @ dequant(W)^T: x [M, K] float32 (contiguous), W [N, K / 32 * block bytes] uint8.
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
+// y = x @ dequant(W)^T: x [M, K] float32 (contiguous), W [N, K / 32 * block bytes] uint8; `int8`: with
+// x quantized to int8 blocks where the build has that path (int8_isa), else the float path.
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype, bool int8) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D float32 tensor");
   TORCH_CHECK(W.dtype() == torch::kUInt8 && W.dim() == 2 && W.is_contiguous(), "W must be a contiguous 2-D uint8 tensor");
   const int bb = block_bytes((int)qtype);
@@ -197,7 +422,7 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor W, int64_t qtype) {
   const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
   TORCH_CHECK(K % QK == 0 && W.size(1) == K / QK * bb, "W holds ", W.size(1), " bytes a row; K = ", K, " needs ", K / QK * bb);
   auto y = torch::empty({M, N}, x.options());
-  loom::qlinear_raw(x.data_ptr<float>(), M, K, W.data_ptr<uint8_t>(), W.size(1), (int)qtype, N, y.data_ptr<float>());
+  loom::qlinear_raw(x.data_ptr<float>(), M, K, W.data_ptr<uint8_t>(), W.size(1), (int)qtype, N, y.data_ptr<float>(), int8);
   return y;
 }
 
@@ -243,8 +468,21 @@ std::string isa() {
 #endif
 }
 
+// The int8-activation path this build has: "avx512_vnni", "avx2", or "" (the float path only).
+std::string int8_isa() {
+#if defined(LOOM_INT8_512)
+  return "avx512_vnni";
+#elif defined(LOOM_INT8_256)
+  return "avx2";
+#else
+  return "";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "y = x @ dequant(W)^T for GGUF Q8_0 / Q4_0 / Q4_1 blocks");
+  m.def("qlinear", &qlinear, "y = x @ dequant(W)^T for GGUF Q8_0 / Q4_0 / Q4_1 blocks", pybind11::arg("x"),
+        pybind11::arg("W"), pybind11::arg("qtype"), pybind11::arg("int8") = false);
+  m.def("int8_isa", &int8_isa, "the int8-activation path the kernel was built with, or ''");
   m.def("isa", &isa, "the instruction set the kernel was built for");
   m.def("dequantize_into", &dequantize_into, "out[N, K] = dequant(W), float32 or bfloat16");
   loom::register_decode(m);  // decode.cpp: the fused decode step

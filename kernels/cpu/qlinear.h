@@ -11,7 +11,10 @@ namespace loom {
 int block_bytes(int qtype);
 
 // y[M, N] = x[M, K] @ dequant(W)^T, W [N, row_bytes] in `qtype` blocks; output rows split over torch's threads.
-void qlinear_raw(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int64_t N, float* y);
+// `int8`: x quantized to int8 32-blocks and integer dot products (~1e-2 relative error, several times
+// fewer instructions) where the build has that path; otherwise, and when false, the exact float path.
+void qlinear_raw(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int64_t N, float* y,
+                 bool int8);
 
 // Adds the DecodeModel class (decode.cpp) to the extension's module.
 void register_decode(pybind11::module_& m);
