@@ -71,7 +71,11 @@ def _unpack_few(words: np.ndarray) -> np.ndarray:
 def _pack_few(ids: np.ndarray, width: int) -> np.ndarray:
     """Token ids -> packed words [width] uint32 (a few ids: no vocabulary-sized buffer)."""
     out = np.zeros(width, dtype=np.uint32)
-    np.bitwise_or.at(out, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    if len(ids):
+        ids = np.sort(ids)
+        word = ids >> 5
+        starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))  # first id of each word
+        out[word[starts]] = np.bitwise_or.reduceat(np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)), starts)
     return out
 
 
@@ -171,6 +175,7 @@ class CompiledEbnf:
         self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
         self._set_of: dict[frozenset[int], int] = {}
         self._set_step: dict[int, int] = {}
+        self._verdicts: dict[tuple[int, int, int], bool] = {}  # (interned configurations, token, position) -> accepted
         self._word_cache: dict[frozenset[int], np.ndarray] = {}
         self._eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
@@ -399,8 +404,8 @@ class CompiledEbnf:
         stack `sid`: the tokens walked together byte position by byte position, one parser step
         per distinct (configurations, byte) at each position, as a walk of their trie would."""
         v = self.vocab
-        if len(self._set_of) > _CACHE_LIMIT:
-            self._set_of.clear(), self._sets.clear(), self._set_step.clear()
+        if len(self._set_of) > _CACHE_LIMIT or len(self._verdicts) > 4 * _CACHE_LIMIT:
+            self._set_of.clear(), self._sets.clear(), self._set_step.clear(), self._verdicts.clear()
         rows = np.searchsorted(v.ids, ids)  # [n] rows of the vocabulary matrix
         left = v.lens[rows] - offset  # [n] bytes still to walk
         st = np.full(len(rows), self._set_id(frozenset({sid * self.n_lex + self.boundary})), dtype=np.int64)
@@ -421,14 +426,29 @@ class CompiledEbnf:
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def _walk_each(self, ids: np.ndarray, sets: np.ndarray, j: int) -> list[int]:
-        """The token ids of `ids` whose bytes from `j` on lead their interned configurations `sets` to some."""
+        """The token ids of `ids` whose bytes from `j` on lead their interned configurations `sets` to
+        some. Verdicts are kept per (configurations, token, position): a token crossing several
+        lexeme ends (a run of whitespace) is checked at each, and its walks meet again."""
         found: list[int] = []
+        memo = self._verdicts
         for t, s in zip(ids.tolist(), sets.tolist()):
-            for b in self.vocab.by_id[t][j:]:
-                s = self._next_set(s * 256 + b)
-                if s < 0:
+            data = self.vocab.by_id[t]
+            path: list[tuple[int, int, int]] = []
+            ok = True
+            for p in range(j, len(data)):
+                key = (s, t, p)
+                known = memo.get(key)
+                if known is not None:
+                    ok = known
                     break
-            else:
+                path.append(key)
+                s = self._next_set(s * 256 + data[p])
+                if s < 0:
+                    ok = False
+                    break
+            for key in path:
+                memo[key] = ok
+            if ok:
                 found.append(t)
         return found
 
