@@ -122,7 +122,7 @@ class DecodeModel {
     const int64_t H = hidden_, q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     const int64_t qkv_n = q_size + 2 * kv_size;
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    torch::Tensor h = hidden.to(torch::kFloat32).contiguous();          // [M, H] layer output
+    torch::Tensor h = hidden.to(torch::kFloat32, false, true).contiguous();  // [M, H] layer output (a copy: never the caller's)
     torch::Tensor res = torch::empty({M, H}, opts);                      // residual stream
     torch::Tensor x = torch::empty({M, H}, opts);                        // normed input of a projection
     torch::Tensor qkv = torch::empty({M, qkv_n}, opts);
