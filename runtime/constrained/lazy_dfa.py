@@ -18,8 +18,8 @@ Lazy layout: state 0 starts, state 1 is dead (its row points to itself), rows no
 UNKNOWN. Past `max_states` states, new subsets are taken as dead: the language narrows (sound, no
 invalid text is ever allowed) instead of memory growing without bound.
 
-The subset step runs in C where a compiler is at hand (subset_native.py: ~1-3 us a state, where
-this module's Python step takes ~20-40 us); both number the states alike and build the same table.
+The subset step runs in C where a compiler is at hand (subset_native.py: ~4 us a state, where
+this module's Python step takes ~20-50 us); both number the states alike and build the same table.
 `native=False` (or LOOM_NO_C_SUBSET=1) keeps the Python step.
 """
 

@@ -48,8 +48,8 @@ MAX_NFA_STATES = 200_000  # past this the DFA would take too long to build; the 
 _IGNORECASE, _DOTALL = int(re.IGNORECASE), int(re.DOTALL)
 _DEFAULT_FLAGS = sre_parse.parse("", 0).state.flags  # a str regex's flags without inline ones
 # Pieces' NFA fragments kept for reuse across regexes: the least recently used go first past this
-# many NFA states in all (~170 bytes each, so ~35 MB at most; a date-time is ~2k states), so a
-# stream of new patterns cannot grow memory.
+# many NFA states in all (~170 bytes each, ~30 more once flattened for the C subset step, so ~40 MB
+# at most; a date-time is ~2k states), so a stream of new patterns cannot grow memory.
 PIECE_CACHE_STATES = 200_000
 
 

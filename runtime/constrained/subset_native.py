@@ -1,16 +1,17 @@
-"""The subset step of lazy_dfa.SubsetDFA in C: a lazy DFA state's row in ~1-3 us instead of ~20-40 us.
+"""The subset step of lazy_dfa.SubsetDFA in C: a lazy DFA state's row for a tenth of the Python step's time.
 
     available() -> bool                                    whether the step is compiled (else SubsetDFA's Python step)
     subsets = NativeSubsets(nfa, start, final, live, max_states)   the NFA copied into C; .byte_class, .n_cls
     n = subsets.expand(q, table, accepting, expanded)     state q's row into table[q]; -> the number of states
 
 Why: a 16-request batch with a new schema per request builds each schema's DFA states as masks
-reach them, and a `maxLength: 80` string alone reaches ~1,000; at ~20-40 us a state in Python
+reach them, and a `maxLength: 80` string alone reaches ~1,000; at 20-50 us a state in Python
 (epsilon closures over lists of tuples, frozensets, dict look-ups) that was most of the per-token
 grammar time. Here the NFA sits in flat int32 arrays and the whole step (targets by byte class,
 epsilon closure, the subset's sorted members hashed into a table of known subsets) runs in C. The
 numbering is the Python step's (classes in order, new subsets numbered as met), so both build the
-same table.
+same table. Measured over 18.6k states of the 8 bench_grammar_first_token schemas and a
+`maxLength: 80` string, built breadth first: 4.2 us a state (ctypes call included), 49 us in Python.
 
 The NFA is not filled in first (nfa.py's spliced fragments stay unread in Python): the builder
 gets the NFA's own states (absolute targets) and each spliced fragment once (relative targets,
