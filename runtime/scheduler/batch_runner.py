@@ -31,9 +31,6 @@ from loom.runtime.scheduler.schedule_batch import ExtendPlan, Req, build_decode_
 logger = logging.getLogger(__name__)
 
 SPARSE_LOGITS_SHARE = 16  # a grammar row allowing at most V / 16 tokens gets logits for those only (CPU)
-# Most fused decode calls a step with jump-forwarded tokens may take (`_forward_in_rounds`); a
-# step whose rows hold more pending tokens runs as one extend. 0: always the extend.
-MAX_DECODE_ROUNDS = 3
 
 
 class BatchRunner:
@@ -117,16 +114,30 @@ class BatchRunner:
                 req.pending_input_top.append(top_of[j])
 
     def run_decode(self, reqs: list[Req], out_cache_loc: torch.Tensor) -> None:
+        """One decode step of `reqs`; out_cache_loc holds `decode_slots(reqs)` new KV slots."""
         req_to_token = self.req_to_token_pool.req_to_token
-        rounds = max(r.pending_len for r in reqs)
-        if rounds == 1:
-            fb = build_decode_batch(reqs, out_cache_loc, req_to_token, device=self.batch_device)
+        catch_up = self.catches_up(reqs)
+        if catch_up or all(r.pending_len == 1 for r in reqs):
+            input_ids = [r.token_at(r.kv_len) for r in reqs] if catch_up else None
+            fb = build_decode_batch(reqs, out_cache_loc, req_to_token, input_ids=input_ids, device=self.batch_device)
             hidden = self.runner.forward(fb)  # [B, H]
-        elif self._fused_rounds_fit(reqs, rounds):
-            hidden = self._forward_in_rounds(reqs, out_cache_loc, rounds)  # [B, H]
         else:  # jump-forwarded tokens: compute them all in this step, as an extend
             plan = build_extend_batch(reqs, out_cache_loc, req_to_token, from_kv_len=True, device=self.batch_device)
             hidden = self.runner.forward(plan.forward_batch)[plan.logit_rows]  # [B, H]
+        behind: list[Req] = []  # rows with more jump-forwarded tokens to compute: they sample later
+        if catch_up:
+            rows = [i for i, r in enumerate(reqs) if r.pending_len == 1]
+            behind = [r for r in reqs if r.pending_len > 1]
+            reqs = [reqs[i] for i in rows]
+            hidden = hidden[rows]
+        if reqs:
+            self._decode_sample(reqs, hidden)
+        for req in behind:
+            req.kv_len += 1
+        self.running = [r for r in self.running if not r.finished]
+
+    def _decode_sample(self, reqs: list[Req], hidden: torch.Tensor) -> None:
+        """Logits, sampling and the new token of each of `reqs` (hidden: [B, H], one row each)."""
         sparse = self._sparse_rows(reqs)
         if sparse:  # rows whose grammar allows few tokens: logits for those only, already masked
             logits = self.runner.compute_logits_sparse(hidden, [sparse.get(i) for i in range(len(reqs))])
@@ -137,47 +148,23 @@ class BatchRunner:
         for req, token in zip(reqs, next_ids):
             req.kv_len += req.pending_len
             self._append_token(req, token)
-        self.running = [r for r in self.running if not r.finished]
 
-    def _fused_rounds_fit(self, reqs: list[Req], rounds: int) -> bool:
-        """Whether a decode step with jump-forwarded tokens runs as `rounds` fused decode calls
-        (`_forward_in_rounds`) rather than one extend through the torch path: on the CPU, where the
-        fused call takes the batch, for at most MAX_DECODE_ROUNDS rounds."""
+    def catches_up(self, reqs: list[Req]) -> bool:
+        """Whether this decode step computes one token per row although a jump-forward left some
+        rows several (`Req.pending_len` > 1): those rows compute their next pending token and sample
+        nothing, the others decode as usual, and the step stays one fused call (on the CPU, where
+        `cpu_decode` takes the batch). Elsewhere such a step is one extend over every pending token.
+
+        Why: the extend goes op by op through the torch path, about 3x a fused 16-row decode call,
+        and a row's forced tokens cost a fused call each either way; caught up one per step, they
+        ride along with the other rows' decoding instead of adding calls for the whole batch. Each
+        row's tokens and KV are the same: the fused step attends each row alone."""
         fused = self.runner.cpu_decode
-        return fused is not None and rounds <= MAX_DECODE_ROUNDS and len(reqs) <= FUSED_MAX_ROWS
+        return fused is not None and len(reqs) <= FUSED_MAX_ROWS and any(r.pending_len > 1 for r in reqs)
 
-    def _forward_in_rounds(self, reqs: list[Req], out_cache_loc: torch.Tensor, rounds: int) -> torch.Tensor:
-        """The pending tokens of `reqs` (up to `rounds` each), one decode call per round, aligned at
-        the end: round j takes the rows with more than rounds - 1 - j pending tokens, each its next
-        one, so the last round holds every row's last pending token, whose hidden state it returns
-        ([B, H]). The KV each round stores is what the extend would store; reqs' kv_len is left
-        alone (run_decode moves it once the step is done, `_guarded` frees every slot on failure).
-
-        Why: on the CPU a decode call of <= 16 rows is one C++ call, where the extend goes op by op
-        through the torch path; after a jump-forward most rows hold 1 or 2 pending tokens, and two
-        fused calls cost less than the extend (JSON extraction, SmolLM2 Q4_1: see the commit)."""
-        req_to_token = self.req_to_token_pool.req_to_token
-        starts, offset = [], 0  # out_cache_loc holds each request's pending slots in turn
-        for req in reqs:
-            starts.append(offset)
-            offset += req.pending_len
-        hidden = None
-        for j in range(rounds):
-            rows = [i for i, r in enumerate(reqs) if r.pending_len > rounds - 1 - j]
-            tokens = [j - (rounds - reqs[i].pending_len) for i in rows]  # each row's t-th pending token
-            kv_lens = [reqs[i].kv_len + t for i, t in zip(rows, tokens)]
-            slots = out_cache_loc[[starts[i] + t for i, t in zip(rows, tokens)]]
-            fb = build_decode_batch(
-                [reqs[i] for i in rows],
-                slots,
-                req_to_token,
-                input_ids=[reqs[i].token_at(p) for i, p in zip(rows, kv_lens)],
-                kv_lens=kv_lens,
-                device=self.batch_device,
-            )
-            hidden = self.runner.forward(fb)
-        assert hidden is not None and hidden.shape[0] == len(reqs), "the last round holds every row"
-        return hidden
+    def decode_slots(self, reqs: list[Req]) -> int:
+        """New KV slots the decode step of `reqs` takes (see `catches_up`)."""
+        return len(reqs) if self.catches_up(reqs) else sum(r.pending_len for r in reqs)
 
     def _sparse_rows(self, reqs: list[Req]) -> dict[int, torch.Tensor]:
         """Decode rows whose grammar allows at most 1/SPARSE_LOGITS_SHARE of the vocabulary here (an

@@ -245,14 +245,11 @@ def build_decode_batch(
     req_to_token: torch.Tensor,
     *,
     input_ids: list[int] | None = None,
-    kv_lens: list[int] | None = None,
     device: torch.device | None = None,
 ) -> ForwardBatch:
     """One new token per request: the newest output token (or input_ids[i], e.g. a future ref),
-    stored at position kv_len (or kv_lens[i]: a round of a jump-forward's pending tokens, see
-    `BatchRunner._forward_in_rounds`). device: as in `build_extend_batch`."""
-    if kv_lens is None:
-        kv_lens = [r.kv_len for r in reqs]
+    stored at position kv_len. device: as in `build_extend_batch`."""
+    kv_lens = [r.kv_len for r in reqs]
     pool_idx = host_to_device([r.req_pool_idx for r in reqs], device)
     positions = host_to_device(kv_lens, device)
     req_to_token[pool_idx, positions] = out_cache_loc

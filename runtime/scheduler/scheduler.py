@@ -147,7 +147,7 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
         if not self.running:
             return False
         reqs = list(self.running)
-        out_cache_loc = self._alloc_slots(sum(r.pending_len for r in reqs))
+        out_cache_loc = self._alloc_slots(self.decode_slots(reqs))
         assert out_cache_loc is not None, "prepare_decode made room for every running request"
         self._guarded(reqs, out_cache_loc, lambda: self.run_decode(reqs, out_cache_loc))
         self.stats["decode_steps"] += 1
@@ -176,9 +176,7 @@ class Scheduler(PrefillAdmission, BatchRunner, OutputProcessor, OverlapSchedulin
             if not msg.input_ids:
                 raise ValueError("input_ids is empty")
         except ValueError as exc:  # the front validates; this guards other senders
-            self.outbox.append(
-                TokenIDOut(msg.rid, [], {"type": "abort", "message": str(exc)}, len(msg.input_ids), 0, 0, decode=msg.decode)
-            )
+            self.outbox.append(TokenIDOut(msg.rid, [], {"type": "abort", "message": str(exc)}, len(msg.input_ids), 0, 0, decode=msg.decode))
             return
         req = Req(
             msg.rid,
