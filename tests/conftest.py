@@ -106,3 +106,12 @@ def qwen3_dir(make_tiny_model: MakeTinyModel) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def mistral_dir(make_tiny_model: MakeTinyModel) -> pathlib.Path:
     return make_tiny_model("mistral")
+
+
+@pytest.fixture
+def float_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's quantized kernels with x kept in fp32 (LOOM_CPU_INT8_ACT=0): exact to the summation
+    order, for tests that hold quantized layers to their dequantised float reference or a quantized
+    engine to the float engine's greedy tokens. The default (x in int8 blocks, llama.cpp's arithmetic)
+    has its own bounds (tests/kernels/test_qlinear_int8.py, test_cpu_decode.py)."""
+    monkeypatch.setenv("LOOM_CPU_INT8_ACT", "0")

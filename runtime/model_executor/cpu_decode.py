@@ -14,8 +14,8 @@ block format the CPU kernel reads, in fp32 or bf16, with a KV cache in the model
 rank, with the torch_native attention backend. Anything else (prefill, larger batches, other models,
 a CPU where the extension cannot be built) runs the torch path, which stays the reference: both give
 the same greedy tokens (tests/runtime/test_cpu_decode.py). LOOM_CPU_FUSED_DECODE=0 turns it off.
-With LOOM_CPU_INT8_ACT=1 its linear layers quantize x to int8 blocks, as the torch path's qlinear then
-does (kernels/cpu: ~1.7x faster a step at one row, ~1e-2 relative error a layer).
+Its linear layers quantize x to int8 blocks (LOOM_CPU_INT8_ACT=0: they don't), as the torch path's
+qlinear does (kernels/cpu: ~1.7x faster a step at one row, ~1e-2 relative error a layer).
 """
 
 from __future__ import annotations

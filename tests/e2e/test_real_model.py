@@ -74,11 +74,14 @@ def test_bf16_tokens_track_transformers_in_bf16(engine):
     assert decided >= steps / 2, f"only {decided} of {steps} steps decided by a margin over the tolerance"
 
 
-def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine):
+@pytest.mark.parametrize("int8, tol", [("0", 0.01), ("1", 0.25)])
+def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine, monkeypatch, int8, tol):
     """quantization's default, auto: SmolLM2's Q4_1 layers stay in the file's own blocks (the
-    qlinear kernel and the fused CPU decode step run them). In fp32 they hold the values
-    Transformers dequantises, summed in another order, so teacher-forced logprobs stay within
-    0.01 nats of Transformers' in fp32 (golden.check_steps)."""
+    qlinear kernel and the fused CPU decode step run them). With x kept in fp32
+    (LOOM_CPU_INT8_ACT=0) they hold the values Transformers dequantises, summed in another order,
+    so teacher-forced logprobs stay within 0.01 nats of Transformers' in fp32 (golden.check_steps);
+    by default x is quantized to int8 blocks in the decode steps, as llama.cpp does, and they stay
+    within 0.25 a token (one measured 0.16; perplexity on a fixed text moves 22.78 -> 22.72)."""
     from transformers import AutoModelForCausalLM
 
     from loom.runtime.entrypoints.engine import LocalEngine
@@ -90,6 +93,7 @@ def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine):
     for question in QUESTIONS:
         ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
         prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    monkeypatch.setenv("LOOM_CPU_INT8_ACT", int8)
     with LocalEngine(model_path=str(GGUF), dtype="float32", max_total_tokens=8192) as default:
         kept = {m.qtype for m in default.model_runner.model.modules() if isinstance(m, LinearBase)}
         outs = default.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
@@ -100,7 +104,7 @@ def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine):
         tokens = out["output_ids"]
         with torch.inference_mode():
             ref = torch.log_softmax(hf(torch.tensor([ids + tokens])).logits[0].float(), -1)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
-        check_steps(ref, tokens, [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], 0.01)
+        check_steps(ref, tokens, [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], tol)
 
 
 def test_it_knows_the_capital_of_france(engine):

@@ -16,6 +16,8 @@ from loom.runtime.models.loader import quantize_layers
 
 from triton_setup import CUDA, DEVICE, DTYPES, TOL, interpreter, kt  # noqa: F401  (interpreter: autouse fixture)
 
+pytestmark = pytest.mark.usefixtures("float_activations")  # held to the float reference (conftest.py)
+
 QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
 
 

@@ -65,11 +65,11 @@ def test_zero_and_exactly_representable_rows():
 
 
 def test_the_environment_selects_the_path(monkeypatch):
-    """LOOM_CPU_INT8_ACT=1 gives the int8 path's numbers; unset or 0, the float path's."""
+    """Unset or LOOM_CPU_INT8_ACT=1 gives the int8 path's numbers (the default); 0, the float path's."""
     blocks = random_blocks(40, 96, "Q4_0", seed=6)
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(6))
     monkeypatch.delenv(INT8_ENV, raising=False)
-    assert torch.equal(qlinear(x, blocks, "Q4_0"), qlinear(x, blocks, "Q4_0", int8=False))
+    assert torch.equal(qlinear(x, blocks, "Q4_0"), qlinear(x, blocks, "Q4_0", int8=True))
     monkeypatch.setenv(INT8_ENV, "1")
     assert torch.equal(qlinear(x, blocks, "Q4_0"), qlinear(x, blocks, "Q4_0", int8=True))
     monkeypatch.setenv(INT8_ENV, "0")

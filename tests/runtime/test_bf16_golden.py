@@ -248,6 +248,7 @@ def test_gguf_file_dequantised_into_bf16_matches_transformers(tmp_path):
 # ----------------------------------------------------------------------------- quantized layers in bf16
 
 
+@pytest.mark.usefixtures("float_activations")  # the fp32 kernel, rounded: x kept in fp32
 @pytest.mark.parametrize("qtype, rows", [("Q8_0", 1), ("Q4_1", 5), ("Q8_0", 40)])
 def test_quantized_linear_in_bf16_is_the_fp32_kernel_rounded_once(qtype, rows):
     """On the kernel path (<= 16 rows), exact: a bf16 activation is widened (exactly), multiplied
@@ -271,6 +272,7 @@ def test_quantized_linear_in_bf16_is_the_fp32_kernel_rounded_once(qtype, rows):
     torch.testing.assert_close(got.float(), x.float() @ dequantize(blocks, qtype, 64).T, rtol=1e-2, atol=tol)
 
 
+@pytest.mark.usefixtures("float_activations")  # the fp32 kernel, rounded: x kept in fp32
 def test_a_quantized_lm_head_in_bf16_gives_fp32_logits_dense_and_sparse():
     """The head's logits are computed in fp32 from the blocks and not rounded to bf16 on the way
     to sampling; the grammar path's per-token logits are the same numbers."""

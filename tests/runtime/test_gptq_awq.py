@@ -31,6 +31,8 @@ from loom.runtime.models.loader import load_model
 
 from gptq_files import write_quantized_checkpoint
 
+pytestmark = pytest.mark.usefixtures("float_activations")  # held to the float reference (conftest.py)
+
 # hidden 128 and intermediate 256: group sizes 32, 64 and 128 and act-order all divide every layer.
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
 FORMATS = {

@@ -19,6 +19,8 @@ from loom.runtime.server_args import EngineArgumentError, ServerArgs
 
 from gguf_files import Q, write_gguf
 
+pytestmark = pytest.mark.usefixtures("float_activations")  # held to the float reference (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def gguf_path(tmp_path_factory):
