@@ -12,15 +12,12 @@ EOS is handled apart (allowed exactly where the grammar may end).
 from __future__ import annotations
 
 import functools
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from loom.runtime.constrained.bitmask import bitmask_width
-
-Trie = list  # [children: dict[int, Trie], token ids: list[int]]
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +58,7 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
 @dataclass(frozen=True, slots=True)
 class TokenVocab:
     """The vocabulary as the masks walk it: every non-EOS token with bytes, as a padded matrix,
-    plus suffix tries (built lazily, shared by every grammar compiled for this vocabulary)."""
+    shared by every grammar compiled for this vocabulary."""
 
     ids: np.ndarray  # [N] int64 token ids
     data: np.ndarray  # [N, L] uint8, zero-padded
@@ -69,8 +66,6 @@ class TokenVocab:
     by_id: dict[int, bytes]
     vocab_size: int
     eos_token_ids: frozenset[int]
-    _tries: dict[int, Trie] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, token_bytes: dict[int, bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> TokenVocab:
@@ -89,24 +84,3 @@ class TokenVocab:
         bits = np.zeros(width * 32, dtype=bool)
         bits[np.asarray(token_ids, dtype=np.int64)] = True
         return np.packbits(bits, bitorder="little").view(np.uint32)
-
-    def suffix_trie(self, offset: int) -> Trie:
-        """A trie of every token's bytes from `offset` on (tokens at least offset + 1 long), each
-        node [children by byte, ids of the tokens whose suffix ends there]."""
-        trie = self._tries.get(offset)
-        if trie is None:
-            with self._lock:
-                if offset in self._tries:  # built by another thread meanwhile
-                    return self._tries[offset]
-                root: Trie = [{}, []]
-                for i, b in self.by_id.items():
-                    if len(b) > offset:
-                        node = root
-                        for byte in b[offset:]:
-                            child = node[0].get(byte)
-                            if child is None:
-                                child = node[0][byte] = [{}, []]
-                            node = child
-                        node[1].append(i)
-                trie = self._tries[offset] = root
-        return trie
