@@ -79,16 +79,20 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size)
         self.packed_weight: torch.Tensor | None = None  # oneDNN's layout of `weight` (pack_cpu_weights)
-        # The head kept quantized (layers/quantized.py): blocks of `weight`, which stays for the
-        # embedding it may be tied to; the logits then come from the blocks.
+        # The head kept quantized (layers/quantized.py): blocks of `weight`, which stays only for the
+        # embedding it is tied to (an untied head drops it); the logits then come from the blocks.
         self.register_buffer("qweight", None, persistent=False)
         self.qtype: str | None = None
 
-    def quantize_(self, qtype: str) -> bool:
-        """Compute the logits from `qtype` blocks of the weight; False when its rows are not whole blocks."""
+    def quantize_(self, qtype: str, keep_float: bool = True) -> bool:
+        """Compute the logits from `qtype` blocks of the weight; False when its rows are not whole blocks.
+        keep_float=False (an untied head: nothing else reads the weight) frees the float weight."""
         if self.weight.shape[1] % BLOCK:
             return False
         self.qweight, self.qtype, self.packed_weight = quantize(self.weight.detach(), qtype).to(self.weight.device), qtype, None
+        if not keep_float:
+            del self.weight
+            self.register_parameter("weight", None)
         return True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +102,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """hidden_state: [hidden], ids: [k] int64 -> those tokens' logits [k] fp32 (one rank only)."""
         assert self.tp_size == 1, "logits_for_ids needs the whole vocabulary on one rank"
         if self.qweight is not None:
-            rows = dequantize(self.qweight.index_select(0, ids), self.qtype, self.weight.shape[1])
+            rows = dequantize(self.qweight.index_select(0, ids), self.qtype, self.embedding_dim)
             return torch.mv(rows, hidden_state.float())
         return torch.mv(self.weight.index_select(0, ids), hidden_state).float()
 

@@ -252,9 +252,12 @@ def quantize_layers(model: nn.Module, mode: str, source_types: dict[str, str], d
         sources = {t for tensor, t in source_types.items() if tensor in ("lm_head.weight", "model.embed_tokens.weight")}
         sources = {source_types["lm_head.weight"]} if "lm_head.weight" in source_types else sources
         qtype = "Q8_0" if mode in ("int8", "int4") else layer_type(mode, sources)  # int4 keeps the head 8-bit
-        if qtype is not None and head.quantize_(qtype):
+        tied = any(p is head.weight for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith("lm_head."))
+        float_bytes = head.weight.numel() * head.weight.element_size()
+        if qtype is not None and head.quantize_(qtype, keep_float=tied):  # a tied head's weight is the embedding's
             summary["layers"][f"{qtype} (LM head)"] = 1
             summary["quantized_bytes"] += head.qweight.numel()
+            summary["float_bytes"] += 0 if tied else float_bytes
     return summary
 
 

@@ -104,14 +104,16 @@ def test_engine_on_auto_gives_the_float_engines_tokens(gguf_path):
     assert runs["auto"] == runs["none"]
 
 
-@pytest.mark.parametrize("mode, qtype", [("auto", "Q8_0"), ("int4", "Q8_0")])
-def test_the_lm_head_is_kept_quantized_too(tmp_path, mode, qtype):
-    """A tied head (its embedding stays float for the lookup): logits from the blocks, dense and sparse."""
-    path = write_gguf(tmp_path / "tied.gguf", "qwen3", [Q.Q8_0], tie=True, seed=2)
+@pytest.mark.parametrize("mode, qtype, tie", [("auto", "Q8_0", True), ("int4", "Q8_0", True), ("auto", "Q8_0", False)])
+def test_the_lm_head_is_kept_quantized_too(tmp_path, mode, qtype, tie):
+    """Logits from the blocks, dense and sparse. A tied head keeps its float weight (the embedding's,
+    for the lookup); an untied one drops it, so no float copy of the head stays in memory."""
+    path = write_gguf(tmp_path / "head.gguf", "qwen3", [Q.Q8_0], tie=tie, seed=2)
     model, _ = load_model(path, torch.float32, quantization=mode)
     head = model.lm_head
-    assert head.qtype == qtype and head.weight is not None and head.packed_weight is None
-    hidden = torch.randn(3, head.weight.shape[1])
+    assert head.qtype == qtype and head.packed_weight is None
+    assert (head.weight is not None) == tie and (head.weight is model.model.embed_tokens.weight) == tie
+    hidden = torch.randn(3, head.embedding_dim)
     want = hidden @ dequantize(head.qweight, qtype, hidden.shape[1]).T
     got = head.compute_logits(hidden)
     torch.testing.assert_close(got, want[:, : head.num_embeddings], rtol=1e-4, atol=1e-4 * want.abs().max().item())
