@@ -16,6 +16,17 @@ term ::= factor (ws [*/] ws factor)*
 factor ::= [0-9]+ ("." [0-9]+)? | "(" ws expr ws ")" | "-" factor
 ws ::= " "?
 """
+JSON_LARK = r"""
+start: value
+?value: dict | list | ESCAPED_STRING | SIGNED_NUMBER | "true" | "false" | "null"
+list : "[" [value ("," value)*] "]"
+dict : "{" [pair ("," pair)*] "}"
+pair : ESCAPED_STRING ":" value
+%import common.ESCAPED_STRING
+%import common.SIGNED_NUMBER
+%import common.WS
+%ignore WS
+"""
 CHOICES_GBNF = r'root ::= ("cat" | "dog" | "bird" | "日本" | "élan") ("s")? ("," " "? root)?'
 
 # A small extraction schema: bounded strings and integers, a boolean, an enum array with a non-ASCII member.

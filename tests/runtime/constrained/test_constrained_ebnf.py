@@ -26,7 +26,7 @@ from loom.runtime.constrained.ebnf_gbnf import Alt, Chars, Lit, Ref, Rep, Seq, _
 from loom.runtime.entrypoints.engine import LocalEngine
 from loom.tiny_tokenizer import tiny_tokenizer
 
-from grammars import ARITH_GBNF, CHOICES_GBNF, JSON_GBNF
+from grammars import ARITH_GBNF, CHOICES_GBNF, JSON_GBNF, JSON_LARK
 from reference_dfa import regex_to_dfa  # tests/support: the 256-column construction, as a reference
 
 EOS = 0
@@ -182,17 +182,7 @@ def test_gbnf_constructs(byte_vocab, source, good, bad):
 
 
 def test_lark_syntax(byte_vocab):
-    grammar = r"""
-    start: value
-    ?value: dict | list | ESCAPED_STRING | SIGNED_NUMBER | "true" | "false" | "null"
-    list : "[" [value ("," value)*] "]"
-    dict : "{" [pair ("," pair)*] "}"
-    pair : ESCAPED_STRING ":" value
-    %import common.ESCAPED_STRING
-    %import common.SIGNED_NUMBER
-    %import common.WS
-    %ignore WS
-    """
+    grammar = JSON_LARK
     for text in ['{"a": [1, -2.5e3, "x\\"y"], "b" :true}', "[]", ' [ null ] ', '"s"']:
         assert accepts(byte_vocab, "lark", grammar, text), text
     for text in ['{"a" 1}', "[1,]", '"unterminated', "nul"]:

@@ -17,20 +17,9 @@ from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.vocabulary import byte_decoder
 from loom.tiny_tokenizer import tiny_tokenizer
 
-from grammars import ARITH_GBNF, JSON_GBNF
+from grammars import ARITH_GBNF, JSON_GBNF, JSON_LARK
 
 EOS = 0
-JSON_LARK = r"""
-start: value
-?value: dict | list | ESCAPED_STRING | SIGNED_NUMBER | "true" | "false" | "null"
-list : "[" [value ("," value)*] "]"
-dict : "{" [pair ("," pair)*] "}"
-pair : ESCAPED_STRING ":" value
-%import common.ESCAPED_STRING
-%import common.SIGNED_NUMBER
-%import common.WS
-%ignore WS
-"""
 KEYWORDS_LARK = r"""
 start: stmt+
 stmt: NAME "=" NUMBER ";" | "if" NAME ":" stmt
