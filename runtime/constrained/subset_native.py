@@ -20,8 +20,7 @@ once per process), plus segments saying which states read which fragment at whic
 copies them into one template, each NFA state s reading entry where[s], targets + shift[s]. A
 schema with 80 copies of a string's character costs 80 segments in Python, the rest is C's.
 
-Compiled once per machine with the system C compiler into the Loom cache folder (as token_walk.py
-does for the mask walk) and loaded with ctypes.PyDLL: the GIL stays held during a step, so two
+Compiled once per machine by native_c.compile_c and loaded with ctypes.PyDLL: the GIL stays held during a step, so two
 threads never run one builder at once. LOOM_NO_C_SUBSET=1, or no compiler, leaves the Python step.
 """
 
@@ -29,20 +28,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import weakref
 
 import numpy as np
 
+from loom.runtime.constrained.native_c import compile_c
 from loom.runtime.constrained.nfa import NFA, Fragment
-
-logger = logging.getLogger(__name__)
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -322,37 +315,12 @@ int32_t loom_subset_expand(builder *b, int32_t q, int32_t *table, uint8_t *accep
 """
 
 
-def _compile(source: str, name: str) -> ctypes.PyDLL | None:
-    """`source` compiled once per machine into the Loom cache folder (keyed by its hash) and loaded,
-    the GIL held during calls; None where no C compiler is at hand or compiling fails."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return None
-    from loom.cache_dir import cache_dir
-
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"{name}_{digest}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src, out = os.path.join(tmp, f"{name}.c"), os.path.join(tmp, f"{name}.so")
-            with open(src, "w") as fh:
-                fh.write(source)
-            try:
-                subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", out, src], check=True, capture_output=True, timeout=60)
-            except (OSError, subprocess.SubprocessError) as e:
-                logger.warning("the lazy DFA's subset step could not be compiled (%s); building states in Python", e)
-                return None
-            os.replace(out, path)  # atomic: another process may be doing the same
-    return ctypes.PyDLL(str(path))
-
-
 @functools.cache
 def _library() -> ctypes.PyDLL | None:
     """The compiled subset step, or None (no compiler, or LOOM_NO_C_SUBSET set)."""
     if os.environ.get("LOOM_NO_C_SUBSET"):
         return None
-    lib = _compile(_C_SOURCE, "loom_subset")
+    lib = compile_c(_C_SOURCE, "loom_subset", "the lazy DFA's subset step", hold_gil=True)
     if lib is None:
         return None
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64

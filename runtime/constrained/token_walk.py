@@ -9,8 +9,7 @@ the only one that cannot reach acceptance). The trie shares prefixes, and a dead
 whole subtree, so a walk does one table lookup per live trie node: ~0.1 ms for a string state at
 49k tokens, where the vectorised numpy scan (regex_dfa._scan) took 0.3-1.5 ms and 4-16 ms at 128k.
 
-The C source below is compiled once per machine with the system's C compiler (`cc`, no Python
-headers: loaded with ctypes) into the Loom cache folder, keyed by its hash; where there is no
+The C source below is compiled once per machine (native_c.compile_c); where there is no
 compiler, `trie_mask` returns None and callers use their numpy scan.
 """
 
@@ -19,12 +18,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.native_c import compile_c
 from loom.runtime.constrained.vocabulary import TokenVocab
-
-logger = logging.getLogger(__name__)
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -175,27 +168,9 @@ def _library() -> ctypes.CDLL | None:
     """The compiled walk, or None where no C compiler is at hand (or LOOM_NO_C_WALK is set)."""
     if os.environ.get("LOOM_NO_C_WALK"):
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    lib = compile_c(_C_SOURCE, "loom_trie_mask", "the grammar-mask walk")
+    if lib is None:
         return None
-    from loom.cache_dir import cache_dir
-
-    digest = hashlib.sha256(_C_SOURCE.encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"loom_trie_mask_{digest}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "walk.c")
-            with open(src, "w") as fh:
-                fh.write(_C_SOURCE)
-            out = os.path.join(tmp, "walk.so")
-            try:
-                subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", out, src], check=True, capture_output=True, timeout=60)
-            except (OSError, subprocess.SubprocessError) as e:
-                logger.warning("the grammar-mask walk could not be compiled (%s); using the numpy scan", e)
-                return None
-            os.replace(out, path)  # atomic: another process may be doing the same
-    lib = ctypes.CDLL(str(path))
     ptr = ctypes.c_void_p
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
                                    ptr, ptr, ptr]  # fmt: skip
