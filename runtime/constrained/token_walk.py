@@ -38,14 +38,19 @@ _C_SOURCE = r"""
 int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
                        const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
                        const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
-                       int32_t *stack, uint32_t *out, int64_t *pos) {
+                       int32_t *stack, uint32_t *out, int64_t *pos,
+                       const uint64_t *node_sub, uint64_t unsafe, const uint8_t *safe_byte, uint8_t *safe) {
+    /* safe[d]: the path to depth d is all safe bytes (the root state loops on each). Below such a
+       path, a subtree with no unsafe bucket holds only tokens of the caller's safe mask: skipped. */
     int64_t i = *pos;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
+        if (safe[d - 1] && !(node_sub[i] & unsafe)) { i = node_skip[i]; continue; }
         int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
         if (s == dead) { i = node_skip[i]; continue; }
         if (s < 0) { *pos = i; return stack[d - 1]; }
         stack[d] = s;
+        safe[d] = safe[d - 1] & safe_byte[node_byte[i]];
         for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
             int32_t t = tok_ids[k];
             out[t >> 5] |= (uint32_t)1 << (t & 31);
@@ -92,6 +97,26 @@ void loom_trie_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
 """
 
 
+def _byte_buckets() -> np.ndarray:
+    """[256] uint8: the 64 groups of bytes a subtree's summary records (node_sub). The groups follow
+    the sets that DFA states loop on: every ASCII punctuation mark alone (quotes, backslash, braces),
+    digits, hex and other letters by case, each whitespace byte, controls, and UTF-8 byte kinds."""
+    out = np.zeros(256, dtype=np.uint8)
+    groups = [range(0x30, 0x3A), range(0x61, 0x67), range(0x67, 0x7B), range(0x41, 0x47), range(0x47, 0x5B),
+              [0x20], [0x09], [0x0A], [0x0D], [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F],
+              range(0x80, 0xA0), range(0xA0, 0xC0), range(0xC0, 0xE0), range(0xE0, 0xF0), range(0xF0, 0x100)]  # fmt: skip
+    groups += [[b] for b in b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]
+    assert len(groups) <= 64
+    for g, members in enumerate(groups):
+        out[list(members)] = g
+    return out
+
+
+_BUCKET = _byte_buckets()
+_BUCKET_BIT = np.left_shift(np.uint64(1), _BUCKET.astype(np.uint64))  # [256] uint64
+_SAFE_MASKS_KEPT = 64  # per trie: the packed masks of "every byte safe" tokens, by safe bucket set
+
+
 @dataclass(frozen=True, slots=True)
 class TokenTrie:
     """The vocabulary's token bytes as a preorder trie (see _C_SOURCE for the layout)."""
@@ -103,6 +128,9 @@ class TokenTrie:
     tok_ids: np.ndarray  # [T] int32
     max_depth: int
     width: int  # packed words per mask
+    node_sub: np.ndarray  # [N] uint64: the byte buckets (_BUCKET) of the node and its whole subtree
+    tok_buckets: np.ndarray  # [V] uint64: each token's byte buckets (all bits: not in the trie)
+    safe_masks: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # safe buckets -> packed tokens
     # The five arrays' data addresses, taken once: `a.ctypes.data` costs ~2 us, and a walk over a
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
     pointers: tuple[int, ...] = dataclasses.field(init=False)
@@ -135,17 +163,29 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     depth = np.asarray(node_depth, dtype=np.int32)
     n = len(depth)
     skip = np.full(n, n, dtype=np.int32)
+    parent = np.full(n, -1, dtype=np.int64)
     open_nodes: list[int] = []  # ancestors of the current node, by depth
     for i in range(n):
         d = node_depth[i]
         while len(open_nodes) >= d:  # every open node at depth >= d ends before i
             skip[open_nodes.pop()] = i
+        if open_nodes:
+            parent[i] = open_nodes[-1]
         open_nodes.append(i)
     off = np.zeros(n + 1, dtype=np.int32)
     off[1:] = np.cumsum([len(e) for e in ends])
     ids = np.asarray([t for e in ends for t in e], dtype=np.int32)
-    return TokenTrie(np.asarray(node_byte, dtype=np.uint8), depth, skip, off, ids, int(depth.max()) if n else 0,
-                     bitmask_width(vocab.vocab_size))  # fmt: skip
+    byte = np.asarray(node_byte, dtype=np.uint8)
+    node_sub, path = _BUCKET_BIT[byte], _BUCKET_BIT[byte]  # [N] uint64 each (fancy indexing copies)
+    levels = [np.flatnonzero((depth == d) & (parent >= 0)) for d in range(2, int(depth.max()) + 1)] if n else []
+    for idx in levels:  # parents before children: each node's path buckets
+        path[idx] |= path[parent[idx]]
+    for idx in reversed(levels):  # children before parents: each subtree's buckets
+        np.bitwise_or.at(node_sub, parent[idx], node_sub[idx])
+    width = bitmask_width(vocab.vocab_size)
+    tok_buckets = np.full(width * 32, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+    tok_buckets[ids] = path[np.repeat(np.arange(n), np.diff(off))]
+    return TokenTrie(byte, depth, skip, off, ids, int(depth.max()) if n else 0, width, node_sub, tok_buckets)
 
 
 _TRIES: dict[int, tuple[TokenVocab, TokenTrie]] = {}
@@ -173,7 +213,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     ptr = ctypes.c_void_p
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
-                                   ptr, ptr, ptr]  # fmt: skip
+                                   ptr, ptr, ptr, ptr, ctypes.c_uint64, ptr, ptr]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
     lib.loom_trie_scan.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
                                    ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int32]  # fmt: skip
@@ -201,12 +241,23 @@ def trie_mask(
     if lib is None:
         return None
     assert byte_class.dtype == np.int64, "the walk reads raw arrays"
-    out = np.zeros(trie.width, dtype=np.uint32)
+    if table[state, 0] < 0 and expand is not None:  # its row is needed for its safe bytes
+        table = expand(state)
+    # The buckets whose every byte leads `state` back to itself: a token of only those keeps it
+    # alive, so the tokens under a subtree of only those (below a path of only those) are one
+    # cached mask of the vocabulary's, not a walk (a string's contents: most of the vocabulary).
+    loops = table[state][byte_class] == state if state != dead and table[state, 0] >= 0 else np.zeros(256, dtype=bool)
+    unsafe = int(np.bitwise_or.reduce(_BUCKET_BIT[~loops])) if not loops.all() else 0
+    safe_byte = ((_BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
+    out = _safe_mask(trie, unsafe).copy() if safe_byte.any() else np.zeros(trie.width, dtype=np.uint32)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
     stack[0] = state
+    safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
+    safe[0] = 1
     pos = np.zeros(1, dtype=np.int64)
     nodes, walk = len(trie.node_byte), lib.loom_trie_mask
-    fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data)
+    fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data,
+             trie.node_sub.ctypes.data, unsafe, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
     while True:
         assert table.dtype == np.int32 and table.flags.c_contiguous, "the walk reads raw arrays"
         unknown = walk(*trie.pointers, nodes, table.ctypes.data, table.shape[1], *fixed)
@@ -214,6 +265,19 @@ def trie_mask(
             return out
         assert expand is not None, f"state {unknown} has no row in a table that is not built on demand"
         table = expand(unknown)
+
+
+def _safe_mask(trie: TokenTrie, unsafe: int) -> np.ndarray:
+    """Packed words of the tokens with no byte in the `unsafe` buckets (cached per trie: a few
+    distinct sets recur, a JSON string's contents in every schema)."""
+    words = trie.safe_masks.get(unsafe)
+    if words is None:
+        allowed = (trie.tok_buckets & np.uint64(unsafe)) == 0
+        words = np.packbits(allowed, bitorder="little").view(np.uint32)
+        if len(trie.safe_masks) >= _SAFE_MASKS_KEPT:
+            trie.safe_masks.clear()
+        trie.safe_masks[unsafe] = words
+    return words
 
 
 _IDENTITY_CLASSES = np.arange(256, dtype=np.int64)

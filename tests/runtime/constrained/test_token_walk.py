@@ -37,6 +37,14 @@ def test_the_trie_holds_every_token_once_in_preorder():
         end = int(trie.node_skip[i])
         assert all(trie.node_depth[j] > d for j in range(i + 1, end)) and (end == len(trie.node_depth) or trie.node_depth[end] <= d)
     assert spelled == vocab.by_id
+    # Each node's subtree summary holds the buckets of its own and every descendant's byte; each
+    # token's, the buckets of its bytes (what the walk's skip of all-safe subtrees relies on).
+    bit = token_walk._BUCKET_BIT
+    for i in range(len(trie.node_byte)):
+        below = trie.node_byte[i : int(trie.node_skip[i])]
+        assert trie.node_sub[i] == np.bitwise_or.reduce(bit[below])
+    for t, data in vocab.by_id.items():
+        assert trie.tok_buckets[t] == np.bitwise_or.reduce(bit[list(data)])
 
 
 def both(compiled: CompiledRegex) -> None:
@@ -46,7 +54,10 @@ def both(compiled: CompiledRegex) -> None:
         assert np.array_equal(walked, scanned), f"state {state} of {compiled.regex!r}"
 
 
-@pytest.mark.parametrize("regex", [r"ab?c*", r'"(?:[^"\\]|\\.)*",?', r"(é|1)+2?\}", r"[a-z]{2,5}", r"x"])
+# Strings, letters and digits loop on most buckets, so whole subtrees are taken from the safe mask.
+@pytest.mark.parametrize(
+    "regex", [r"ab?c*", r'"(?:[^"\\]|\\.)*",?', r"(é|1)+2?\}", r"[a-z]{2,5}", r"x", r"[a-c]*d", r"[^a]*a", r"[\x00-\xff]*"]
+)
 def test_walk_equals_the_numpy_scan_on_a_hand_made_vocabulary(regex):
     both(CompiledRegex(regex, TokenVocab.build(HAND, 32, frozenset({0}))))
 
@@ -72,7 +83,13 @@ def test_walk_equals_the_numpy_scan_on_a_schema(trained_vocab):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from([r"[a-z]+", r"\d{1,3}", r"(?:foo|bar)", r" ?", r"[^x]", r"\.", r"é*", r'"[^"]{0,4}"']), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.sampled_from([r"[a-z]+", r"\d{1,3}", r"(?:foo|bar)", r" ?", r"[^x]", r"\.", r"é*", r'"[^"]{0,4}"', r'"[^"\\]*"', r"[ -~]*"]),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_walk_equals_the_numpy_scan_on_random_regexes(trained_vocab, parts):
     both(CompiledRegex("".join(parts), trained_vocab))
 
