@@ -1,4 +1,4 @@
-"""The EBNF engine's fast masks (ebnf.py: the per-lexer-state C scan of the token trie, the parser
+"""The EBNF engine's fast masks (ebnf_masks.py: the per-lexer-state C scan of the token trie, the parser
 consulted only for tokens that cross a lexeme end) allow exactly the tokens a brute-force walk of
 each token through the parser allows, on random walks over several grammars and a vocabulary with
 tokens spanning several terminals; the C scan equals the numpy scan; and without a compiler the
@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, ebnf, token_walk, unpack_bitmask
+from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, ebnf_masks, token_walk, unpack_bitmask
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.vocabulary import byte_decoder
@@ -83,12 +83,12 @@ def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
     return states
 
 
-@pytest.mark.parametrize("many", [ebnf._MANY, 0], ids=["tokens walked", "lexer-state scans"])
+@pytest.mark.parametrize("many", [ebnf_masks._MANY, 0], ids=["tokens walked", "lexer-state scans"])
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
 def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, monkeypatch):
     """Both ways of checking the tokens that cross a lexeme end (walked one by one against the
     parser, or by lexer-state scans entered mid-token, which many-token crossings take)."""
-    monkeypatch.setattr(ebnf, "_MANY", many)
+    monkeypatch.setattr(ebnf_masks, "_MANY", many)
     compiled = _compile(name, vocab)
     for seed in range(3):
         for step, state in enumerate(_random_walk(compiled, seed)):
@@ -99,18 +99,18 @@ def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, monkey
 @pytest.mark.skipif(not token_walk.available(), reason="no C compiler: only the numpy scan exists")
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
 def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monkeypatch):
-    walked = _compile(name, vocab)
-    monkeypatch.setattr(ebnf, "walk_available", lambda: False)
-    scanned = _compile(name, vocab)
-    for lex in range(walked.boundary):
-        walked._scan(lex)
-        scanned._scan(lex)
+    walked = _compile(name, vocab).masks
+    monkeypatch.setattr(ebnf_masks, "walk_available", lambda: False)
+    scanned = _compile(name, vocab).masks
+    for lex in range(walked.g.boundary):
+        walked.scan(lex)
+        scanned.scan(lex)
         assert np.array_equal(walked._inside[lex], scanned._inside[lex]), (name, lex)
         assert walked._splits[lex].keys() == scanned._splits[lex].keys(), (name, lex)
         for j, enders in walked._splits[lex].items():
             assert np.array_equal(enders, scanned._splits[lex][j]), (name, lex, j)
         for offset in (1, 3):  # entered mid-token
-            (w_in, w_splits), (s_in, s_splits) = walked._scan_at(lex, offset), scanned._scan_at(lex, offset)
+            (w_in, w_splits), (s_in, s_splits) = walked.scan_at(lex, offset), scanned.scan_at(lex, offset)
             assert np.array_equal(w_in, s_in) and w_splits.keys() == s_splits.keys(), (name, lex, offset)
             assert all(np.array_equal(w_splits[j], s_splits[j]) for j in w_splits), (name, lex, offset)
 
@@ -118,7 +118,7 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
 def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):
     fast = _compile("json lark", vocab)
     states = _random_walk(fast, 7)
-    monkeypatch.setattr(ebnf, "walk_available", lambda: False)
+    monkeypatch.setattr(ebnf_masks, "walk_available", lambda: False)
     slow = _compile("json lark", vocab)
     for state in states:
         assert _allowed(fast, state) == _allowed(slow, state)

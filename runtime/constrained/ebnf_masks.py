@@ -1,0 +1,294 @@
+"""The EBNF engine's token masks (ebnf.CompiledEbnf.mask): lexer-state scans of the vocabulary, and
+the walks of the few tokens that cross a lexeme end.
+
+    masks = EbnfMasks(compiled)   once per compiled grammar; masks.mask(configs) per position
+
+A token either stays inside the current lexeme, or ends it after j bytes and its rest starts at a
+lexeme boundary at the stack after it. Per lexer state (grammar-wide, once) one walk of the
+vocabulary's byte trie against the terminal's automaton (C, token_walk.trie_scan; a vectorised
+numpy pass where there is no compiler) gives the tokens that stay inside, which need no parser,
+and per offset j the few that may end it after j bytes. Only those cross a lexeme end: their
+remainders are walked against the parser, and each token's verdict is kept per (offset, stack),
+as it depends on nothing else. Masks are cached per position, so a state seen before costs one
+copy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.token_walk import available as walk_available
+from loom.runtime.constrained.token_walk import token_trie, trie_scan
+
+if TYPE_CHECKING:
+    from loom.runtime.constrained.ebnf import CompiledEbnf
+
+_MANY = 2048  # _crossing walks more tokens than this by lexer-state scans (_accepted_after)
+_FEW = 64  # _accepted_from walks this many tokens or fewer one by one
+_CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
+MASK_CACHE_BYTES = 64 << 20  # a grammar's packed masks past this are dropped (recomputed on demand)
+
+_BITS = np.arange(32, dtype=np.uint32)
+
+
+def _unpack_few(words: np.ndarray) -> np.ndarray:
+    """Packed words -> the token ids set in them (a sparse mask: only its non-zero words are read)."""
+    w = np.flatnonzero(words)
+    hit = (words[w, None] >> _BITS) & 1  # [k, 32]
+    return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
+
+
+def _pack_few(ids: np.ndarray, width: int) -> np.ndarray:
+    """Token ids -> packed words [width] uint32 (a few ids: no vocabulary-sized buffer)."""
+    out = np.zeros(width, dtype=np.uint32)
+    if len(ids):
+        ids = np.sort(ids)
+        word = ids >> 5
+        starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))  # first id of each word
+        out[word[starts]] = np.bitwise_or.reduceat(np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)), starts)
+    return out
+
+
+class EbnfMasks:
+    """A compiled grammar's masks and the memos behind them (filled lazily from the scheduler's
+    thread, the one that steps requests)."""
+
+    def __init__(self, grammar: CompiledEbnf) -> None:
+        self.g = grammar
+        vocab = grammar.vocab
+        self.vocab = vocab
+        self.width = bitmask_width(vocab.vocab_size)
+        self._inside: dict[int, np.ndarray] = {}
+        self._splits: dict[int, dict[int, np.ndarray]] = {}
+        self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
+        self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        self._rests: dict[tuple[int, int], np.ndarray] = {}
+        self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
+        self._set_of: dict[frozenset[int], int] = {}
+        self._set_step: dict[int, int] = {}
+        self._verdicts: dict[tuple[int, int, int], bool] = {}  # (interned configurations, token, position) -> accepted
+        self._word_cache: dict[frozenset[int], np.ndarray] = {}
+        self.eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
+        self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
+
+    def count(self) -> int:
+        """How many packed masks are held."""
+        return (len(self._inside) + sum(len(s) for s in self._splits.values()) + 2 * len(self._crossed)
+                + sum(1 + len(s) for _, s in self._offset_scans.values()) + len(self._rests)
+                + len(self._word_cache) + len(self._masks))  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return self.count() * self.eos_words.nbytes
+
+    def _bound(self) -> None:
+        """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
+        if self.nbytes > MASK_CACHE_BYTES:
+            for memo in (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks):
+                memo.clear()
+
+    # ------------------------------------------------------------------ lexer-state scans
+    def scan(self, lex: int) -> None:
+        """The tokens that stay inside the lexeme from lexer state `lex`, and per offset j >= 1 the
+        tokens that may end it after their first j bytes (packed masks)."""
+        self._inside[lex], self._splits[lex] = self.scan_at(lex, 0)
+
+    def scan_at(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """`scan` of the lexeme entered after each token's first `offset` bytes (tokens longer
+        than that): a C walk of the token trie, or (no compiler) one vectorised pass of the
+        vocabulary through the lexeme's DFA. Offsets past 0 are cached here."""
+        if offset:
+            hit = self._offset_scans.get((lex, offset))
+            if hit is not None:
+                return hit
+        v = self.vocab
+        g = self.g
+        k = g.lex_terminal[lex]
+        dfa = g.dfas[k]
+        scanned = trie_scan(token_trie(v), dfa.table, dfa.accepting, lex - g.offsets[k], offset) if walk_available() else None
+        if scanned is None:
+            idx = np.flatnonzero(v.lens > offset)
+            st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states
+            inside: list[np.ndarray] = []
+            splits: dict[int, np.ndarray] = {}
+            for j in range(offset, v.data.shape[1] + 1):
+                done = v.lens[idx] == j
+                if done.any():
+                    inside.append(idx[done])
+                    keep = ~done
+                    idx, st = idx[keep], st[keep]
+                if not len(idx):
+                    break
+                if j > offset:  # ending where it starts is the boundary's own mask (see _words)
+                    hit = dfa.accepting[st]
+                    if hit.any():
+                        splits[j] = v.pack(v.ids[idx[hit]])
+                st = dfa.table[st, v.data[idx, j]]
+                live = st != dfa.dead
+                idx, st = idx[live], st[live]
+            scanned = (v.pack(v.ids[np.concatenate(inside)] if inside else []), splits)
+        if offset:
+            self._offset_scans[(lex, offset)] = scanned
+        return scanned
+
+    # ------------------------------------------------------------------ tokens crossing a lexeme end
+    def _accepted_after(self, offset: int, sid: int) -> np.ndarray:
+        """Packed: the tokens longer than `offset` whose bytes from `offset` on are accepted from a
+        lexeme boundary at stack `sid` (`_words`' decomposition, entered `offset` bytes into the
+        tokens: the per-lexer-state scans are shared by every stack, the parser steps once per
+        lexeme end). For many tokens at once, where walking each costs more."""
+        key = (offset, sid)
+        words = self._rests.get(key)
+        if words is None:
+            g = self.g
+            words = np.zeros(self.width, dtype=np.uint32)
+            for t in g.startable(sid):
+                inside, splits = self.scan_at(g.offsets[t], offset)
+                words |= inside
+                after = g.after(sid, t) if splits else None
+                if after is not None:
+                    for j, enders in splits.items():
+                        words |= self._crossing(j, after, enders)
+            self._rests[key] = words
+        return words
+
+    def _crossing(self, offset: int, sid: int, enders: np.ndarray) -> np.ndarray:
+        """The tokens of `enders` (packed) whose bytes from `offset` on are accepted from a lexeme
+        boundary at stack `sid`. A token's verdict depends on nothing else, so each is checked once
+        per (offset, stack)."""
+        key = (offset, sid)
+        memo = self._crossed.get(key)
+        if memo is None:
+            zeros = np.zeros_like(enders)
+            memo = self._crossed[key] = (zeros, zeros.copy())
+        checked, allowed = memo
+        new = enders & ~checked
+        if int(np.bitwise_count(new).sum()) > _MANY:  # a lexeme ending inside most tokens (a string's chunks)
+            allowed[:] = self._accepted_after(offset, sid)
+            checked[:] = np.uint32(0xFFFFFFFF)
+        elif new.any():
+            allowed |= _pack_few(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
+            checked |= new
+        return allowed & enders
+
+    def _accepted_from(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:
+        """The token ids of `ids` whose bytes from `offset` on are accepted from a lexeme boundary at
+        stack `sid`: the tokens walked together byte position by byte position, one parser step
+        per distinct (configurations, byte) at each position, as a walk of their trie would."""
+        v = self.vocab
+        g = self.g
+        if len(self._set_of) > _CACHE_LIMIT or len(self._verdicts) > 4 * _CACHE_LIMIT:
+            self._set_of.clear(), self._sets.clear(), self._set_step.clear(), self._verdicts.clear()
+        rows = np.searchsorted(v.ids, ids)  # [n] rows of the vocabulary matrix
+        left = v.lens[rows] - offset  # [n] bytes still to walk
+        st = np.full(len(rows), self._set_id(frozenset({sid * g.n_lex + g.boundary})), dtype=np.int64)
+        found: list[np.ndarray] = []
+        for j in range(offset, v.data.shape[1] + 1):
+            done = left == j - offset
+            if done.any():
+                found.append(ids[done])
+                keep = ~done
+                ids, rows, left, st = ids[keep], rows[keep], left[keep], st[keep]
+            if len(ids) <= _FEW:  # the vectorised step costs more than walking these one by one
+                found.append(np.asarray(self._walk_each(ids, st, j), dtype=np.int64))
+                break
+            uniq, inv = np.unique(st * 256 + v.data[rows, j], return_inverse=True)
+            st = np.array([self._next_set(int(k)) for k in uniq], dtype=np.int64)[inv]
+            live = st >= 0
+            ids, rows, left, st = ids[live], rows[live], left[live], st[live]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def _walk_each(self, ids: np.ndarray, sets: np.ndarray, j: int) -> list[int]:
+        """The token ids of `ids` whose bytes from `j` on lead their interned configurations `sets` to
+        some. Verdicts are kept per (configurations, token, position): a token crossing several
+        lexeme ends (a run of whitespace) is checked at each, and its walks meet again."""
+        found: list[int] = []
+        memo = self._verdicts
+        for t, s in zip(ids.tolist(), sets.tolist()):
+            data = self.vocab.by_id[t]
+            path: list[tuple[int, int, int]] = []
+            ok = True
+            for p in range(j, len(data)):
+                key = (s, t, p)
+                known = memo.get(key)
+                if known is not None:
+                    ok = known
+                    break
+                path.append(key)
+                s = self._next_set(s * 256 + data[p])
+                if s < 0:
+                    ok = False
+                    break
+            for key in path:
+                memo[key] = ok
+            if ok:
+                found.append(t)
+        return found
+
+    def _set_id(self, configs: frozenset[int]) -> int:
+        out = self._set_of.get(configs)
+        if out is None:
+            out = self._set_of[configs] = len(self._sets)
+            self._sets.append(configs)
+        return out
+
+    def _next_set(self, key: int) -> int:
+        """Interned configurations `key // 256` stepped by byte `key % 256` (-1: none left)."""
+        out = self._set_step.get(key)
+        if out is None:
+            nxt = self.g.step(self._sets[key >> 8], key & 255)
+            out = self._set_step[key] = self._set_id(nxt) if nxt else -1
+        return out
+
+    # ------------------------------------------------------------------ masks
+    def _words(self, configs: frozenset[int]) -> np.ndarray:
+        """Packed non-EOS tokens allowed from `configs` (cached).
+
+        A token either stays inside a lexeme (the scanned `inside` mask), or ends it after j bytes
+        and the rest starts at a boundary at the stack after it: j == 0 is the boundary's own
+        mask (recursion; a lexeme's start states never accept), j >= 1 walks the remainders of
+        the tokens that may end it there (`_crossing`)."""
+        words = self._word_cache.get(configs)
+        if words is not None:
+            return words
+        g = self.g
+        words = np.zeros(self.width, dtype=np.uint32)
+        for c in configs:
+            sid, lexes = g.lexemes(c)
+            for lex in lexes:
+                if lex not in self._inside:
+                    self.scan(lex)
+                words |= self._inside[lex]
+                splits = self._splits[lex]
+                if not splits and not g.accepting[lex]:
+                    continue
+                after = g.after(sid, g.lex_terminal[lex])
+                if after is None:
+                    continue
+                if g.accepting[lex]:
+                    words |= self._words(frozenset({after * g.n_lex + g.boundary}))
+                for j, enders in splits.items():
+                    words |= self._crossing(j, after, enders)
+        if len(self._word_cache) > _CACHE_LIMIT // 100:
+            self._word_cache.clear()
+        self._word_cache[configs] = words
+        return words
+
+    def mask(self, configs: frozenset[int]) -> tuple[torch.Tensor, bool]:
+        """-> (packed mask [ceil(V / 32)] int32, whether any non-EOS token is allowed)."""
+        hit = self._masks.get(configs)
+        if hit is not None:
+            return hit
+        self._bound()
+        words = self._words(configs)
+        more = bool(words.any())
+        if self.g.can_end(configs):
+            words = words | self.eos_words
+        if len(self._masks) > _CACHE_LIMIT // 100:
+            self._masks.clear()
+        entry = self._masks[configs] = (torch.from_numpy(words.view(np.int32)), more)
+        return entry
