@@ -17,6 +17,7 @@ lexeme end are walked against the parser.
 from __future__ import annotations
 
 import lark
+import numpy as np
 import torch
 
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
@@ -93,21 +94,24 @@ class CompiledEbnf:
                 raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches nothing")
             self.dfas.append(dfa)
         self.offsets: list[int] = []
-        self.trans: list[list[int]] = []  # lexer id -> 256 next lexer ids (-1: dead)
         self.accepting: list[bool] = []
         self.lex_terminal: list[int] = []
         self.first_bytes: list[frozenset[int]] = []
+        blocks: list[np.ndarray] = []
+        base = 0
         for k, dfa in enumerate(self.dfas):
-            base = len(self.trans)
             self.offsets.append(base)
-            for q in range(dfa.dead):
-                row = [int(x) + base if x != dfa.dead else -1 for x in dfa.table[q]]
-                self.trans.append(row)
-                self.accepting.append(bool(dfa.accepting[q]))
-                self.lex_terminal.append(k)
-                self.first_bytes.append(frozenset(b for b in range(256) if row[b] >= 0))
+            rows = dfa.table[: dfa.dead].astype(np.int32)  # [live states, 256]
+            blocks.append(np.where(rows == dfa.dead, np.int32(-1), rows + np.int32(base)))
+            self.accepting += dfa.accepting[: dfa.dead].astype(bool).tolist()
+            self.lex_terminal += [k] * dfa.dead
+            self.first_bytes += [frozenset(np.flatnonzero(live).tolist()) for live in blocks[-1] >= 0]
+            base += dfa.dead
+        self.trans_table = np.concatenate(blocks) if blocks else np.zeros((0, 256), dtype=np.int32)  # [boundary, 256] (C reads this)
+        self.trans: list[list[int]] = self.trans_table.tolist()  # lexer id -> 256 next lexer ids (-1: dead)
         self.boundary = len(self.trans)  # "between lexemes": only at the very start
         self.n_lex = self.boundary + 1
+        self.max_configs = MAX_CONFIGS
 
         # the LALR table: per state, terminal index -> ("shift", state) / ("reduce", (nonterminal, size))
         self._end = len(self.terminal_names)
@@ -236,8 +240,8 @@ class CompiledEbnf:
             found: set[int] = set()
             for c in configs:
                 found.update(self._step_one(c, byte))
-            if len(found) > MAX_CONFIGS:
-                found = set(sorted(found)[:MAX_CONFIGS])
+            if len(found) > self.max_configs:
+                found = set(sorted(found)[: self.max_configs])
             out = self._step[key] = frozenset(found)
         return out
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.ebnf_walk import CrossingWalker
+from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
 from loom.runtime.constrained.token_walk import available as walk_available
 from loom.runtime.constrained.token_walk import token_trie, trie_scan
 
@@ -74,6 +76,7 @@ class EbnfMasks:
         self._word_cache: dict[frozenset[int], np.ndarray] = {}
         self.eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
+        self._walker: CrossingWalker | None = None
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -152,28 +155,37 @@ class EbnfMasks:
                 after = g.after(sid, t) if splits else None
                 if after is not None:
                     for j, enders in splits.items():
-                        words |= self._crossing(j, after, enders)
+                        self._crossing(j, after, enders, words)
             self._rests[key] = words
         return words
 
-    def _crossing(self, offset: int, sid: int, enders: np.ndarray) -> np.ndarray:
-        """The tokens of `enders` (packed) whose bytes from `offset` on are accepted from a lexeme
-        boundary at stack `sid`. A token's verdict depends on nothing else, so each is checked once
-        per (offset, stack)."""
+    def _crossing(self, offset: int, sid: int, enders: np.ndarray, out: np.ndarray) -> None:
+        """out |= the tokens of `enders` (packed) whose bytes from `offset` on are accepted from a
+        lexeme boundary at stack `sid`. A token's verdict depends on nothing else, so each is
+        checked once per (offset, stack): walked in C (ebnf_walk) or Python (`_accepted_from`),
+        or, for a lexeme ending inside most tokens (a string's chunks), by lexer-state scans."""
         key = (offset, sid)
         memo = self._crossed.get(key)
         if memo is None:
             zeros = np.zeros_like(enders)
             memo = self._crossed[key] = (zeros, zeros.copy())
         checked, allowed = memo
-        new = enders & ~checked
-        if int(np.bitwise_count(new).sum()) > _MANY:  # a lexeme ending inside most tokens (a string's chunks)
+        if cross_walk_available():
+            if self._walker is None:
+                self._walker = CrossingWalker(self.g)
+            if self._walker.cross(offset, sid, enders, checked, allowed, out, _MANY):
+                return
+            many = True
+        else:
+            new = enders & ~checked
+            many = int(np.bitwise_count(new).sum()) > _MANY
+            if not many and new.any():
+                allowed |= _pack_few(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
+                checked |= new
+        if many:
             allowed[:] = self._accepted_after(offset, sid)
             checked[:] = np.uint32(0xFFFFFFFF)
-        elif new.any():
-            allowed |= _pack_few(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
-            checked |= new
-        return allowed & enders
+        out |= allowed & enders
 
     def _accepted_from(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:
         """The token ids of `ids` whose bytes from `offset` on are accepted from a lexeme boundary at
@@ -272,7 +284,7 @@ class EbnfMasks:
                 if g.accepting[lex]:
                     words |= self._words(frozenset({after * g.n_lex + g.boundary}))
                 for j, enders in splits.items():
-                    words |= self._crossing(j, after, enders)
+                    self._crossing(j, after, enders, words)
         if len(self._word_cache) > _CACHE_LIMIT // 100:
             self._word_cache.clear()
         self._word_cache[configs] = words

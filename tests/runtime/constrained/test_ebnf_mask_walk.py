@@ -1,8 +1,8 @@
 """The EBNF engine's fast masks (ebnf_masks.py: the per-lexer-state C scan of the token trie, the parser
 consulted only for tokens that cross a lexeme end) allow exactly the tokens a brute-force walk of
 each token through the parser allows, on random walks over several grammars and a vocabulary with
-tokens spanning several terminals; the C scan equals the numpy scan; and without a compiler the
-masks are the same."""
+tokens spanning several terminals; the C scan equals the numpy scan, the C walk of crossing tokens
+(ebnf_walk.py) the Python walk; and without a compiler the masks are the same."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, ebnf_masks, token_walk, unpack_bitmask
+from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, ebnf_masks, ebnf_walk, token_walk, unpack_bitmask
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.vocabulary import byte_decoder
@@ -83,12 +83,17 @@ def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
     return states
 
 
+@pytest.mark.parametrize("walk", ["c", "python"])
 @pytest.mark.parametrize("many", [ebnf_masks._MANY, 0], ids=["tokens walked", "lexer-state scans"])
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
-def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, monkeypatch):
-    """Both ways of checking the tokens that cross a lexeme end (walked one by one against the
-    parser, or by lexer-state scans entered mid-token, which many-token crossings take)."""
+def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, walk, monkeypatch):
+    """Every way of checking the tokens that cross a lexeme end (walked against the parser in C or
+    in Python, or by lexer-state scans entered mid-token, which many-token crossings take)."""
     monkeypatch.setattr(ebnf_masks, "_MANY", many)
+    if walk == "python":
+        monkeypatch.setattr(ebnf_masks, "cross_walk_available", lambda: False)
+    elif not ebnf_walk.available():
+        pytest.skip("no C compiler: only the Python walk exists")
     compiled = _compile(name, vocab)
     for seed in range(3):
         for step, state in enumerate(_random_walk(compiled, seed)):
@@ -119,6 +124,31 @@ def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):
     fast = _compile("json lark", vocab)
     states = _random_walk(fast, 7)
     monkeypatch.setattr(ebnf_masks, "walk_available", lambda: False)
+    monkeypatch.setattr(ebnf_masks, "cross_walk_available", lambda: False)
     slow = _compile("json lark", vocab)
     for state in states:
         assert _allowed(fast, state) == _allowed(slow, state)
+
+
+@pytest.mark.skipif(not ebnf_walk.available(), reason="no C compiler: only the Python walk exists")
+@pytest.mark.parametrize("max_configs", [512, 1], ids=["all configurations", "truncated to 1"])
+@pytest.mark.parametrize("name", sorted(GRAMMARS))
+def test_the_c_crossing_walk_equals_the_python_walk(vocab, name, max_configs):
+    """Random tokens entered at random offsets from the stacks a random walk reaches: the C walk
+    accepts exactly the tokens the Python walk does, also where a position's configurations are
+    truncated (MAX_CONFIGS), which must keep the same ones."""
+    compiled = _compile(name, vocab)
+    compiled.max_configs = max_configs
+    compiled._step.clear(), compiled._step1.clear()  # the steps compiling took kept every configuration
+    masks = compiled.masks
+    walker = ebnf_walk.CrossingWalker(compiled)
+    stacks = sorted({c // compiled.n_lex for state in _random_walk(compiled, 3) for c in state})
+    rnd = random.Random(0)
+    for _ in range(60):
+        sid, offset = rnd.choice(stacks), rnd.choice([0, 0, 1, 2])
+        pool = vocab.ids[vocab.lens > offset]
+        ids = np.unique(np.array(rnd.sample(pool.tolist(), 40) + list(range(1024, 1024 + len(CROSSING))), dtype=np.int64))
+        ids = ids[vocab.lens[np.searchsorted(vocab.ids, ids)] > offset]
+        c_walk = set(walker.accepted(offset, sid, ids).tolist())
+        py_walk = set(masks._accepted_from(offset, sid, ids).tolist())
+        assert c_walk == py_walk, (name, sid, offset, sorted(c_walk ^ py_walk)[:10])

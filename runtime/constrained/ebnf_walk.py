@@ -1,0 +1,306 @@
+"""The EBNF engine's walk of tokens that cross a lexeme end, in C when a compiler is at hand.
+
+    walker = CrossingWalker(compiled)       once per compiled grammar (None-returning without C)
+    ids = walker.accepted(offset, sid, ids) the token ids whose bytes from `offset` on are accepted
+                                            from a lexeme boundary at stack `sid`
+
+This is ebnf_masks' `_accepted_from` (a Python walk of each token's remainder, one memoised parser
+step per byte) done in C, where a new position costs ~10 µs per byte in Python: a remainder is
+stepped as a set of configurations (stack * n_lex + lexer state) through the lexer's table, and a
+lexeme end looks up the stack after it in the stack's row. The rows are the parser's part, and they
+stay in Python: a row lists, per interned stack, the terminals a lexeme may be of there and the
+stack once one is complete (CompiledEbnf.startable / after). C asks for a row it lacks by returning
+the stack's id; Python fills it (interning new stacks as Lark's LALR table says) and C resumes at
+the token it stopped on, so the C walk is the Python one, set by set, MAX_CONFIGS truncation
+included. Tokens are walked in byte order, and a token shares the sets of its previous token's
+common prefix.
+
+LOOM_NO_C_EBNF=1 turns the C walk off (the Python walk stays).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.native_c import compile_c
+from loom.runtime.constrained.vocabulary import TokenVocab
+
+if TYPE_CHECKING:
+    from loom.runtime.constrained.ebnf import CompiledEbnf
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Rows: stack sid's row is row_pairs[2 * row_off[sid] ..) of row_len[sid] (terminal, stack after)
+   pairs sorted by terminal; row_off[sid] < 0 (or sid >= n_rows) means not filled yet. */
+#define NEED(s) do { if ((s) >= n_rows || row_off[s] < 0) { *need = (s); return -2; } } while (0)
+
+/* One step of the sorted set cur[0..n) by byte b into out (sorted, unique, at most max_configs
+   smallest kept); returns its size, or -2 with *need set when a row is missing. */
+static int64_t step_set(const int64_t *cur, int64_t n, int b, int64_t *out, int64_t *scratch, int64_t scratch_cap,
+                        const int32_t *trans, const uint8_t *accepting, const int32_t *lex_terminal,
+                        const int32_t *offsets, int64_t n_lex, int64_t boundary, const int64_t *row_off,
+                        const int32_t *row_len, const int32_t *row_pairs, int64_t n_rows, int64_t max_configs,
+                        int64_t *need) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t c = cur[i], sid = c / n_lex, lex = c % n_lex, starts = -1;
+        if (lex == boundary) {
+            starts = sid;
+        } else {
+            int32_t nxt = trans[lex * 256 + b];
+            if (nxt >= 0) {
+                if (m >= scratch_cap) return -3;
+                scratch[m++] = sid * n_lex + nxt;
+            }
+            if (accepting[lex]) {
+                NEED(sid);
+                int32_t t = lex_terminal[lex];
+                const int32_t *p = row_pairs + 2 * row_off[sid];
+                for (int32_t k = 0; k < row_len[sid]; k++)
+                    if (p[2 * k] == t) { starts = p[2 * k + 1]; break; }
+            }
+        }
+        if (starts >= 0) {
+            NEED(starts);
+            const int32_t *p = row_pairs + 2 * row_off[starts];
+            for (int32_t k = 0; k < row_len[starts]; k++) {
+                int32_t nxt = trans[(int64_t)offsets[p[2 * k]] * 256 + b];
+                if (nxt >= 0) {
+                    if (m >= scratch_cap) return -3;
+                    scratch[m++] = starts * n_lex + nxt;
+                }
+            }
+        }
+    }
+    if (m > 32) {
+        qsort(scratch, m, sizeof(int64_t), cmp_i64);
+    } else {  /* the usual: a configuration or two */
+        for (int64_t i = 1; i < m; i++) {
+            int64_t v = scratch[i], j = i - 1;
+            while (j >= 0 && scratch[j] > v) { scratch[j + 1] = scratch[j]; j--; }
+            scratch[j + 1] = v;
+        }
+    }
+    int64_t u = 0;
+    for (int64_t i = 0; i < m && u < max_configs; i++)
+        if (u == 0 || scratch[i] != out[u - 1]) out[u++] = scratch[i];
+    return u;
+}
+
+typedef struct {
+    const int32_t *trans; const uint8_t *accepting; const int32_t *lex_terminal; const int32_t *offsets;
+    int64_t n_lex, boundary;
+    const int64_t *row_off; const int32_t *row_len; const int32_t *row_pairs; int64_t n_rows;
+    const uint8_t *data; int64_t stride; const int64_t *lens; const int64_t *row_of; const int64_t *rank;
+    int64_t width, max_configs;
+    int64_t *sets, *sizes, *scratch; int64_t scratch_cap;
+    int64_t *order;   /* [vocab_size]: (rank << 32 | token id) of the tokens to walk */
+    int64_t need;     /* the stack whose row is missing */
+    int64_t resume;   /* the token (in walking order) to resume at */
+} ctx_t;
+
+/* Packed words [width]: the tokens of `enders` not yet `checked` are walked from their byte
+   `offset` on, from configuration `start` (a boundary at the stack after a lexeme end); those
+   accepted are set in `allowed`, all of them in `checked`, and out |= allowed & enders.
+   Returns 0; 1 when more than `many` are new (nothing done: the caller scans instead); -2 when
+   the row of stack ctx->need is missing (fill it and call again: the walk resumes where it was);
+   -3 when scratch is too small. Tokens are walked in byte order (rank), and share the sets of
+   their previous token's common prefix. */
+int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uint32_t *allowed, uint32_t *out,
+                        int64_t offset, int64_t start, int64_t many) {
+    int64_t n = 0;
+    for (int64_t w = 0; w < x->width; w++) {
+        uint32_t bits = enders[w] & ~checked[w];
+        n += __builtin_popcount(bits);
+    }
+    if (n > many) return 1;
+    n = 0;
+    for (int64_t w = 0; w < x->width; w++) {
+        uint32_t bits = enders[w] & ~checked[w];
+        while (bits) {
+            int64_t t = w * 32 + __builtin_ctz(bits);
+            bits &= bits - 1;
+            x->order[n++] = (x->rank[x->row_of[t]] << 32) | t;
+        }
+    }
+    if (n > 1) qsort(x->order, n, sizeof(int64_t), cmp_i64);
+    int64_t mc = x->max_configs;
+    x->sets[offset * mc] = start;
+    x->sizes[offset] = 1;
+    int64_t valid = offset;  /* sets[offset .. valid] hold the previous token's walk */
+    const uint8_t *prev = 0;
+    int64_t prev_len = 0;
+    for (int64_t k = x->resume; k < n; k++) {
+        int64_t t = x->order[k] & 0xFFFFFFFF, row = x->row_of[t];
+        const uint8_t *cur = x->data + row * x->stride;
+        int64_t len = x->lens[row], d = offset;
+        if (prev) {
+            int64_t lim = valid < len ? valid : len;
+            if (prev_len < lim) lim = prev_len;
+            while (d < lim && cur[d] == prev[d]) d++;
+        }
+        while (d < len && x->sizes[d] > 0) {
+            int64_t r = step_set(x->sets + d * mc, x->sizes[d], cur[d], x->sets + (d + 1) * mc, x->scratch,
+                                 x->scratch_cap, x->trans, x->accepting, x->lex_terminal, x->offsets, x->n_lex,
+                                 x->boundary, x->row_off, x->row_len, x->row_pairs, x->n_rows, mc, &x->need);
+            if (r < 0) {
+                if (r == -2) x->resume = k;
+                return r;
+            }
+            x->sizes[++d] = r;
+        }
+        if (d == len && x->sizes[d] > 0) allowed[t >> 5] |= (uint32_t)1 << (t & 31);
+        prev = cur;
+        prev_len = len;
+        valid = d;
+    }
+    x->resume = 0;
+    for (int64_t w = 0; w < x->width; w++) {
+        checked[w] |= enders[w];
+        out[w] |= allowed[w] & enders[w];
+    }
+    return 0;
+}
+"""
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+class _Ctx(ctypes.Structure):
+    """The C side's view of a CrossingWalker (ctx_t): pointers into its arrays, reset on growth."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("trans", "accepting", "lex_terminal", "offsets")]
+    _fields_ += [("n_lex", ctypes.c_int64), ("boundary", ctypes.c_int64)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("row_off", "row_len", "row_pairs")] + [("n_rows", ctypes.c_int64)]
+    _fields_ += [("data", ctypes.c_void_p), ("stride", ctypes.c_int64)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("lens", "row_of", "rank")]
+    _fields_ += [("width", ctypes.c_int64), ("max_configs", ctypes.c_int64)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("sets", "sizes", "scratch")] + [("scratch_cap", ctypes.c_int64)]
+    _fields_ += [("order", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LOOM_NO_C_EBNF"):
+        return None
+    lib = compile_c(_C_SOURCE, "loom_ebnf_walk", "the EBNF crossing walk")
+    if lib is None:
+        return None
+    lib.loom_ebnf_cross.restype = ctypes.c_int64
+    lib.loom_ebnf_cross.argtypes = [ctypes.POINTER(_Ctx)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+_RANKS: dict[int, tuple[TokenVocab, np.ndarray, np.ndarray]] = {}
+
+
+def _vocab_order(vocab: TokenVocab) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each token id (-1: none), rank of each row in byte order), once per vocabulary
+    (~30 ms at 128k tokens)."""
+    hit = _RANKS.get(id(vocab))
+    if hit is None or hit[0] is not vocab:
+        if len(_RANKS) >= 4:
+            _RANKS.clear()
+        row_of = np.full(vocab.vocab_size, -1, dtype=np.int64)
+        row_of[vocab.ids] = np.arange(len(vocab.ids))
+        order = np.argsort(vocab.data.view(f"V{vocab.data.shape[1]}").ravel(), kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        hit = _RANKS[id(vocab)] = (vocab, row_of, rank)
+    return hit[1], hit[2]
+
+
+class CrossingWalker:
+    """One compiled grammar's lexer table as C reads it, and the parser rows filled so far."""
+
+    def __init__(self, grammar: CompiledEbnf) -> None:
+        self.g = grammar
+        self.lib = _library()
+        v = grammar.vocab
+        self.row_of, self.rank = _vocab_order(v)
+        self.trans = np.ascontiguousarray(grammar.trans_table, dtype=np.int32)  # [boundary, 256]
+        self.accepting = np.asarray(grammar.accepting, dtype=np.uint8)
+        self.lex_terminal = np.asarray(grammar.lex_terminal, dtype=np.int32)
+        self.offsets = np.asarray(grammar.offsets, dtype=np.int32)
+        self.row_off = np.full(64, -1, dtype=np.int64)  # [capacity] per stack; -1: row not filled
+        self.row_len = np.zeros(64, dtype=np.int32)
+        self.pairs = np.zeros(256, dtype=np.int32)  # (terminal, stack after) pairs, rows one after another
+        self.n_pairs = 0
+        self.data = np.ascontiguousarray(v.data)
+        self.lens = np.ascontiguousarray(v.lens, dtype=np.int64)
+        self.sets = np.zeros((self.data.shape[1] + 1) * grammar.max_configs, dtype=np.int64)
+        self.sizes = np.zeros(self.data.shape[1] + 1, dtype=np.int64)
+        self.scratch = np.zeros(grammar.max_configs * (1 + len(grammar.terminal_names)), dtype=np.int64)
+        self.order = np.zeros(v.vocab_size, dtype=np.int64)
+        self.ctx = _Ctx(
+            _ptr(self.trans), _ptr(self.accepting), _ptr(self.lex_terminal), _ptr(self.offsets), grammar.n_lex, grammar.boundary,
+            _ptr(self.row_off), _ptr(self.row_len), _ptr(self.pairs), len(self.row_off),
+            _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of), _ptr(self.rank),
+            bitmask_width(v.vocab_size), grammar.max_configs, _ptr(self.sets), _ptr(self.sizes), _ptr(self.scratch),
+            len(self.scratch), _ptr(self.order), 0, 0,
+        )  # fmt: skip
+        self.ctx_ref = ctypes.byref(self.ctx)
+
+    def _fill(self, sid: int) -> None:
+        """Stack `sid`'s row: each terminal a lexeme may be of there, and the stack after one."""
+        g = self.g
+        if sid >= len(self.row_off):
+            cap = max(2 * len(self.row_off), sid + 1)
+            self.row_off = np.concatenate([self.row_off, np.full(cap - len(self.row_off), -1, dtype=np.int64)])
+            self.row_len = np.concatenate([self.row_len, np.zeros(cap - len(self.row_len), dtype=np.int32)])
+            self.ctx.row_off, self.ctx.row_len, self.ctx.n_rows = _ptr(self.row_off), _ptr(self.row_len), cap
+        row = [(t, g.after(sid, t)) for t in g.startable(sid)]
+        n = self.n_pairs
+        if 2 * (n + len(row)) > len(self.pairs):
+            self.pairs = np.concatenate([self.pairs, np.zeros(max(len(self.pairs), 2 * len(row)), dtype=np.int32)])
+            self.ctx.row_pairs = _ptr(self.pairs)
+        self.pairs[2 * n : 2 * (n + len(row))] = np.asarray(row, dtype=np.int32).reshape(-1)
+        self.row_off[sid], self.row_len[sid] = n, len(row)
+        self.n_pairs = n + len(row)
+
+    def cross(
+        self, offset: int, sid: int, enders: np.ndarray, checked: np.ndarray, allowed: np.ndarray, out: np.ndarray, many: int
+    ) -> bool:
+        """The tokens of `enders` (packed [width] uint32) not yet in `checked` whose bytes from
+        `offset` on are accepted from a lexeme boundary at stack `sid` are added to `allowed`, all
+        of them to `checked`, and out |= allowed & enders. False (nothing done) when more than
+        `many` are new."""
+        start = sid * self.g.n_lex + self.g.boundary
+        args = (_ptr(np.ascontiguousarray(enders)), _ptr(checked), _ptr(allowed), _ptr(out), offset, start, many)
+        while True:
+            r = self.lib.loom_ebnf_cross(self.ctx_ref, *args)
+            if r == -2:
+                self._fill(self.ctx.need)
+                continue
+            assert r >= 0, "the EBNF crossing walk's scratch buffer is too small"
+            return r == 0
+
+    def accepted(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:
+        """The token ids of `ids` (each longer than `offset`) whose bytes from `offset` on are
+        accepted from a lexeme boundary at stack `sid` (ebnf_masks' `_accepted_from`)."""
+        v = self.g.vocab
+        enders = v.pack(ids)
+        allowed, out = np.zeros_like(enders), np.zeros_like(enders)
+        self.cross(offset, sid, enders, np.zeros_like(enders), allowed, out, len(ids))
+        bits = np.unpackbits(allowed.view(np.uint8), bitorder="little")[: v.vocab_size]
+        return np.flatnonzero(bits).astype(np.int64)
