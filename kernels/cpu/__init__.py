@@ -4,8 +4,9 @@ runtime/model_executor/cpu_decode.py).
 
 By default (`int8_activations`; `LOOM_CPU_INT8_ACT=0` turns it off) the kernels quantize x to int8
 32-blocks and use integer dot products (AVX512-VNNI, or AVX2), as llama.cpp does: ~1.5x faster a
-matmul at 1-16 rows, ~1e-2 relative error a layer. With it off (or on a CPU with neither) x stays in
-fp32, exact to the summation order: what tests that compare with the float model use.
+matmul at 1-16 rows, and ahead of dequantised float bands up to ~100 (layers/quantized.py); ~1e-2
+relative error a layer. With it off (or on a CPU with neither) x stays in fp32, exact to the
+summation order: what tests that compare with the float model use.
 
 The extension is compiled with the machine's own instruction set (`-march=native`: AVX-512 where
 the CPU has it, else AVX2, else plain C++) by `torch.utils.cpp_extension` the first time a process
@@ -33,7 +34,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 QTYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}
 BLOCK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-INT8_ENV = "LOOM_CPU_INT8_ACT"  # "0": x stays fp32 (exact); else, up to 16 rows, x in int8 blocks (faster, ~1e-2 relative error)
+INT8_ENV = "LOOM_CPU_INT8_ACT"  # "0": x stays fp32 (exact); else x in int8 blocks (faster, ~1e-2 relative error)
 
 
 def _cpu_flags() -> str:

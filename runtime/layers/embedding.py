@@ -19,7 +19,7 @@ from loom.runtime.layers.linear import (
     read_shard,
     tensor_parallel_all_reduce,
 )
-from loom.runtime.layers.quantized import quantized_linear
+from loom.runtime.layers.quantized import KERNEL_MAX_ROWS, quantized_linear
 
 
 def tensor_parallel_all_gather(x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -110,10 +110,16 @@ class ParallelLMHead(VocabParallelEmbedding):
         """hidden_states: [N, hidden] -> logits [N, vocab] in fp32 (matmul in the model dtype).
         `out` ([N, vocab] fp32) receives them where it can (one rank, fp32, no vocabulary padding):
         the same GEMM as `F.linear`, written into a kept block instead of a fresh one. A quantized
-        head computes in fp32 whatever the model dtype, and its logits stay fp32 (in a bf16 model,
-        not rounded to bf16 and back), as `logits_for_ids` gives them on the grammar path."""
-        if self.qweight is not None:
+        head, up to the kernel's rows (decode), computes in fp32 whatever the model dtype, and its
+        logits stay fp32 (in a bf16 model, not rounded to bf16 and back), as `logits_for_ids` gives
+        them on the grammar path. Past those rows it would be dequantised whole every call (a 49k-row
+        head at 32 rows: 50 ms of a 130 ms decode step), so a head tied to the embedding multiplies
+        the embedding's own float weight there, and an untied one dequantises bands in the model dtype."""
+        rows = hidden_states.shape[0]
+        if self.qweight is not None and rows <= KERNEL_MAX_ROWS:
             logits = quantized_linear(hidden_states.float(), self.qweight, self.qtype)
+        elif self.qweight is not None and self.weight is None:
+            logits = quantized_linear(hidden_states, self.qweight, self.qtype)
         elif (out is not None and self.tp_size == 1 and out.shape == (hidden_states.shape[0], self.num_embeddings)
                 and self.weight.shape[0] == self.num_embeddings
                 and self.weight.dtype == hidden_states.dtype == out.dtype == torch.float32):  # fmt: skip

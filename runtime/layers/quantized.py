@@ -8,9 +8,10 @@
   (Q8_0), or a scale and a minimum each (Q4_1).
 
 A quantized layer holds its blocks (`qweight`, uint8 [out, in / 32 * block bytes]) and no float
-weight. On the CPU, up to KERNEL_MAX_ROWS rows (decode) its forward is `kernels/cpu` `qlinear`, which
-reads the blocks and dequantises them in registers; for more rows (prefill) it dequantises BAND output
-rows at a time and multiplies each band in float, so no full-size float copy of a weight is ever made.
+weight. On the CPU, up to `kernel_rows()` rows (decode, a batch's steps, short prefills) its forward
+is `kernels/cpu` `qlinear`, which reads the blocks and dequantises them in registers (or multiplies
+them with int8 activations); for more rows (prefill) it dequantises BAND output rows at a time and
+multiplies each band in float, so no full-size float copy of a weight is ever made.
 On CUDA every row count runs the Triton dequantise-GEMM (`kernels/triton/qgemm.py`) on the same blocks.
 Blocks run along the input features: a row-parallel shard must hold whole blocks.
 """
@@ -22,15 +23,19 @@ import logging
 
 import torch
 
-from loom.kernels.cpu import dequantize_into, qlinear
+from loom.kernels.cpu import dequantize_into, int8_activations, qlinear
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 KERNEL_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # block formats qlinear reads
 MODE_TYPES = {"int8": "Q8_0", "int4": "Q4_1"}
-KERNEL_MAX_ROWS = 16  # up to here the fused kernel; above, band-wise dequantisation and a float matmul
-BAND = 512  # output rows dequantised at a time above KERNEL_MAX_ROWS
+KERNEL_MAX_ROWS = 16  # the fused decode step's rows, and the kernel's with x in fp32; above, float bands
+# With int8 activations the kernel beats dequantising bands well past the fused step's rows: the 30
+# layers of SmolLM2 on one thread took 59 ms against 134 ms at 32 rows, 116 against 163 at 64, 241
+# against 226 at 128 (the bands' cost is the dequantisation, paid once whatever the rows).
+INT8_KERNEL_MAX_ROWS = 64
+BAND = 512  # output rows dequantised at a time above kernel_rows()
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -40,6 +45,11 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and _TRITON_INSTALLED)
 
 
+def kernel_rows() -> int:
+    """Rows up to which a quantized layer's CPU forward is the kernel (above: float bands)."""
+    return INT8_KERNEL_MAX_ROWS if int8_activations() else KERNEL_MAX_ROWS
+
+
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ dequant(qweight)^T + bias, in x's dtype (qweight on x's device)."""
     if x.is_cuda:
@@ -47,7 +57,7 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: t
 
         return kt.qgemm(x, qweight, qtype, bias)
     rows = x.numel() // x.shape[-1]
-    if rows <= KERNEL_MAX_ROWS:
+    if rows <= kernel_rows():
         y = qlinear(x if x.dtype == torch.float32 else x.float(), qweight, qtype)
     else:
         # Bands of the weight dequantised into the activations' dtype (bf16 on a bf16 model: half the
@@ -88,4 +98,3 @@ def packed_source(tensor: str, module: str) -> bool:
     """Whether checkpoint tensor `tensor` is one of the projections packed into linear layer `module`."""
     prefix, _, last = module.rpartition(".")
     return any(tensor.startswith(f"{prefix}.{part}.") for part in _PACKED.get(last, ()))
-

@@ -121,6 +121,24 @@ def test_the_lm_head_is_kept_quantized_too(tmp_path, mode, qtype, tie):
     torch.testing.assert_close(head.logits_for_ids(hidden[1], ids), got[1, ids], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_lm_head_past_the_kernels_rows_dequantises_no_whole_copy(tmp_path, tie):
+    """Past the kernel's rows (a batch of 32 decoding) a tied head multiplies the embedding's own
+    float weight (the source of its blocks), an untied one its blocks band by band: both give the
+    dequantised head's logits, the tied one within Q8_0's rounding of the weight."""
+    from loom.runtime.layers.quantized import KERNEL_MAX_ROWS
+
+    path = write_gguf(tmp_path / "head.gguf", "qwen3", [Q.Q8_0], tie=tie, seed=2)
+    model, _ = load_model(path, torch.float32, quantization="auto")
+    head = model.lm_head
+    hidden = torch.randn(KERNEL_MAX_ROWS + 9, head.embedding_dim)
+    want = (hidden @ dequantize(head.qweight, head.qtype, hidden.shape[1]).T)[:, : head.num_embeddings]
+    got = head.compute_logits(hidden)
+    if tie:
+        torch.testing.assert_close(got, hidden @ head.weight.T, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=0, atol=(2e-2 if tie else 1e-4) * want.abs().max().item())
+
+
 def test_tensor_parallel_ranks_keep_their_shards_blocks(gguf_path):
     """With tp_size=2 each rank keeps its shard quantized (column-parallel: whole output rows;
     row-parallel: half the input features, in whole blocks) and computes what the dequantised shard
