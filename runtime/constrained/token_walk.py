@@ -39,13 +39,15 @@ int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, cons
                        const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
                        const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
                        int32_t *stack, uint32_t *out, int64_t *pos,
-                       const uint64_t *node_sub, uint64_t unsafe, const uint8_t *safe_byte, uint8_t *safe) {
-    /* safe[d]: the path to depth d is all safe bytes (the root state loops on each). Below such a
-       path, a subtree with no unsafe bucket holds only tokens of the caller's safe mask: skipped. */
+                       const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
+                       const uint8_t *safe_byte, uint8_t *safe) {
+    /* safe[d]: the path to depth d is all safe bytes (each keeps the walk alive for `run` bytes).
+       Below such a path, a subtree with no unsafe bucket and no token longer than `run` holds only
+       tokens of the caller's safe mask: skipped. */
     int64_t i = *pos;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
-        if (safe[d - 1] && !(node_sub[i] & unsafe)) { i = node_skip[i]; continue; }
+        if (safe[d - 1] && !(node_sub[i] & unsafe) && node_maxd[i] <= run) { i = node_skip[i]; continue; }
         int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
         if (s == dead) { i = node_skip[i]; continue; }
         if (s < 0) { *pos = i; return stack[d - 1]; }
@@ -129,8 +131,10 @@ class TokenTrie:
     max_depth: int
     width: int  # packed words per mask
     node_sub: np.ndarray  # [N] uint64: the byte buckets (_BUCKET) of the node and its whole subtree
+    node_maxd: np.ndarray  # [N] int32: the depth of the deepest node of its subtree
     tok_buckets: np.ndarray  # [V] uint64: each token's byte buckets (all bits: not in the trie)
-    safe_masks: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # safe buckets -> packed tokens
+    tok_len: np.ndarray  # [V] int32: each token's length (past max_depth: not in the trie)
+    safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
     # The five arrays' data addresses, taken once: `a.ctypes.data` costs ~2 us, and a walk over a
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
     pointers: tuple[int, ...] = dataclasses.field(init=False)
@@ -180,12 +184,16 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     levels = [np.flatnonzero((depth == d) & (parent >= 0)) for d in range(2, int(depth.max()) + 1)] if n else []
     for idx in levels:  # parents before children: each node's path buckets
         path[idx] |= path[parent[idx]]
-    for idx in reversed(levels):  # children before parents: each subtree's buckets
+    maxd = depth.copy()
+    for idx in reversed(levels):  # children before parents: each subtree's buckets and depth
         np.bitwise_or.at(node_sub, parent[idx], node_sub[idx])
-    width = bitmask_width(vocab.vocab_size)
+        np.maximum.at(maxd, parent[idx], maxd[idx])
+    width, max_depth = bitmask_width(vocab.vocab_size), int(depth.max()) if n else 0
     tok_buckets = np.full(width * 32, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
-    tok_buckets[ids] = path[np.repeat(np.arange(n), np.diff(off))]
-    return TokenTrie(byte, depth, skip, off, ids, int(depth.max()) if n else 0, width, node_sub, tok_buckets)
+    tok_len = np.full(width * 32, max_depth + 1, dtype=np.int32)
+    at = np.repeat(np.arange(n), np.diff(off))  # each listed token's node
+    tok_buckets[ids], tok_len[ids] = path[at], depth[at]
+    return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len)
 
 
 _TRIES: dict[int, tuple[TokenVocab, TokenTrie]] = {}
@@ -213,7 +221,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     ptr = ctypes.c_void_p
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
-                                   ptr, ptr, ptr, ptr, ctypes.c_uint64, ptr, ptr]  # fmt: skip
+                                   ptr, ptr, ptr, ptr, ptr, ctypes.c_uint64, ctypes.c_int32, ptr, ptr]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
     lib.loom_trie_scan.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
                                    ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int32]  # fmt: skip
@@ -241,23 +249,17 @@ def trie_mask(
     if lib is None:
         return None
     assert byte_class.dtype == np.int64, "the walk reads raw arrays"
-    if table[state, 0] < 0 and expand is not None:  # its row is needed for its safe bytes
-        table = expand(state)
-    # The buckets whose every byte leads `state` back to itself: a token of only those keeps it
-    # alive, so the tokens under a subtree of only those (below a path of only those) are one
-    # cached mask of the vocabulary's, not a walk (a string's contents: most of the vocabulary).
-    loops = table[state][byte_class] == state if state != dead and table[state, 0] >= 0 else np.zeros(256, dtype=bool)
-    unsafe = int(np.bitwise_or.reduce(_BUCKET_BIT[~loops])) if not loops.all() else 0
+    unsafe, run, table = _safe_run(table, byte_class, dead, state, expand, trie.max_depth)
     safe_byte = ((_BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
-    out = _safe_mask(trie, unsafe).copy() if safe_byte.any() else np.zeros(trie.width, dtype=np.uint32)
+    out = _safe_mask(trie, unsafe, run).copy() if run else np.zeros(trie.width, dtype=np.uint32)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
     stack[0] = state
     safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
     safe[0] = 1
     pos = np.zeros(1, dtype=np.int64)
     nodes, walk = len(trie.node_byte), lib.loom_trie_mask
-    fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data,
-             trie.node_sub.ctypes.data, unsafe, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
+    fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data, trie.node_sub.ctypes.data,
+             trie.node_maxd.ctypes.data, unsafe, run, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
     while True:
         assert table.dtype == np.int32 and table.flags.c_contiguous, "the walk reads raw arrays"
         unknown = walk(*trie.pointers, nodes, table.ctypes.data, table.shape[1], *fixed)
@@ -267,16 +269,59 @@ def trie_mask(
         table = expand(unknown)
 
 
-def _safe_mask(trie: TokenTrie, unsafe: int) -> np.ndarray:
-    """Packed words of the tokens with no byte in the `unsafe` buckets (cached per trie: a few
-    distinct sets recur, a JSON string's contents in every schema)."""
-    words = trie.safe_masks.get(unsafe)
+_ALL_BUCKETS = int(np.bitwise_or.reduce(_BUCKET_BIT))  # every group some byte is in
+_RUN_CAP = 32  # steps a safe set is followed when it does not loop (a counted repetition): tokens are rarely longer
+
+
+def _safe_run(
+    table: np.ndarray, byte_class: np.ndarray, dead: int, state: int, expand: Callable[[int], np.ndarray] | None, max_depth: int
+) -> tuple[int, int, np.ndarray]:
+    """(unsafe buckets, run, table): the byte groups that all lead `state` to one live successor,
+    and how many bytes of them in a row stay live (each successor leading them all to one live
+    state; max_depth once one loops: a string's contents). A token of at most `run` safe bytes is
+    allowed, so the walk takes the tokens of whole subtrees of them from one cached mask (a
+    string's contents, `[a-f0-9]{40}`: most of the vocabulary) instead of visiting them.
+    `table` is returned as it may be, grown by `expand` (a lazy DFA building the rows it reads)."""
+
+    def row(q: int) -> np.ndarray:
+        nonlocal table
+        if table[q, 0] < 0 and expand is not None:
+            table = expand(q)
+        return table[q]
+
+    if state == dead or row(state)[0] < 0:
+        return _ALL_BUCKETS, 0, table
+    nexts = row(state)[byte_class]  # [256]
+    targets, counts = np.unique(nexts[nexts != dead], return_counts=True)
+    if not len(targets):
+        return _ALL_BUCKETS, 0, table
+    target = int(targets[counts.argmax()])
+    unsafe = int(np.bitwise_or.reduce(_BUCKET_BIT[nexts != target]))
+    if unsafe == _ALL_BUCKETS:
+        return unsafe, 0, table
+    columns = np.unique(byte_class[(_BUCKET_BIT & np.uint64(unsafe)) == 0])  # the safe bytes' columns
+    run, cur = 1, state
+    while run < _RUN_CAP:
+        if target == cur:
+            return unsafe, max_depth, table
+        cur, following = target, row(target)[columns]
+        target = int(following[0])
+        if target == dead or target < 0 or (following != target).any():
+            break
+        run += 1
+    return unsafe, run, table
+
+
+def _safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
+    """Packed words of the tokens of at most `run` bytes, none in the `unsafe` buckets (cached per
+    trie: a few sets recur, a JSON string's contents in every schema)."""
+    words = trie.safe_masks.get((unsafe, run))
     if words is None:
-        allowed = (trie.tok_buckets & np.uint64(unsafe)) == 0
+        allowed = ((trie.tok_buckets & np.uint64(unsafe)) == 0) & (trie.tok_len <= run)
         words = np.packbits(allowed, bitorder="little").view(np.uint32)
         if len(trie.safe_masks) >= _SAFE_MASKS_KEPT:
             trie.safe_masks.clear()
-        trie.safe_masks[unsafe] = words
+        trie.safe_masks[(unsafe, run)] = words
     return words
 
 
