@@ -12,8 +12,7 @@ stay in Python: a row lists, per interned stack, the terminals a lexeme may be o
 stack once one is complete (CompiledEbnf.startable / after). C asks for a row it lacks by returning
 the stack's id; Python fills it (interning new stacks as Lark's LALR table says) and C resumes at
 the token it stopped on, so the C walk is the Python one, set by set, MAX_CONFIGS truncation
-included. Tokens are walked in byte order, and a token shares the sets of its previous token's
-common prefix.
+included.
 
 LOOM_NO_C_EBNF=1 turns the C walk off (the Python walk stays).
 """
@@ -105,10 +104,11 @@ typedef struct {
     const int32_t *trans; const uint8_t *accepting; const int32_t *lex_terminal; const int32_t *offsets;
     int64_t n_lex, boundary;
     const int64_t *row_off; const int32_t *row_len; const int32_t *row_pairs; int64_t n_rows;
-    const uint8_t *data; int64_t stride; const int64_t *lens; const int64_t *row_of; const int64_t *rank;
+    const uint8_t *data; int64_t stride; const int64_t *lens; const int64_t *row_of;
     int64_t width, max_configs;
     int64_t *sets, *sizes, *scratch; int64_t scratch_cap;
-    int64_t *order;   /* [vocab_size]: (rank << 32 | token id) of the tokens to walk */
+    int64_t *order;   /* [vocab_size]: the tokens to walk */
+    int64_t *first;   /* [256 * max_configs]: the start set stepped by each byte (first_len: -1 not yet) */
     int64_t need;     /* the stack whose row is missing */
     int64_t resume;   /* the token (in walking order) to resume at */
 } ctx_t;
@@ -118,40 +118,52 @@ typedef struct {
    accepted are set in `allowed`, all of them in `checked`, and out |= allowed & enders.
    Returns 0; 1 when more than `many` are new (nothing done: the caller scans instead); -2 when
    the row of stack ctx->need is missing (fill it and call again: the walk resumes where it was);
-   -3 when scratch is too small. Tokens are walked in byte order (rank), and share the sets of
-   their previous token's common prefix. */
+   -3 when scratch is too small. Tokens are walked in id order; the start set's step by each first
+   byte is computed once a call (the one step every token takes, and most tokens' last), and a
+   token shares the sets of its previous token's common prefix. */
 int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uint32_t *allowed, uint32_t *out,
                         int64_t offset, int64_t start, int64_t many) {
     int64_t n = 0;
     for (int64_t w = 0; w < x->width; w++) {
         uint32_t bits = enders[w] & ~checked[w];
-        n += __builtin_popcount(bits);
-    }
-    if (n > many) return 1;
-    n = 0;
-    for (int64_t w = 0; w < x->width; w++) {
-        uint32_t bits = enders[w] & ~checked[w];
+        if (!bits) continue;
+        if (n + __builtin_popcount(bits) > many) return 1;
         while (bits) {
-            int64_t t = w * 32 + __builtin_ctz(bits);
+            x->order[n++] = w * 32 + __builtin_ctz(bits);
             bits &= bits - 1;
-            x->order[n++] = (x->rank[x->row_of[t]] << 32) | t;
         }
     }
-    if (n > 1) qsort(x->order, n, sizeof(int64_t), cmp_i64);
     int64_t mc = x->max_configs;
+    int64_t first_len[256];
+    for (int b = 0; b < 256; b++) first_len[b] = -1;
     x->sets[offset * mc] = start;
     x->sizes[offset] = 1;
     int64_t valid = offset;  /* sets[offset .. valid] hold the previous token's walk */
     const uint8_t *prev = 0;
     int64_t prev_len = 0;
     for (int64_t k = x->resume; k < n; k++) {
-        int64_t t = x->order[k] & 0xFFFFFFFF, row = x->row_of[t];
+        int64_t t = x->order[k], row = x->row_of[t];
         const uint8_t *cur = x->data + row * x->stride;
         int64_t len = x->lens[row], d = offset;
         if (prev) {
             int64_t lim = valid < len ? valid : len;
             if (prev_len < lim) lim = prev_len;
             while (d < lim && cur[d] == prev[d]) d++;
+        }
+        if (d == offset) {
+            int b = cur[d];
+            if (first_len[b] < 0) {
+                int64_t r = step_set(x->sets + d * mc, 1, b, x->first + b * mc, x->scratch, x->scratch_cap, x->trans,
+                                     x->accepting, x->lex_terminal, x->offsets, x->n_lex, x->boundary, x->row_off,
+                                     x->row_len, x->row_pairs, x->n_rows, mc, &x->need);
+                if (r < 0) {
+                    if (r == -2) x->resume = k;
+                    return r;
+                }
+                first_len[b] = r;
+            }
+            memcpy(x->sets + (d + 1) * mc, x->first + b * mc, first_len[b] * sizeof(int64_t));
+            x->sizes[++d] = first_len[b];
         }
         while (d < len && x->sizes[d] > 0) {
             int64_t r = step_set(x->sets + d * mc, x->sizes[d], cur[d], x->sets + (d + 1) * mc, x->scratch,
@@ -189,10 +201,10 @@ class _Ctx(ctypes.Structure):
     _fields_ += [("n_lex", ctypes.c_int64), ("boundary", ctypes.c_int64)]
     _fields_ += [(name, ctypes.c_void_p) for name in ("row_off", "row_len", "row_pairs")] + [("n_rows", ctypes.c_int64)]
     _fields_ += [("data", ctypes.c_void_p), ("stride", ctypes.c_int64)]
-    _fields_ += [(name, ctypes.c_void_p) for name in ("lens", "row_of", "rank")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("lens", "row_of")]
     _fields_ += [("width", ctypes.c_int64), ("max_configs", ctypes.c_int64)]
     _fields_ += [(name, ctypes.c_void_p) for name in ("sets", "sizes", "scratch")] + [("scratch_cap", ctypes.c_int64)]
-    _fields_ += [("order", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
+    _fields_ += [("order", ctypes.c_void_p), ("first", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
 
 
 @functools.cache
@@ -211,23 +223,19 @@ def available() -> bool:
     return _library() is not None
 
 
-_RANKS: dict[int, tuple[TokenVocab, np.ndarray, np.ndarray]] = {}
+_ROWS: dict[int, tuple[TokenVocab, np.ndarray]] = {}
 
 
-def _vocab_order(vocab: TokenVocab) -> tuple[np.ndarray, np.ndarray]:
-    """(row of each token id (-1: none), rank of each row in byte order), once per vocabulary
-    (~30 ms at 128k tokens)."""
-    hit = _RANKS.get(id(vocab))
+def _row_of(vocab: TokenVocab) -> np.ndarray:
+    """The vocabulary matrix's row of each token id (-1: none), once per vocabulary."""
+    hit = _ROWS.get(id(vocab))
     if hit is None or hit[0] is not vocab:
-        if len(_RANKS) >= 4:
-            _RANKS.clear()
+        if len(_ROWS) >= 4:
+            _ROWS.clear()
         row_of = np.full(vocab.vocab_size, -1, dtype=np.int64)
         row_of[vocab.ids] = np.arange(len(vocab.ids))
-        order = np.argsort(vocab.data.view(f"V{vocab.data.shape[1]}").ravel(), kind="stable")
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        hit = _RANKS[id(vocab)] = (vocab, row_of, rank)
-    return hit[1], hit[2]
+        hit = _ROWS[id(vocab)] = (vocab, row_of)
+    return hit[1]
 
 
 class CrossingWalker:
@@ -237,7 +245,7 @@ class CrossingWalker:
         self.g = grammar
         self.lib = _library()
         v = grammar.vocab
-        self.row_of, self.rank = _vocab_order(v)
+        self.row_of = _row_of(v)
         self.trans = np.ascontiguousarray(grammar.trans_table, dtype=np.int32)  # [boundary, 256]
         self.accepting = np.asarray(grammar.accepting, dtype=np.uint8)
         self.lex_terminal = np.asarray(grammar.lex_terminal, dtype=np.int32)
@@ -252,12 +260,13 @@ class CrossingWalker:
         self.sizes = np.zeros(self.data.shape[1] + 1, dtype=np.int64)
         self.scratch = np.zeros(grammar.max_configs * (1 + len(grammar.terminal_names)), dtype=np.int64)
         self.order = np.zeros(v.vocab_size, dtype=np.int64)
+        self.first = np.zeros(256 * grammar.max_configs, dtype=np.int64)
         self.ctx = _Ctx(
             _ptr(self.trans), _ptr(self.accepting), _ptr(self.lex_terminal), _ptr(self.offsets), grammar.n_lex, grammar.boundary,
             _ptr(self.row_off), _ptr(self.row_len), _ptr(self.pairs), len(self.row_off),
-            _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of), _ptr(self.rank),
+            _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of),
             bitmask_width(v.vocab_size), grammar.max_configs, _ptr(self.sets), _ptr(self.sizes), _ptr(self.scratch),
-            len(self.scratch), _ptr(self.order), 0, 0,
+            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0,
         )  # fmt: skip
         self.ctx_ref = ctypes.byref(self.ctx)
 
