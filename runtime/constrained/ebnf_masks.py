@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
+from loom.runtime.constrained.ebnf_scan import lexeme_scan
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
 from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
 from loom.runtime.constrained.token_walk import available as walk_available
@@ -102,8 +104,9 @@ class EbnfMasks:
 
     def scan_at(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """`scan` of the lexeme entered after each token's first `offset` bytes (tokens longer
-        than that): a C walk of the token trie, or (no compiler) one vectorised pass of the
-        vocabulary through the lexeme's DFA. Offsets past 0 are cached here."""
+        than that): a C walk of the token trie (at offset 0 skipping subtrees of safe bytes,
+        ebnf_scan), or (no compiler) one vectorised pass of the vocabulary through the lexeme's
+        DFA. Offsets past 0 are cached here."""
         if offset:
             hit = self._offset_scans.get((lex, offset))
             if hit is not None:
@@ -112,7 +115,13 @@ class EbnfMasks:
         g = self.g
         k = g.lex_terminal[lex]
         dfa = g.dfas[k]
-        scanned = trie_scan(token_trie(v), dfa.table, dfa.accepting, lex - g.offsets[k], offset) if walk_available() else None
+        scanned = None
+        if walk_available():
+            trie = token_trie(v)
+            if offset == 0 and lexeme_scan_available():  # whole subtrees of safe bytes at once
+                scanned = lexeme_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k])
+            if scanned is None:
+                scanned = trie_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states

@@ -2,7 +2,8 @@
 consulted only for tokens that cross a lexeme end) allow exactly the tokens a brute-force walk of
 each token through the parser allows, on random walks over several grammars and a vocabulary with
 tokens spanning several terminals; the C scan equals the numpy scan, the C walk of crossing tokens
-(ebnf_walk.py) the Python walk; and without a compiler the masks are the same."""
+(ebnf_walk.py) the Python walk, the scan skipping subtrees of safe bytes (ebnf_scan.py) the plain
+one; and without a compiler the masks are the same."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import random
 import numpy as np
 import pytest
 
-from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, ebnf_masks, ebnf_walk, token_walk, unpack_bitmask
+from loom.runtime.constrained import (
+    TokenVocab,
+    allocate_token_bitmask,
+    compile_grammar,
+    ebnf_masks,
+    ebnf_scan,
+    ebnf_walk,
+    token_walk,
+    unpack_bitmask,
+)
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.vocabulary import byte_decoder
@@ -101,15 +111,27 @@ def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, walk, 
             assert fast == brute, (name, seed, step, sorted(fast ^ brute)[:10])
 
 
-@pytest.mark.skipif(not token_walk.available(), reason="no C compiler: only the numpy scan exists")
+@pytest.mark.skipif(not ebnf_scan.available(), reason="no C compiler: only the numpy scan exists")
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
 def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monkeypatch):
     walked = _compile(name, vocab).masks
     monkeypatch.setattr(ebnf_masks, "walk_available", lambda: False)
     scanned = _compile(name, vocab).masks
+    trie = token_walk.token_trie(vocab)
+    monkeypatch.setattr(ebnf_scan, "_MIN_RUN", 1)  # every run of safe bytes skipped, however short
+    monkeypatch.setattr(ebnf_scan, "_MIN_SAFE_BYTES", 1)
+    skipping = 0
     for lex in range(walked.g.boundary):
         walked.scan(lex)
         scanned.scan(lex)
+        k = walked.g.lex_terminal[lex]  # the scan skipping subtrees of safe bytes, against the plain one
+        dfa = walked.g.dfas[k]
+        got = ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k])
+        if got is not None:  # None: no byte is safe there
+            skipping += 1
+            (s_in, s_splits), (p_in, p_splits) = got, token_walk.trie_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k])
+            assert np.array_equal(s_in, p_in) and s_splits.keys() == p_splits.keys(), (name, lex)
+            assert all(np.array_equal(s_splits[j], p_splits[j]) for j in s_splits), (name, lex)
         assert np.array_equal(walked._inside[lex], scanned._inside[lex]), (name, lex)
         assert walked._splits[lex].keys() == scanned._splits[lex].keys(), (name, lex)
         for j, enders in walked._splits[lex].items():
@@ -118,6 +140,7 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
             (w_in, w_splits), (s_in, s_splits) = walked.scan_at(lex, offset), scanned.scan_at(lex, offset)
             assert np.array_equal(w_in, s_in) and w_splits.keys() == s_splits.keys(), (name, lex, offset)
             assert all(np.array_equal(w_splits[j], s_splits[j]) for j in w_splits), (name, lex, offset)
+    assert skipping, name
 
 
 def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):

@@ -1,0 +1,147 @@
+"""The EBNF engine's lexer-state scan of the vocabulary (ebnf_masks' `scan`), taking whole subtrees of
+"safe" bytes from one cached mask, in C when a compiler is at hand.
+
+    inside, splits = lexeme_scan(trie, table, accepting, state)   or None (no compiler)
+
+token_walk.trie_scan visits every live trie node: from a string's contents, that is the whole
+vocabulary (~2 ms at 128k tokens) for every new lexer state, and a long string (a chunked
+`maxLength`) has a new one at nearly every step. As token_walk.trie_mask does for regexes, the
+byte groups that all lead the state to one live successor ("safe"), followed as long as each
+successor does the same, give a run: a token of at most `run` safe bytes stays inside the lexeme.
+Here the run also stops at the first accepting state, as a lexeme that may end inside a token puts
+it in `splits` instead. The walk skips every subtree of safe bytes no deeper than the run, and
+their tokens come from token_walk's cached mask of such tokens (a JSON string's contents: the same
+in every schema). Only scans entered at the token's first byte (offset 0) take this path.
+
+LOOM_NO_C_EBNF=1 turns it off (token_walk.trie_scan stays).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import numpy as np
+
+from loom.runtime.constrained.native_c import compile_c
+from loom.runtime.constrained.token_walk import _BUCKET_BIT, TokenTrie, _safe_mask
+
+_C_SOURCE = r"""
+#include <stdint.h>
+/* token_walk's loom_trie_scan at offset 0, skipping the subtrees whose path and every byte are
+   safe and whose tokens are at most `run` bytes long (safe[d]: the path to depth d is all safe). */
+void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
+                    const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
+                    const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
+                    uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
+                    const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
+                    const uint8_t *safe_byte, uint8_t *safe) {
+    int64_t i = 0;
+    safe[0] = 1;
+    while (i < n_nodes) {
+        int32_t d = node_depth[i];
+        if (safe[d - 1] && !(node_sub[i] & unsafe) && node_maxd[i] <= run) { i = node_skip[i]; continue; }
+        int32_t s = table[(int64_t)stack[d - 1] * 256 + node_byte[i]];
+        if (s == dead) { i = node_skip[i]; continue; }
+        stack[d] = s;
+        safe[d] = safe[d - 1] & safe_byte[node_byte[i]];
+        for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
+            int32_t t = tok_ids[k];
+            inside[t >> 5] |= (uint32_t)1 << (t & 31);
+        }
+        int32_t end = tok_off[node_skip[i]];
+        if (accepting[s] && tok_off[i + 1] < end) {
+            uint32_t *row = splits + (int64_t)d * width;
+            hit[d] = 1;
+            for (int32_t k = tok_off[i + 1]; k < end; k++) {
+                int32_t t = tok_ids[k];
+                row[t >> 5] |= (uint32_t)1 << (t & 31);
+            }
+        }
+        i++;
+    }
+}
+"""
+
+_ALL = int(np.bitwise_or.reduce(_BUCKET_BIT))
+_RUN_CAP = 32  # steps a counted run is followed (each costs a row lookup; few tokens are longer)
+_MIN_RUN = 4  # a shorter run skips too little to pay for its mask: the plain walk instead
+_MIN_SAFE_BYTES = 32  # so do fewer safe bytes (a keyword's, a number's): their subtrees are small
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LOOM_NO_C_EBNF"):
+        return None
+    lib = compile_c(_C_SOURCE, "loom_ebnf_scan", "the EBNF lexer-state scan")
+    if lib is None:
+        return None
+    lib.loom_ebnf_scan.restype = None
+    lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def safe_run(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: int) -> tuple[int, int]:
+    """(unsafe byte buckets, run) from `state` of a complete byte DFA (`table` [S + 1, 256], dead
+    last): the groups that all lead it to one live successor, and how many bytes of them in a row
+    keep a token inside the lexeme (each successor leading them all to one live state, none of the
+    states before the last accepting; max_depth once a non-accepting one loops; followed for at
+    most _RUN_CAP bytes; 0 where fewer than _MIN_SAFE_BYTES bytes are safe)."""
+    dead = table.shape[0] - 1
+    nexts = table[state]  # [256]
+    live = nexts[nexts != dead]
+    if not len(live):
+        return _ALL, 0
+    targets, counts = np.unique(live, return_counts=True)
+    target = int(targets[counts.argmax()])
+    unsafe = int(np.bitwise_or.reduce(_BUCKET_BIT[nexts != target]))
+    if unsafe == _ALL:
+        return unsafe, 0
+    columns = (_BUCKET_BIT & np.uint64(unsafe)) == 0  # [256] the safe bytes
+    if columns.sum() < _MIN_SAFE_BYTES:
+        return unsafe, 0
+    run, cur = 1, state
+    while run < _RUN_CAP:  # target: the state after `run` safe bytes
+        if accepting[target]:
+            return unsafe, run  # a longer token may end the lexeme here: walked
+        if target == cur:
+            return unsafe, max_depth
+        following = table[target][columns]
+        nxt = int(following[0])
+        if nxt == dead or (following != nxt).any():
+            break
+        cur, target = target, nxt
+        run += 1
+    return unsafe, run
+
+
+def lexeme_scan(trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
+    """token_walk.trie_scan(trie, table, accepting, state) at offset 0, safe subtrees skipped; None
+    where the scan is not compiled or the state's run of safe bytes is too short to pay."""
+    lib = _library()
+    if lib is None:
+        return None
+    assert table.dtype == np.int32 and table.flags.c_contiguous and table.shape[1] == 256, "the scan reads raw byte tables"
+    unsafe, run = safe_run(table, accepting, state, trie.max_depth)
+    if run < _MIN_RUN:
+        return None
+    inside = _safe_mask(trie, unsafe, run).copy()
+    acc = np.ascontiguousarray(accepting, dtype=np.uint8)
+    splits = np.zeros((trie.max_depth + 1, trie.width), dtype=np.uint32)  # [depth, words]
+    hit = np.zeros(trie.max_depth + 1, dtype=np.uint8)
+    stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
+    stack[0] = state
+    safe_byte = ((_BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
+    safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
+    lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
+                       stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
+                       trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, run, safe_byte.ctypes.data,
+                       safe.ctypes.data)  # fmt: skip
+    return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}
