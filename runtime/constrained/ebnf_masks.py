@@ -22,7 +22,7 @@ import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
-from loom.runtime.constrained.ebnf_scan import lexeme_scan
+from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_run
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
 from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
 from loom.runtime.constrained.token_walk import available as walk_available
@@ -70,6 +70,7 @@ class EbnfMasks:
         self._splits: dict[int, dict[int, np.ndarray]] = {}
         self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
         self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        self._runs: dict[int, tuple[int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_run)
         self._rests: dict[tuple[int, int], np.ndarray] = {}
         self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
         self._set_of: dict[frozenset[int], int] = {}
@@ -104,8 +105,7 @@ class EbnfMasks:
 
     def scan_at(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """`scan` of the lexeme entered after each token's first `offset` bytes (tokens longer
-        than that): a C walk of the token trie (at offset 0 skipping subtrees of safe bytes,
-        ebnf_scan), or (no compiler) one vectorised pass of the vocabulary through the lexeme's
+        than that): a C walk of the token trie (skipping subtrees of safe bytes, ebnf_scan), or (no compiler) one vectorised pass of the vocabulary through the lexeme's
         DFA. Offsets past 0 are cached here."""
         if offset:
             hit = self._offset_scans.get((lex, offset))
@@ -118,8 +118,11 @@ class EbnfMasks:
         scanned = None
         if walk_available():
             trie = token_trie(v)
-            if offset == 0 and lexeme_scan_available():  # whole subtrees of safe bytes at once
-                scanned = lexeme_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k])
+            if lexeme_scan_available():  # whole subtrees of safe bytes at once
+                run = self._runs.get(lex)
+                if run is None:
+                    run = self._runs[lex] = safe_run(dfa.table, dfa.accepting, lex - g.offsets[k], trie.max_depth)
+                scanned = lexeme_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run)
             if scanned is None:
                 scanned = trie_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset)
         if scanned is None:

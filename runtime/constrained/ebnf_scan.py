@@ -11,7 +11,8 @@ successor does the same, give a run: a token of at most `run` safe bytes stays i
 Here the run also stops at the first accepting state, as a lexeme that may end inside a token puts
 it in `splits` instead. The walk skips every subtree of safe bytes no deeper than the run, and
 their tokens come from token_walk's cached mask of such tokens (a JSON string's contents: the same
-in every schema). Only scans entered at the token's first byte (offset 0) take this path.
+in every schema). A scan entered mid-token (past the token's first `offset` bytes, which can be
+anything) sets a skipped subtree's tokens one by one instead, still far fewer than its nodes.
 
 LOOM_NO_C_EBNF=1 turns it off (token_walk.trie_scan stays).
 """
@@ -29,19 +30,30 @@ from loom.runtime.constrained.token_walk import _BUCKET_BIT, TokenTrie, _safe_ma
 
 _C_SOURCE = r"""
 #include <stdint.h>
-/* token_walk's loom_trie_scan at offset 0, skipping the subtrees whose path and every byte are
-   safe and whose tokens are at most `run` bytes long (safe[d]: the path to depth d is all safe). */
+/* token_walk's loom_trie_scan, skipping the subtrees whose path and every byte past `offset` are
+   safe and whose tokens are at most `run` bytes past it (safe[d]: the path to depth d is). Their
+   tokens are the caller's (offset 0: a cached mask of every such token), or set here one by one
+   (add_skipped: past offset 0, where the tokens' first bytes can be anything). */
 void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
                     const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
                     const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
                     uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
                     const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
-                    const uint8_t *safe_byte, uint8_t *safe) {
+                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t add_skipped) {
     int64_t i = 0;
     safe[0] = 1;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
-        if (safe[d - 1] && !(node_sub[i] & unsafe) && node_maxd[i] <= run) { i = node_skip[i]; continue; }
+        if (d <= offset) { stack[d] = stack[d - 1]; safe[d] = 1; i++; continue; }  /* bytes before the lexeme */
+        if (safe[d - 1] && !(node_sub[i] & unsafe) && node_maxd[i] - offset <= run) {
+            if (add_skipped)
+                for (int32_t k = tok_off[i]; k < tok_off[node_skip[i]]; k++) {
+                    int32_t t = tok_ids[k];
+                    inside[t >> 5] |= (uint32_t)1 << (t & 31);
+                }
+            i = node_skip[i];
+            continue;
+        }
         int32_t s = table[(int64_t)stack[d - 1] * 256 + node_byte[i]];
         if (s == dead) { i = node_skip[i]; continue; }
         stack[d] = s;
@@ -81,6 +93,7 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32]
     return lib
 
 
@@ -122,17 +135,20 @@ def safe_run(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: in
     return unsafe, run
 
 
-def lexeme_scan(trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
-    """token_walk.trie_scan(trie, table, accepting, state) at offset 0, safe subtrees skipped; None
-    where the scan is not compiled or the state's run of safe bytes is too short to pay."""
+def lexeme_scan(
+    trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int, offset: int = 0, run: tuple[int, int] | None = None
+) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
+    """token_walk.trie_scan(trie, table, accepting, state, offset), safe subtrees skipped; None
+    where the scan is not compiled or the state's run of safe bytes is too short to pay. `run`:
+    safe_run's answer for the state, where the caller keeps it (it costs ~50 us)."""
     lib = _library()
     if lib is None:
         return None
     assert table.dtype == np.int32 and table.flags.c_contiguous and table.shape[1] == 256, "the scan reads raw byte tables"
-    unsafe, run = safe_run(table, accepting, state, trie.max_depth)
+    unsafe, run = safe_run(table, accepting, state, trie.max_depth) if run is None else run  # type: ignore[misc]
     if run < _MIN_RUN:
         return None
-    inside = _safe_mask(trie, unsafe, run).copy()
+    inside = np.zeros(trie.width, dtype=np.uint32) if offset else _safe_mask(trie, unsafe, run).copy()
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
     splits = np.zeros((trie.max_depth + 1, trie.width), dtype=np.uint32)  # [depth, words]
     hit = np.zeros(trie.max_depth + 1, dtype=np.uint8)
@@ -143,5 +159,5 @@ def lexeme_scan(trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state
     lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
                        stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
                        trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, run, safe_byte.ctypes.data,
-                       safe.ctypes.data)  # fmt: skip
+                       safe.ctypes.data, offset, 1 if offset else 0)  # fmt: skip
     return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}

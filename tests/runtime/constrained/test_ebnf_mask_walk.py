@@ -126,12 +126,16 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
         scanned.scan(lex)
         k = walked.g.lex_terminal[lex]  # the scan skipping subtrees of safe bytes, against the plain one
         dfa = walked.g.dfas[k]
-        got = ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k])
-        if got is not None:  # None: no byte is safe there
-            skipping += 1
-            (s_in, s_splits), (p_in, p_splits) = got, token_walk.trie_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k])
-            assert np.array_equal(s_in, p_in) and s_splits.keys() == p_splits.keys(), (name, lex)
-            assert all(np.array_equal(s_splits[j], p_splits[j]) for j in s_splits), (name, lex)
+        for offset in (0, 1, 3):
+            got = ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k], offset)
+            if got is not None:  # None: no byte is safe there
+                skipping += 1
+                (s_in, s_splits), (p_in, p_splits) = (
+                    got,
+                    token_walk.trie_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k], offset),
+                )
+                assert np.array_equal(s_in, p_in) and s_splits.keys() == p_splits.keys(), (name, lex, offset)
+                assert all(np.array_equal(s_splits[j], p_splits[j]) for j in s_splits), (name, lex, offset)
         assert np.array_equal(walked._inside[lex], scanned._inside[lex]), (name, lex)
         assert walked._splits[lex].keys() == scanned._splits[lex].keys(), (name, lex)
         for j, enders in walked._splits[lex].items():
