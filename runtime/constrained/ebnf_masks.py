@@ -89,11 +89,11 @@ class EbnfMasks:
 
     @property
     def nbytes(self) -> int:
-        return self.count() * self.eos_words.nbytes
+        return self.count() * self.eos_words.nbytes + (self._walker.nbytes if self._walker is not None else 0)
 
     def _bound(self) -> None:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
-        if self.nbytes > MASK_CACHE_BYTES:
+        if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
             for memo in (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks):
                 memo.clear()
 

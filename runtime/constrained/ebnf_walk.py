@@ -118,7 +118,7 @@ typedef struct {
    accepted are set in `allowed`, all of them in `checked`, and out |= allowed & enders.
    Returns 0; 1 when more than `many` are new (nothing done: the caller scans instead); -2 when
    the row of stack ctx->need is missing (fill it and call again: the walk resumes where it was);
-   -3 when scratch is too small. Tokens are walked in id order; the start set's step by each first
+   -3 when scratch is too small (grow it and call again, likewise). Tokens are walked in id order; the start set's step by each first
    byte is computed once a call (the one step every token takes, and most tokens' last), and a
    token shares the sets of its previous token's common prefix. */
 int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uint32_t *allowed, uint32_t *out,
@@ -157,7 +157,7 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uin
                                      x->accepting, x->lex_terminal, x->offsets, x->n_lex, x->boundary, x->row_off,
                                      x->row_len, x->row_pairs, x->n_rows, mc, &x->need);
                 if (r < 0) {
-                    if (r == -2) x->resume = k;
+                    x->resume = k;
                     return r;
                 }
                 first_len[b] = r;
@@ -170,7 +170,7 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uin
                                  x->scratch_cap, x->trans, x->accepting, x->lex_terminal, x->offsets, x->n_lex,
                                  x->boundary, x->row_off, x->row_len, x->row_pairs, x->n_rows, mc, &x->need);
             if (r < 0) {
-                if (r == -2) x->resume = k;
+                x->resume = k;
                 return r;
             }
             x->sizes[++d] = r;
@@ -258,7 +258,7 @@ class CrossingWalker:
         self.lens = np.ascontiguousarray(v.lens, dtype=np.int64)
         self.sets = np.zeros((self.data.shape[1] + 1) * grammar.max_configs, dtype=np.int64)
         self.sizes = np.zeros(self.data.shape[1] + 1, dtype=np.int64)
-        self.scratch = np.zeros(grammar.max_configs * (1 + len(grammar.terminal_names)), dtype=np.int64)
+        self.scratch = np.zeros(4 * grammar.max_configs, dtype=np.int64)  # grown when a step finds more
         self.order = np.zeros(v.vocab_size, dtype=np.int64)
         self.first = np.zeros(256 * grammar.max_configs, dtype=np.int64)
         self.ctx = _Ctx(
@@ -269,6 +269,12 @@ class CrossingWalker:
             len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0,
         )  # fmt: skip
         self.ctx_ref = ctypes.byref(self.ctx)
+
+    @property
+    def nbytes(self) -> int:
+        """The walk's buffers and parser rows (counted in the compiled grammar's size)."""
+        arrays = (self.trans, self.row_off, self.row_len, self.pairs, self.sets, self.sizes, self.scratch, self.order, self.first)
+        return sum(a.nbytes for a in arrays)
 
     def _fill(self, sid: int) -> None:
         """Stack `sid`'s row: each terminal a lexeme may be of there, and the stack after one."""
@@ -301,7 +307,10 @@ class CrossingWalker:
             if r == -2:
                 self._fill(self.ctx.need)
                 continue
-            assert r >= 0, "the EBNF crossing walk's scratch buffer is too small"
+            if r == -3:
+                self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
+                self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
+                continue
             return r == 0
 
     def accepted(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:

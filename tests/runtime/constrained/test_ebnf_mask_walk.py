@@ -169,6 +169,8 @@ def test_the_c_crossing_walk_equals_the_python_walk(vocab, name, max_configs):
     compiled._step.clear(), compiled._step1.clear()  # the steps compiling took kept every configuration
     masks = compiled.masks
     walker = ebnf_walk.CrossingWalker(compiled)
+    walker.scratch = np.zeros(1, dtype=np.int64)  # grown on demand: the walk resumes where it stopped
+    walker.ctx.scratch, walker.ctx.scratch_cap = walker.scratch.ctypes.data, 1
     stacks = sorted({c // compiled.n_lex for state in _random_walk(compiled, 3) for c in state})
     rnd = random.Random(0)
     for _ in range(60):
