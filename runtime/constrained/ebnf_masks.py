@@ -70,7 +70,7 @@ class EbnfMasks:
         self._splits: dict[int, dict[int, np.ndarray]] = {}
         self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
         self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
-        self._runs: dict[int, tuple[int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_run)
+        self._runs: dict[int, tuple[int, int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_run)
         self._rests: dict[tuple[int, int], np.ndarray] = {}
         self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
         self._set_of: dict[frozenset[int], int] = {}

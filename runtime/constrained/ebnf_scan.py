@@ -33,23 +33,31 @@ _C_SOURCE = r"""
 /* token_walk's loom_trie_scan, skipping the subtrees whose path and every byte past `offset` are
    safe and whose tokens are at most `run` bytes past it (safe[d]: the path to depth d is). Their
    tokens are the caller's (offset 0: a cached mask of every such token), or set here one by one
-   (add_skipped: past offset 0, where the tokens' first bytes can be anything). */
+   (add_skipped: past offset 0, where the tokens' first bytes can be anything). Where a safe byte
+   past the run kills the token (`end`: 1, or 2 when the run's last state accepts), a subtree of
+   safe bytes is skipped however deep: its longer tokens are dead, or (2) cross the lexeme end. */
 void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
                     const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
                     const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
                     uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
                     const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
-                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t add_skipped) {
+                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t add_skipped, int32_t end,
+                    const int32_t *tok_len) {
     int64_t i = 0;
     safe[0] = 1;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
         if (d <= offset) { stack[d] = stack[d - 1]; safe[d] = 1; i++; continue; }  /* bytes before the lexeme */
-        if (safe[d - 1] && !(node_sub[i] & unsafe) && node_maxd[i] - offset <= run) {
+        if (safe[d - 1] && !(node_sub[i] & unsafe) && (end || node_maxd[i] - offset <= run)) {
             if (add_skipped)
                 for (int32_t k = tok_off[i]; k < tok_off[node_skip[i]]; k++) {
                     int32_t t = tok_ids[k];
-                    inside[t >> 5] |= (uint32_t)1 << (t & 31);
+                    if (tok_len[t] - offset <= run) {
+                        inside[t >> 5] |= (uint32_t)1 << (t & 31);
+                    } else if (end == 2) {  /* the lexeme ends after the run: the rest crosses */
+                        splits[(int64_t)(offset + run) * width + (t >> 5)] |= (uint32_t)1 << (t & 31);
+                        hit[offset + run] = 1;
+                    }
                 }
             i = node_skip[i];
             continue;
@@ -80,6 +88,7 @@ _ALL = int(np.bitwise_or.reduce(_BUCKET_BIT))
 _RUN_CAP = 32  # steps a counted run is followed (each costs a row lookup; few tokens are longer)
 _MIN_RUN = 4  # a shorter run skips too little to pay for its mask: the plain walk instead
 _MIN_SAFE_BYTES = 32  # so do fewer safe bytes (a keyword's, a number's): their subtrees are small
+OPEN, DEAD, ENDS = 0, 1, 2  # what a safe byte past the run does (safe_run)
 
 
 @functools.cache
@@ -93,7 +102,7 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
-    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32]
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
     return lib
 
 
@@ -101,42 +110,52 @@ def available() -> bool:
     return _library() is not None
 
 
-def safe_run(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: int) -> tuple[int, int]:
-    """(unsafe byte buckets, run) from `state` of a complete byte DFA (`table` [S + 1, 256], dead
-    last): the groups that all lead it to one live successor, and how many bytes of them in a row
-    keep a token inside the lexeme (each successor leading them all to one live state, none of the
-    states before the last accepting; max_depth once a non-accepting one loops; followed for at
-    most _RUN_CAP bytes; 0 where fewer than _MIN_SAFE_BYTES bytes are safe)."""
+def safe_run(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: int) -> tuple[int, int, int]:
+    """(unsafe byte buckets, run, end) from `state` of a complete byte DFA (`table` [S + 1, 256],
+    dead last): the groups that all lead it to one live successor, and how many bytes of them in a
+    row keep a token inside the lexeme (each successor leading them all to one live state, none of
+    the states before the last accepting; max_depth once a non-accepting one loops; followed for at
+    most _RUN_CAP bytes; 0 where fewer than _MIN_SAFE_BYTES bytes are safe). `end` says what a
+    further safe byte does: OPEN (unknown: walked), DEAD (kills the token: a counted run ends), or
+    ENDS (the run's last state accepts and a further byte kills: the lexeme ends there)."""
     dead = table.shape[0] - 1
     nexts = table[state]  # [256]
     live = nexts[nexts != dead]
     if not len(live):
-        return _ALL, 0
+        return _ALL, 0, OPEN
     targets, counts = np.unique(live, return_counts=True)
     target = int(targets[counts.argmax()])
     unsafe = int(np.bitwise_or.reduce(_BUCKET_BIT[nexts != target]))
     if unsafe == _ALL:
-        return unsafe, 0
+        return unsafe, 0, OPEN
     columns = (_BUCKET_BIT & np.uint64(unsafe)) == 0  # [256] the safe bytes
     if columns.sum() < _MIN_SAFE_BYTES:
-        return unsafe, 0
+        return unsafe, 0, OPEN
     run, cur = 1, state
     while run < _RUN_CAP:  # target: the state after `run` safe bytes
-        if accepting[target]:
-            return unsafe, run  # a longer token may end the lexeme here: walked
-        if target == cur:
-            return unsafe, max_depth
         following = table[target][columns]
         nxt = int(following[0])
+        closes = nxt == dead and not (following != nxt).any()
+        if accepting[target]:  # a longer token may end the lexeme here
+            return unsafe, run, ENDS if closes else OPEN
+        if target == cur:
+            return unsafe, max_depth, OPEN
+        if closes:
+            return unsafe, run, DEAD
         if nxt == dead or (following != nxt).any():
             break
         cur, target = target, nxt
         run += 1
-    return unsafe, run
+    return unsafe, run, OPEN
 
 
 def lexeme_scan(
-    trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int, offset: int = 0, run: tuple[int, int] | None = None
+    trie: TokenTrie,
+    table: np.ndarray,
+    accepting: np.ndarray,
+    state: int,
+    offset: int = 0,
+    run: tuple[int, int, int] | None = None,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
     """token_walk.trie_scan(trie, table, accepting, state, offset), safe subtrees skipped; None
     where the scan is not compiled or the state's run of safe bytes is too short to pay. `run`:
@@ -145,19 +164,25 @@ def lexeme_scan(
     if lib is None:
         return None
     assert table.dtype == np.int32 and table.flags.c_contiguous and table.shape[1] == 256, "the scan reads raw byte tables"
-    unsafe, run = safe_run(table, accepting, state, trie.max_depth) if run is None else run  # type: ignore[misc]
-    if run < _MIN_RUN:
+    unsafe, length, end = safe_run(table, accepting, state, trie.max_depth) if run is None else run
+    if length == 0 or (end == OPEN and length < _MIN_RUN):
         return None
-    inside = np.zeros(trie.width, dtype=np.uint32) if offset else _safe_mask(trie, unsafe, run).copy()
-    acc = np.ascontiguousarray(accepting, dtype=np.uint8)
     splits = np.zeros((trie.max_depth + 1, trie.width), dtype=np.uint32)  # [depth, words]
     hit = np.zeros(trie.max_depth + 1, dtype=np.uint8)
+    if offset:
+        inside = np.zeros(trie.width, dtype=np.uint32)
+    else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
+        inside = _safe_mask(trie, unsafe, length).copy()
+        if end == ENDS and length <= trie.max_depth:
+            splits[length] = _safe_mask(trie, unsafe, trie.max_depth) & ~inside
+            hit[length] = splits[length].any()
+    acc = np.ascontiguousarray(accepting, dtype=np.uint8)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
     stack[0] = state
     safe_byte = ((_BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
     safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
     lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
                        stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
-                       trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, run, safe_byte.ctypes.data,
-                       safe.ctypes.data, offset, 1 if offset else 0)  # fmt: skip
+                       trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
+                       safe.ctypes.data, offset, 1 if offset else 0, end, trie.tok_len.ctypes.data)  # fmt: skip
     return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}
