@@ -19,7 +19,10 @@ Workloads (greedy):
    schema, one at a time); texts/s and how many outputs validate. Transformers has no constrained
    decoding of its own: left out;
 5. perplexity of a fixed English text (the same token ids for every system);
-and the process's resident memory after loading and its peak over the run.
+and the process's resident memory after loading and its peak over the run. Workloads 1-4 run
+`--repeats` times (default 3; prefix caches cleared before each run) and report the median, as
+one run of a 2-second workload moves by a third with what else the machine does; Transformers
+runs each once (its few-shot alone takes most of a minute).
 
     python benchmarks/bench_llamacpp.py                                  # every system
     python benchmarks/bench_llamacpp.py --systems loom:auto llama.cpp    # the headline pair
@@ -33,9 +36,11 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # hf_reference, when run as a script
@@ -105,6 +110,11 @@ def rss_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def median_of(repeats: int, measure: Callable[[], float]) -> float:
+    """The median of `repeats` runs of `measure` (a rate)."""
+    return statistics.median(measure() for _ in range(repeats))
+
+
 def text_ids(model: str) -> list[int]:
     """TEXT's token ids by Loom's tokenizer of `model` (the same ids go to every system)."""
     from loom.runtime.server_args import ServerArgs
@@ -126,21 +136,39 @@ def run_loom(model: str, system: str, args: argparse.Namespace) -> dict:
         row["dtype"] = str(engine.model_runner.dtype).replace("torch.", "")
         engine.generate("warm up", {"max_new_tokens": 2})
         greedy = {"temperature": 0, "ignore_eos": True}
-        prefill, _ = timed(lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": 1}))
-        total, _ = timed(lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": DECODE_TOKENS}))
-        row["decode_b1"] = (DECODE_TOKENS - 1) / max(total - prefill, 1e-9)
+
+        def decode() -> float:
+            prefill, _ = timed(lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": 1}))
+            total, _ = timed(lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": DECODE_TOKENS}))
+            return (DECODE_TOKENS - 1) / max(total - prefill, 1e-9)
+
+        row["decode_b1"] = median_of(args.repeats, decode)
         prompts = [f"Write a short note about topic {i}." for i in range(BATCH)]
-        took, _ = timed(lambda: engine.generate(prompts, {**greedy, "max_new_tokens": BATCH_TOKENS}))
-        row["batch16"] = BATCH * BATCH_TOKENS / took
-        engine.flush_cache()
+
+        def batch() -> float:
+            engine.flush_cache()  # each run computes its prompts (the radix cache would keep them)
+            return BATCH * BATCH_TOKENS / timed(lambda: engine.generate(prompts, {**greedy, "max_new_tokens": BATCH_TOKENS}))[0]
+
+        row["batch16"] = median_of(args.repeats, batch)
         fs = few_shot_prompts(lambda s: len(engine.tokenizer.encode(s)), PROGRAMS, args.prefix_tokens)
-        took, _ = timed(lambda: engine.generate(fs, {"temperature": 0, "max_new_tokens": PROGRAM_TOKENS}))
-        row["fewshot"] = PROGRAMS / took
+
+        def few_shot() -> float:
+            engine.flush_cache()  # the shared prefix computed again each run
+            return PROGRAMS / timed(lambda: engine.generate(fs, {"temperature": 0, "max_new_tokens": PROGRAM_TOKENS}))[0]
+
+        row["fewshot"] = median_of(args.repeats, few_shot)
         ex = extraction_prompts()
         params = {"temperature": 0, "max_new_tokens": JSON_TOKENS, "json_schema": json.dumps(PERSON_SCHEMA)}
         engine.generate(ex[:1], params)  # the schema's compile is not what this measures
-        took, outs = timed(lambda: engine.generate(ex, params))
-        row["json"], row["json_valid"] = len(ex) / took, sum(valid(o["text"]) for o in outs)
+        outs: list = []
+
+        def extract() -> float:
+            engine.flush_cache()
+            took, outs[:] = timed(lambda: engine.generate(ex, params))
+            return len(ex) / took
+
+        row["json"] = median_of(args.repeats, extract)
+        row["json_valid"] = sum(valid(o["text"]) for o in outs)
         ids = text_ids(model)
         out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True, logprob_start_len=0)
         row["ppl"] = perplexity([lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]])
@@ -155,20 +183,36 @@ def run_llama_cpp(model: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     llm = Llama(model_path=model, n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, logits_all=True)
     row["load_s"], row["rss_loaded"] = time.perf_counter() - t0, rss_mib()
-    prefill, _ = timed(lambda: llm.create_completion("Once upon a time", max_tokens=1, temperature=0))
-    total, _ = timed(lambda: llm.create_completion("Once upon a time", max_tokens=DECODE_TOKENS, temperature=0, stop=[]))
-    row["decode_b1"] = (DECODE_TOKENS - 1) / max(total - prefill, 1e-9)
+
+    def decode() -> float:
+        llm.reset()
+        prefill, _ = timed(lambda: llm.create_completion("Once upon a time", max_tokens=1, temperature=0))
+        total, _ = timed(lambda: llm.create_completion("Once upon a time", max_tokens=DECODE_TOKENS, temperature=0, stop=[]))
+        return (DECODE_TOKENS - 1) / max(total - prefill, 1e-9)
+
+    def batch() -> float:
+        took, outs = timed(lambda: [llm.create_completion(p, max_tokens=BATCH_TOKENS, temperature=0, stop=[]) for p in prompts])
+        return sum(o["usage"]["completion_tokens"] for o in outs) / took
+
+    def few_shot() -> float:
+        llm.reset()  # the shared prefix computed again each run (then reused from the previous prompt)
+        return PROGRAMS / timed(lambda: [llm.create_completion(p, max_tokens=PROGRAM_TOKENS, temperature=0) for p in fs])[0]
+
+    def extract() -> float:
+        took, outs[:] = timed(lambda: [llm.create_completion(p, max_tokens=JSON_TOKENS, temperature=0, grammar=grammar) for p in ex])
+        return len(ex) / took
+
+    row["decode_b1"] = median_of(args.repeats, decode)
     prompts = [f"Write a short note about topic {i}." for i in range(BATCH)]
-    took, outs = timed(lambda: [llm.create_completion(p, max_tokens=BATCH_TOKENS, temperature=0, stop=[]) for p in prompts])
-    row["batch16"] = sum(o["usage"]["completion_tokens"] for o in outs) / took
+    row["batch16"] = median_of(args.repeats, batch)
     fs = few_shot_prompts(lambda s: len(llm.tokenize(s.encode(), add_bos=False)), PROGRAMS, args.prefix_tokens)
-    took, _ = timed(lambda: [llm.create_completion(p, max_tokens=PROGRAM_TOKENS, temperature=0) for p in fs])
-    row["fewshot"] = PROGRAMS / took
+    row["fewshot"] = median_of(args.repeats, few_shot)
     grammar = LlamaGrammar.from_json_schema(json.dumps(PERSON_SCHEMA), verbose=False)
     ex = extraction_prompts()
     llm.create_completion(ex[0], max_tokens=JSON_TOKENS, temperature=0, grammar=grammar)
-    took, outs = timed(lambda: [llm.create_completion(p, max_tokens=JSON_TOKENS, temperature=0, grammar=grammar) for p in ex])
-    row["json"], row["json_valid"] = len(ex) / took, sum(valid(o["choices"][0]["text"]) for o in outs)
+    outs: list = []
+    row["json"] = median_of(args.repeats, extract)
+    row["json_valid"] = sum(valid(o["choices"][0]["text"]) for o in outs)
     ids = text_ids(model)
     llm.reset()
     llm.eval(ids)
@@ -235,8 +279,10 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def report(rows: dict[str, dict]) -> None:
-    print("\n| system | weights as | load (s) | RSS loaded / peak (MiB) | decode, batch 1 (tok/s) | 16 x 48 (tok/s) "
-          "| 32 few-shot (/s) | JSON extraction (/s, valid) | perplexity |")
+    print(
+        "\n| system | weights as | load (s) | RSS loaded / peak (MiB) | decode, batch 1 (tok/s) | 16 x 48 (tok/s) "
+        "| 32 few-shot (/s) | JSON extraction (/s, valid) | perplexity |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for system, r in rows.items():
         if "error" in r:
@@ -249,8 +295,7 @@ def report(rows: dict[str, dict]) -> None:
     base = rows.get("llama.cpp")
     if not base or "error" in base:
         return
-    print("\nLoom / llama.cpp (goals: decode >= 1x, 16 requests >= 3x, few-shot >= 3x, JSON extraction >= 5x; "
-          "perplexity within 2 %):\n")
+    print("\nLoom / llama.cpp (goals: decode >= 1x, 16 requests >= 3x, few-shot >= 3x, JSON extraction >= 5x; perplexity within 2 %):\n")
     print("| system | decode, batch 1 | 16 x 48 | few-shot | JSON extraction | perplexity |")
     print("|---|---:|---:|---:|---:|---:|")
     for system, r in rows.items():
@@ -268,6 +313,7 @@ def main() -> int:
     p.add_argument("--prefix-tokens", type=int, default=700, help="the few-shot programs' shared prefix")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="llama.cpp's threads (its own default is half the cores; Loom uses torch's, all of them)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="runs of each workload per system, the median reported (Transformers: 1)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)  # run one system in this process, print its row as JSON
     args = p.parse_args()
@@ -283,8 +329,20 @@ def main() -> int:
     rows: dict[str, dict] = {}
     for system in args.systems:
         print(f"running {system} ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--child", system, "--model", model, "--prefix-tokens", str(args.prefix_tokens),
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            system,
+            "--model",
+            model,
+            "--prefix-tokens",
+            str(args.prefix_tokens),
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
