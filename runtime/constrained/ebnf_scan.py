@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from loom.runtime.constrained.native_c import compile_c
-from loom.runtime.constrained.token_walk import _BUCKET_BIT, TokenTrie, _safe_mask
+from loom.runtime.constrained.token_walk import ALL_BUCKETS, BUCKET_BIT, TokenTrie, safe_mask
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -84,7 +84,6 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
 }
 """
 
-_ALL = int(np.bitwise_or.reduce(_BUCKET_BIT))
 _RUN_CAP = 32  # steps a counted run is followed (each costs a row lookup; few tokens are longer)
 _MIN_RUN = 4  # a shorter run skips too little to pay for its mask: the plain walk instead
 _MIN_SAFE_BYTES = 32  # so do fewer safe bytes (a keyword's, a number's): their subtrees are small
@@ -122,13 +121,13 @@ def safe_run(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: in
     nexts = table[state]  # [256]
     live = nexts[nexts != dead]
     if not len(live):
-        return _ALL, 0, OPEN
+        return ALL_BUCKETS, 0, OPEN
     targets, counts = np.unique(live, return_counts=True)
     target = int(targets[counts.argmax()])
-    unsafe = int(np.bitwise_or.reduce(_BUCKET_BIT[nexts != target]))
-    if unsafe == _ALL:
+    unsafe = int(np.bitwise_or.reduce(BUCKET_BIT[nexts != target]))
+    if unsafe == ALL_BUCKETS:
         return unsafe, 0, OPEN
-    columns = (_BUCKET_BIT & np.uint64(unsafe)) == 0  # [256] the safe bytes
+    columns = (BUCKET_BIT & np.uint64(unsafe)) == 0  # [256] the safe bytes
     if columns.sum() < _MIN_SAFE_BYTES:
         return unsafe, 0, OPEN
     run, cur = 1, state
@@ -172,14 +171,14 @@ def lexeme_scan(
     if offset:
         inside = np.zeros(trie.width, dtype=np.uint32)
     else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
-        inside = _safe_mask(trie, unsafe, length).copy()
+        inside = safe_mask(trie, unsafe, length).copy()
         if end == ENDS and length <= trie.max_depth:
-            splits[length] = _safe_mask(trie, unsafe, trie.max_depth) & ~inside
+            splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
             hit[length] = splits[length].any()
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
     stack[0] = state
-    safe_byte = ((_BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
+    safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
     safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
     lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
                        stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,

@@ -39,7 +39,7 @@ def test_the_trie_holds_every_token_once_in_preorder():
     assert spelled == vocab.by_id
     # Each node's subtree summary holds the buckets of its own and every descendant's byte; each
     # token's, the buckets of its bytes (what the walk's skip of all-safe subtrees relies on).
-    bit = token_walk._BUCKET_BIT
+    bit = token_walk.BUCKET_BIT
     for i in range(len(trie.node_byte)):
         below = trie.node_byte[i : int(trie.node_skip[i])]
         assert trie.node_sub[i] == np.bitwise_or.reduce(bit[below])
