@@ -19,6 +19,15 @@ from grammars import PERSON_SCHEMA
 
 pytestmark = pytest.mark.skipif(not token_walk.available(), reason="no C compiler: the numpy scan is used")
 
+
+@pytest.fixture(autouse=True, params=["default", "every state"])
+def safe_sets(request, monkeypatch):
+    """Each test twice: as shipped (states with few live bytes walk plainly), and with the safe set
+    looked for in every state, so small vocabularies' counted runs take the skip too."""
+    if request.param == "every state":
+        monkeypatch.setattr(token_walk, "_MIN_SAFE_BYTES", 1)
+
+
 # Prefixes of one another, the same bytes under two ids, a token past vocab_size, multi-byte UTF-8.
 HAND = {1: b"a", 2: b"ab", 3: b"abc", 4: b"abd", 5: b"b", 6: b"ab", 7: b'"', 8: b'",', 9: "é".encode(), 10: b"\xc3", 11: b"1",
         12: b"12", 13: b"}", 40: b"zz"}  # fmt: skip
