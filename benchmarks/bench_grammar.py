@@ -39,6 +39,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -175,6 +176,14 @@ def _backend(name: str) -> Any:
     return _STATE["backends"][name]
 
 
+def _crash(e: BaseException) -> str:
+    """A crash's message with where it happened: the innermost frames of Loom's own code (a
+    RecursionError's message alone says nothing of where it recursed)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/loom/" in f.filename or "/runtime/" in f.filename]
+    where = " < ".join(f"{pathlib.Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+    return f"{type(e).__name__}: {str(e)[:200]} at {where or '?'}"
+
+
 def run_job(backend_name: str, dataset: str, path: str, max_tokens: int, seed: int) -> JobResult:
     import torch
 
@@ -191,7 +200,7 @@ def run_job(backend_name: str, dataset: str, path: str, max_tokens: int, seed: i
         res.status, res.message = "refused", str(e)[:300]
         return res
     except Exception as e:  # noqa: BLE001 - a crash is what is being counted
-        res.status, res.message = "crashed", f"{type(e).__name__}: {str(e)[:300]}"
+        res.status, res.message = "crashed", _crash(e)
         return res
     res.compile_s = time.perf_counter() - t0
 
@@ -284,7 +293,7 @@ def run_maskbench_job(backend_name: str, path: str) -> MaskBenchResult:
     except GrammarError as e:
         res.status, res.message = "refused", str(e)[:300]
     except Exception as e:  # noqa: BLE001 - a crash is what is being counted
-        res.status, res.message = "crashed", f"{type(e).__name__}: {str(e)[:300]}"
+        res.status, res.message = "crashed", _crash(e)
     for test in case["tests"]:
         if res.status != "compiled" and not test["valid"]:
             continue  # a refused schema rejects everything: invalid instances count on compiled cases only
