@@ -351,14 +351,17 @@ def test_streaming_yields_the_text_in_order(backend) -> None:
     @sgl.function
     def prog(s):
         s += "Once upon a time"
-        s += sgl.gen("a", max_tokens=8, ignore_eos=True)
+        s += sgl.gen("a", max_tokens=64, ignore_eos=True)
         s += " and then"
         s += sgl.gen("b", max_tokens=4, ignore_eos=True)
 
     state = prog.run(backend=backend, stream=True, **GREEDY)
     pieces = list(state.text_iter())
     assert "".join(pieces) == state.text()
-    assert pieces[0] == "Once upon a time" and len(pieces) > 4  # token by token, not one lump
+    # Token by token, not one lump per gen. A reader that falls behind gets what arrived meanwhile
+    # in one piece (async_engine takes everything queued), and on a loaded machine 8 steps of a tiny
+    # model once came as one: 64 tokens leave room for that.
+    assert pieces[0] == "Once upon a time" and len(pieces) > 4
     assert "".join(state.text_iter("a")) == state["a"]
 
     async def collect() -> list[str]:
