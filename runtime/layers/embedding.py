@@ -19,7 +19,7 @@ from loom.runtime.layers.linear import (
     read_shard,
     tensor_parallel_all_reduce,
 )
-from loom.runtime.layers.quantized import KERNEL_MAX_ROWS, quantized_linear
+from loom.runtime.layers.quantized import KERNEL_MAX_ROWS, kernel_rows, quantized_linear
 
 
 def tensor_parallel_all_gather(x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -118,8 +118,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         rows = hidden_states.shape[0]
         if self.qweight is not None and rows <= KERNEL_MAX_ROWS:
             logits = quantized_linear(hidden_states.float(), self.qweight, self.qtype)
-        elif self.qweight is not None and self.weight is None:
-            logits = quantized_linear(hidden_states, self.qweight, self.qtype)
+        elif self.qweight is not None and self.weight is None:  # fp32 where the kernel takes it (no bf16 rounding)
+            logits = quantized_linear(hidden_states.float() if rows <= kernel_rows() else hidden_states, self.qweight, self.qtype)
         elif (out is not None and self.tp_size == 1 and out.shape == (hidden_states.shape[0], self.num_embeddings)
                 and self.weight.shape[0] == self.num_embeddings
                 and self.weight.dtype == hidden_states.dtype == out.dtype == torch.float32):  # fmt: skip
