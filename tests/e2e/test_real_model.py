@@ -80,8 +80,8 @@ def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine, monk
     qlinear kernel and the fused CPU decode step run them). With x kept in fp32
     (LOOM_CPU_INT8_ACT=0) they hold the values Transformers dequantises, summed in another order,
     so teacher-forced logprobs stay within 0.01 nats of Transformers' in fp32 (golden.check_steps);
-    by default x is quantized to int8 blocks in the decode steps, as llama.cpp does, and they stay
-    within 0.25 a token (one measured 0.16; perplexity on a fixed text moves 22.78 -> 22.72)."""
+    by default x is quantized to int8 blocks (decode steps, and prefills of up to 64 tokens), as
+    llama.cpp does, and they stay within 0.25 a token (one measured 0.16; perplexity on a fixed text moves 22.78 -> 22.72)."""
     from transformers import AutoModelForCausalLM
 
     from loom.runtime.entrypoints.engine import LocalEngine
