@@ -5,7 +5,7 @@ the walks of the few tokens that cross a lexeme end.
 
 A token either stays inside the current lexeme, or ends it after j bytes and its rest starts at a
 lexeme boundary at the stack after it. Per lexer state (grammar-wide, once) one walk of the
-vocabulary's byte trie against the terminal's automaton (C, token_walk.trie_scan; a vectorised
+vocabulary's byte trie against the terminal's automaton (C, ebnf_scan.lexeme_scan; a vectorised
 numpy pass where there is no compiler) gives the tokens that stay inside, which need no parser,
 and per offset j the few that may end it after j bytes. Only those cross a lexeme end: their
 remainders are walked against the parser, and each token's verdict is kept per (offset, stack),
@@ -22,11 +22,10 @@ import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
-from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_run
+from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
 from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
-from loom.runtime.constrained.token_walk import available as walk_available
-from loom.runtime.constrained.token_walk import token_trie, trie_scan
+from loom.runtime.constrained.token_walk import token_trie
 
 if TYPE_CHECKING:
     from loom.runtime.constrained.ebnf import CompiledEbnf
@@ -70,7 +69,7 @@ class EbnfMasks:
         self._splits: dict[int, dict[int, np.ndarray]] = {}
         self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
         self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
-        self._runs: dict[int, tuple[int, int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_run)
+        self._runs: dict[int, tuple[int, int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_runs)
         self._rests: dict[tuple[int, int], np.ndarray] = {}
         self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
         self._set_of: dict[frozenset[int], int] = {}
@@ -116,15 +115,14 @@ class EbnfMasks:
         k = g.lex_terminal[lex]
         dfa = g.dfas[k]
         scanned = None
-        if walk_available():
+        if lexeme_scan_available():
             trie = token_trie(v)
-            if lexeme_scan_available():  # whole subtrees of safe bytes at once
-                run = self._runs.get(lex)
-                if run is None:
-                    run = self._runs[lex] = safe_run(dfa.table, dfa.accepting, lex - g.offsets[k], trie.max_depth)
-                scanned = lexeme_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run)
-            if scanned is None:
-                scanned = trie_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset)
+            run = self._runs.get(lex)
+            if run is None:
+                for state, found in safe_runs(dfa.table, dfa.accepting, lex - g.offsets[k], trie.max_depth):
+                    self._runs.setdefault(state + g.offsets[k], found)
+                run = self._runs[lex]
+            scanned = lexeme_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states

@@ -1,9 +1,9 @@
-"""The EBNF engine's lexer-state scan of the vocabulary (ebnf_masks' `scan`), taking whole subtrees of
-"safe" bytes from one cached mask, in C when a compiler is at hand.
+"""The EBNF engine's lexer-state scan of the vocabulary (ebnf_masks' `scan`): a C walk of the token
+trie against the terminal's DFA, taking whole subtrees of "safe" bytes from one cached mask.
 
     inside, splits = lexeme_scan(trie, table, accepting, state)   or None (no compiler)
 
-token_walk.trie_scan visits every live trie node: from a string's contents, that is the whole
+A plain walk visits every live trie node: from a string's contents, that is the whole
 vocabulary (~2 ms at 128k tokens) for every new lexer state, and a long string (a chunked
 `maxLength`) has a new one at nearly every step. As token_walk.trie_mask does for regexes, the
 byte groups that all lead the state to one live successor ("safe"), followed as long as each
@@ -14,7 +14,11 @@ their tokens come from token_walk's cached mask of such tokens (a JSON string's 
 in every schema). A scan entered mid-token (past the token's first `offset` bytes, which can be
 anything) sets a skipped subtree's tokens one by one instead, still far fewer than its nodes.
 
-LOOM_NO_C_EBNF=1 turns it off (token_walk.trie_scan stays).
+A state with too few safe bytes for the skip to pay is walked node by node (NO_SKIP). Each scan
+writes its rows of `splits` into a per-thread scratch buffer and zeroes only the rows it hit:
+zeroing a [max_depth + 1, width] buffer per scan cost more than a keyword's whole walk at 128k.
+
+LOOM_NO_C_EBNF=1 turns it off (ebnf_masks scans with numpy instead).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -30,7 +35,13 @@ from loom.runtime.constrained.token_walk import ALL_BUCKETS, BUCKET_BIT, TokenTr
 
 _C_SOURCE = r"""
 #include <stdint.h>
-/* token_walk's loom_trie_scan, skipping the subtrees whose path and every byte past `offset` are
+/* One lexeme's scan (a complete DFA) from `state`, entered after a token's first `offset` bytes
+   (the trie's layout: token_walk's loom_trie_mask): sets in `inside` the tokens longer than offset
+   whose every later byte keeps it live, and in row j of `splits` [max_depth + 1][width] the tokens
+   longer than j whose bytes offset..j reach an accepting state (the lexeme may end inside them);
+   hit[j] = 1 where row j got any. A subtree's tokens below node i are
+   tok_ids[tok_off[i + 1] .. tok_off[node_skip[i]]).
+   It skips the subtrees whose path and every byte past `offset` are
    safe and whose tokens are at most `run` bytes past it (safe[d]: the path to depth d is). Their
    tokens are the caller's (offset 0: a cached mask of every such token), or set here one by one
    (add_skipped: past offset 0, where the tokens' first bytes can be anything). Where a safe byte
@@ -84,10 +95,11 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
 }
 """
 
-_RUN_CAP = 32  # steps a counted run is followed (each costs a row lookup; few tokens are longer)
 _MIN_RUN = 4  # a shorter run skips too little to pay for its mask: the plain walk instead
 _MIN_SAFE_BYTES = 32  # so do fewer safe bytes (a keyword's, a number's): their subtrees are small
 OPEN, DEAD, ENDS = 0, 1, 2  # what a safe byte past the run does (safe_run)
+NO_SKIP = (ALL_BUCKETS, 0, OPEN)  # a run that skips nothing: the plain walk of every live node
+_LOCAL = threading.local()
 
 
 @functools.cache
@@ -113,39 +125,62 @@ def safe_run(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: in
     """(unsafe byte buckets, run, end) from `state` of a complete byte DFA (`table` [S + 1, 256],
     dead last): the groups that all lead it to one live successor, and how many bytes of them in a
     row keep a token inside the lexeme (each successor leading them all to one live state, none of
-    the states before the last accepting; max_depth once a non-accepting one loops; followed for at
-    most _RUN_CAP bytes; 0 where fewer than _MIN_SAFE_BYTES bytes are safe). `end` says what a
-    further safe byte does: OPEN (unknown: walked), DEAD (kills the token: a counted run ends), or
-    ENDS (the run's last state accepts and a further byte kills: the lexeme ends there)."""
+    the states before the last accepting; max_depth once a non-accepting one loops; 0 where fewer
+    than _MIN_SAFE_BYTES bytes are safe). `end` says what a further safe byte does: OPEN (unknown:
+    walked), DEAD (kills the token: a counted run ends), or ENDS (the run's last state accepts and
+    a further byte kills: the lexeme ends there)."""
+    return safe_runs(table, accepting, state, max_depth)[0][1]
+
+
+def safe_runs(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """[(state, safe_run's answer)] for `state` first, then for each state its run goes through: the
+    same safe bytes lead each to the next, so each one's run is what is left of it. A counted run
+    (a chunk of `maxLength`) is followed once, not again from each of its states."""
     dead = table.shape[0] - 1
     nexts = table[state]  # [256]
     live = nexts[nexts != dead]
     if not len(live):
-        return ALL_BUCKETS, 0, OPEN
+        return [(state, (ALL_BUCKETS, 0, OPEN))]
     targets, counts = np.unique(live, return_counts=True)
     target = int(targets[counts.argmax()])
     unsafe = int(np.bitwise_or.reduce(BUCKET_BIT[nexts != target]))
     if unsafe == ALL_BUCKETS:
-        return unsafe, 0, OPEN
-    columns = (BUCKET_BIT & np.uint64(unsafe)) == 0  # [256] the safe bytes
-    if columns.sum() < _MIN_SAFE_BYTES:
-        return unsafe, 0, OPEN
-    run, cur = 1, state
-    while run < _RUN_CAP:  # target: the state after `run` safe bytes
-        following = table[target][columns]
+        return [(state, (unsafe, 0, OPEN))]
+    columns = np.flatnonzero((BUCKET_BIT & np.uint64(unsafe)) == 0)  # the safe bytes
+    if len(columns) < _MIN_SAFE_BYTES:
+        return [(state, (unsafe, 0, OPEN))]
+    chain = [state]  # chain[i]: the state after i safe bytes; target: after len(chain)
+    end = OPEN
+    while len(chain) <= max_depth:  # no token is longer: a run of max_depth skips every safe subtree
+        following = table[target, columns]
         nxt = int(following[0])
-        closes = nxt == dead and not (following != nxt).any()
+        uniform = not (following != nxt).any()
         if accepting[target]:  # a longer token may end the lexeme here
-            return unsafe, run, ENDS if closes else OPEN
-        if target == cur:
-            return unsafe, max_depth, OPEN
-        if closes:
-            return unsafe, run, DEAD
-        if nxt == dead or (following != nxt).any():
+            end = ENDS if nxt == dead and uniform else OPEN
             break
-        cur, target = target, nxt
-        run += 1
-    return unsafe, run, OPEN
+        if target == chain[-1]:  # it loops: every token of safe bytes stays inside
+            return [(q, (unsafe, max_depth, OPEN)) for q in chain]
+        if nxt == dead and uniform:
+            end = DEAD
+            break
+        if nxt == dead or not uniform:
+            break
+        chain.append(target)
+        target = nxt
+    run = len(chain)
+    return [(q, (unsafe, run - i, end)) for i, q in enumerate(chain)]
+
+
+def _scratch(trie: TokenTrie) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's (splits [max_depth + 1, width], hit, stack, safe) buffers for `trie`'s scans:
+    all zero between scans (a scan zeroes the rows it hit). Scans run on the scheduler's thread and
+    on compile workers (each compile's first mask), so each thread has its own."""
+    held = getattr(_LOCAL, "buffers", None)
+    if held is None or held[0] is not trie:
+        depth = trie.max_depth + 1
+        held = _LOCAL.buffers = (trie, np.zeros((depth, trie.width), dtype=np.uint32), np.zeros(depth, dtype=np.uint8),
+                                 np.zeros(depth, dtype=np.int32), np.zeros(depth, dtype=np.uint8))  # fmt: skip
+    return held[1:]
 
 
 def lexeme_scan(
@@ -156,19 +191,21 @@ def lexeme_scan(
     offset: int = 0,
     run: tuple[int, int, int] | None = None,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
-    """token_walk.trie_scan(trie, table, accepting, state, offset), safe subtrees skipped; None
-    where the scan is not compiled or the state's run of safe bytes is too short to pay. `run`:
-    safe_run's answer for the state, where the caller keeps it (it costs ~50 us)."""
+    """A lexeme's scan from `state` of a complete byte DFA (`table` [S + 1, 256] int32, dead last,
+    `accepting` [S + 1] bool), entered after each token's first `offset` bytes: (packed words of
+    the tokens longer than `offset` whose later bytes stay inside the lexeme, {j: packed words of
+    the tokens longer than j that may end it after their first j bytes}); None where the scan is
+    not compiled. `run`: safe_run's answer for the state, where the caller keeps it (it costs
+    ~50 us); NO_SKIP walks every live node."""
     lib = _library()
     if lib is None:
         return None
     assert table.dtype == np.int32 and table.flags.c_contiguous and table.shape[1] == 256, "the scan reads raw byte tables"
     unsafe, length, end = safe_run(table, accepting, state, trie.max_depth) if run is None else run
-    if length == 0 or (end == OPEN and length < _MIN_RUN):
-        return None
-    splits = np.zeros((trie.max_depth + 1, trie.width), dtype=np.uint32)  # [depth, words]
-    hit = np.zeros(trie.max_depth + 1, dtype=np.uint8)
-    if offset:
+    if length == 0 or (end == OPEN and length < _MIN_RUN):  # too few safe bytes to pay: every node walked
+        unsafe, length, end = NO_SKIP
+    splits, hit, stack, safe = _scratch(trie)
+    if offset or length == 0:
         inside = np.zeros(trie.width, dtype=np.uint32)
     else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
         inside = safe_mask(trie, unsafe, length).copy()
@@ -176,12 +213,13 @@ def lexeme_scan(
             splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
             hit[length] = splits[length].any()
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
-    stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
     stack[0] = state
     safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
-    safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
     lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
                        stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
                        trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
                        safe.ctypes.data, offset, 1 if offset else 0, end, trie.tok_len.ctypes.data)  # fmt: skip
-    return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}
+    rows = np.flatnonzero(hit)
+    out = {int(j): splits[j].copy() for j in rows}
+    splits[rows], hit[rows] = 0, 0
+    return inside, out

@@ -2,7 +2,6 @@
 
     trie = token_trie(vocab)                       once per vocabulary (cached; numpy arrays)
     words = trie_mask(trie, table, byte_class, dead, state)   packed words [ceil(V / 32)] uint32, or None
-    inside, splits = trie_scan(trie, table, accepting, state) a lexeme's scan for the EBNF engine, or None
 
 A token is allowed from `state` iff its bytes lead the DFA to a live state (the DFA's dead state is
 the only one that cannot reach acceptance). The trie shares prefixes, and a dead prefix skips its
@@ -67,39 +66,6 @@ int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, cons
     return -1;
 }
 
-/* One lexeme's scan (a complete DFA: no UNKNOWN rows) from `state`, entered after a token's first
-   `offset` bytes: sets in `inside` the tokens longer than offset whose every later byte keeps it
-   live, and in row j of `splits` [max_depth + 1][width] the tokens longer than j whose bytes
-   offset..j reach an accepting state (the lexeme may end inside them); hit[j] = 1 where row j got
-   any. A subtree's tokens below node i are tok_ids[tok_off[i + 1] .. tok_off[node_skip[i]]). */
-void loom_trie_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
-                    const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
-                    const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
-                    const uint8_t *accepting, int32_t *stack, uint32_t *inside, uint32_t *splits,
-                    int64_t width, uint8_t *hit, int32_t offset) {
-    int64_t i = 0;
-    while (i < n_nodes) {
-        int32_t d = node_depth[i];
-        if (d <= offset) { stack[d] = stack[d - 1]; i++; continue; }  /* bytes before the lexeme */
-        int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
-        if (s == dead) { i = node_skip[i]; continue; }
-        stack[d] = s;
-        for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
-            int32_t t = tok_ids[k];
-            inside[t >> 5] |= (uint32_t)1 << (t & 31);
-        }
-        int32_t end = tok_off[node_skip[i]];
-        if (accepting[s] && tok_off[i + 1] < end) {
-            uint32_t *row = splits + (int64_t)d * width;
-            hit[d] = 1;
-            for (int32_t k = tok_off[i + 1]; k < end; k++) {
-                int32_t t = tok_ids[k];
-                row[t >> 5] |= (uint32_t)1 << (t & 31);
-            }
-        }
-        i++;
-    }
-}
 """
 
 
@@ -139,6 +105,8 @@ class TokenTrie:
     node_maxd: np.ndarray  # [N] int32: the depth of the deepest node of its subtree
     tok_buckets: np.ndarray  # [V] uint64: each token's byte buckets (all bits: not in the trie)
     tok_len: np.ndarray  # [V] int32: each token's length (past max_depth: not in the trie)
+    by_len: np.ndarray  # [T] the trie's token ids by length (ties by id)
+    len_off: np.ndarray  # [max_depth + 2] tokens of length r are by_len[len_off[r] : len_off[r + 1]]
     safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
     # The five arrays' data addresses, taken once: `a.ctypes.data` costs ~2 us, and a walk over a
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
@@ -198,7 +166,9 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     tok_len = np.full(width * 32, max_depth + 1, dtype=np.int32)
     at = np.repeat(np.arange(n), np.diff(off))  # each listed token's node
     tok_buckets[ids], tok_len[ids] = path[at], depth[at]
-    return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len)
+    by_len = ids[np.argsort(depth[at], kind="stable")]
+    len_off = np.searchsorted(tok_len[by_len], np.arange(max_depth + 2)).astype(np.int64)
+    return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len, by_len, len_off)
 
 
 _TRIES: dict[int, tuple[TokenVocab, TokenTrie]] = {}
@@ -228,9 +198,6 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
                                    ptr, ptr, ptr, ptr, ptr, ctypes.c_uint64, ctypes.c_int32, ptr, ptr]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
-    lib.loom_trie_scan.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
-                                   ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int32]  # fmt: skip
-    lib.loom_trie_scan.restype = None
     return lib
 
 
@@ -321,39 +288,26 @@ def _safe_run(
 
 def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
     """Packed words of the tokens of at most `run` bytes, none in the `unsafe` buckets (cached per
-    trie: a few sets recur, a JSON string's contents in every schema)."""
+    trie: a few sets recur, a JSON string's contents in every schema). A new run of a cached set
+    is the nearest cached run's mask with the tokens of the lengths between set or cleared: a
+    counted run (a `maxLength` chunk) asks for a new run at nearly every step."""
     words = trie.safe_masks.get((unsafe, run))
-    if words is None:
+    if words is not None:
+        return words
+    near = min((r for u, r in trie.safe_masks if u == unsafe), key=lambda r: abs(r - run), default=None)
+    between = None
+    if near is not None:  # the tokens of lengths lo + 1 .. hi
+        lo, hi = min(near, run), min(max(near, run), trie.max_depth)
+        between = trie.by_len[trie.len_off[lo + 1] : trie.len_off[hi + 1]] if lo < hi else trie.by_len[:0]
+    if between is not None and len(between) <= len(trie.by_len) // 8:
+        between = between[(trie.tok_buckets[between] & np.uint64(unsafe)) == 0]
+        delta = np.zeros_like(trie.safe_masks[(unsafe, near)])
+        np.bitwise_or.at(delta, between >> 5, np.left_shift(np.uint32(1), (between & 31).astype(np.uint32)))
+        words = trie.safe_masks[(unsafe, near)] | delta if near < run else trie.safe_masks[(unsafe, near)] & ~delta
+    else:
         allowed = ((trie.tok_buckets & np.uint64(unsafe)) == 0) & (trie.tok_len <= run)
         words = np.packbits(allowed, bitorder="little").view(np.uint32)
-        if len(trie.safe_masks) >= _SAFE_MASKS_KEPT:
-            trie.safe_masks.clear()
-        trie.safe_masks[(unsafe, run)] = words
+    if len(trie.safe_masks) >= _SAFE_MASKS_KEPT:
+        trie.safe_masks.clear()
+    trie.safe_masks[(unsafe, run)] = words
     return words
-
-
-_IDENTITY_CLASSES = np.arange(256, dtype=np.int64)
-
-
-def trie_scan(
-    trie: TokenTrie, table: np.ndarray, accepting: np.ndarray, state: int, offset: int = 0
-) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
-    """A lexeme's scan from `state` of a complete byte DFA (`table` [S + 1, 256] int32, dead last,
-    `accepting` [S + 1] bool), entered after each token's first `offset` bytes: (packed words of
-    the tokens longer than `offset` whose later bytes stay inside the lexeme, {j: packed words of
-    the tokens longer than j that may end it after their first j bytes}); None where the walk is
-    not compiled. The EBNF engine's per-lexer-state masks (ebnf.py), one trie walk each."""
-    lib = _library()
-    if lib is None:
-        return None
-    assert table.dtype == np.int32 and table.flags.c_contiguous and table.shape[1] == 256, "the scan reads raw byte tables"
-    acc = np.ascontiguousarray(accepting, dtype=np.uint8)
-    inside = np.zeros(trie.width, dtype=np.uint32)
-    splits = np.zeros((trie.max_depth + 1, trie.width), dtype=np.uint32)  # [depth, words]
-    hit = np.zeros(trie.max_depth + 1, dtype=np.uint8)
-    stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
-    stack[0] = state
-    lib.loom_trie_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, 256, _IDENTITY_CLASSES.ctypes.data,
-                       table.shape[0] - 1, acc.ctypes.data, stack.ctypes.data, inside.ctypes.data, splits.ctypes.data,
-                       trie.width, hit.ctypes.data, offset)  # fmt: skip
-    return inside, {int(j): splits[j].copy() for j in np.flatnonzero(hit)}

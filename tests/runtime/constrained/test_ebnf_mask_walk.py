@@ -115,7 +115,7 @@ def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, walk, 
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
 def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monkeypatch):
     walked = _compile(name, vocab).masks
-    monkeypatch.setattr(ebnf_masks, "walk_available", lambda: False)
+    monkeypatch.setattr(ebnf_masks, "lexeme_scan_available", lambda: False)
     scanned = _compile(name, vocab).masks
     trie = token_walk.token_trie(vocab)
     monkeypatch.setattr(ebnf_scan, "_MIN_RUN", 1)  # every run of safe bytes skipped, however short
@@ -126,16 +126,16 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
         scanned.scan(lex)
         k = walked.g.lex_terminal[lex]  # the scan skipping subtrees of safe bytes, against the plain one
         dfa = walked.g.dfas[k]
-        for offset in (0, 1, 3):
-            got = ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k], offset)
-            if got is not None:  # None: no byte is safe there
-                skipping += 1
-                (s_in, s_splits), (p_in, p_splits) = (
-                    got,
-                    token_walk.trie_scan(trie, dfa.table, dfa.accepting, lex - walked.g.offsets[k], offset),
-                )
-                assert np.array_equal(s_in, p_in) and s_splits.keys() == p_splits.keys(), (name, lex, offset)
-                assert all(np.array_equal(s_splits[j], p_splits[j]) for j in s_splits), (name, lex, offset)
+        state = lex - walked.g.offsets[k]
+        run = ebnf_scan.safe_run(dfa.table, dfa.accepting, state, trie.max_depth)
+        for offset in (0, 1, 3) if run[1] else ():  # a run of 0: no byte is safe there
+            skipping += 1
+            (s_in, s_splits), (p_in, p_splits) = (
+                ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, state, offset, run),
+                ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, state, offset, ebnf_scan.NO_SKIP),
+            )
+            assert np.array_equal(s_in, p_in) and s_splits.keys() == p_splits.keys(), (name, lex, offset)
+            assert all(np.array_equal(s_splits[j], p_splits[j]) for j in s_splits), (name, lex, offset)
         assert np.array_equal(walked._inside[lex], scanned._inside[lex]), (name, lex)
         assert walked._splits[lex].keys() == scanned._splits[lex].keys(), (name, lex)
         for j, enders in walked._splits[lex].items():
@@ -150,7 +150,7 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
 def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):
     fast = _compile("json lark", vocab)
     states = _random_walk(fast, 7)
-    monkeypatch.setattr(ebnf_masks, "walk_available", lambda: False)
+    monkeypatch.setattr(ebnf_masks, "lexeme_scan_available", lambda: False)
     monkeypatch.setattr(ebnf_masks, "cross_walk_available", lambda: False)
     slow = _compile("json lark", vocab)
     for state in states:

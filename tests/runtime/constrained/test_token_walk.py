@@ -101,6 +101,20 @@ def trained_vocab():
     return TokenVocab.build(token_bytes(HFLike()), 2048, frozenset({0}))
 
 
+def test_safe_masks_derived_from_a_nearby_run_equal_the_direct_ones(trained_vocab):
+    """A counted run asks for run after run of one safe set: each mask, built from the nearest cached
+    run (tokens of the lengths between set or cleared), holds exactly the tokens of at most `run`
+    bytes with no byte in the unsafe buckets."""
+    trie = token_walk.token_trie(trained_vocab)
+    trie.safe_masks.clear()
+    unsafe = int(token_walk.BUCKET_BIT[ord('"')] | token_walk.BUCKET_BIT[ord("\\")] | token_walk.BUCKET_BIT[0x80])
+    for run in [12, 11, 9, 10, 14, 2, 1, 30, trie.max_depth + 5, trie.max_depth + 9, trie.max_depth, 13]:
+        allowed = [t for t, data in trained_vocab.by_id.items() if len(data) <= run and not (trie.tok_buckets[t] & np.uint64(unsafe))]
+        words = token_walk.safe_mask(trie, unsafe, run)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        assert np.flatnonzero(bits).tolist() == sorted(allowed), run
+
+
 def test_walk_equals_the_numpy_scan_on_a_schema(trained_vocab):
     both(CompiledRegex(schema_to_regex(json.dumps(PERSON_SCHEMA)), trained_vocab))
 
