@@ -20,6 +20,7 @@ that hook keeps those reports quiet (they are part of stopping, not errors).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -78,7 +79,7 @@ class CompileJobs:
 
     def __init__(self, max_workers: int) -> None:
         _quiet_stops_in_finalisers()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar", initializer=_lower_priority)
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar", initializer=_compile_thread)
         self._lock = threading.Lock()
         self._jobs: dict[Hashable, _Job] = {}  # in flight (queued or running)
         self._stopping: list[_Job] = []  # stopped, their thread not yet out of them
@@ -210,6 +211,12 @@ def _quiet_stops_in_finalisers() -> None:
         sys.unraisablehook = _unraisable_filter
 
 
+def _compile_thread() -> None:
+    """A new compile thread: a lower priority and single-threaded torch ops."""
+    _lower_priority()
+    _one_openmp_thread()
+
+
 def _lower_priority() -> None:
     """Make this (new compile) thread yield the CPU to the scheduler's (Linux: niceness is per thread)."""
     try:
@@ -226,3 +233,35 @@ def _settle(ticket: Future | None, done: Future) -> None:
         ticket.set_result(done.result())
     else:
         ticket.set_exception(exc)
+
+
+def _one_openmp_thread() -> None:
+    """Run this thread's torch ops on itself alone. A parallel region started from a second thread gives
+    the process a second OpenMP team; with more OpenMP threads than cores, libgomp stops spinning for
+    every team, and the scheduler's threads sleep and wake around each of the model's parallel
+    regions: one xgrammar compile (which packs a vocabulary-sized mask with torch) left decoding 25%
+    slower in the whole process (benchmarks/bench_grammar_first_token.py's batch)."""
+    lib = _openmp_runtime()
+    if lib is None:
+        return
+    import torch
+
+    torch.get_num_threads()  # torch sets a thread's OpenMP thread count on its first use there: first, so this one holds
+    lib.omp_set_num_threads(1)  # this thread's own setting (an OpenMP ICV is per thread)
+
+
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs on (libgomp, or LLVM's / Intel's), where one is loaded."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/lib" in line}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    return None

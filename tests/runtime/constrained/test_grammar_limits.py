@@ -125,6 +125,24 @@ def test_a_compile_past_its_budget_stops_and_its_thread_is_reused():
     jobs.shutdown()
 
 
+def test_compile_threads_run_torch_on_one_openmp_thread_and_leave_the_scheduler_s_alone():
+    """A compile thread's torch ops must not start a second OpenMP team: with more OpenMP threads than
+    cores, libgomp stops spinning for every team and the model's steps slow down for everyone (one
+    xgrammar compile cost decoding 25%)."""
+    import torch
+
+    before = torch.get_num_threads()
+    jobs = CompileJobs(1)
+
+    def job() -> int:
+        torch.zeros(1 << 18).add_(1)  # big enough for a parallel region
+        return torch.get_num_threads()
+
+    assert jobs.submit("torch", job, timeout_s=10).result(timeout=10) == 1
+    assert torch.get_num_threads() == before  # the calling (scheduler's) thread keeps its own
+    jobs.shutdown()
+
+
 class _Finaliser:
     def __del__(self):  # Python code a stop can land in: Python prints what a finaliser raises, and drops it
         for _ in range(50):
