@@ -122,7 +122,7 @@ class EbnfMasks:
                 for state, found in safe_runs(dfa.table, dfa.accepting, lex - g.offsets[k], trie.max_depth):
                     self._runs.setdefault(state + g.offsets[k], found)
                 run = self._runs[lex]
-            scanned = lexeme_scan(trie, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run)
+            scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states

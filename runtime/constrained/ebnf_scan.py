@@ -1,7 +1,7 @@
 """The EBNF engine's lexer-state scan of the vocabulary (ebnf_masks' `scan`): a C walk of the token
 trie against the terminal's DFA, taking whole subtrees of "safe" bytes from one cached mask.
 
-    inside, splits = lexeme_scan(trie, table, accepting, state)   or None (no compiler)
+    inside, splits = lexeme_scan(trie, vocab, table, accepting, state)   or None (no compiler)
 
 A plain walk visits every live trie node: from a string's contents, that is the whole
 vocabulary (~2 ms at 128k tokens) for every new lexer state, and a long string (a chunked
@@ -12,7 +12,10 @@ Here the run also stops at the first accepting state, as a lexeme that may end i
 it in `splits` instead. The walk skips every subtree of safe bytes no deeper than the run, and
 their tokens come from token_walk's cached mask of such tokens (a JSON string's contents: the same
 in every schema). A scan entered mid-token (past the token's first `offset` bytes, which can be
-anything) sets a skipped subtree's tokens one by one instead, still far fewer than its nodes.
+anything) shares no walk above the offset: every token longer than it counts (0.5-1 ms of trie at
+128k). There the tokens whose bytes past the offset are all safe are settled by vectorised passes
+over the vocabulary (per token, where its last unsafe byte is: token_walk.last_unsafe_byte), and
+only the few others are walked, one by one.
 
 A state with too few safe bytes for the skip to pay is walked node by node (NO_SKIP). Each scan
 writes its rows of `splits` into a per-thread scratch buffer and zeroes only the rows it hit:
@@ -31,7 +34,8 @@ import threading
 import numpy as np
 
 from loom.runtime.constrained.native_c import compile_c
-from loom.runtime.constrained.token_walk import ALL_BUCKETS, BUCKET_BIT, TokenTrie, safe_mask
+from loom.runtime.constrained.token_walk import ALL_BUCKETS, BUCKET_BIT, TokenTrie, last_unsafe_byte, safe_mask
+from loom.runtime.constrained.vocabulary import TokenVocab, token_rows
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -43,8 +47,8 @@ _C_SOURCE = r"""
    tok_ids[tok_off[i + 1] .. tok_off[node_skip[i]]).
    It skips the subtrees whose path and every byte past `offset` are
    safe and whose tokens are at most `run` bytes past it (safe[d]: the path to depth d is). Their
-   tokens are the caller's (offset 0: a cached mask of every such token), or set here one by one
-   (add_skipped: past offset 0, where the tokens' first bytes can be anything). Where a safe byte
+   tokens are the caller's to set (a cached mask of every such token, or of those whose bytes past
+   the offset are all safe). Where a safe byte
    past the run kills the token (`end`: 1, or 2 when the run's last state accepts), a subtree of
    safe bytes is skipped however deep: its longer tokens are dead, or (2) cross the lexeme end. */
 void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
@@ -52,24 +56,13 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
                     const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
                     uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
                     const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
-                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t add_skipped, int32_t end,
-                    const int32_t *tok_len) {
+                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t end) {
     int64_t i = 0;
     safe[0] = 1;
     while (i < n_nodes) {
         int32_t d = node_depth[i];
         if (d <= offset) { stack[d] = stack[d - 1]; safe[d] = 1; i++; continue; }  /* bytes before the lexeme */
         if (safe[d - 1] && !(node_sub[i] & unsafe) && (end || node_maxd[i] - offset <= run)) {
-            if (add_skipped)
-                for (int32_t k = tok_off[i]; k < tok_off[node_skip[i]]; k++) {
-                    int32_t t = tok_ids[k];
-                    if (tok_len[t] - offset <= run) {
-                        inside[t >> 5] |= (uint32_t)1 << (t & 31);
-                    } else if (end == 2) {  /* the lexeme ends after the run: the rest crosses */
-                        splits[(int64_t)(offset + run) * width + (t >> 5)] |= (uint32_t)1 << (t & 31);
-                        hit[offset + run] = 1;
-                    }
-                }
             i = node_skip[i];
             continue;
         }
@@ -81,16 +74,40 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
             int32_t t = tok_ids[k];
             inside[t >> 5] |= (uint32_t)1 << (t & 31);
         }
-        int32_t end = tok_off[node_skip[i]];
-        if (accepting[s] && tok_off[i + 1] < end) {
+        int32_t below = tok_off[node_skip[i]];  /* the subtree's tokens end here */
+        if (accepting[s] && tok_off[i + 1] < below) {
             uint32_t *row = splits + (int64_t)d * width;
             hit[d] = 1;
-            for (int32_t k = tok_off[i + 1]; k < end; k++) {
+            for (int32_t k = tok_off[i + 1]; k < below; k++) {
                 int32_t t = tok_ids[k];
                 row[t >> 5] |= (uint32_t)1 << (t & 31);
             }
         }
         i++;
+    }
+}
+
+/* The tokens ids[0..n) (rows[k]: token k's row of the padded byte matrix data [.., stride], lens by
+   row) walked one by one from `state` past their first `offset` bytes: inside and splits as
+   loom_ebnf_scan sets them (a scan entered mid-token, for the few tokens with unsafe bytes). */
+void loom_ebnf_scan_each(const int64_t *ids, const int64_t *rows, int64_t n, const uint8_t *data, int64_t stride,
+                         const int64_t *lens, const int32_t *table, int32_t dead, const uint8_t *accepting,
+                         int32_t state, int32_t offset, uint32_t *inside, uint32_t *splits, int64_t width,
+                         uint8_t *hit) {
+    for (int64_t k = 0; k < n; k++) {
+        int64_t t = ids[k], len = lens[rows[k]], d = offset;
+        const uint8_t *b = data + rows[k] * stride;
+        uint32_t bit = (uint32_t)1 << (t & 31);
+        int32_t s = state;
+        for (; d < len; d++) {
+            s = table[(int64_t)s * 256 + b[d]];
+            if (s == dead) break;
+            if (d + 1 < len && accepting[s]) {  /* the lexeme may end after byte d: the rest crosses */
+                splits[(d + 1) * width + (t >> 5)] |= bit;
+                hit[d + 1] = 1;
+            }
+        }
+        if (d == len) inside[t >> 5] |= bit;
     }
 }
 """
@@ -113,7 +130,11 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
-    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32]
+    lib.loom_ebnf_scan_each.restype = None
+    lib.loom_ebnf_scan_each.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.loom_ebnf_scan_each.argtypes += [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    lib.loom_ebnf_scan_each.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -185,6 +206,7 @@ def _scratch(trie: TokenTrie) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 def lexeme_scan(
     trie: TokenTrie,
+    vocab: TokenVocab,
     table: np.ndarray,
     accepting: np.ndarray,
     state: int,
@@ -195,8 +217,8 @@ def lexeme_scan(
     `accepting` [S + 1] bool), entered after each token's first `offset` bytes: (packed words of
     the tokens longer than `offset` whose later bytes stay inside the lexeme, {j: packed words of
     the tokens longer than j that may end it after their first j bytes}); None where the scan is
-    not compiled. `run`: safe_run's answer for the state, where the caller keeps it (it costs
-    ~50 us); NO_SKIP walks every live node."""
+    not compiled. `trie` is `vocab`'s. `run`: safe_run's answer for the state, where the caller
+    keeps it (it costs ~50 us); NO_SKIP walks every live node."""
     lib = _library()
     if lib is None:
         return None
@@ -205,21 +227,60 @@ def lexeme_scan(
     if length == 0 or (end == OPEN and length < _MIN_RUN):  # too few safe bytes to pay: every node walked
         unsafe, length, end = NO_SKIP
     splits, hit, stack, safe = _scratch(trie)
-    if offset or length == 0:
-        inside = np.zeros(trie.width, dtype=np.uint32)
-    else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
-        inside = safe_mask(trie, unsafe, length).copy()
-        if end == ENDS and length <= trie.max_depth:
-            splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
-            hit[length] = splits[length].any()
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
-    stack[0] = state
-    safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
-    lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
-                       stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
-                       trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
-                       safe.ctypes.data, offset, 1 if offset else 0, end, trie.tok_len.ctypes.data)  # fmt: skip
+    if offset and length:
+        inside = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit)
+    else:
+        if offset or length == 0:
+            inside = np.zeros(trie.width, dtype=np.uint32)
+        else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
+            inside = safe_mask(trie, unsafe, length).copy()
+            if end == ENDS and length <= trie.max_depth:
+                splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
+                hit[length] = splits[length].any()
+        stack[0] = state
+        safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
+        lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
+                           stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
+                           trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
+                           safe.ctypes.data, offset, end)  # fmt: skip
     rows = np.flatnonzero(hit)
     out = {int(j): splits[j].copy() for j in rows}
     splits[rows], hit[rows] = 0, 0
     return inside, out
+
+
+def _mid_token(
+    lib: ctypes.CDLL,
+    trie: TokenTrie,
+    vocab: TokenVocab,
+    table: np.ndarray,
+    acc: np.ndarray,
+    state: int,
+    offset: int,
+    unsafe: int,
+    length: int,
+    end: int,
+    splits: np.ndarray,
+    hit: np.ndarray,
+) -> np.ndarray:
+    """A skipping scan entered `offset` bytes into the tokens (-> inside; splits and hit filled).
+    Every token longer than the offset counts, and the trie shares nothing above the offset, so
+    instead of walking it: the tokens whose bytes past the offset are all safe are settled at once
+    (stay inside up to the run; past it, cross the lexeme's end (ENDS) or die (DEAD)), and the
+    rest, the few with an unsafe byte past the offset, are walked one by one."""
+    past = trie.tok_len - offset  # [V] bytes past the offset (<= 0: none; tokens not in the trie: > 0)
+    listed = (past > 0) & (trie.tok_len <= trie.max_depth)
+    tail = (last_unsafe_byte(trie, unsafe) <= offset) & listed  # every byte past the offset safe
+    inside = np.packbits(tail & (past <= length), bitorder="little").view(np.uint32)
+    if end == ENDS and offset + length <= trie.max_depth:  # longer ones cross the lexeme's end after the run
+        splits[offset + length] |= np.packbits(tail & (past > length), bitorder="little").view(np.uint32)
+        hit[offset + length] |= splits[offset + length].any()
+    settled = tail if end != OPEN else tail & (past <= length)
+    ids = np.flatnonzero(listed & ~settled)
+    rows = token_rows(vocab)[ids]
+    data = np.ascontiguousarray(vocab.data)
+    lib.loom_ebnf_scan_each(ids.ctypes.data, rows.ctypes.data, len(ids), data.ctypes.data, data.shape[1],
+                            vocab.lens.ctypes.data, table.ctypes.data, table.shape[0] - 1, acc.ctypes.data, state, offset,
+                            inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data)  # fmt: skip
+    return inside

@@ -28,7 +28,7 @@ import numpy as np
 
 from loom.runtime.constrained.bitmask import bitmask_width
 from loom.runtime.constrained.native_c import compile_c
-from loom.runtime.constrained.vocabulary import TokenVocab
+from loom.runtime.constrained.vocabulary import token_rows
 
 if TYPE_CHECKING:
     from loom.runtime.constrained.ebnf import CompiledEbnf
@@ -223,21 +223,6 @@ def available() -> bool:
     return _library() is not None
 
 
-_ROWS: dict[int, tuple[TokenVocab, np.ndarray]] = {}
-
-
-def _row_of(vocab: TokenVocab) -> np.ndarray:
-    """The vocabulary matrix's row of each token id (-1: none), once per vocabulary."""
-    hit = _ROWS.get(id(vocab))
-    if hit is None or hit[0] is not vocab:
-        if len(_ROWS) >= 4:
-            _ROWS.clear()
-        row_of = np.full(vocab.vocab_size, -1, dtype=np.int64)
-        row_of[vocab.ids] = np.arange(len(vocab.ids))
-        hit = _ROWS[id(vocab)] = (vocab, row_of)
-    return hit[1]
-
-
 class CrossingWalker:
     """One compiled grammar's lexer table as C reads it, and the parser rows filled so far."""
 
@@ -245,7 +230,7 @@ class CrossingWalker:
         self.g = grammar
         self.lib = _library()
         v = grammar.vocab
-        self.row_of = _row_of(v)
+        self.row_of = token_rows(v)
         self.trans = np.ascontiguousarray(grammar.trans_table, dtype=np.int32)  # [boundary, 256]
         self.accepting = np.asarray(grammar.accepting, dtype=np.uint8)
         self.lex_terminal = np.asarray(grammar.lex_terminal, dtype=np.int32)

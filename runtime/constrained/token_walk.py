@@ -107,7 +107,11 @@ class TokenTrie:
     tok_len: np.ndarray  # [V] int32: each token's length (past max_depth: not in the trie)
     by_len: np.ndarray  # [T] the trie's token ids by length (ties by id)
     len_off: np.ndarray  # [max_depth + 2] tokens of length r are by_len[len_off[r] : len_off[r + 1]]
+    node_parent: np.ndarray  # [N] int64 (-1: a root's child)
+    levels: tuple[np.ndarray, ...]  # the nodes of depth 2, 3, ... (parents before children)
+    tok_node: np.ndarray  # [T] the node each of tok_ids ends at
     safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
+    last_unsafe: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # unsafe -> [V] (see last_unsafe_byte)
     # The five arrays' data addresses, taken once: `a.ctypes.data` costs ~2 us, and a walk over a
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
     pointers: tuple[int, ...] = dataclasses.field(init=False)
@@ -168,7 +172,8 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     tok_buckets[ids], tok_len[ids] = path[at], depth[at]
     by_len = ids[np.argsort(depth[at], kind="stable")]
     len_off = np.searchsorted(tok_len[by_len], np.arange(max_depth + 2)).astype(np.int64)
-    return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len, by_len, len_off)
+    return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len, by_len, len_off, parent,
+                     tuple(levels), at)  # fmt: skip
 
 
 _TRIES: dict[int, tuple[TokenVocab, TokenTrie]] = {}
@@ -311,3 +316,21 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
         trie.safe_masks.clear()
     trie.safe_masks[(unsafe, run)] = words
     return words
+
+
+def last_unsafe_byte(trie: TokenTrie, unsafe: int) -> np.ndarray:
+    """[width * 32] int32: per token, the position (1-based) of its last byte in the `unsafe`
+    buckets, 0 where it has none (past max_depth: not in the trie). A token's bytes after position
+    p are all safe iff this is <= p (cached per trie and bucket set)."""
+    out = trie.last_unsafe.get(unsafe)
+    if out is None:
+        bad = (BUCKET_BIT[trie.node_byte] & np.uint64(unsafe)) != 0
+        last = np.where(bad, trie.node_depth, 0).astype(np.int32)  # [N] along each node's path
+        for idx in trie.levels:  # parents before children
+            last[idx] = np.maximum(last[idx], last[trie.node_parent[idx]])
+        out = np.full(trie.width * 32, trie.max_depth + 1, dtype=np.int32)
+        out[trie.tok_ids] = last[trie.tok_node]
+        if len(trie.last_unsafe) >= _SAFE_MASKS_KEPT // 8:
+            trie.last_unsafe.clear()
+        trie.last_unsafe[unsafe] = out
+    return out

@@ -84,3 +84,18 @@ class TokenVocab:
         bits = np.zeros(width * 32, dtype=bool)
         bits[np.asarray(token_ids, dtype=np.int64)] = True
         return np.packbits(bits, bitorder="little").view(np.uint32)
+
+
+_ROWS: dict[int, tuple[TokenVocab, np.ndarray]] = {}
+
+
+def token_rows(vocab: TokenVocab) -> np.ndarray:
+    """[vocab_size] int64: each token id's row of the vocabulary matrix (-1: none), once per vocabulary."""
+    hit = _ROWS.get(id(vocab))
+    if hit is None or hit[0] is not vocab:
+        if len(_ROWS) >= 4:
+            _ROWS.clear()
+        row_of = np.full(vocab.vocab_size, -1, dtype=np.int64)
+        row_of[vocab.ids] = np.arange(len(vocab.ids))
+        hit = _ROWS[id(vocab)] = (vocab, row_of)
+    return hit[1]

@@ -131,8 +131,8 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
         for offset in (0, 1, 3) if run[1] else ():  # a run of 0: no byte is safe there
             skipping += 1
             (s_in, s_splits), (p_in, p_splits) = (
-                ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, state, offset, run),
-                ebnf_scan.lexeme_scan(trie, dfa.table, dfa.accepting, state, offset, ebnf_scan.NO_SKIP),
+                ebnf_scan.lexeme_scan(trie, vocab, dfa.table, dfa.accepting, state, offset, run),
+                ebnf_scan.lexeme_scan(trie, vocab, dfa.table, dfa.accepting, state, offset, ebnf_scan.NO_SKIP),
             )
             assert np.array_equal(s_in, p_in) and s_splits.keys() == p_splits.keys(), (name, lex, offset)
             assert all(np.array_equal(s_splits[j], p_splits[j]) for j in s_splits), (name, lex, offset)

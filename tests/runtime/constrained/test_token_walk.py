@@ -115,6 +115,16 @@ def test_safe_masks_derived_from_a_nearby_run_equal_the_direct_ones(trained_voca
         assert np.flatnonzero(bits).tolist() == sorted(allowed), run
 
 
+def test_last_unsafe_byte_is_where_each_token_s_last_unsafe_byte_is(trained_vocab):
+    trie = token_walk.token_trie(trained_vocab)
+    bit = token_walk.BUCKET_BIT
+    for unsafe in (int(bit[ord('"')] | bit[ord("\\")] | bit[0x80] | bit[0xC3]), int(bit[ord("e")] | bit[ord(" ")])):
+        last = token_walk.last_unsafe_byte(trie, unsafe)
+        for t, data in trained_vocab.by_id.items():
+            positions = [p + 1 for p, b in enumerate(data) if bit[b] & np.uint64(unsafe)]
+            assert last[t] == (positions[-1] if positions else 0), (t, data)
+
+
 def test_walk_equals_the_numpy_scan_on_a_schema(trained_vocab):
     both(CompiledRegex(schema_to_regex(json.dumps(PERSON_SCHEMA)), trained_vocab))
 
