@@ -228,22 +228,26 @@ def lexeme_scan(
         unsafe, length, end = NO_SKIP
     splits, hit, stack, safe = _scratch(trie)
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
-    if offset and length:
-        inside = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit)
-    else:
-        if offset or length == 0:
-            inside = np.zeros(trie.width, dtype=np.uint32)
-        else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
-            inside = safe_mask(trie, unsafe, length).copy()
-            if end == ENDS and length <= trie.max_depth:
-                splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
-                hit[length] = splits[length].any()
-        stack[0] = state
-        safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
-        lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
-                           stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
-                           trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
-                           safe.ctypes.data, offset, end)  # fmt: skip
+    try:
+        if offset and length:
+            inside = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit)
+        else:
+            if offset or length == 0:
+                inside = np.zeros(trie.width, dtype=np.uint32)
+            else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
+                inside = safe_mask(trie, unsafe, length).copy()
+                if end == ENDS and length <= trie.max_depth:
+                    splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
+                    hit[length] = splits[length].any()
+            stack[0] = state
+            safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
+            lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
+                               stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
+                               trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
+                               safe.ctypes.data, offset, end)  # fmt: skip
+    except BaseException:  # (a compile stopped mid-scan) the next scan must find the buffer zeroed
+        splits[:], hit[:] = 0, 0
+        raise
     rows = np.flatnonzero(hit)
     out = {int(j): splits[j].copy() for j in rows}
     splits[rows], hit[rows] = 0, 0

@@ -105,7 +105,7 @@ class TokenTrie:
     node_maxd: np.ndarray  # [N] int32: the depth of the deepest node of its subtree
     tok_buckets: np.ndarray  # [V] uint64: each token's byte buckets (all bits: not in the trie)
     tok_len: np.ndarray  # [V] int32: each token's length (past max_depth: not in the trie)
-    by_len: np.ndarray  # [T] the trie's token ids by length (ties by id)
+    by_len: np.ndarray  # [T] the trie's token ids by length (ties in trie order)
     len_off: np.ndarray  # [max_depth + 2] tokens of length r are by_len[len_off[r] : len_off[r + 1]]
     node_parent: np.ndarray  # [N] int64 (-1: a root's child)
     levels: tuple[np.ndarray, ...]  # the nodes of depth 2, 3, ... (parents before children)
@@ -299,16 +299,17 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
     words = trie.safe_masks.get((unsafe, run))
     if words is not None:
         return words
-    near = min((r for u, r in trie.safe_masks if u == unsafe), key=lambda r: abs(r - run), default=None)
+    near = min((r for u, r in list(trie.safe_masks) if u == unsafe), key=lambda r: abs(r - run), default=None)
+    base = trie.safe_masks.get((unsafe, near)) if near is not None else None  # (another thread may have cleared it)
     between = None
-    if near is not None:  # the tokens of lengths lo + 1 .. hi
+    if base is not None:  # the tokens of lengths lo + 1 .. hi
         lo, hi = min(near, run), min(max(near, run), trie.max_depth)
         between = trie.by_len[trie.len_off[lo + 1] : trie.len_off[hi + 1]] if lo < hi else trie.by_len[:0]
-    if between is not None and len(between) <= len(trie.by_len) // 8:
+    if base is not None and between is not None and len(between) <= len(trie.by_len) // 8:
         between = between[(trie.tok_buckets[between] & np.uint64(unsafe)) == 0]
-        delta = np.zeros_like(trie.safe_masks[(unsafe, near)])
+        delta = np.zeros_like(base)
         np.bitwise_or.at(delta, between >> 5, np.left_shift(np.uint32(1), (between & 31).astype(np.uint32)))
-        words = trie.safe_masks[(unsafe, near)] | delta if near < run else trie.safe_masks[(unsafe, near)] & ~delta
+        words = base | delta if near < run else base & ~delta
     else:
         allowed = ((trie.tok_buckets & np.uint64(unsafe)) == 0) & (trie.tok_len <= run)
         words = np.packbits(allowed, bitorder="little").view(np.uint32)
