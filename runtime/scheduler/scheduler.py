@@ -61,6 +61,11 @@ logger = logging.getLogger(__name__)
 # GIL; a bigger one's is compute that already fills the cores, next to which the scheduler's work
 # is small. So the CPU keeps the simpler synchronous loop. With a GPU the forward thread mostly
 # waits on the device, and the scheduler's work hides behind it.
+# Later, on SmolLM2-135M Q4_1 (16 x 48 greedy): on 280-340 tok/s, off 380-460. The forward thread
+# starts a second OpenMP team beside the one model loading left on the scheduler's thread; with
+# more OpenMP threads than cores libgomp stops spinning for both (26k voluntary context switches a
+# batch, none with overlap off). Setting the scheduler thread's own count to 1 afterwards does not
+# help: its team's threads stay (see compile_jobs._one_openmp_thread for the same effect).
 CPU_OVERLAP_DEFAULT = False
 
 
