@@ -79,6 +79,7 @@ class EbnfMasks:
         self.eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
         self._walker: CrossingWalker | None = None
+        self._ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(split row) -> (the row, its token ids): few tokens
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -93,7 +94,8 @@ class EbnfMasks:
     def _bound(self) -> None:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
-            for memo in (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks):
+            memos = (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
+            for memo in (*memos, self._ids):
                 memo.clear()
 
     # ------------------------------------------------------------------ lexer-state scans
@@ -122,7 +124,12 @@ class EbnfMasks:
                 for state, found in safe_runs(dfa.table, dfa.accepting, lex - g.offsets[k], trie.max_depth):
                     self._runs.setdefault(state + g.offsets[k], found)
                 run = self._runs[lex]
-            scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run)
+            ids: dict[int, np.ndarray] = {}
+            scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run, ids)
+            if scanned is not None:  # the split rows of few tokens, by identity (see _crossing)
+                for j, row in scanned[1].items():
+                    if j in ids:
+                        self._ids[id(row)] = (row, ids[j])
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states
@@ -183,7 +190,9 @@ class EbnfMasks:
         if cross_walk_available():
             if self._walker is None:
                 self._walker = CrossingWalker(self.g)
-            if self._walker.cross(offset, sid, enders, checked, allowed, out, _MANY):
+            held = self._ids.get(id(enders))
+            ids = held[1] if held is not None and held[0] is enders else None
+            if self._walker.cross(offset, sid, enders, checked, allowed, out, _MANY, ids):
                 return
             many = True
         else:

@@ -20,6 +20,8 @@ only the few others are walked, one by one.
 A state with too few safe bytes for the skip to pay is walked node by node (NO_SKIP). Each scan
 writes its rows of `splits` into a per-thread scratch buffer and zeroes only the rows it hit:
 zeroing a [max_depth + 1, width] buffer per scan cost more than a keyword's whole walk at 128k.
+It also records which tokens it set in which row (up to PAIRS): crossing a row of a few hundred
+tokens then costs per token, not per word of the vocabulary (ebnf_walk's loom_ebnf_cross_ids).
 
 LOOM_NO_C_EBNF=1 turns it off (ebnf_masks scans with numpy instead).
 """
@@ -56,7 +58,8 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
                     const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
                     uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
                     const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
-                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t end) {
+                    const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t end, int64_t *pairs,
+                    int64_t cap, int64_t *n_pairs) {
     int64_t i = 0;
     safe[0] = 1;
     while (i < n_nodes) {
@@ -81,6 +84,8 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
             for (int32_t k = tok_off[i + 1]; k < below; k++) {
                 int32_t t = tok_ids[k];
                 row[t >> 5] |= (uint32_t)1 << (t & 31);
+                if (*n_pairs < cap) pairs[*n_pairs] = ((int64_t)d << 32) | t;  /* past cap: counted only */
+                (*n_pairs)++;
             }
         }
         i++;
@@ -93,7 +98,7 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
 void loom_ebnf_scan_each(const int64_t *ids, const int64_t *rows, int64_t n, const uint8_t *data, int64_t stride,
                          const int64_t *lens, const int32_t *table, int32_t dead, const uint8_t *accepting,
                          int32_t state, int32_t offset, uint32_t *inside, uint32_t *splits, int64_t width,
-                         uint8_t *hit) {
+                         uint8_t *hit, int64_t *pairs, int64_t cap, int64_t *n_pairs) {
     for (int64_t k = 0; k < n; k++) {
         int64_t t = ids[k], len = lens[rows[k]], d = offset;
         const uint8_t *b = data + rows[k] * stride;
@@ -105,6 +110,8 @@ void loom_ebnf_scan_each(const int64_t *ids, const int64_t *rows, int64_t n, con
             if (d + 1 < len && accepting[s]) {  /* the lexeme may end after byte d: the rest crosses */
                 splits[(d + 1) * width + (t >> 5)] |= bit;
                 hit[d + 1] = 1;
+                if (*n_pairs < cap) pairs[*n_pairs] = ((d + 1) << 32) | t;
+                (*n_pairs)++;
             }
         }
         if (d == len) inside[t >> 5] |= bit;
@@ -116,6 +123,7 @@ _MIN_RUN = 4  # a shorter run skips too little to pay for its mask: the plain wa
 _MIN_SAFE_BYTES = 32  # so do fewer safe bytes (a keyword's, a number's): their subtrees are small
 OPEN, DEAD, ENDS = 0, 1, 2  # what a safe byte past the run does (safe_run)
 NO_SKIP = (ALL_BUCKETS, 0, OPEN)  # a run that skips nothing: the plain walk of every live node
+PAIRS = 8192  # (row, token) pairs a scan records for its split rows' ids (more: the rows stay words only)
 _LOCAL = threading.local()
 
 
@@ -130,11 +138,12 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
-    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32]
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan_each.restype = None
     lib.loom_ebnf_scan_each.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan_each.argtypes += [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
     lib.loom_ebnf_scan_each.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.loom_ebnf_scan_each.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -192,15 +201,16 @@ def safe_runs(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: i
     return [(q, (unsafe, run - i, end)) for i, q in enumerate(chain)]
 
 
-def _scratch(trie: TokenTrie) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's (splits [max_depth + 1, width], hit, stack, safe) buffers for `trie`'s scans:
+def _scratch(trie: TokenTrie) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's (splits [max_depth + 1, width], hit, stack, safe, pairs + its count) buffers for `trie`'s scans:
     all zero between scans (a scan zeroes the rows it hit). Scans run on the scheduler's thread and
     on compile workers (each compile's first mask), so each thread has its own."""
     held = getattr(_LOCAL, "buffers", None)
     if held is None or held[0] is not trie:
         depth = trie.max_depth + 1
         held = _LOCAL.buffers = (trie, np.zeros((depth, trie.width), dtype=np.uint32), np.zeros(depth, dtype=np.uint8),
-                                 np.zeros(depth, dtype=np.int32), np.zeros(depth, dtype=np.uint8))  # fmt: skip
+                                 np.zeros(depth, dtype=np.int32), np.zeros(depth, dtype=np.uint8),
+                                 np.zeros(PAIRS + 1, dtype=np.int64))  # fmt: skip
     return held[1:]
 
 
@@ -212,13 +222,15 @@ def lexeme_scan(
     state: int,
     offset: int = 0,
     run: tuple[int, int, int] | None = None,
+    ids_out: dict[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
     """A lexeme's scan from `state` of a complete byte DFA (`table` [S + 1, 256] int32, dead last,
     `accepting` [S + 1] bool), entered after each token's first `offset` bytes: (packed words of
     the tokens longer than `offset` whose later bytes stay inside the lexeme, {j: packed words of
     the tokens longer than j that may end it after their first j bytes}); None where the scan is
     not compiled. `trie` is `vocab`'s. `run`: safe_run's answer for the state, where the caller
-    keeps it (it costs ~50 us); NO_SKIP walks every live node."""
+    keeps it (it costs ~50 us); NO_SKIP walks every live node. `ids_out` gets, for the split rows
+    of few tokens (PAIRS in all), their token ids (ascending): crossing them costs per token."""
     lib = _library()
     if lib is None:
         return None
@@ -226,11 +238,14 @@ def lexeme_scan(
     unsafe, length, end = safe_run(table, accepting, state, trie.max_depth) if run is None else run
     if length == 0 or (end == OPEN and length < _MIN_RUN):  # too few safe bytes to pay: every node walked
         unsafe, length, end = NO_SKIP
-    splits, hit, stack, safe = _scratch(trie)
+    splits, hit, stack, safe, pairs = _scratch(trie)
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
+    count = np.zeros(1, dtype=np.int64)  # the (depth, token) pairs the C side set in split rows
+    recorded = (pairs.ctypes.data, PAIRS, count.ctypes.data)
+    dense = -1  # the split row set in bulk here, whose tokens are not in `pairs`
     try:
         if offset and length:
-            inside = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit)
+            inside, dense = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit, recorded)
         else:
             if offset or length == 0:
                 inside = np.zeros(trie.width, dtype=np.uint32)
@@ -238,19 +253,26 @@ def lexeme_scan(
                 inside = safe_mask(trie, unsafe, length).copy()
                 if end == ENDS and length <= trie.max_depth:
                     splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
-                    hit[length] = splits[length].any()
+                    hit[length], dense = splits[length].any(), length
             stack[0] = state
             safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
             lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
                                stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
                                trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
-                               safe.ctypes.data, offset, end)  # fmt: skip
+                               safe.ctypes.data, offset, end, *recorded)  # fmt: skip
     except BaseException:  # (a compile stopped mid-scan) the next scan must find the buffer zeroed
         splits[:], hit[:] = 0, 0
         raise
     rows = np.flatnonzero(hit)
     out = {int(j): splits[j].copy() for j in rows}
     splits[rows], hit[rows] = 0, 0
+    if ids_out is not None and int(count[0]) <= PAIRS:
+        keys = np.sort(pairs[: int(count[0])])  # by row, then token
+        depth, tokens = keys >> 32, keys & 0xFFFFFFFF
+        bounds = np.searchsorted(depth, np.concatenate([rows, rows + 1]))
+        for j, lo, hi in zip(rows.tolist(), bounds[: len(rows)].tolist(), bounds[len(rows) :].tolist()):
+            if j != dense:
+                ids_out[j] = tokens[lo:hi]
     return inside, out
 
 
@@ -267,8 +289,10 @@ def _mid_token(
     end: int,
     splits: np.ndarray,
     hit: np.ndarray,
-) -> np.ndarray:
-    """A skipping scan entered `offset` bytes into the tokens (-> inside; splits and hit filled).
+    recorded: tuple[int, int, int],
+) -> tuple[np.ndarray, int]:
+    """A skipping scan entered `offset` bytes into the tokens (-> inside, the split row set in bulk
+    (-1: none); splits and hit filled).
     Every token longer than the offset counts, and the trie shares nothing above the offset, so
     instead of walking it: the tokens whose bytes past the offset are all safe are settled at once
     (stay inside up to the run; past it, cross the lexeme's end (ENDS) or die (DEAD)), and the
@@ -277,14 +301,16 @@ def _mid_token(
     listed = (past > 0) & (trie.tok_len <= trie.max_depth)
     tail = (last_unsafe_byte(trie, unsafe) <= offset) & listed  # every byte past the offset safe
     inside = np.packbits(tail & (past <= length), bitorder="little").view(np.uint32)
+    dense = -1
     if end == ENDS and offset + length <= trie.max_depth:  # longer ones cross the lexeme's end after the run
-        splits[offset + length] |= np.packbits(tail & (past > length), bitorder="little").view(np.uint32)
-        hit[offset + length] |= splits[offset + length].any()
+        dense = offset + length
+        splits[dense] |= np.packbits(tail & (past > length), bitorder="little").view(np.uint32)
+        hit[dense] |= splits[dense].any()
     settled = tail if end != OPEN else tail & (past <= length)
     ids = np.flatnonzero(listed & ~settled)
     rows = token_rows(vocab)[ids]
     data = np.ascontiguousarray(vocab.data)
     lib.loom_ebnf_scan_each(ids.ctypes.data, rows.ctypes.data, len(ids), data.ctypes.data, data.shape[1],
                             vocab.lens.ctypes.data, table.ctypes.data, table.shape[0] - 1, acc.ctypes.data, state, offset,
-                            inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data)  # fmt: skip
-    return inside
+                            inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data, *recorded)  # fmt: skip
+    return inside, dense

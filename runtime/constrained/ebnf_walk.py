@@ -113,26 +113,13 @@ typedef struct {
     int64_t resume;   /* the token (in walking order) to resume at */
 } ctx_t;
 
-/* Packed words [width]: the tokens of `enders` not yet `checked` are walked from their byte
-   `offset` on, from configuration `start` (a boundary at the stack after a lexeme end); those
-   accepted are set in `allowed`, all of them in `checked`, and out |= allowed & enders.
-   Returns 0; 1 when more than `many` are new (nothing done: the caller scans instead); -2 when
-   the row of stack ctx->need is missing (fill it and call again: the walk resumes where it was);
-   -3 when scratch is too small (grow it and call again, likewise). Tokens are walked in id order; the start set's step by each first
-   byte is computed once a call (the one step every token takes, and most tokens' last), and a
-   token shares the sets of its previous token's common prefix. */
-int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uint32_t *allowed, uint32_t *out,
-                        int64_t offset, int64_t start, int64_t many) {
-    int64_t n = 0;
-    for (int64_t w = 0; w < x->width; w++) {
-        uint32_t bits = enders[w] & ~checked[w];
-        if (!bits) continue;
-        if (n + __builtin_popcount(bits) > many) return 1;
-        while (bits) {
-            x->order[n++] = w * 32 + __builtin_ctz(bits);
-            bits &= bits - 1;
-        }
-    }
+/* Walks x->order[0..n) (from x->resume) from their byte `offset` on, from configuration `start` (a
+   boundary at the stack after a lexeme end), setting the accepted ones in `allowed`. Returns 0; -2
+   when the row of stack x->need is missing (fill it and call again: the walk resumes where it
+   was); -3 when scratch is too small (grow it and call again, likewise). The start set's step by
+   each first byte is computed once a call (the one step every token takes, and most tokens'
+   last), and a token shares the sets of its previous token's common prefix. */
+static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset, int64_t start) {
     int64_t mc = x->max_configs;
     int64_t first_len[256];
     for (int b = 0; b < 256; b++) first_len[b] = -1;
@@ -181,9 +168,52 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uin
         valid = d;
     }
     x->resume = 0;
+    return 0;
+}
+
+/* Packed words [width]: the tokens of `enders` not yet `checked` are walked (walk_order, in id
+   order); those accepted are set in `allowed`, all of them in `checked`, and out |= allowed &
+   enders. Returns 0; 1 when more than `many` are new (nothing done: the caller scans instead);
+   -2 / -3 as walk_order. */
+int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uint32_t *allowed, uint32_t *out,
+                        int64_t offset, int64_t start, int64_t many) {
+    int64_t n = 0;
+    for (int64_t w = 0; w < x->width; w++) {
+        uint32_t bits = enders[w] & ~checked[w];
+        if (!bits) continue;
+        if (n + __builtin_popcount(bits) > many) return 1;
+        while (bits) {
+            x->order[n++] = w * 32 + __builtin_ctz(bits);
+            bits &= bits - 1;
+        }
+    }
+    int64_t r = walk_order(x, n, allowed, offset, start);
+    if (r) return r;
     for (int64_t w = 0; w < x->width; w++) {
         checked[w] |= enders[w];
         out[w] |= allowed[w] & enders[w];
+    }
+    return 0;
+}
+
+/* loom_ebnf_cross for enders given as their token ids ids[0..m) (ascending): the work follows the
+   tokens, not the vocabulary's width (a string's split rows hold a few hundred tokens each). */
+int64_t loom_ebnf_cross_ids(ctx_t *x, const int64_t *ids, int64_t m, uint32_t *checked, uint32_t *allowed, uint32_t *out,
+                            int64_t offset, int64_t start, int64_t many) {
+    int64_t n = 0;
+    for (int64_t k = 0; k < m; k++) {
+        int64_t t = ids[k];
+        if (checked[t >> 5] >> (t & 31) & 1) continue;
+        if (n >= many) return 1;
+        x->order[n++] = t;
+    }
+    int64_t r = walk_order(x, n, allowed, offset, start);
+    if (r) return r;
+    for (int64_t k = 0; k < m; k++) {
+        int64_t t = ids[k];
+        uint32_t bit = (uint32_t)1 << (t & 31);
+        checked[t >> 5] |= bit;
+        out[t >> 5] |= allowed[t >> 5] & bit;
     }
     return 0;
 }
@@ -216,6 +246,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.loom_ebnf_cross.restype = ctypes.c_int64
     lib.loom_ebnf_cross.argtypes = [ctypes.POINTER(_Ctx)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.loom_ebnf_cross_ids.restype = ctypes.c_int64
+    lib.loom_ebnf_cross_ids.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64]
+    lib.loom_ebnf_cross_ids.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     return lib
 
 
@@ -279,31 +312,45 @@ class CrossingWalker:
         self.n_pairs = n + len(row)
 
     def cross(
-        self, offset: int, sid: int, enders: np.ndarray, checked: np.ndarray, allowed: np.ndarray, out: np.ndarray, many: int
+        self,
+        offset: int,
+        sid: int,
+        enders: np.ndarray,
+        checked: np.ndarray,
+        allowed: np.ndarray,
+        out: np.ndarray,
+        many: int,
+        ids: np.ndarray | None = None,
     ) -> bool:
         """The tokens of `enders` (packed [width] uint32) not yet in `checked` whose bytes from
         `offset` on are accepted from a lexeme boundary at stack `sid` are added to `allowed`, all
         of them to `checked`, and out |= allowed & enders. False (nothing done) when more than
-        `many` are new."""
+        `many` are new. `ids`: enders' token ids (ascending int64) where the caller has them: the
+        walk then reads those tokens' bits only, not every word."""
         start = sid * self.g.n_lex + self.g.boundary
-        args = (_ptr(np.ascontiguousarray(enders)), _ptr(checked), _ptr(allowed), _ptr(out), offset, start, many)
+        if ids is not None:
+            fn, args = self.lib.loom_ebnf_cross_ids, (_ptr(ids), len(ids), _ptr(checked), _ptr(allowed), _ptr(out), offset, start, many)
+        else:
+            fn = self.lib.loom_ebnf_cross
+            args = (_ptr(np.ascontiguousarray(enders)), _ptr(checked), _ptr(allowed), _ptr(out), offset, start, many)
         while True:
-            r = self.lib.loom_ebnf_cross(self.ctx_ref, *args)
+            r = fn(self.ctx_ref, *args)
             if r == -2:
                 self._fill(self.ctx.need)
-                continue
-            if r == -3:
+            elif r == -3:
                 self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
                 self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
-                continue
-            return r == 0
+            else:
+                return r == 0
 
-    def accepted(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:
+    def accepted(self, offset: int, sid: int, ids: np.ndarray, by_ids: bool = False) -> np.ndarray:
         """The token ids of `ids` (each longer than `offset`) whose bytes from `offset` on are
-        accepted from a lexeme boundary at stack `sid` (ebnf_masks' `_accepted_from`)."""
+        accepted from a lexeme boundary at stack `sid` (ebnf_masks' `_accepted_from`); by_ids:
+        crossed from their ids rather than their packed words."""
         v = self.g.vocab
         enders = v.pack(ids)
         allowed, out = np.zeros_like(enders), np.zeros_like(enders)
-        self.cross(offset, sid, enders, np.zeros_like(enders), allowed, out, len(ids))
+        listed = np.unique(np.asarray(ids, dtype=np.int64)) if by_ids else None
+        self.cross(offset, sid, enders, np.zeros_like(enders), allowed, out, len(ids), listed)
         bits = np.unpackbits(allowed.view(np.uint8), bitorder="little")[: v.vocab_size]
         return np.flatnonzero(bits).astype(np.int64)

@@ -93,13 +93,16 @@ def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
     return states
 
 
-@pytest.mark.parametrize("walk", ["c", "python"])
+@pytest.mark.parametrize("walk", ["c", "c from words", "python"])
 @pytest.mark.parametrize("many", [ebnf_masks._MANY, 0], ids=["tokens walked", "lexer-state scans"])
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
 def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, walk, monkeypatch):
-    """Every way of checking the tokens that cross a lexeme end (walked against the parser in C or
-    in Python, or by lexer-state scans entered mid-token, which many-token crossings take)."""
+    """Every way of checking the tokens that cross a lexeme end (walked against the parser in C,
+    from the split rows' token ids the scan recorded or from their packed words, or in Python, or
+    by lexer-state scans entered mid-token, which many-token crossings take)."""
     monkeypatch.setattr(ebnf_masks, "_MANY", many)
+    if walk == "c from words":
+        monkeypatch.setattr(ebnf_scan, "PAIRS", 0)  # no scan records its rows' ids
     if walk == "python":
         monkeypatch.setattr(ebnf_masks, "cross_walk_available", lambda: False)
     elif not ebnf_walk.available():
@@ -179,5 +182,6 @@ def test_the_c_crossing_walk_equals_the_python_walk(vocab, name, max_configs):
         ids = np.unique(np.array(rnd.sample(pool.tolist(), 40) + list(range(1024, 1024 + len(CROSSING))), dtype=np.int64))
         ids = ids[vocab.lens[np.searchsorted(vocab.ids, ids)] > offset]
         c_walk = set(walker.accepted(offset, sid, ids).tolist())
+        c_ids = set(walker.accepted(offset, sid, ids, by_ids=True).tolist())
         py_walk = set(masks._accepted_from(offset, sid, ids).tolist())
-        assert c_walk == py_walk, (name, sid, offset, sorted(c_walk ^ py_walk)[:10])
+        assert c_walk == py_walk == c_ids, (name, sid, offset, sorted(c_walk ^ py_walk)[:10], sorted(c_ids ^ py_walk)[:10])
