@@ -202,15 +202,15 @@ def safe_runs(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: i
 
 
 def _scratch(trie: TokenTrie) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's (splits [max_depth + 1, width], hit, stack, safe, pairs + its count) buffers for `trie`'s scans:
-    all zero between scans (a scan zeroes the rows it hit). Scans run on the scheduler's thread and
-    on compile workers (each compile's first mask), so each thread has its own."""
+    """This thread's (splits [max_depth + 1, width], hit, stack, safe, pairs) buffers for `trie`'s
+    scans: the split rows all zero between scans (a scan zeroes the rows it hit). Scans run on the
+    scheduler's thread and on compile workers (each compile's first mask), so each thread has its own."""
     held = getattr(_LOCAL, "buffers", None)
-    if held is None or held[0] is not trie:
+    if held is None or held[0] is not trie or len(held[5]) < PAIRS:
         depth = trie.max_depth + 1
         held = _LOCAL.buffers = (trie, np.zeros((depth, trie.width), dtype=np.uint32), np.zeros(depth, dtype=np.uint8),
                                  np.zeros(depth, dtype=np.int32), np.zeros(depth, dtype=np.uint8),
-                                 np.zeros(PAIRS + 1, dtype=np.int64))  # fmt: skip
+                                 np.zeros(PAIRS, dtype=np.int64))  # fmt: skip
     return held[1:]
 
 
@@ -241,7 +241,7 @@ def lexeme_scan(
     splits, hit, stack, safe, pairs = _scratch(trie)
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
     count = np.zeros(1, dtype=np.int64)  # the (depth, token) pairs the C side set in split rows
-    recorded = (pairs.ctypes.data, PAIRS, count.ctypes.data)
+    recorded = (pairs.ctypes.data, min(PAIRS, len(pairs)), count.ctypes.data)
     dense = -1  # the split row set in bulk here, whose tokens are not in `pairs`
     try:
         if offset and length:
@@ -266,7 +266,7 @@ def lexeme_scan(
     rows = np.flatnonzero(hit)
     out = {int(j): splits[j].copy() for j in rows}
     splits[rows], hit[rows] = 0, 0
-    if ids_out is not None and int(count[0]) <= PAIRS:
+    if ids_out is not None and int(count[0]) <= recorded[1]:
         keys = np.sort(pairs[: int(count[0])])  # by row, then token
         depth, tokens = keys >> 32, keys & 0xFFFFFFFF
         bounds = np.searchsorted(depth, np.concatenate([rows, rows + 1]))
