@@ -118,12 +118,18 @@ def test_mixed_workload_matches_sync_and_transformers(model_dir, hf):
     all_prompts = prompts[:7] + [prompts[2]] + [prompts[6]] * 3
     logprob = [i == 4 for i in range(len(params))]  # logprobs: synchronous while that request runs
     outs = {}
+    for engine in engines.values():  # the regex compiled beforehand: its request joins the batch at once, not
+        engine.generate(input_ids=prompts[2], sampling_params=params[7])  # whenever a compile thread is done
     finishes = record_finishes(engines[True])
-    for overlap, engine in engines.items():
-        outs[overlap] = engine.generate(input_ids=all_prompts, sampling_params=params, return_logprob=logprob)
-        # The grammar and logprob requests finish early; the rest of the batch then overlaps.
-        assert (engine.scheduler.stats["overlap_decode_steps"] > 0) == overlap
-        assert_idle_and_returned(engine)
+    try:
+        for overlap, engine in engines.items():
+            outs[overlap] = engine.generate(input_ids=all_prompts, sampling_params=params, return_logprob=logprob)
+            # The grammar and logprob requests finish early; the rest of the batch then overlaps.
+            assert (engine.scheduler.stats["overlap_decode_steps"] > 0) == overlap
+            assert_idle_and_returned(engine)
+    finally:  # a failure must not leave the forward threads to the next test (it checks none is left)
+        for engine in engines.values():
+            engine.shutdown()
     for i, (on, off) in enumerate(zip(outs[True], outs[False])):
         assert on["output_ids"] == off["output_ids"], f"request {i} differs with overlap on"
         assert on["meta_info"]["finish_reason"] == off["meta_info"]["finish_reason"], i
