@@ -425,7 +425,7 @@ class _Builder:
             # kmax_lo chunks first (their tail would be too short), then the remainder, or another
             # chunk and anything after it
             loop = self._name("strloop")
-            self.rules[loop] = f"{chunk} {loop} | {rest(0, c - 1)}"
+            self.rules[loop] = f"{chunk}* {rest(0, c - 1)}"  # left-recursive: the stack stays as deep
             body = chain[-1]
             self.rules[body] = f"{chunk} {loop} | {rest(lo - kmax_lo * c, c - 1)}"
             for name in reversed(chain[:-1]):
@@ -474,7 +474,10 @@ class _Builder:
         # each of its values satisfies the schema). Required ones in declared order (a rule per count
         # written), which keeps generation's keys forced, or in any order with `open_objects`
         # (instances written by others; up to _ANY_ORDER_REQUIRED of them: a rule per set written).
-        # T[s]: after a member, state s; H: before any member.
+        # P[s]: the members so far, ending in state s. Left-linear: each member is reduced onto the
+        # ones before it, so the parser's stack stays as deep however many members are written
+        # (right-linear, it grew by one per member, and every member met stacks never seen before,
+        # whose tokens crossing a lexeme's end were walked through the parser again).
         required_members = [m for req, m in members if req]
         optional = [m for req, m in members if not req] + others
         opt = self.rule(" | ".join(optional), "objopt") if optional else None
@@ -489,18 +492,26 @@ class _Builder:
             return [(s, s + 1)] if s < r else []
 
         states = range(1 << r) if any_order else range(r + 1)
-        T = {s: self._name("objt") for s in states}
-        for s in states:
-            alts = [f"{comma} {opt} {T[s]}"] if opt else []
-            alts += [f"{comma} {required_members[k]} {T[t]}" for k, t in nxt(s)]
-            body = " | ".join(alts)
-            self.rules[T[s]] = body if nxt(s) else (f"({body})?" if body else "")
-        h_alts = [f"{opt} {T[0]}"] if opt else []
-        h_alts += [f"{required_members[k]} {T[t]}" for k, t in nxt(0)]
-        H = [self.rule((" | ".join(h_alts)) if r else (f"({' | '.join(h_alts)})?" if h_alts else ""), "objh")]
+        P = {s: self._name("objp") for s in states}
+        alts: dict[int, list[str]] = {s: [] for s in states}
+        if opt:
+            alts[0].append(opt)
+        for k, t in nxt(0):
+            alts[t].append(required_members[k])
+        for s in states:  # a state's sources come before it (fewer required members written)
+            if not alts[s]:
+                continue  # no member leads here (state 0 without optional members)
+            if opt:
+                alts[s].append(f"{P[s]} {comma} {opt}")
+            for k, t in nxt(s):
+                alts[t].append(f"{P[s]} {comma} {required_members[k]}")
+            self.rules[P[s]] = " | ".join(alts[s])
         lb = self.term(self.lbrace, "LBRACE", unique=True)
         rb = self.term(self.ws + "\\}", "RBRACE")
-        return self.rule(f"{lb} {H[0]} {rb}", "obj")
+        final = states[-1]  # every required member written
+        if r:
+            return self.rule(f"{lb} {P[final]} {rb}", "obj")
+        return self.rule(f"{lb} ({P[0]})? {rb}" if opt else f"{lb} {rb}", "obj")
 
     def _array(self, node: dict[str, Any], path: str, refs: tuple[str, ...]) -> str:
         items = node.get("items", True)
@@ -540,13 +551,13 @@ class _Builder:
                 self.rules[names[j]] = ""
                 continue
             if hi is None and j == last:
-                self.rules[names[j]] = f"({comma} {elem(j)} {names[j]})?"
+                self.rules[names[j]] = f"({comma} {elem(j)})*"
                 continue
             body = f"{comma} {elem(j)} {names[j + 1]}"
             self.rules[names[j]] = f"({body})?" if j >= lo else body
         if last == 0:  # unbounded, nothing required or prefixed
             loop = self._name("arra")
-            self.rules[loop] = f"({comma} {elem(1)} {loop})?"
+            self.rules[loop] = f"({comma} {elem(1)})*"
             first = f"{elem(0)} {loop}"
         else:
             first = f"{elem(0)} {names[1]}"

@@ -303,3 +303,22 @@ def test_open_objects_take_required_members_in_any_order_and_oneof_exactly(byte_
     closed = grammar(byte_vocab, schema)  # declared order where objects are closed
     assert accepts(closed, '{"shape":"c","dimensions":{"radius":5}}') and not accepts(closed, '{"dimensions":{"radius":5},"shape":"c"}')
 
+
+
+def test_stacks_stay_as_deep_however_many_members_and_items(byte_vocab):
+    # Members and items are reduced onto the ones before them (left-linear rules): a 40-item array
+    # of objects of repeated optional members meets the stacks a 3-item one met, so its masks and
+    # the verdicts of tokens crossing a lexeme's end are reused, not recomputed per item.
+    schema = {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+                                         "required": ["a"], "additionalProperties": False}}  # fmt: skip
+    item = '{"b":"x","a":1,"b":"y","b":"z"}'
+    c = grammar(byte_vocab, schema)
+    assert accepts(c, f"[{item},{item},{item}]")
+    few = len(c._top)
+    assert accepts(c, "[" + ",".join([item] * 40) + "]")
+    assert len(c._top) == few
+    assert not accepts(c, '[{"b":"x"}]') and not accepts(c, '[{"a":1,"a":2}]')
+    s = grammar(byte_vocab, {"type": "string", "minLength": 100})  # past its minimum, 64-character chunks in a loop
+    assert accepts(s, json.dumps("a" * 300))
+    few = len(s._top)
+    assert accepts(s, json.dumps("a" * 3000)) and len(s._top) == few
