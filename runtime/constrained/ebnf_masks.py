@@ -9,8 +9,10 @@ vocabulary's byte trie against the terminal's automaton (C, ebnf_scan.lexeme_sca
 numpy pass where there is no compiler) gives the tokens that stay inside, which need no parser,
 and per offset j the few that may end it after j bytes. Only those cross a lexeme end: their
 remainders are walked against the parser, and each token's verdict is kept per (offset, stack),
-as it depends on nothing else. Masks are cached per position, so a state seen before costs one
-copy.
+as it depends on nothing else. What a scan's split rows let cross at a stack is also kept by the
+rows' content (another lexer state's scan often lists the same tokens), and the tokens whose
+remainders stay inside a lexeme startable there (safe bytes, within its run) are not walked at
+all. Masks are cached per position, so a state seen before costs one copy.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_availabl
 from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
 from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
-from loom.runtime.constrained.token_walk import token_trie
+from loom.runtime.constrained.token_walk import safe_mask, token_trie
 
 if TYPE_CHECKING:
     from loom.runtime.constrained.ebnf import CompiledEbnf
@@ -67,7 +69,8 @@ class EbnfMasks:
         self.width = bitmask_width(vocab.vocab_size)
         self._inside: dict[int, np.ndarray] = {}
         self._splits: dict[int, dict[int, np.ndarray]] = {}
-        self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (offset, stack) -> (checked, allowed)
+        self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int, int]] = {}  # (offset, stack) -> (checked, allowed,
+        # their addresses)
         self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
         self._runs: dict[int, tuple[int, int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_runs)
         self._rests: dict[tuple[int, int], np.ndarray] = {}
@@ -79,13 +82,18 @@ class EbnfMasks:
         self.eos_words = vocab.pack(sorted(t for t in vocab.eos_token_ids if t < vocab.vocab_size))
         self._masks: dict[frozenset[int], tuple[torch.Tensor, bool]] = {}
         self._walker: CrossingWalker | None = None
-        self._ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(split row) -> (the row, its token ids): few tokens
+        self._ids: dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}  # id(split row) -> (the row, its token ids,
+        # their address and count): few tokens
+        self._listed: dict[int, tuple[dict[int, np.ndarray], bytes]] = {}  # id(splits) -> (them, their offsets and ids): every row listed
+        self._across: dict[tuple[bytes, int], np.ndarray] = {}  # (_listed's bytes, stack) -> the tokens they let cross
+        self._bulk: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # id(split row) -> (it, unsafe buckets, its safe-tailed tokens)
+        self._reach: dict[tuple[int, int], int] = {}  # (stack, unsafe buckets) -> _safe_reach
 
     def count(self) -> int:
         """How many packed masks are held."""
         return (len(self._inside) + sum(len(s) for s in self._splits.values()) + 2 * len(self._crossed)
                 + sum(1 + len(s) for _, s in self._offset_scans.values()) + len(self._rests)
-                + len(self._word_cache) + len(self._masks))  # fmt: skip
+                + len(self._word_cache) + len(self._masks) + len(self._across))  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +103,7 @@ class EbnfMasks:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
             memos = (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
-            for memo in (*memos, self._ids):
+            for memo in (*memos, self._ids, self._listed, self._across, self._bulk):
                 memo.clear()
 
     # ------------------------------------------------------------------ lexer-state scans
@@ -103,6 +111,19 @@ class EbnfMasks:
         """The tokens that stay inside the lexeme from lexer state `lex`, and per offset j >= 1 the
         tokens that may end it after their first j bytes (packed masks)."""
         self._inside[lex], self._splits[lex] = self.scan_at(lex, 0)
+
+    def _run(self, lex: int) -> tuple[int, int, int]:
+        """Lexer state `lex`'s run of safe bytes (ebnf_scan.safe_runs; kept for every state its
+        chain goes through)."""
+        run = self._runs.get(lex)
+        if run is None:
+            g = self.g
+            k = g.lex_terminal[lex]
+            dfa = g.dfas[k]
+            for state, found in safe_runs(dfa.table, dfa.accepting, lex - g.offsets[k], token_trie(self.vocab).max_depth):
+                self._runs.setdefault(state + g.offsets[k], found)
+            run = self._runs[lex]
+        return run
 
     def scan_at(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """`scan` of the lexeme entered after each token's first `offset` bytes (tokens longer
@@ -119,17 +140,20 @@ class EbnfMasks:
         scanned = None
         if lexeme_scan_available():
             trie = token_trie(v)
-            run = self._runs.get(lex)
-            if run is None:
-                for state, found in safe_runs(dfa.table, dfa.accepting, lex - g.offsets[k], trie.max_depth):
-                    self._runs.setdefault(state + g.offsets[k], found)
-                run = self._runs[lex]
-            ids: dict[int, np.ndarray] = {}
-            scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run, ids)
-            if scanned is not None:  # the split rows of few tokens, by identity (see _crossing)
+            run = self._run(lex)
+            ids: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
+            bulk: dict[int, tuple[int, np.ndarray]] = {}
+            scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run, ids, bulk)
+            if scanned is not None:  # the split rows of few tokens, and the row set in bulk, by identity (see _crossing)
                 for j, row in scanned[1].items():
                     if j in ids:
-                        self._ids[id(row)] = (row, ids[j])
+                        self._ids[id(row)] = (row, *ids[j])
+                    if j in bulk:
+                        self._bulk[id(row)] = (row, *bulk[j])
+                if scanned[1] and len(ids) == len(scanned[1]):  # every row listed: their content names them (_cross_splits)
+                    parts = [np.array([j, len(ids[j][0])], dtype=np.int64) for j in scanned[1]]
+                    named = np.concatenate([x for j, head in zip(scanned[1], parts) for x in (head, ids[j][0])]).tobytes()
+                    self._listed[id(scanned[1])] = (scanned[1], named)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states
@@ -171,28 +195,57 @@ class EbnfMasks:
                 words |= inside
                 after = g.after(sid, t) if splits else None
                 if after is not None:
-                    for j, enders in splits.items():
-                        self._crossing(j, after, enders, words)
+                    self._cross_splits(splits, after, words)
             self._rests[key] = words
         return words
+
+    def _cross_splits(self, splits: dict[int, np.ndarray], sid: int, out: np.ndarray) -> None:
+        """`_crossing` of each of a scan's split rows at stack `sid`. Where the scan listed every
+        row's tokens, what they let cross is kept by their content: other lexer states' scans often
+        split the same tokens at the same offsets (a string's closing quote, from any position far
+        enough from its maximum length), and then cost one lookup."""
+        held = self._listed.get(id(splits))
+        if held is None or held[0] is not splits:
+            for j, enders in splits.items():
+                self._crossing(j, sid, enders, out)
+            return
+        key = (held[1], sid)
+        words = self._across.get(key)
+        if words is None:
+            words = np.zeros(self.width, dtype=np.uint32)
+            for j, enders in splits.items():
+                self._crossing(j, sid, enders, words)
+            self._across[key] = words
+        out |= words
 
     def _crossing(self, offset: int, sid: int, enders: np.ndarray, out: np.ndarray) -> None:
         """out |= the tokens of `enders` (packed) whose bytes from `offset` on are accepted from a
         lexeme boundary at stack `sid`. A token's verdict depends on nothing else, so each is
         checked once per (offset, stack): walked in C (ebnf_walk) or Python (`_accepted_from`),
         or, for a lexeme ending inside most tokens (a string's chunks), by lexer-state scans."""
+        held = self._bulk.get(id(enders))
+        if held is not None and held[0] is enders:  # the tokens whose remainders stay inside a lexeme startable here
+            reach = self._safe_reach(sid, held[1])
+            if reach:
+                trie = token_trie(self.vocab)
+                short = held[2] & safe_mask(trie, 0, min(offset + reach, trie.max_depth))
+                out |= short
+                enders = enders & ~short
         key = (offset, sid)
         memo = self._crossed.get(key)
         if memo is None:
-            zeros = np.zeros_like(enders)
-            memo = self._crossed[key] = (zeros, zeros.copy())
-        checked, allowed = memo
+            checked, allowed = np.zeros_like(enders), np.zeros_like(enders)
+            memo = self._crossed[key] = (checked, allowed, checked.ctypes.data, allowed.ctypes.data)
+        checked, allowed, at_checked, at_allowed = memo
         if cross_walk_available():
             if self._walker is None:
                 self._walker = CrossingWalker(self.g)
             held = self._ids.get(id(enders))
-            ids = held[1] if held is not None and held[0] is enders else None
-            if self._walker.cross(offset, sid, enders, checked, allowed, out, _MANY, ids):
+            if held is not None and held[0] is enders:
+                ids, at_enders = held[2], 0
+            else:
+                ids, at_enders = None, np.ascontiguousarray(enders).ctypes.data
+            if self._walker.cross_at(offset, sid, at_enders, at_checked, at_allowed, out.ctypes.data, _MANY, ids):
                 return
             many = True
         else:
@@ -205,6 +258,24 @@ class EbnfMasks:
             allowed[:] = self._accepted_after(offset, sid)
             checked[:] = np.uint32(0xFFFFFFFF)
         out |= allowed & enders
+
+    def _safe_reach(self, sid: int, unsafe: int) -> int:
+        """How many bytes outside the `unsafe` buckets in a row stay inside some lexeme startable at
+        a boundary at stack `sid` (the longest safe run from a start state whose own unsafe buckets
+        are among these): a token whose bytes after a lexeme end are all such, and at most this many,
+        is accepted there, unwalked. 0: none."""
+        key = (sid, unsafe)
+        out = self._reach.get(key)
+        if out is None:
+            out = 0
+            for t in self.g.startable(sid):
+                t_unsafe, length, _ = self._run(self.g.offsets[t])
+                if not t_unsafe & ~unsafe:
+                    out = max(out, length)
+            if len(self._reach) > _CACHE_LIMIT // 100:
+                self._reach.clear()
+            self._reach[key] = out
+        return out
 
     def _accepted_from(self, offset: int, sid: int, ids: np.ndarray) -> np.ndarray:
         """The token ids of `ids` whose bytes from `offset` on are accepted from a lexeme boundary at
@@ -302,8 +373,8 @@ class EbnfMasks:
                     continue
                 if g.accepting[lex]:
                     words |= self._words(frozenset({after * g.n_lex + g.boundary}))
-                for j, enders in splits.items():
-                    self._crossing(j, after, enders, words)
+                if splits:
+                    self._cross_splits(splits, after, words)
         if len(self._word_cache) > _CACHE_LIMIT // 100:
             self._word_cache.clear()
         self._word_cache[configs] = words

@@ -222,7 +222,8 @@ def lexeme_scan(
     state: int,
     offset: int = 0,
     run: tuple[int, int, int] | None = None,
-    ids_out: dict[int, np.ndarray] | None = None,
+    ids_out: dict[int, tuple[np.ndarray, tuple[int, int]]] | None = None,
+    dense_out: dict[int, tuple[int, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
     """A lexeme's scan from `state` of a complete byte DFA (`table` [S + 1, 256] int32, dead last,
     `accepting` [S + 1] bool), entered after each token's first `offset` bytes: (packed words of
@@ -230,7 +231,11 @@ def lexeme_scan(
     the tokens longer than j that may end it after their first j bytes}); None where the scan is
     not compiled. `trie` is `vocab`'s. `run`: safe_run's answer for the state, where the caller
     keeps it (it costs ~50 us); NO_SKIP walks every live node. `ids_out` gets, for the split rows
-    of few tokens (PAIRS in all), their token ids (ascending): crossing them costs per token."""
+    of few tokens (PAIRS in all), their token ids (int64, in the trie's order) and (their address, count): crossing
+    them costs per token.
+    `dense_out` gets, for the split row set in bulk (the tokens whose bytes past the offset are all
+    safe and outlast the run), (the unsafe buckets, packed words of those tokens): its other tokens
+    were walked."""
     lib = _library()
     if lib is None:
         return None
@@ -242,18 +247,19 @@ def lexeme_scan(
     acc = np.ascontiguousarray(accepting, dtype=np.uint8)
     count = np.zeros(1, dtype=np.int64)  # the (depth, token) pairs the C side set in split rows
     recorded = (pairs.ctypes.data, min(PAIRS, len(pairs)), count.ctypes.data)
-    dense = -1  # the split row set in bulk here, whose tokens are not in `pairs`
+    dense, bulk = -1, None  # the split row set in bulk here (its tokens are not in `pairs`), and what was set
     try:
         if offset and length:
-            inside, dense = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit, recorded)
+            inside, dense, bulk = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit, recorded)
         else:
             if offset or length == 0:
                 inside = np.zeros(trie.width, dtype=np.uint32)
             else:  # the skipped tokens at once: those of at most `length` safe bytes; longer ones end the lexeme
                 inside = safe_mask(trie, unsafe, length).copy()
                 if end == ENDS and length <= trie.max_depth:
-                    splits[length] = safe_mask(trie, unsafe, trie.max_depth) & ~inside
-                    hit[length], dense = splits[length].any(), length
+                    bulk = safe_mask(trie, unsafe, trie.max_depth) & ~inside
+                    splits[length] = bulk
+                    hit[length], dense = bulk.any(), length
             stack[0] = state
             safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
             lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
@@ -264,15 +270,21 @@ def lexeme_scan(
         splits[:], hit[:] = 0, 0
         raise
     rows = np.flatnonzero(hit)
-    out = {int(j): splits[j].copy() for j in rows}
+    block = splits[rows]  # one copy of the rows hit
+    out = dict(zip(rows.tolist(), block))
+    if dense_out is not None and dense in out:
+        dense_out[dense] = (unsafe, bulk)
     splits[rows], hit[rows] = 0, 0
     if ids_out is not None and int(count[0]) <= recorded[1]:
-        keys = np.sort(pairs[: int(count[0])])  # by row, then token
+        keys = pairs[: int(count[0])]
+        depth = (keys >> 32).astype(np.uint8 if trie.max_depth < 256 else np.uint16)  # sorted by radix
+        keys = keys[np.argsort(depth, kind="stable")]  # by row, each in the walk's order (the trie's)
         depth, tokens = keys >> 32, keys & 0xFFFFFFFF
         bounds = np.searchsorted(depth, np.concatenate([rows, rows + 1]))
+        at = tokens.ctypes.data
         for j, lo, hi in zip(rows.tolist(), bounds[: len(rows)].tolist(), bounds[len(rows) :].tolist()):
             if j != dense:
-                ids_out[j] = tokens[lo:hi]
+                ids_out[j] = (tokens[lo:hi], (at + 8 * lo, hi - lo))
     return inside, out
 
 
@@ -290,9 +302,9 @@ def _mid_token(
     splits: np.ndarray,
     hit: np.ndarray,
     recorded: tuple[int, int, int],
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, np.ndarray | None]:
     """A skipping scan entered `offset` bytes into the tokens (-> inside, the split row set in bulk
-    (-1: none); splits and hit filled).
+    (-1: none), the tokens set in it in bulk; splits and hit filled).
     Every token longer than the offset counts, and the trie shares nothing above the offset, so
     instead of walking it: the tokens whose bytes past the offset are all safe are settled at once
     (stay inside up to the run; past it, cross the lexeme's end (ENDS) or die (DEAD)), and the
@@ -301,10 +313,11 @@ def _mid_token(
     listed = (past > 0) & (trie.tok_len <= trie.max_depth)
     tail = (last_unsafe_byte(trie, unsafe) <= offset) & listed  # every byte past the offset safe
     inside = np.packbits(tail & (past <= length), bitorder="little").view(np.uint32)
-    dense = -1
+    dense, bulk = -1, None
     if end == ENDS and offset + length <= trie.max_depth:  # longer ones cross the lexeme's end after the run
         dense = offset + length
-        splits[dense] |= np.packbits(tail & (past > length), bitorder="little").view(np.uint32)
+        bulk = np.packbits(tail & (past > length), bitorder="little").view(np.uint32)
+        splits[dense] |= bulk
         hit[dense] |= splits[dense].any()
     settled = tail if end != OPEN else tail & (past <= length)
     ids = np.flatnonzero(listed & ~settled)
@@ -313,4 +326,4 @@ def _mid_token(
     lib.loom_ebnf_scan_each(ids.ctypes.data, rows.ctypes.data, len(ids), data.ctypes.data, data.shape[1],
                             vocab.lens.ctypes.data, table.ctypes.data, table.shape[0] - 1, acc.ctypes.data, state, offset,
                             inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data, *recorded)  # fmt: skip
-    return inside, dense
+    return inside, dense, bulk

@@ -196,7 +196,7 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uin
     return 0;
 }
 
-/* loom_ebnf_cross for enders given as their token ids ids[0..m) (ascending): the work follows the
+/* loom_ebnf_cross for enders given as their token ids ids[0..m) (distinct): the work follows the
    tokens, not the vocabulary's width (a string's split rows hold a few hundred tokens each). */
 int64_t loom_ebnf_cross_ids(ctx_t *x, const int64_t *ids, int64_t m, uint32_t *checked, uint32_t *allowed, uint32_t *out,
                             int64_t offset, int64_t start, int64_t many) {
@@ -325,14 +325,21 @@ class CrossingWalker:
         """The tokens of `enders` (packed [width] uint32) not yet in `checked` whose bytes from
         `offset` on are accepted from a lexeme boundary at stack `sid` are added to `allowed`, all
         of them to `checked`, and out |= allowed & enders. False (nothing done) when more than
-        `many` are new. `ids`: enders' token ids (ascending int64) where the caller has them: the
+        `many` are new. `ids`: enders' token ids (distinct int64) where the caller has them: the
         walk then reads those tokens' bits only, not every word."""
+        ids_at = (_ptr(ids), len(ids)) if ids is not None else None
+        return self.cross_at(offset, sid, _ptr(np.ascontiguousarray(enders)), _ptr(checked), _ptr(allowed), _ptr(out), many, ids_at)
+
+    def cross_at(
+        self, offset: int, sid: int, enders: int, checked: int, allowed: int, out: int, many: int, ids: tuple[int, int] | None
+    ) -> bool:
+        """`cross` given its arrays' data addresses (ids: (address, count)): a caller that keeps
+        them saves ~2 µs an array, and a mask may cross dozens of rows."""
         start = sid * self.g.n_lex + self.g.boundary
         if ids is not None:
-            fn, args = self.lib.loom_ebnf_cross_ids, (_ptr(ids), len(ids), _ptr(checked), _ptr(allowed), _ptr(out), offset, start, many)
+            fn, args = self.lib.loom_ebnf_cross_ids, (*ids, checked, allowed, out, offset, start, many)
         else:
-            fn = self.lib.loom_ebnf_cross
-            args = (_ptr(np.ascontiguousarray(enders)), _ptr(checked), _ptr(allowed), _ptr(out), offset, start, many)
+            fn, args = self.lib.loom_ebnf_cross, (enders, checked, allowed, out, offset, start, many)
         while True:
             r = fn(self.ctx_ref, *args)
             if r == -2:

@@ -18,6 +18,7 @@ compiler, `trie_mask` returns None and callers use their numpy scan.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import dataclasses
 import functools
@@ -87,7 +88,8 @@ def _byte_buckets() -> np.ndarray:
 _BUCKET = _byte_buckets()
 BUCKET_BIT = np.left_shift(np.uint64(1), _BUCKET.astype(np.uint64))  # [256] uint64
 ALL_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT))  # every group some byte is in
-_SAFE_MASKS_KEPT = 64  # per trie: the packed masks of "every byte safe" tokens, by safe bucket set
+_LAST_UNSAFE_KEPT = 8  # per trie: last_unsafe_byte's arrays, by unsafe bucket set (0.5 MB each at 128k)
+_SAFE_MASKS_KEPT = 512  # per trie: the packed masks of "every byte safe" tokens, by safe bucket set and run (8 MB at 128k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,8 @@ class TokenTrie:
     tok_node: np.ndarray  # [T] the node each of tok_ids ends at
     safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
     last_unsafe: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # unsafe -> [V] (see last_unsafe_byte)
+    safe_listed: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = dataclasses.field(default_factory=dict)  # unsafe -> safe_mask's
+    # (the tokens without an unsafe byte, by length; where each length starts among them; the runs cached)
     # The five arrays' data addresses, taken once: `a.ctypes.data` costs ~2 us, and a walk over a
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
     pointers: tuple[int, ...] = dataclasses.field(init=False)
@@ -296,26 +300,33 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
     trie: a few sets recur, a JSON string's contents in every schema). A new run of a cached set
     is the nearest cached run's mask with the tokens of the lengths between set or cleared: a
     counted run (a `maxLength` chunk) asks for a new run at nearly every step."""
+    run = min(run, trie.max_depth)  # (every longer run is the same mask)
     words = trie.safe_masks.get((unsafe, run))
     if words is not None:
         return words
-    near = min((r for u, r in list(trie.safe_masks) if u == unsafe), key=lambda r: abs(r - run), default=None)
+    listed = trie.safe_listed.get(unsafe)
+    if listed is None:  # the set's tokens by length, and the runs cached
+        ids = trie.by_len[(trie.tok_buckets[trie.by_len] & np.uint64(unsafe)) == 0]
+        listed = trie.safe_listed[unsafe] = (ids, np.searchsorted(trie.tok_len[ids], np.arange(trie.max_depth + 2)), [])
+    ids, off, runs = listed
+    i = bisect.bisect_left(runs, run)
+    near = min(runs[max(i - 1, 0) : i + 1], key=lambda r: abs(r - run), default=None)
     base = trie.safe_masks.get((unsafe, near)) if near is not None else None  # (another thread may have cleared it)
-    between = None
-    if base is not None:  # the tokens of lengths lo + 1 .. hi
-        lo, hi = min(near, run), min(max(near, run), trie.max_depth)
-        between = trie.by_len[trie.len_off[lo + 1] : trie.len_off[hi + 1]] if lo < hi else trie.by_len[:0]
-    if base is not None and between is not None and len(between) <= len(trie.by_len) // 8:
-        between = between[(trie.tok_buckets[between] & np.uint64(unsafe)) == 0]
-        delta = np.zeros_like(base)
-        np.bitwise_or.at(delta, between >> 5, np.left_shift(np.uint32(1), (between & 31).astype(np.uint32)))
+    bits = np.zeros(trie.width * 32, dtype=bool)
+    if base is not None and abs(off[near + 1] - off[run + 1]) <= len(ids) // 4:  # the tokens of lengths in between
+        lo, hi = sorted((off[near + 1], off[run + 1]))
+        bits[ids[lo:hi]] = True
+        delta = np.packbits(bits, bitorder="little").view(np.uint32)
         words = base | delta if near < run else base & ~delta
     else:
-        allowed = ((trie.tok_buckets & np.uint64(unsafe)) == 0) & (trie.tok_len <= run)
-        words = np.packbits(allowed, bitorder="little").view(np.uint32)
+        bits[ids[: off[run + 1]]] = True
+        words = np.packbits(bits, bitorder="little").view(np.uint32)
     if len(trie.safe_masks) >= _SAFE_MASKS_KEPT:
         trie.safe_masks.clear()
+        for _, _, held in trie.safe_listed.values():
+            held.clear()
     trie.safe_masks[(unsafe, run)] = words
+    bisect.insort(runs, run)
     return words
 
 
@@ -331,7 +342,7 @@ def last_unsafe_byte(trie: TokenTrie, unsafe: int) -> np.ndarray:
             last[idx] = np.maximum(last[idx], last[trie.node_parent[idx]])
         out = np.full(trie.width * 32, trie.max_depth + 1, dtype=np.int32)
         out[trie.tok_ids] = last[trie.tok_node]
-        if len(trie.last_unsafe) >= _SAFE_MASKS_KEPT // 8:
+        if len(trie.last_unsafe) >= _LAST_UNSAFE_KEPT:
             trie.last_unsafe.clear()
         trie.last_unsafe[unsafe] = out
     return out

@@ -37,14 +37,23 @@ NAME: /[a-z]+/
 NUMBER: /[0-9]+/
 %ignore " "
 """
+# A counted run (A) ends inside tokens, whose rest the next lexeme takes: B only up to 3 of A's
+# bytes, C not digits (its safe bytes are fewer: it settles none of A's tokens).
+RUNS_LARK = r"""
+start: A B | A C
+A: /[a-zA-Z0-9]{5}/
+B: /[a-zA-Z0-9]{0,3}!/
+C: /[a-zA-Z]{0,9}\?/
+"""
 SCHEMA = '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 1200}, "tags": {"type": "array", "items": {"$ref": "#"}}}}'  # fmt: skip
 # Tokens that close one lexeme and open the next (some more than once), or end one mid-token.
-CROSSING = [b'"a":', b'],[', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]"]  # fmt: skip
+CROSSING = [b'"a":', b'],[', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]", b"abcde123", b"abcde1234", b"abcde1zzzz", b"abcdezzzzz"]  # fmt: skip
 GRAMMARS = {
     "json gbnf": ("ebnf", JSON_GBNF, None),
     "arith gbnf": ("ebnf", ARITH_GBNF, None),
     "json lark": ("lark", JSON_LARK, None),
     "keywords lark": ("lark", KEYWORDS_LARK, None),
+    "runs lark": ("lark", RUNS_LARK, None),
     "schema": ("lark", *schema_to_grammar(SCHEMA, DEFAULT_WHITESPACE, False)),
 }
 
@@ -185,3 +194,37 @@ def test_the_c_crossing_walk_equals_the_python_walk(vocab, name, max_configs):
         c_ids = set(walker.accepted(offset, sid, ids, by_ids=True).tolist())
         py_walk = set(masks._accepted_from(offset, sid, ids).tolist())
         assert c_walk == py_walk == c_ids, (name, sid, offset, sorted(c_walk ^ py_walk)[:10], sorted(c_ids ^ py_walk)[:10])
+
+
+def test_a_long_string_s_masks_share_crossings_and_settle_safe_tails(vocab, monkeypatch):
+    """Along a `maxLength: 1200` string (64-character chunk terminals), each position is a new
+    lexer state. Its scans' rows of closing-quote tokens are the same from position to position,
+    so what they let cross is looked up by their content; tokens whose bytes past a chunk's end are
+    all string characters are settled without a walk (the next chunk takes them). The masks stay
+    those of the brute-force walk."""
+    compiled = _compile("schema", vocab)
+    masks = compiled.masks
+    shared, settled = [], []
+    cross_splits, crossing = ebnf_masks.EbnfMasks._cross_splits, ebnf_masks.EbnfMasks._crossing
+
+    def spy_splits(self, splits, sid, out):
+        held = self._listed.get(id(splits))
+        shared.append(held is not None and held[0] is splits and (held[1], sid) in self._across)
+        cross_splits(self, splits, sid, out)
+
+    def spy_crossing(self, offset, sid, enders, out):
+        held = self._bulk.get(id(enders))
+        settled.append(held is not None and held[0] is enders and self._safe_reach(sid, held[1]) > 0)
+        crossing(self, offset, sid, enders, out)
+
+    monkeypatch.setattr(ebnf_masks.EbnfMasks, "_cross_splits", spy_splits)
+    monkeypatch.setattr(ebnf_masks.EbnfMasks, "_crossing", spy_crossing)
+    single = {b[0]: t for t, b in vocab.by_id.items() if len(b) == 1}
+    g = compiled.matcher()
+    text = b'{"name":"' + bytes(b"abcdefghij"[k % 10] for k in range(150))
+    for k, b in enumerate(text):
+        assert g.accept_token(single[b])
+        if k >= 8:
+            assert _allowed(compiled, g.state) == _brute(compiled, g.state), k
+    assert any(shared) and any(settled), (sum(shared), sum(settled))
+    assert masks._across and masks._bulk
