@@ -186,14 +186,17 @@ def minimal_dfa(table: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray
     n = table.shape[0]  # the last row is the dead sink
     classes = accepting.astype(np.int64)
     classes[n - 1] = 2
-    while True:
-        refined = classes
-        for col in classes[table].T:
-            _, refined = np.unique(refined * (n + 3) + col, return_inverse=True)
-            refined = refined.reshape(-1).astype(np.int64)
-        if len(np.unique(refined)) == len(np.unique(classes)):
+    count = len(np.unique(classes))
+    while True:  # Moore: a state's next class is its class and its successors' classes, numbered at once
+        sig = np.column_stack([classes, classes[table]])  # [n, C + 1]
+        order = np.lexsort(sig.T[::-1])
+        ranked = sig[order]
+        refined = np.empty(n, dtype=np.int64)
+        refined[order] = np.concatenate([[0], np.cumsum((ranked[1:] != ranked[:-1]).any(axis=1))])
+        grown = int(refined.max()) + 1
+        if grown == count:
             break
-        classes = refined
+        classes, count = refined, grown
     order: dict[int, int] = {}
     for q in range(n - 1):
         c = int(classes[q])

@@ -216,6 +216,7 @@ class _Builder:
         self.rules: dict[str, str] = {}  # rule name -> body ("" for the empty rule)
         self.terminals: dict[str, str] = {}  # terminal name -> regex
         self._term_of: dict[str, str] = {}  # regex -> shared terminal name
+        self._pattern_keys: dict[tuple[str, tuple[str, ...]], ByteDFA] = {}  # (pattern, declared names) -> its keys' automaton
         self._by_ref: dict[str, str] = {}
         self._by_key: dict[str, str] = {}
         self._any: str | None = None
@@ -639,10 +640,12 @@ class _Builder:
         out = []
         for pattern, sub in patterns.items():
             where = f"patternProperties {pattern!r} at {path}"
-            body = json_string_body(pattern, where)
-            dfa = _product(plain, terminal_dfa(f'"{body}"', where), True)
-            if declared is not None:
-                dfa = _product(dfa, declared, False)
+            dfa = self._pattern_keys.get((pattern, tuple(names)))
+            if dfa is None:  # (objects of one schema often repeat their patterns and names)
+                dfa = _product(plain, terminal_dfa(f'"{json_string_body(pattern, where)}"', where), True)
+                if declared is not None:
+                    dfa = _product(dfa, declared, False)
+                self._pattern_keys[(pattern, tuple(names))] = dfa
             for other_pattern, seen in keys:
                 if not _empty(_product(dfa, seen, True)):
                     raise GrammarError(f"json_schema: patternProperties {other_pattern!r} and {pattern!r} at {path} overlap; cannot be enforced by this backend")
