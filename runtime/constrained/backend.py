@@ -163,7 +163,7 @@ class GrammarBackend:
             regex = source
         elif kind == "json_schema":
             try:
-                regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects)
+                regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects, MAX_SCHEMA_REGEX_CHARS)
             except GrammarError as e:
                 if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY, ErrorKind.TOO_LARGE):  # no grammar does better
                     raise

@@ -130,7 +130,23 @@ _SHORT_ESCAPES = {0x08: "b", 0x09: "t", 0x0A: "n", 0x0C: "f", 0x0D: "r"}
 _MUST_ESCAPE: Ranges = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]  # control characters, '"', '\\'
 
 
+_BODIES: dict[str, str] = {}  # pattern -> json_string_body's answer (a schema's regex and grammar paths both ask)
+_BODIES_KEPT = 4096
+
+
 def json_string_body(pattern: str, where: str) -> str:
+    """json_string_body_of, kept per pattern (`where` only names it in errors, which are not kept):
+    a Unicode class such as \\w spells hundreds of ranges, ~10 ms a pattern."""
+    body = _BODIES.get(pattern)
+    if body is None:
+        body = json_string_body_of(pattern, where)
+        if len(_BODIES) >= _BODIES_KEPT:
+            _BODIES.clear()
+        _BODIES[pattern] = body
+    return body
+
+
+def json_string_body_of(pattern: str, where: str) -> str:
     """A regex over the JSON text between a string's quotes whose decoded value `re.search`es
     `pattern` (Python's regex semantics, as `jsonschema` checks it): every character the pattern
     admits is spelled the way JSON allows, control characters as `\\n` / `\\u000a`, `"` as `\\"`.

@@ -80,10 +80,13 @@ def schema_to_regex(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, o
     return schema_regexes(source, whitespace_pattern, open_objects)[0]
 
 
-def schema_regexes(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, open_objects: bool = False) -> tuple[str, RegexPieces | None]:
+def schema_regexes(
+    source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, open_objects: bool = False, max_chars: int | None = None
+) -> tuple[str, RegexPieces | None]:
     """schema_to_regex's regex, and the same regex with its pieces (formats, patterns, any JSON
     value, number ranges, enums of objects: Loom's own leaf regexes) left as sentinels, for
-    nfa.build_nfa to splice their cached fragments (regex_pieces.py); None where it has none."""
+    nfa.build_nfa to splice their cached fragments (regex_pieces.py); None where it has none.
+    Raises GrammarError, before spelling it, where the regex would pass `max_chars` characters."""
     schema = parse_schema(source)
     norm = _RegexNormaliser(schema, whitespace_pattern, open_objects)
     schema = norm.walk(schema, "#", ())
@@ -91,6 +94,8 @@ def schema_regexes(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, op
         template = build_regex_from_schema(json.dumps(schema), whitespace_pattern=whitespace_pattern)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"json_schema cannot be compiled: {e}") from None
+    if max_chars is not None and (size := norm._expanded_size(template)) > max_chars:  # spelling it would take seconds
+        raise GrammarError(f"json_schema: its regex is {size} characters (limit {max_chars})")
     regex = template
     for i in reversed(range(len(norm.subs))):  # a sub holds only earlier ones; absent where unreachable (maxItems 0)
         regex = regex.replace(f'"{_PLACEHOLDER.format(i)}"', f"({norm.subs[i]})")

@@ -302,8 +302,14 @@ def test_mask_equals_brute_force(real):
 
 def test_huge_schema_regex_goes_straight_to_the_grammar(monkeypatch):
     from loom.runtime.constrained import backend as backend_module
+    from loom.runtime.constrained import schema as schema_module
 
     monkeypatch.setattr(backend_module, "MAX_SCHEMA_REGEX_CHARS", 10)
+
+    def spelled(*args, **kwargs):  # the size is known before the regex is spelled out (seconds for big schemas)
+        raise AssertionError("the regex past the limit was spelled out")
+
+    monkeypatch.setattr(schema_module.RegexPieces, "fill", staticmethod(spelled))
     backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
     compiled = backend._compile("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
     assert isinstance(compiled, CompiledEbnf)
