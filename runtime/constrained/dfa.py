@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.lazy_dfa import SubsetDFA
 from loom.runtime.constrained.nfa import build_nfa
+from loom.runtime.constrained.subset_native import available as native_subsets_available
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +173,43 @@ def _terminal_dfa(pattern: str, where: str) -> ByteDFA:
     the 256-column version, tests/support/reference_dfa.py, took minutes on terminals of a few thousand
     states, such as the counted strings and key sets of generated JSON-Schema grammars)."""
     try:
-        table, byte_class, accepting = determinise(pattern, where, 1 << 30, float("inf"))
+        if native_subsets_available():  # the same subsets, stepped in C (subset_native.py: ~10x faster)
+            subsets = SubsetDFA(pattern, where, 1 << 30, native=True)
+            subsets.explore(float("inf"))
+            table, byte_class, accepting = subsets.eager()
+        else:
+            table, byte_class, accepting = determinise(pattern, where, 1 << 30, float("inf"))
     except GrammarError as e:
         if e.kind is ErrorKind.EMPTY:
             return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
         build_nfa(pattern, where)  # the NFA's own errors (syntax, look-arounds), word for word
         raise
+    return minimal_dfa(table, accepting, byte_class)
+
+
+def words_dfa(words: list[bytes]) -> ByteDFA:
+    """The minimal DFA of a finite set of byte strings (terminal_dfa of their escaped alternation,
+    without the subset construction: their trie, minimised; ~50x faster for an object's keys)."""
+    used = sorted({b for w in words for b in w})
+    byte_class = np.zeros(256, dtype=np.int64)  # class 0: every byte no word holds
+    byte_class[used] = np.arange(1, len(used) + 1)
+    rows: list[dict[int, int]] = [{}]
+    ends = {0} if b"" in words else set()
+    for w in words:
+        q = 0
+        for b in w:
+            c = int(byte_class[b])
+            q = rows[q].setdefault(c, len(rows))
+            if q == len(rows):
+                rows.append({})
+        ends.add(q)
+    n = len(rows)
+    table = np.full((n + 1, len(used) + 1), n, dtype=np.int64)  # the last row: dead
+    for q, moves in enumerate(rows):
+        for c, t in moves.items():
+            table[q, c] = t
+    accepting = np.zeros(n + 1, dtype=bool)
+    accepting[sorted(ends)] = True
     return minimal_dfa(table, accepting, byte_class)
 
 

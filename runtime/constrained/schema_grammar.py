@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from loom.runtime.constrained.dfa import ByteDFA, co_reachable, minimal_dfa, terminal_dfa
+from loom.runtime.constrained.dfa import ByteDFA, co_reachable, minimal_dfa, terminal_dfa, words_dfa
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.json_regex import (
     DEFAULT_WHITESPACE,
@@ -165,27 +165,35 @@ def counted_string_dfa(lo: int, hi: int | None, open_quote: bool, close_quote: b
 
 def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
     """The minimal automaton of L(a) & L(b) (keep_b) or L(a) - L(b) (not keep_b); refused past
-    MAX_PRODUCT_STATES states."""
+    MAX_PRODUCT_STATES states. Built breadth first a layer at a time: a pair is numbered where it
+    first appears (its row's states in order, then its key p * |b| + q ascending)."""
     nb = b.table.shape[0]
-    index = {(0, 0): 0}
-    order = [(0, 0)]
+    known, known_ids = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)  # pair keys (sorted), their ids
     rows = []
-    while len(rows) < len(order):
-        p, q = order[len(rows)]
-        keys = a.table[p].astype(np.int64) * nb + b.table[q]
-        uniq, inv = np.unique(keys, return_inverse=True)
-        ids = []
-        for k in uniq.tolist():
-            pair = divmod(k, nb)
-            if pair not in index:
-                index[pair] = len(order)
-                order.append(pair)
-            ids.append(index[pair])
-        rows.append(np.asarray(ids, dtype=np.int64)[inv.reshape(-1)])
-        if len(order) > MAX_PRODUCT_STATES:
+    frontier = np.zeros(1, dtype=np.int64)  # the keys of the states whose rows come next (ids in order)
+    n = 1
+    while len(frontier):
+        p, q = np.divmod(frontier, nb)
+        keys = a.table[p].astype(np.int64) * nb + b.table[q]  # [F, 256]
+        ranked = np.sort(keys, axis=1)
+        first = np.ones(ranked.shape, dtype=bool)
+        first[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+        met = ranked[first]  # each row's keys once, rows in order
+        at = np.minimum(np.searchsorted(known, met), len(known) - 1)
+        met = met[known[at] != met]
+        uniq, where = np.unique(met, return_index=True)
+        frontier = uniq[np.argsort(where)]  # new pairs, as first met
+        order = np.argsort(np.concatenate([known, frontier]), kind="stable")
+        known = np.concatenate([known, frontier])[order]
+        known_ids = np.concatenate([known_ids, np.arange(n, n + len(frontier))])[order]
+        n += len(frontier)
+        if n > MAX_PRODUCT_STATES:
             raise GrammarError("json_schema: a key or string automaton (patternProperties, pattern beside lengths) is too large")
-    table = np.stack(rows)
-    accepting = np.array([bool(a.accepting[p]) and (bool(b.accepting[q]) == keep_b) for p, q in order])
+        rows.append(known_ids[np.searchsorted(known, keys)])
+    table = np.concatenate(rows)
+    pairs = np.empty(n, dtype=np.int64)
+    pairs[known_ids] = known
+    accepting = a.accepting[pairs // nb] & (b.accepting[pairs % nb] == keep_b)
     live = accepting.copy()
     while True:
         grown = live | live[table].any(axis=1)
@@ -194,7 +202,6 @@ def _product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:
         live = grown
     if not live[0]:
         return ByteDFA(np.zeros((1, 256), dtype=np.int32), np.zeros(1, dtype=bool))
-    n = len(order)
     keep = np.flatnonzero(live)  # start (0) first
     new_of = np.full(n, len(keep), dtype=np.int64)
     new_of[keep] = np.arange(len(keep))
@@ -216,7 +223,7 @@ class _Builder:
         self.rules: dict[str, str] = {}  # rule name -> body ("" for the empty rule)
         self.terminals: dict[str, str] = {}  # terminal name -> regex
         self._term_of: dict[str, str] = {}  # regex -> shared terminal name
-        self._pattern_keys: dict[tuple[str, tuple[str, ...]], ByteDFA] = {}  # (pattern, declared names) -> its keys' automaton
+        self._pattern_keys: dict[tuple[tuple[str, ...], tuple[str, ...], bool], tuple] = {}  # see _pattern_keys_of
         self._by_ref: dict[str, str] = {}
         self._by_key: dict[str, str] = {}
         self._any: str | None = None
@@ -633,35 +640,48 @@ class _Builder:
         additionalProperties is false, members whose keys match no pattern (values per it). Keys are
         written without escapes and differ from every declared name (those are members of their own);
         patterns some key matches two of are refused."""
-        plain = terminal_dfa(f'"{KEY_CHAR}*"', "key")
-        declared = terminal_dfa("|".join(re.escape(json.dumps(n, ensure_ascii=False)) for n in names), "key") if names else None
+        keys, others = self._pattern_keys_of(tuple(patterns), tuple(names), extra is not False, path)
         colon = self.term(f"{self.ws}:{self.ws}", "COLON")
-        keys: list[tuple[str, ByteDFA]] = []
         out = []
-        for pattern, sub in patterns.items():
+        for pattern, dfa in keys:
+            name = self.term(f'"{KEY_CHAR}*"', "PKEY", unique=True)
+            self.dfas[name] = dfa
+            sub = patterns[pattern]
+            out.append(f"{name} {colon} {self.sym(True if sub is True else sub, f'{path}/patternProperties/{pattern}', refs)}")
+        if others is not None:
+            name = self.term(f'"{KEY_CHAR}*"', "OKEY", unique=True)
+            self.dfas[name] = others
+            value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
+            out.append(f"{name} {colon} {value}")
+        return out
+
+    def _pattern_keys_of(
+        self, patterns: tuple[str, ...], names: tuple[str, ...], others: bool, path: str
+    ) -> tuple[list[tuple[str, ByteDFA]], ByteDFA | None]:
+        """_pattern_members' key automata: per pattern, its keys that are no declared name (none
+        where it has none), and (`others`) the keys matching no pattern and no name. Kept per
+        (patterns, names, others) within a schema: its objects often repeat them, and each set
+        costs a product per pair of patterns."""
+        held = self._pattern_keys.get((patterns, names, others))
+        if held is not None:
+            return held
+        plain = terminal_dfa(f'"{KEY_CHAR}*"', "key")
+        declared = words_dfa([json.dumps(n, ensure_ascii=False).encode() for n in names]) if names else None
+        keys: list[tuple[str, ByteDFA]] = []
+        for pattern in patterns:
             where = f"patternProperties {pattern!r} at {path}"
-            dfa = self._pattern_keys.get((pattern, tuple(names)))
-            if dfa is None:  # (objects of one schema often repeat their patterns and names)
-                dfa = _product(plain, terminal_dfa(f'"{json_string_body(pattern, where)}"', where), True)
-                if declared is not None:
-                    dfa = _product(dfa, declared, False)
-                self._pattern_keys[(pattern, tuple(names))] = dfa
+            dfa = _product(plain, terminal_dfa(f'"{json_string_body(pattern, where)}"', where), True)
+            if declared is not None:
+                dfa = _product(dfa, declared, False)
             for other_pattern, seen in keys:
                 if not _empty(_product(dfa, seen, True)):
                     raise GrammarError(f"json_schema: patternProperties {other_pattern!r} and {pattern!r} at {path} overlap; cannot be enforced by this backend")
             keys.append((pattern, dfa))
-            if _empty(dfa):
-                continue
-            name = self.term(f'"{KEY_CHAR}*"', "PKEY", unique=True)
-            self.dfas[name] = dfa
-            out.append(f"{name} {colon} {self.sym(True if sub is True else sub, f'{path}/patternProperties/{pattern}', refs)}")
-        if extra is not False:
-            dfa = plain if declared is None else _product(plain, declared, False)
+        rest = None
+        if others:
+            rest = plain if declared is None else _product(plain, declared, False)
             for _, seen in keys:
-                dfa = _product(dfa, seen, False)
-            if not _empty(dfa):
-                name = self.term(f'"{KEY_CHAR}*"', "OKEY", unique=True)
-                self.dfas[name] = dfa
-                value = self.any_value() if extra is True or extra == {} else self.sym(extra, f"{path}/additionalProperties", refs)
-                out.append(f"{name} {colon} {value}")
-        return out
+                rest = _product(rest, seen, False)
+            rest = None if _empty(rest) else rest
+        held = self._pattern_keys[(patterns, names, others)] = ([(p, d) for p, d in keys if not _empty(d)], rest)
+        return held

@@ -6,9 +6,12 @@ and text sampled under the masks validates."""
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -21,10 +24,11 @@ from loom.runtime.constrained import (
     allocate_token_bitmask,
     apply_token_bitmask_,
     compile_grammar,
+    schema_grammar,
     token_bytes,
     unpack_bitmask,
 )
-from loom.runtime.constrained.dfa import terminal_dfa
+from loom.runtime.constrained.dfa import minimal_dfa, terminal_dfa, words_dfa
 from loom.runtime.constrained.ebnf import CompiledEbnf
 from loom.runtime.constrained.schema_grammar import _STRING_CHAR, counted_string_dfa, schema_to_grammar
 from loom.tiny_tokenizer import tiny_tokenizer
@@ -224,6 +228,57 @@ def test_counted_strings_are_the_regex_s_minimal_automaton():
             body = f"{_STRING_CHAR}{{{lo},{'' if hi is None else hi}}}"
             regex = ('"' if open_quote else "") + body + ('"' if close_quote else "")
             assert _isomorphic(terminal_dfa(regex, "t"), counted_string_dfa(lo, hi, open_quote, close_quote)), regex
+
+
+def _pairwise_product(a, b, keep_b):
+    """The product automaton built a pair at a time (as _product did before it went a layer at a
+    time), live states kept, minimised."""
+    nb = b.table.shape[0]
+    index, order, rows = {(0, 0): 0}, [(0, 0)], []
+    while len(rows) < len(order):
+        p, q = order[len(rows)]
+        uniq, inv = np.unique(a.table[p].astype(np.int64) * nb + b.table[q], return_inverse=True)
+        ids = []
+        for k in uniq.tolist():
+            if divmod(k, nb) not in index:
+                index[divmod(k, nb)] = len(order)
+                order.append(divmod(k, nb))
+            ids.append(index[divmod(k, nb)])
+        rows.append(np.asarray(ids, dtype=np.int64)[inv.reshape(-1)])
+    table = np.stack(rows)
+    accepting = np.array([bool(a.accepting[p]) and bool(b.accepting[q]) == keep_b for p, q in order])
+    live = accepting.copy()
+    for _ in range(len(order)):
+        live = live | live[table].any(axis=1)
+    if not live[0]:
+        return None
+    keep = np.flatnonzero(live)
+    new_of = np.full(len(order), len(keep), dtype=np.int64)
+    new_of[keep] = np.arange(len(keep))
+    full = np.vstack([new_of[table[keep]], np.full((1, 256), len(keep), dtype=np.int64)])
+    return minimal_dfa(full, np.append(accepting[keep], False), np.arange(256))
+
+
+def test_an_object_s_declared_keys_automaton_is_the_regex_s():
+    # words_dfa (a trie, minimised) against the subset construction of the escaped alternation
+    rnd = random.Random(0)
+    for _ in range(20):
+        names = sorted({"".join(rnd.choice('abé"\\x_') for _ in range(rnd.randint(0, 6))) for _ in range(rnd.randint(1, 12))})
+        regex = "|".join(re.escape(json.dumps(n, ensure_ascii=False)) for n in names)
+        assert _isomorphic(terminal_dfa(regex, "t"), words_dfa([json.dumps(n, ensure_ascii=False).encode() for n in names])), names
+
+
+def test_product_automata_equal_the_pair_at_a_time_construction():
+    dfas = [terminal_dfa(r, "t") for r in (r'"[a-z]{2,5}"', r'"(ab|cd)+x?"', r'"[a-z_]*"', r'"(?:title|name)_[a-z]{2,3}(-[A-Z]{2})?"')]
+    dfas.append(words_dfa([b'"name_en"', b'"title_fr-FR"', b'"ab"']))
+    for a in dfas:
+        for b in dfas:
+            for keep_b in (True, False):
+                want, got = _pairwise_product(a, b, keep_b), schema_grammar._product(a, b, keep_b)
+                if want is None:
+                    assert got.dead == 0
+                else:
+                    assert (got.table == want.table).all() and (got.accepting == want.accepting).all()
 
 
 SCHEMAS = {"tree": TREE, "linked": LINKED, "wide": WIDE}
