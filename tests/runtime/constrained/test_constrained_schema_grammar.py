@@ -196,7 +196,13 @@ def test_pattern_properties(byte_vocab, open_objects):
         schema_to_grammar(json.dumps({"patternProperties": {"^a": {}, "b$": {"type": "integer"}}}))
 
 
-def test_terminal_dfa_equals_regex_to_dfa():
+@pytest.mark.parametrize("native", [True, False], ids=["C subset step", "Python subset construction"])
+def test_terminal_dfa_equals_regex_to_dfa(native, monkeypatch):
+    from loom.runtime.constrained import dfa as dfa_module
+
+    compiled = dfa_module.native_subsets_available()
+    monkeypatch.setattr(dfa_module, "native_subsets_available", lambda: native and compiled)
+    monkeypatch.setattr(dfa_module, "_terminals", type(dfa_module._terminals)())  # nothing cached
     for pattern in [r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}){0,20}"', r"(?:ab|a)*c", r"é+|ü", r"x[^\n]{2,5}"]:
         a, b = regex_to_dfa(pattern, "t"), terminal_dfa(pattern, "t")
         assert a.table.shape == b.table.shape and (a.table == b.table).all() and (a.accepting == b.accepting).all()
