@@ -32,7 +32,7 @@ from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.constrained.regex_dfa import CompiledRegex
-from loom.runtime.constrained.schema import schema_regexes, schema_to_regex
+from loom.runtime.constrained.schema import RegexTooLong, schema_regexes, schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.token_walk import available as walk_available
 from loom.runtime.constrained.token_walk import token_trie
@@ -43,6 +43,12 @@ GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
 # A JSON Schema whose regex is longer than this goes to the grammar path without trying the DFA (a
 # 27M-character regex took over 3 minutes to refuse; the largest MaskBench one that compiles is 1.4M).
 MAX_SCHEMA_REGEX_CHARS = 4_000_000
+# Past this, the grammar path is tried first: its compile stays at tens of ms where the DFA's (the
+# regex parsed and its NFA built in Python) grows with the regex, ~1.5 ms per 1,000 characters (a
+# 426k-character Kubernetes schema: 600 ms against 32; a 3.9M one: 8 s against 0.34 s). Below it,
+# the DFA's first masks are the cheaper (a 125k-character one: 195 ms to compile against 35, then
+# 0.15 ms masks against 1-2.6 ms for its object's first keys, each key a lexer state to scan).
+GRAMMAR_FIRST_CHARS = 250_000
 CACHE_BYTES = 512 << 20  # compiled grammars kept (tables and masks), least recently used dropped first
 
 
@@ -163,13 +169,21 @@ class GrammarBackend:
             regex = source
         elif kind == "json_schema":
             try:
-                regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects, MAX_SCHEMA_REGEX_CHARS)
+                regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects, GRAMMAR_FIRST_CHARS)
+            except RegexTooLong as e:  # the grammar first; the DFA where only it enforces the schema, up to its limit
+                try:
+                    lark_source, dfas = schema_to_grammar(source, self.whitespace_pattern, self.json_open_objects)
+                    return compile_grammar("lark", lark_source, self._token_vocab(), terminal_dfas=dfas)
+                except GrammarError:
+                    if e.size > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes
+                        return self._schema_grammar(
+                            source, f"json_schema: its regex is {e.size} characters (limit {MAX_SCHEMA_REGEX_CHARS})"
+                        )
+                regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects)
             except GrammarError as e:
                 if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY, ErrorKind.TOO_LARGE):  # no grammar does better
                     raise
                 return self._schema_grammar(source, str(e))
-            if len(regex) > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes: straight to the grammar
-                return self._schema_grammar(source, f"json_schema: its regex is {len(regex)} characters (limit {MAX_SCHEMA_REGEX_CHARS})")
         elif kind in EBNF_KINDS:  # GBNF or Lark syntax, on Lark's LALR tables (ebnf.py)
             return compile_grammar(kind, source, self._token_vocab())
         else:

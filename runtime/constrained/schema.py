@@ -80,6 +80,14 @@ def schema_to_regex(source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, o
     return schema_regexes(source, whitespace_pattern, open_objects)[0]
 
 
+class RegexTooLong(GrammarError):
+    """schema_regexes' regex would pass its `max_chars`: `size` characters."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"json_schema: its regex is {size} characters (limit {limit})")
+        self.size = size
+
+
 def schema_regexes(
     source: str, whitespace_pattern: str = DEFAULT_WHITESPACE, open_objects: bool = False, max_chars: int | None = None
 ) -> tuple[str, RegexPieces | None]:
@@ -95,7 +103,7 @@ def schema_regexes(
     except (ValueError, TypeError) as e:
         raise GrammarError(f"json_schema cannot be compiled: {e}") from None
     if max_chars is not None and (size := norm._expanded_size(template)) > max_chars:  # spelling it would take seconds
-        raise GrammarError(f"json_schema: its regex is {size} characters (limit {max_chars})")
+        raise RegexTooLong(size, max_chars)
     regex = template
     for i in reversed(range(len(norm.subs))):  # a sub holds only earlier ones; absent where unreachable (maxItems 0)
         regex = regex.replace(f'"{_PLACEHOLDER.format(i)}"', f"({norm.subs[i]})")

@@ -365,16 +365,32 @@ def test_huge_schema_regex_goes_straight_to_the_grammar(monkeypatch):
     from loom.runtime.constrained import backend as backend_module
     from loom.runtime.constrained import schema as schema_module
 
-    monkeypatch.setattr(backend_module, "MAX_SCHEMA_REGEX_CHARS", 10)
+    monkeypatch.setattr(backend_module, "GRAMMAR_FIRST_CHARS", 10)
 
     def spelled(*args, **kwargs):  # the size is known before the regex is spelled out (seconds for big schemas)
         raise AssertionError("the regex past the limit was spelled out")
 
-    monkeypatch.setattr(schema_module.RegexPieces, "fill", staticmethod(spelled))
+    with monkeypatch.context() as m:
+        m.setattr(schema_module.RegexPieces, "fill", staticmethod(spelled))
+        backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
+        compiled = backend._compile("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+        assert isinstance(compiled, CompiledEbnf)
+        assert accepts(compiled, '{"a":1}') and not accepts(compiled, '{"a":"x"}')
+        backend.shutdown()
+
+    # where the grammar path refuses such a schema, the regex path still takes it (up to its own limit)
+    def refused(*args, **kwargs):
+        raise GrammarError("json_schema: refused by the grammar path (test)")
+
+    monkeypatch.setattr(backend_module, "schema_to_grammar", refused)
     backend = GrammarBackend(BYTES, 258, frozenset({EOS}))
     compiled = backend._compile("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
-    assert isinstance(compiled, CompiledEbnf)
-    assert accepts(compiled, '{"a":1}') and not accepts(compiled, '{"a":"x"}')
+    assert not isinstance(compiled, CompiledEbnf)
+    g = compiled.matcher()
+    assert all(g.accept_token(b + 1) for b in b'{"a":1}') and g.accept_token(EOS)
+    monkeypatch.setattr(backend_module, "MAX_SCHEMA_REGEX_CHARS", 10)  # past both limits: refused, with both reasons
+    with pytest.raises(GrammarError, match="characters .limit 10.*as a grammar: json_schema: refused"):
+        backend._compile("json_schema", json.dumps({"type": "object", "properties": {"b": {"type": "integer"}}}))
     backend.shutdown()
 
 
