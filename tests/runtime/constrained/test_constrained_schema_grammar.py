@@ -24,13 +24,13 @@ from loom.runtime.constrained import (
     allocate_token_bitmask,
     apply_token_bitmask_,
     compile_grammar,
-    schema_grammar,
     token_bytes,
     unpack_bitmask,
 )
 from loom.runtime.constrained.dfa import minimal_dfa, terminal_dfa, words_dfa
 from loom.runtime.constrained.ebnf import CompiledEbnf
-from loom.runtime.constrained.schema_grammar import _STRING_CHAR, counted_string_dfa, schema_to_grammar
+from loom.runtime.constrained.schema_automata import STRING_CHAR, counted_string_dfa, product
+from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.tiny_tokenizer import tiny_tokenizer
 
 from reference_dfa import regex_to_dfa  # tests/support: the 256-column construction, as a reference
@@ -231,13 +231,13 @@ def test_counted_strings_are_the_regex_s_minimal_automaton():
     # (~200 ms for 64 characters): a terminal of a maxLength string no longer costs a first request that.
     for lo, hi in [(0, 5), (2, 7), (3, None), (1, None), (0, None), (4, 4), (0, 64), (64, None)]:
         for open_quote, close_quote in [(True, True), (False, True), (False, False)]:
-            body = f"{_STRING_CHAR}{{{lo},{'' if hi is None else hi}}}"
+            body = f"{STRING_CHAR}{{{lo},{'' if hi is None else hi}}}"
             regex = ('"' if open_quote else "") + body + ('"' if close_quote else "")
             assert _isomorphic(terminal_dfa(regex, "t"), counted_string_dfa(lo, hi, open_quote, close_quote)), regex
 
 
 def _pairwise_product(a, b, keep_b):
-    """The product automaton built a pair at a time (as _product did before it went a layer at a
+    """The product automaton built a pair at a time (as schema_automata.product did before it went a layer at a
     time), live states kept, minimised."""
     nb = b.table.shape[0]
     index, order, rows = {(0, 0): 0}, [(0, 0)], []
@@ -280,7 +280,7 @@ def test_product_automata_equal_the_pair_at_a_time_construction():
     for a in dfas:
         for b in dfas:
             for keep_b in (True, False):
-                want, got = _pairwise_product(a, b, keep_b), schema_grammar._product(a, b, keep_b)
+                want, got = _pairwise_product(a, b, keep_b), product(a, b, keep_b)
                 if want is None:
                     assert got.dead == 0
                 else:
