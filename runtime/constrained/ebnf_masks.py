@@ -93,7 +93,7 @@ class EbnfMasks:
         """How many packed masks are held."""
         return (len(self._inside) + sum(len(s) for s in self._splits.values()) + 2 * len(self._crossed)
                 + sum(1 + len(s) for _, s in self._offset_scans.values()) + len(self._rests)
-                + len(self._word_cache) + len(self._masks) + len(self._across))  # fmt: skip
+                + len(self._word_cache) + len(self._masks) + len(self._across) + len(self._bulk))  # fmt: skip
 
     @property
     def nbytes(self) -> int:

@@ -88,7 +88,7 @@ def _byte_buckets() -> np.ndarray:
 _BUCKET = _byte_buckets()
 BUCKET_BIT = np.left_shift(np.uint64(1), _BUCKET.astype(np.uint64))  # [256] uint64
 ALL_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT))  # every group some byte is in
-_LAST_UNSAFE_KEPT = 8  # per trie: last_unsafe_byte's arrays, by unsafe bucket set (0.5 MB each at 128k)
+_LAST_UNSAFE_KEPT = 8  # per trie: last_unsafe_byte's arrays and safe_mask's token lists, by unsafe bucket set (0.5 MB each at 128k)
 _SAFE_MASKS_KEPT = 512  # per trie: the packed masks of "every byte safe" tokens, by safe bucket set and run (8 MB at 128k)
 
 
@@ -306,6 +306,8 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
         return words
     listed = trie.safe_listed.get(unsafe)
     if listed is None:  # the set's tokens by length, and the runs cached
+        if len(trie.safe_listed) >= _LAST_UNSAFE_KEPT:
+            trie.safe_listed.clear()  # (their masks stay; only deriving new runs from them starts afresh)
         ids = trie.by_len[(trie.tok_buckets[trie.by_len] & np.uint64(unsafe)) == 0]
         listed = trie.safe_listed[unsafe] = (ids, np.searchsorted(trie.tok_len[ids], np.arange(trie.max_depth + 2)), [])
     ids, off, runs = listed
@@ -323,7 +325,7 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
         words = np.packbits(bits, bitorder="little").view(np.uint32)
     if len(trie.safe_masks) >= _SAFE_MASKS_KEPT:
         trie.safe_masks.clear()
-        for _, _, held in trie.safe_listed.values():
+        for _, _, held in list(trie.safe_listed.values()):  # (a snapshot: another thread may add a set)
             held.clear()
     trie.safe_masks[(unsafe, run)] = words
     bisect.insort(runs, run)
