@@ -172,13 +172,10 @@ class GrammarBackend:
                 regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects, GRAMMAR_FIRST_CHARS)
             except RegexTooLong as e:  # the grammar first; the DFA where only it enforces the schema, up to its limit
                 try:
-                    lark_source, dfas = schema_to_grammar(source, self.whitespace_pattern, self.json_open_objects)
-                    return compile_grammar("lark", lark_source, self._token_vocab(), terminal_dfas=dfas)
-                except GrammarError:
+                    return self._grammar_of(source)
+                except GrammarError as refused:
                     if e.size > MAX_SCHEMA_REGEX_CHARS:  # parsing it alone takes minutes
-                        return self._schema_grammar(
-                            source, f"json_schema: its regex is {e.size} characters (limit {MAX_SCHEMA_REGEX_CHARS})"
-                        )
+                        return self._schema_grammar(source, str(RegexTooLong(e.size, MAX_SCHEMA_REGEX_CHARS)), refused)
                 regex, pieces = schema_regexes(source, self.whitespace_pattern, self.json_open_objects)
             except GrammarError as e:
                 if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY, ErrorKind.TOO_LARGE):  # no grammar does better
@@ -195,16 +192,22 @@ class GrammarBackend:
                 return self._schema_grammar(source, f"json_schema cannot be compiled to an automaton: {e}")
             raise
 
-    def _schema_grammar(self, source: str, regex_error: str) -> CompiledEbnf | CompiledRegex:
-        """A JSON Schema the regex path refused, as a grammar for the EBNF engine (schema_grammar.py:
-        recursive $refs, large objects, long strings). Where that refuses too and objects are open,
-        the regex of the closed reading (declared properties only: narrower, still sound); else
-        both reasons."""
-        try:
-            lark_source, dfas = schema_to_grammar(source, self.whitespace_pattern, self.json_open_objects)
-            return compile_grammar("lark", lark_source, self._token_vocab(), terminal_dfas=dfas)
-        except GrammarError as e:
-            grammar_error = str(e)
+    def _grammar_of(self, source: str) -> CompiledEbnf:
+        """A JSON Schema as a grammar for the EBNF engine (schema_grammar.py)."""
+        lark_source, dfas = schema_to_grammar(source, self.whitespace_pattern, self.json_open_objects)
+        return compile_grammar("lark", lark_source, self._token_vocab(), terminal_dfas=dfas)
+
+    def _schema_grammar(self, source: str, regex_error: str, refused: GrammarError | None = None) -> CompiledEbnf | CompiledRegex:
+        """A JSON Schema the regex path refused, as a grammar for the EBNF engine (recursive $refs,
+        large objects, long strings). Where that refuses too (`refused`: it already did) and objects
+        are open, the regex of the closed reading (declared properties only: narrower, still sound);
+        else both reasons."""
+        if refused is None:
+            try:
+                return self._grammar_of(source)
+            except GrammarError as e:
+                refused = e
+        grammar_error = str(refused)
         if self.json_open_objects:
             try:
                 return CompiledRegex(schema_to_regex(source, self.whitespace_pattern, False), self._token_vocab(), lazy=True)
