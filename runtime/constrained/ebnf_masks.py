@@ -151,8 +151,7 @@ class EbnfMasks:
                     if j in bulk:
                         self._bulk[id(row)] = (row, *bulk[j])
                 if scanned[1] and len(ids) == len(scanned[1]):  # every row listed: their content names them (_cross_splits)
-                    parts = [np.array([j, len(ids[j][0])], dtype=np.int64) for j in scanned[1]]
-                    named = np.concatenate([x for j, head in zip(scanned[1], parts) for x in (head, ids[j][0])]).tobytes()
+                    named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in scanned[1])
                     self._listed[id(scanned[1])] = (scanned[1], named)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
@@ -205,18 +204,16 @@ class EbnfMasks:
         split the same tokens at the same offsets (a string's closing quote, from any position far
         enough from its maximum length), and then cost one lookup."""
         held = self._listed.get(id(splits))
-        if held is None or held[0] is not splits:
-            for j, enders in splits.items():
-                self._crossing(j, sid, enders, out)
-            return
-        key = (held[1], sid)
-        words = self._across.get(key)
+        key = (held[1], sid) if held is not None and held[0] is splits else None
+        words = self._across.get(key) if key is not None else None
         if words is None:
-            words = np.zeros(self.width, dtype=np.uint32)
+            words = out if key is None else np.zeros(self.width, dtype=np.uint32)
             for j, enders in splits.items():
                 self._crossing(j, sid, enders, words)
-            self._across[key] = words
-        out |= words
+            if key is not None:
+                self._across[key] = words
+        if words is not out:
+            out |= words
 
     def _crossing(self, offset: int, sid: int, enders: np.ndarray, out: np.ndarray) -> None:
         """out |= the tokens of `enders` (packed) whose bytes from `offset` on are accepted from a
