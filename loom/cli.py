@@ -51,8 +51,9 @@ _ENGINE_FLAG_HELP = {
     "node_rank": "this machine's index among --nnodes: 0 serves HTTP; the others run only their ranks and join node 0",
     "dist_init_addr": "HOST:PORT on node 0 where the ranks meet (torch.distributed TCP rendezvous); needed with "
                       "--nnodes > 1, otherwise a free local port",
-    "disable_cpu_weight_packing": "on the CPU in float32, do not keep a second copy of the linear weights in oneDNN's "
-                                  "blocked layout (it makes matmuls of 5+ rows 1.2-2x faster, for the weights' memory again)",
+    "disable_cpu_weight_packing": "on the CPU keep the linear weights as loaded: in float32 no second copy in oneDNN's "
+                                  "blocked layout (it makes matmuls of 5+ rows 1.2-2x faster, for the weights' memory again), "
+                                  "and quantized layers in GGUF's block order rather than the AVX512-VNNI kernel's panels",
     "disable_cuda_graph": "run decode steps eagerly instead of replaying CUDA graphs (graphs apply on CUDA with the "
                           "triton or flashinfer attention backend)",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; larger batches run eagerly "

@@ -69,7 +69,7 @@ class ServerArgs:
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; node 0 serves HTTP, the others run only their ranks
     dist_init_addr: str | None = None  # host:port of the torch.distributed rendezvous (default: a free local port)
-    disable_cpu_weight_packing: bool = False  # keep fp32 CPU weights in one layout only (no oneDNN copy; layers/linear.py)
+    disable_cpu_weight_packing: bool = False  # CPU weights as loaded: no oneDNN copy (layers/linear.py), no panels (layers/quantized.py)
     disable_cuda_graph: bool = False  # decode eagerly (graphs apply on CUDA with the triton / flashinfer backends)
     cuda_graph_max_bs: int | None = None  # largest decode batch run as a CUDA graph (None: min(160, max_running_requests))
     # How large a grammar a request may send, and how long its compile may take (runtime/grammar_limits.py).

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 HERE = pathlib.Path(__file__).resolve().parent
 # GGUF's type ids of the block formats the kernel reads.
 QTYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}
+PANELS = 0x100  # QTYPES[t] | PANELS: blocks laid out in panels of 16 output rows (panels.py, panels.cpp)
 BLOCK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 INT8_ENV = "LOOM_CPU_INT8_ACT"  # "0": x stays fp32 (exact); else x in int8 blocks (faster, ~1e-2 relative error)
@@ -63,7 +64,7 @@ def extension(without_avx512: bool = False) -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
-    sources = [HERE / "qlinear.cpp", HERE / "decode.cpp"]
+    sources = [HERE / "qlinear.cpp", HERE / "decode.cpp", HERE / "panels.cpp"]
     flags = ["-O3", "-march=native", "-fopenmp"] + (["-mno-avx512f"] if without_avx512 else [])
     code = "|".join(f.read_bytes().hex() for f in [*sources, HERE / "qlinear.h"])
     key = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{flags}|{code}".encode()).hexdigest()[:12]
@@ -104,14 +105,19 @@ def dequantize_into(blocks: torch.Tensor, qtype: str, out: torch.Tensor) -> torc
     return out
 
 
-def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, int8: bool | None = None) -> torch.Tensor:
+def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, int8: bool | None = None, panels: bool = False) -> torch.Tensor:
     """x [..., K] float32 @ dequant(blocks)^T -> [..., N]; blocks [N, K / 32 * block bytes] uint8.
     `int8` (default: int8_activations()): x quantized to int8 32-blocks, as llama.cpp does, where the
-    extension has that path; about 1e-2 of the row's norm off the float product, several times faster."""
+    extension has that path; about 1e-2 of the row's norm off the float product, several times faster.
+    `panels`: blocks laid out by `panels.to_panels` (the panel kernel, which always quantizes x)."""
     ext = extension()
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    if ext is None:
+    if panels:
+        if ext is None or not ext.panels_built():
+            raise RuntimeError("blocks in panels need the panel kernel (an AVX512-VNNI build of kernels/cpu)")
+        y = ext.qlinear(x2, blocks, QTYPES[qtype] | PANELS, True)
+    elif ext is None:
         y = x2 @ dequantize(blocks, qtype, shape[-1]).T
     else:
         y = ext.qlinear(x2, blocks, QTYPES[qtype], int8_activations() if int8 is None else int8)

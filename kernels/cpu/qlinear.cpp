@@ -28,7 +28,7 @@
 #include "qlinear.h"
 
 int loom::block_bytes(int qtype) {
-  switch (qtype) {
+  switch (qtype & ~loom::PANELS) {
     case 8: return 2 + 32;   // Q8_0
     case 2: return 2 + 16;   // Q4_0
     case 3: return 4 + 16;   // Q4_1
@@ -376,6 +376,7 @@ void int8_linear(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t
 // step (decode.cpp) both call.
 void loom::qlinear_raw(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes, int qtype, int64_t N,
                        float* yp, bool int8) {
+  if (qtype & loom::PANELS) return loom::panels_linear_raw(xp, M, K, wp, row_bytes, qtype & ~loom::PANELS, N, yp);
 #if defined(LOOM_INT8_512) || defined(LOOM_INT8_256)
   if (int8) {
     switch (qtype) {
@@ -433,6 +434,7 @@ void dequantize_into(torch::Tensor W, int64_t qtype, torch::Tensor out) {
   TORCH_CHECK(W.dtype() == torch::kUInt8 && W.dim() == 2 && W.is_contiguous(), "W must be a contiguous 2-D uint8 tensor");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == W.size(0), "out must be a contiguous [N, K] tensor");
   TORCH_CHECK(out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16, "out must be float32 or bfloat16");
+  TORCH_CHECK(!(qtype & loom::PANELS), "dequantize_into reads GGUF's layout; panels are read back by panels.py");
   const int bb = block_bytes((int)qtype);
   TORCH_CHECK(bb > 0, "unsupported quantization type ", qtype);
   const int64_t N = W.size(0), K = out.size(1), nb = K / QK;
@@ -484,6 +486,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("W"), pybind11::arg("qtype"), pybind11::arg("int8") = false);
   m.def("int8_isa", &int8_isa, "the int8-activation path the kernel was built with, or ''");
   m.def("isa", &isa, "the instruction set the kernel was built for");
+  m.def("panels_built", &loom::panels_built, "whether this build has the panel kernel (AVX512-VNNI)");
   m.def("dequantize_into", &dequantize_into, "out[N, K] = dequant(W), float32 or bfloat16");
   loom::register_decode(m);  // decode.cpp: the fused decode step
 }

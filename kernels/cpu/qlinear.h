@@ -7,6 +7,9 @@
 
 namespace loom {
 
+// `qtype | PANELS`: the blocks are laid out in panels of 16 output rows (panels.cpp, panels.py).
+constexpr int PANELS = 0x100;
+
 // Bytes of one 32-weight block of GGUF type `qtype` (8 = Q8_0, 2 = Q4_0, 3 = Q4_1); 0 for any other.
 int block_bytes(int qtype);
 
@@ -15,6 +18,12 @@ int block_bytes(int qtype);
 // fewer instructions) where the build has that path; otherwise, and when false, the exact float path.
 void qlinear_raw(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int64_t N, float* y,
                  bool int8);
+
+// Whether this build has the panel kernel (AVX512-VNNI), and y = x @ dequant(W)^T for W in panels
+// (always int8 activations; N % 16 == 0).
+bool panels_built();
+void panels_linear_raw(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t row_bytes, int qtype, int64_t N,
+                       float* y);
 
 // Adds the DecodeModel class (decode.cpp) to the extension's module.
 void register_decode(pybind11::module_& m);

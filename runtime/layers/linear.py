@@ -152,6 +152,7 @@ class LinearBase(nn.Module):
         # Kept quantized (layers/quantized.py): the weight's blocks and their format; `weight` is then None.
         self.register_buffer("qweight", None, persistent=False)
         self.qtype: str | None = None
+        self.qpanels = False  # qweight laid out in panels of 16 output rows (layers/quantized.py pack_panels)
         # The input features in the blocks' order, where it is not theirs (a GPTQ act-order checkpoint).
         self.register_buffer("input_perm", None, persistent=False)
 
@@ -162,7 +163,7 @@ class LinearBase(nn.Module):
         if self.qweight is not None:
             if self.input_perm is not None:
                 x = x.index_select(-1, self.input_perm)
-            return quantized_linear(x, self.qweight, self.qtype, bias)
+            return quantized_linear(x, self.qweight, self.qtype, bias, self.qpanels)
         return linear(x, self.weight, bias, self.packed_weight)
 
     def quantize_(self, qtype: str) -> int:
@@ -171,7 +172,7 @@ class LinearBase(nn.Module):
         weight = self.weight.detach()
         if weight.shape[1] % BLOCK:
             return 0
-        self.qweight, self.qtype = quantize(weight, qtype).to(weight.device), qtype
+        self.qweight, self.qtype, self.qpanels = quantize(weight, qtype).to(weight.device), qtype, False
         del self.weight
         self.register_parameter("weight", None)
         self.packed_weight = None
@@ -181,7 +182,7 @@ class LinearBase(nn.Module):
         """Keep blocks made from a quantized checkpoint (models/gptq_awq.py) instead of the float weight;
         `input_perm` [in_per_rank] int64: the input feature each block column reads. -> the float bytes freed."""
         device, freed = self.weight.device, self.weight.numel() * self.weight.element_size()
-        self.qweight, self.qtype = qweight.to(device), qtype
+        self.qweight, self.qtype, self.qpanels = qweight.to(device), qtype, False
         self.input_perm = None if input_perm is None else input_perm.to(device)
         del self.weight
         self.register_parameter("weight", None)

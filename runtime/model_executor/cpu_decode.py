@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loom.kernels.cpu import QTYPES, extension, int8_activations
+from loom.kernels.cpu import PANELS, QTYPES, extension, int8_activations
 from loom.runtime.layers.quantized import KERNEL_MAX_ROWS
 from loom.runtime.model_executor.forward_batch import ForwardBatch
 
@@ -92,9 +92,9 @@ class CpuDecodeRunner:
             qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
             gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
             decoder.add_layer(
-                _fp32(layer.input_layernorm.weight), qkv.qweight, QTYPES[qkv.qtype], o.qweight, QTYPES[o.qtype],
-                _fp32(layer.post_attention_layernorm.weight), gate_up.qweight, QTYPES[gate_up.qtype],
-                down.qweight, QTYPES[down.qtype], pool.k_buffer[i], pool.v_buffer[i],
+                _fp32(layer.input_layernorm.weight), qkv.qweight, _code(qkv), o.qweight, _code(o),
+                _fp32(layer.post_attention_layernorm.weight), gate_up.qweight, _code(gate_up),
+                down.qweight, _code(down), pool.k_buffer[i], pool.v_buffer[i],
             )  # fmt: skip
         return decoder
 
@@ -106,6 +106,11 @@ class CpuDecodeRunner:
         hidden = self.embed_tokens(fb.input_ids)  # [B, hidden]
         return self.decoder.forward(hidden, _i64(fb.positions), _i64(fb.out_cache_loc), self.req_to_token,
                                     _i64(fb.req_pool_indices), _i64(fb.seq_lens))  # fmt: skip
+
+
+def _code(proj: Any) -> int:
+    """The kernel's code for a layer's blocks: GGUF's type id, with PANELS where they are laid out in panels."""
+    return QTYPES[proj.qtype] | (PANELS if proj.qpanels else 0)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from loom.kernels.attention import create_attention_backend
 from loom.radix_cache import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocator
 from loom.runtime.layers.linear import pack_cpu_weights
+from loom.runtime.layers.quantized import pack_panels
 from loom.runtime.model_executor.cpu_decode import CpuDecodeRunner, unsupported
 from loom.runtime.model_executor.cuda_graph_runner import DEFAULT_MAX_BS, CudaGraphRunner, capture_batch_sizes
 from loom.runtime.model_executor.device import resolve_device, resolve_dtype, to_device
@@ -58,6 +59,10 @@ class ModelRunner:
             args.model_path, self.dtype, device=self.device, tp_rank=self.tp_rank, tp_size=self.tp_size,
             quantization=args.quantization,
         )
+        if self.device.type == "cpu" and not args.disable_cpu_weight_packing:
+            panels = pack_panels(self.model)  # the same bytes in another order: nothing added
+            if panels:
+                logger.info("%d quantized linear layers laid out in panels for the AVX512-VNNI kernel", panels)
         if self.device.type == "cpu" and self.dtype == torch.float32 and not args.disable_cpu_weight_packing:
             added = pack_cpu_weights(self.model)  # before the KV pool takes its share of what is free
             if added:

@@ -74,14 +74,18 @@ def test_bf16_tokens_track_transformers_in_bf16(engine):
     assert decided >= steps / 2, f"only {decided} of {steps} steps decided by a margin over the tolerance"
 
 
-@pytest.mark.parametrize("int8, tol", [("0", 0.01), ("1", 0.25)])
+@pytest.mark.parametrize("int8, tol", [("0", 0.01), ("1", 0.5)])
 def test_the_default_keeps_the_files_blocks_and_tracks_transformers(engine, monkeypatch, int8, tol):
     """quantization's default, auto: SmolLM2's Q4_1 layers stay in the file's own blocks (the
     qlinear kernel and the fused CPU decode step run them). With x kept in fp32
     (LOOM_CPU_INT8_ACT=0) they hold the values Transformers dequantises, summed in another order,
     so teacher-forced logprobs stay within 0.01 nats of Transformers' in fp32 (golden.check_steps);
-    by default x is quantized to int8 blocks (decode steps, and prefills of up to 64 tokens), as
-    llama.cpp does, and they stay within 0.25 a token (one measured 0.16; perplexity on a fixed text moves 22.78 -> 22.72)."""
+    by default x is quantized to int8 blocks, as llama.cpp does: in decode steps and prefills of up
+    to 64 tokens, and, where the CPU has AVX512-VNNI (layers in panels), in every prefill. They stay
+    within 0.5 a token: over these 72 steps the median moved 0.03, the largest 0.19 with prefills
+    past 64 tokens in float and 0.35 with them in int8 (this test's three prompts are one 110-token
+    prefill). Perplexity on bench_llamacpp's fixed text: 22.77 in fp32, 22.82 with int8 prefills,
+    llama.cpp's 22.85."""
     from transformers import AutoModelForCausalLM
 
     from loom.runtime.entrypoints.engine import LocalEngine

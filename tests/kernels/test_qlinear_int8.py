@@ -17,6 +17,7 @@ from test_qlinear import random_blocks
 
 from loom.kernels.cpu import INT8_ENV, dequantize, extension, qlinear
 from loom.runtime.model_executor.cpu_decode import CpuDecodeRunner
+from loom.runtime.layers.quantized import pack_panels, panels_available
 from loom.runtime.model_executor.model_runner import ModelRunner
 from loom.runtime.server_args import ServerArgs
 
@@ -101,8 +102,10 @@ def test_the_avx2_build_gives_the_same_answers():
 def test_the_fused_decode_step_runs_its_layers_on_the_int8_path(tmp_path, monkeypatch):
     """The fused CPU decode step (decode.cpp) built with LOOM_CPU_INT8_ACT=1 quantizes x in every linear
     layer: its hidden states move off the float step's (not equal), by about what int8 activations
-    cost through two layers of a random model (below 5e-2 of the norm)."""
+    cost through two layers of a random model (below 5e-2 of the norm). Its layers laid out in panels
+    (where the CPU has AVX512-VNNI) give the same int8 step, to the float summation order."""
     path = write_gguf(tmp_path / "m.gguf", "llama", [Q.Q4_1, Q.Q8_0, Q.Q4_0], layers=2, seed=4)
+    monkeypatch.setenv(INT8_ENV, "0")  # loaded in GGUF's block order (no panels)
     runner = ModelRunner(ServerArgs(model_path=str(path), quantization="auto", dtype="float32", max_total_tokens=256))
     table = runner.req_to_token_pool.req_to_token
     lens = [5, 1, 9]
@@ -123,3 +126,7 @@ def test_the_fused_decode_step_runs_its_layers_on_the_int8_path(tmp_path, monkey
         out[flag] = CpuDecodeRunner._capture(runner).forward(hidden, *args)
     rel = ((out["1"] - out["0"]).norm() / out["0"].norm()).item()
     assert 0 < rel < 5e-2
+    if panels_available():
+        assert pack_panels(runner.model) == 4 * runner.num_layers  # qkv, o, gate_up, down
+        panels = CpuDecodeRunner._capture(runner).forward(hidden, *args)
+        torch.testing.assert_close(panels, out["1"], rtol=1e-4, atol=1e-4 * out["1"].abs().max().item())
