@@ -42,15 +42,20 @@ def build(shapes: list[tuple[int, int]]) -> list[RowParallelLinear]:
     return layers
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 5, 8, 16, 40, 256, 1024])
+def layer_args(parser: argparse.ArgumentParser, rows: list[int], argv: list[str] | None) -> argparse.Namespace:
+    """--rows, --layers, --repeats and --threads (applied), as this benchmark and bench_qlinear.py take them."""
+    parser.add_argument("--rows", type=int, nargs="+", default=rows)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = layer_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), [1, 4, 5, 8, 16, 40, 256, 1024], argv)
     plain = {"body": build(list(BODY) * args.layers), "LM head": build([HEAD])}
     packed = {"body": build(list(BODY) * args.layers), "LM head": build([HEAD])}
     for part in packed.values():

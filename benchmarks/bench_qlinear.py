@@ -23,11 +23,11 @@ import argparse
 import time
 
 import torch
+from bench_linear import BODY, layer_args  # a sibling script: benchmarks/ is on sys.path when run
 
 from loom.kernels.cpu import BLOCK_BYTES, dequantize, dequantize_into, extension, qlinear, quantize
 from loom.kernels.cpu.panels import to_panels
 
-BODY = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (out, in) per layer
 BAND = 512
 QTYPE = "Q4_1"
 
@@ -56,13 +56,7 @@ def timed(run, layers: list, inputs: dict, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128, 700])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = layer_args(parser, [1, 4, 16, 32, 64, 128, 700], argv)
     ext = extension()
     if ext is None:
         print("the CPU kernels could not be built here: nothing to compare")

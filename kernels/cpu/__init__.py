@@ -6,7 +6,9 @@ By default (`int8_activations`; `LOOM_CPU_INT8_ACT=0` turns it off) the kernels 
 32-blocks and use integer dot products (AVX512-VNNI, or AVX2), as llama.cpp does: ~1.5x faster a
 matmul at 1-16 rows, and ahead of dequantised float bands up to ~100 (layers/quantized.py); ~1e-2
 relative error a layer. With it off (or on a CPU with neither) x stays in fp32, exact to the
-summation order: what tests that compare with the float model use.
+summation order: what tests that compare with the float model use. Where the build has AVX512-VNNI
+and int8 activations are on when a model loads, its layers are laid out in panels (`panels.py`,
+`panels.cpp`), whose kernel always quantizes x: turning the variable off later does not change them.
 
 The extension is compiled with the machine's own instruction set (`-march=native`: AVX-512 where
 the CPU has it, else AVX2, else plain C++) by `torch.utils.cpp_extension` the first time a process

@@ -16,8 +16,8 @@ import torch
 from test_qlinear import random_blocks
 
 from loom.kernels.cpu import INT8_ENV, dequantize, extension, qlinear
-from loom.runtime.model_executor.cpu_decode import CpuDecodeRunner
 from loom.runtime.layers.quantized import pack_panels, panels_available
+from loom.runtime.model_executor.cpu_decode import CpuDecodeRunner
 from loom.runtime.model_executor.model_runner import ModelRunner
 from loom.runtime.server_args import ServerArgs
 
