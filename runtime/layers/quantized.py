@@ -14,8 +14,8 @@ them with int8 activations); for more rows (prefill) it dequantises BAND output 
 multiplies each band in float, so no full-size float copy of a weight is ever made.
 Where the CPU has AVX512-VNNI (and int8 activations are on), `pack_panels` lays each layer's blocks
 out again at load, in panels of 16 output rows (`kernels/cpu/panels.py`, the same bytes): every row
-count then runs the panel kernel, 3x the other kernel's multiply-adds a second and 1.4x the bf16 GEMM's
-at 700 rows, with no dequantised band.
+count then runs the panel kernel, about 2x the GGUF-order kernel from 16 rows on and 1.3x torch's bf16
+GEMM at 700 (benchmarks/bench_qlinear.py), with no dequantised band.
 On CUDA every row count runs the Triton dequantise-GEMM (`kernels/triton/qgemm.py`) on the same blocks.
 Blocks run along the input features: a row-parallel shard must hold whole blocks.
 """
