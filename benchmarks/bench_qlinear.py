@@ -8,7 +8,7 @@ layers (the best of `--repeats` after a warm-up pass), at each row count of x:
   what `quantization=auto` runs at every row count where the CPU has VNNI;
 - int8, GGUF order: the int8-activation kernel on the file's own layout (kernels/cpu/qlinear.cpp),
   what runs up to 64 rows on a CPU without VNNI;
-- bands: each weight dequantised 512 rows at a time into bf16 and multiplied by torch's bf16 GEMM
+- bands: each weight dequantised 512 rows at a time (`quantized.banded_linear`) into bf16 and multiplied by torch's bf16 GEMM
   (what runs past 64 rows without VNNI; fp32 where the CPU has no bf16);
 - bf16 GEMM: torch's bf16 `linear` on weights already dequantised: the float model's cost, with no
   dequantisation but 16 bits a weight to read against the blocks' 5.
@@ -25,21 +25,11 @@ import time
 import torch
 from bench_linear import BODY, layer_args  # a sibling script: benchmarks/ is on sys.path when run
 
-from loom.kernels.cpu import BLOCK_BYTES, dequantize, dequantize_into, extension, qlinear, quantize
+from loom.kernels.cpu import BLOCK_BYTES, dequantize, extension, qlinear, quantize
 from loom.kernels.cpu.panels import to_panels
+from loom.runtime.layers.quantized import banded_linear
 
-BAND = 512
 QTYPE = "Q4_1"
-
-
-def bands(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x @ dequant(blocks)^T a band of 512 output rows at a time, in x's dtype."""
-    y = torch.empty(x.shape[0], blocks.shape[0], dtype=x.dtype)
-    buf = torch.empty(min(BAND, blocks.shape[0]), x.shape[1], dtype=x.dtype)
-    for n0 in range(0, blocks.shape[0], BAND):
-        band = dequantize_into(blocks[n0 : n0 + BAND], QTYPE, buf[: min(BAND, blocks.shape[0] - n0)])
-        torch.matmul(x, band.T, out=y[:, n0 : n0 + band.shape[0]])
-    return y
 
 
 def timed(run, layers: list, inputs: dict, repeats: int) -> float:
@@ -88,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             cells["panels"] = timed(lambda x, layer: qlinear(x, layer[1], QTYPE, panels=True), layers, inputs, args.repeats)
         if ext.int8_isa():
             cells["int8"] = timed(lambda x, layer: qlinear(x, layer[0], QTYPE, int8=True), layers, inputs, args.repeats)
-        cells["bands"] = timed(lambda x, layer: bands(x, layer[0]), layers, low, args.repeats)
+        cells["bands"] = timed(lambda x, layer: banded_linear(x, layer[0], QTYPE), layers, low, args.repeats)
         cells["gemm"] = timed(lambda x, layer: torch.nn.functional.linear(x, layer[2]), layers, low, args.repeats)
 
         def fmt(key: str) -> str:

@@ -115,12 +115,12 @@ def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, int8: bool | None
     ext = extension()
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    if panels:
-        if ext is None or not ext.panels_built():
+    if ext is None:
+        if panels:
             raise RuntimeError("blocks in panels need the panel kernel (an AVX512-VNNI build of kernels/cpu)")
-        y = ext.qlinear(x2, blocks, QTYPES[qtype] | PANELS, True)
-    elif ext is None:
         y = x2 @ dequantize(blocks, qtype, shape[-1]).T
+    elif panels:  # (a build without the panel kernel refuses them)
+        y = ext.qlinear(x2, blocks, QTYPES[qtype] | PANELS, True)
     else:
         y = ext.qlinear(x2, blocks, QTYPES[qtype], int8_activations() if int8 is None else int8)
     return y.reshape(*shape[:-1], blocks.shape[0])

@@ -65,24 +65,27 @@ def quantized_linear(
 
         return kt.qgemm(x, qweight, qtype, bias)
     rows = x.numel() // x.shape[-1]
-    if panels:
-        y = qlinear(x if x.dtype == torch.float32 else x.float(), qweight, qtype, panels=True)
-    elif rows <= kernel_rows():
-        y = qlinear(x if x.dtype == torch.float32 else x.float(), qweight, qtype)
+    if panels or rows <= kernel_rows():
+        y = qlinear(x if x.dtype == torch.float32 else x.float(), qweight, qtype, panels=panels)
     else:
-        # Bands of the weight dequantised into the activations' dtype (bf16 on a bf16 model: half the
-        # bytes written and the CPU's bf16 GEMM, 2x fp32's), one buffer reused for every band.
-        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        y = torch.empty(flat.shape[0], qweight.shape[0], dtype=dtype)
-        buf = torch.empty(min(BAND, qweight.shape[0]), x.shape[-1], dtype=dtype)
-        for n0 in range(0, qweight.shape[0], BAND):
-            band = dequantize_into(qweight[n0 : n0 + BAND], qtype, buf[: min(BAND, qweight.shape[0] - n0)])
-            torch.matmul(flat, band.T, out=y[:, n0 : n0 + band.shape[0]])
-        y = y.reshape(*x.shape[:-1], qweight.shape[0])
+        y = banded_linear(x, qweight, qtype)
     if bias is not None:
         y = y + bias.float()
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def banded_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x [..., in] @ dequant(qweight)^T for many rows: bands of BAND output rows dequantised into the
+    activations' dtype (bf16 on a bf16 model: half the bytes written and the CPU's bf16 GEMM, 2x
+    fp32's), one buffer reused for every band; in that dtype (fp32 for any other)."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    y = torch.empty(flat.shape[0], qweight.shape[0], dtype=dtype)
+    buf = torch.empty(min(BAND, qweight.shape[0]), x.shape[-1], dtype=dtype)
+    for n0 in range(0, qweight.shape[0], BAND):
+        band = dequantize_into(qweight[n0 : n0 + BAND], qtype, buf[: min(BAND, qweight.shape[0] - n0)])
+        torch.matmul(flat, band.T, out=y[:, n0 : n0 + band.shape[0]])
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def panels_available() -> bool:

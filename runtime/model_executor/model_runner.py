@@ -63,8 +63,7 @@ class ModelRunner:
             panels = pack_panels(self.model)  # the same bytes in another order: nothing added
             if panels:
                 logger.info("%d quantized linear layers laid out in panels for the AVX512-VNNI kernel", panels)
-        if self.device.type == "cpu" and self.dtype == torch.float32 and not args.disable_cpu_weight_packing:
-            added = pack_cpu_weights(self.model)  # before the KV pool takes its share of what is free
+            added = pack_cpu_weights(self.model) if self.dtype == torch.float32 else 0  # before the KV pool takes its share
             if added:
                 logger.info("linear weights packed for oneDNN: %.1f MiB more (--disable-cpu-weight-packing to skip)", added / 2**20)
         cfg = self.hf_config
