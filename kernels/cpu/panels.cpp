@@ -30,8 +30,12 @@
 #endif
 
 namespace {
-constexpr int QK = 32, PN = 16;
-enum QType : int { Q8_0 = 8, Q4_0 = 2, Q4_1 = 3 };
+using loom::block_bytes;
+using loom::Q4_0;
+using loom::Q4_1;
+using loom::Q8_0;
+using loom::QK;
+constexpr int PN = 16;  // output rows a panel
 
 #ifdef LOOM_PANELS
 // The rows of x in int8 32-blocks, in order: d = max|x| / 127, q = round(x / d) half away from zero
@@ -84,7 +88,7 @@ inline __m512 half16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si2
 template <int QT, int MT, int NT>
 inline void tile(const PlainRows& a, int64_t m0, const uint8_t* W, int64_t panel_bytes, int64_t p0, int64_t j0, int64_t j1,
                  bool add, float* y, int64_t N) {
-  constexpr int bb = QT == Q8_0 ? 34 : QT == Q4_0 ? 18 : 20;
+  constexpr int bb = block_bytes(QT);
   constexpr int wbytes = QT == Q8_0 ? 512 : 256;
   const int64_t nb = a.nb;
   const int8_t* xq[MT];
@@ -146,7 +150,7 @@ inline void tile(const PlainRows& a, int64_t m0, const uint8_t* W, int64_t panel
 // in L1 (16 KiB a chunk: a down projection's 1536 inputs ran at 2/3 the speed of 576 in one chunk).
 template <int QT, int NT>
 void panel_rows(const PlainRows& a, int64_t M, const uint8_t* W, int64_t panel_bytes, int64_t p0, float* y, int64_t N) {
-  constexpr int64_t bb = QT == Q8_0 ? 34 : QT == Q4_0 ? 18 : 20, most = (16 << 10) / (NT * PN * bb);
+  constexpr int64_t most = (16 << 10) / (NT * PN * block_bytes(QT));
   const int64_t chunks = (a.nb + most - 1) / most, per = (a.nb + chunks - 1) / chunks;
   for (int64_t j0 = 0; j0 < a.nb; j0 += per) {
     const int64_t j1 = std::min(a.nb, j0 + per);

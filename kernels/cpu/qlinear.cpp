@@ -27,20 +27,13 @@
 
 #include "qlinear.h"
 
-int loom::block_bytes(int qtype) {
-  switch (qtype & ~loom::PANELS) {
-    case 8: return 2 + 32;   // Q8_0
-    case 2: return 2 + 16;   // Q4_0
-    case 3: return 4 + 16;   // Q4_1
-  }
-  return 0;
-}
-
 namespace {
 using loom::block_bytes;
 
-constexpr int QK = 32;
-enum QType : int { Q8_0 = 8, Q4_0 = 2, Q4_1 = 3 };
+using loom::Q4_0;
+using loom::Q4_1;
+using loom::Q8_0;
+using loom::QK;
 
 inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -250,7 +243,7 @@ inline __m512i gather4(const uint8_t* p, int live) {
 template <int QT, int MB>
 void int8_rows(const QuantRows& a, int64_t m0, const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, float* y,
                int64_t N, float* c) {
-  constexpr int bb = QT == Q8_0 ? 34 : QT == Q4_0 ? 18 : 20;
+  constexpr int bb = block_bytes(QT);
   constexpr int qoff = QT == Q4_1 ? 4 : 2;
   const int64_t nb = a.nb;
   const int8_t* qx = a.q.data() + m0 * a.q_stride;
