@@ -20,6 +20,17 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def pack_ids(ids: np.ndarray, width: int) -> np.ndarray:
+    """Token ids -> packed words [width] uint32 (a few ids: no vocabulary-sized buffer)."""
+    out = np.zeros(width, dtype=np.uint32)
+    if len(ids):
+        ids = np.sort(ids)
+        word = ids >> 5
+        starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))  # first id of each word
+        out[word[starts]] = np.bitwise_or.reduceat(np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)), starts)
+    return out
+
+
 def allocate_token_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
     """An all-allowed bitmask [B, ceil(V / 32)] int32 (every bit set: -1)."""
     return torch.full((batch_size, bitmask_width(vocab_size)), -1, dtype=torch.int32)

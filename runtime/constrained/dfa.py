@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from loom.runtime.constrained.lazy_dfa import SubsetDFA
 from loom.runtime.constrained.nfa import build_nfa
 from loom.runtime.constrained.subset_native import available as native_subsets_available
 
+if TYPE_CHECKING:
+    from loom.runtime.constrained.counted_scan import CountedShape
+
 
 @dataclass(frozen=True, slots=True)
 class ByteDFA:
@@ -32,6 +36,7 @@ class ByteDFA:
 
     table: np.ndarray  # [S + 1, 256] int32
     accepting: np.ndarray  # [S + 1] bool
+    counted: CountedShape | None = None  # a counted string's automaton (schema_automata): its states' character counts
 
     @property
     def dead(self) -> int:

@@ -20,6 +20,7 @@ import lark
 import numpy as np
 import torch
 
+from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
@@ -338,5 +339,6 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
     # vocabulary) and the first mask.
     if walk_available():
         token_trie(vocab)
+        warm_counted(vocab)  # (the vocabulary's tokens read as string characters: counted_scan)
     compiled.mask(compiled.initial)
     return compiled

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.bitmask import bitmask_width, pack_ids
+from loom.runtime.constrained.counted_scan import counted_scan, split_tails, string_contents
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
@@ -45,17 +46,6 @@ def _unpack_few(words: np.ndarray) -> np.ndarray:
     w = np.flatnonzero(words)
     hit = (words[w, None] >> _BITS) & 1  # [k, 32]
     return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
-
-
-def _pack_few(ids: np.ndarray, width: int) -> np.ndarray:
-    """Token ids -> packed words [width] uint32 (a few ids: no vocabulary-sized buffer)."""
-    out = np.zeros(width, dtype=np.uint32)
-    if len(ids):
-        ids = np.sort(ids)
-        word = ids >> 5
-        starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))  # first id of each word
-        out[word[starts]] = np.bitwise_or.reduceat(np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)), starts)
-    return out
 
 
 class EbnfMasks:
@@ -84,10 +74,13 @@ class EbnfMasks:
         self._walker: CrossingWalker | None = None
         self._ids: dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}  # id(split row) -> (the row, its token ids,
         # their address and count): few tokens
-        self._listed: dict[int, tuple[dict[int, np.ndarray], bytes]] = {}  # id(splits) -> (them, their offsets and ids): every row listed
-        self._across: dict[tuple[bytes, int], np.ndarray] = {}  # (_listed's bytes, stack) -> the tokens they let cross
+        self._listed: dict[int, tuple[dict[int, np.ndarray], object]] = {}  # id(splits) -> (them, a key naming their content: their
+        # offsets and ids, or a counted scan's key)
+        self._across: dict[tuple[object, int], np.ndarray] = {}  # (_listed's key, or a shared row's serial; stack) -> the tokens
+        # they let cross
         self._bulk: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # id(split row) -> (it, unsafe buckets, its safe-tailed tokens)
         self._reach: dict[tuple[int, int], int] = {}  # (stack, unsafe buckets) -> _safe_reach
+        self._shared: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its serial): a counted scan's rows
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -103,7 +96,7 @@ class EbnfMasks:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
             memos = (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
-            for memo in (*memos, self._ids, self._listed, self._across, self._bulk):
+            for memo in (*memos, self._ids, self._listed, self._across, self._bulk, self._shared):
                 memo.clear()
 
     # ------------------------------------------------------------------ lexer-state scans
@@ -138,7 +131,24 @@ class EbnfMasks:
         k = g.lex_terminal[lex]
         dfa = g.dfas[k]
         scanned = None
-        if lexeme_scan_available():
+        shape, state = dfa.counted, lex - g.offsets[k]
+        if shape is None and not offset:
+            shape = string_contents(dfa.table, dfa.accepting, state)
+            state = 0 if shape is not None else state
+        counted = counted_scan(v, shape, state, offset) if shape is not None else None
+        if counted is not None:  # a counted string's state between characters: the vocabulary's shared answer
+            scanned = (counted.inside, counted.splits)
+            for j, row in counted.rows.items():
+                words = scanned[1][j]
+                self._shared[id(words)] = (words, row.serial)
+                if row.ids is not None and row.plain is None:
+                    self._ids[id(words)] = (words, *row.ids)
+                else:  # (a chunk's row at its end: its ASCII tokens cross unwalked where short, see _crossing)
+                    unsafe = self._run(lex)[0]
+                    self._bulk[id(words)] = (words, unsafe, split_tails(row, token_trie(v), j, unsafe))
+            if counted.rows:
+                self._listed[id(scanned[1])] = (scanned[1], counted.key)
+        elif lexeme_scan_available():
             trie = token_trie(v)
             run = self._run(lex)
             ids: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
@@ -209,7 +219,15 @@ class EbnfMasks:
         if words is None:
             words = out if key is None else np.zeros(self.width, dtype=np.uint32)
             for j, enders in splits.items():
-                self._crossing(j, sid, enders, words)
+                row = self._shared.get(id(enders))
+                if row is None or row[0] is not enders:
+                    self._crossing(j, sid, enders, words)
+                    continue
+                crossed = self._across.get((row[1], sid))  # a counted scan's row, shared by scans that differ elsewhere
+                if crossed is None:
+                    crossed = self._across[(row[1], sid)] = np.zeros(self.width, dtype=np.uint32)
+                    self._crossing(j, sid, enders, crossed)
+                words |= crossed
             if key is not None:
                 self._across[key] = words
         if words is not out:
@@ -249,7 +267,7 @@ class EbnfMasks:
             new = enders & ~checked
             many = int(np.bitwise_count(new).sum()) > _MANY
             if not many and new.any():
-                allowed |= _pack_few(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
+                allowed |= pack_ids(self._accepted_from(offset, sid, _unpack_few(new)), len(allowed))
                 checked |= new
         if many:
             allowed[:] = self._accepted_after(offset, sid)

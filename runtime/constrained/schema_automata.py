@@ -12,6 +12,7 @@ import functools
 
 import numpy as np
 
+from loom.runtime.constrained.counted_scan import CountedShape
 from loom.runtime.constrained.dfa import ByteDFA, co_reachable, minimal_dfa, terminal_dfa
 from loom.runtime.constrained.errors import GrammarError
 
@@ -72,7 +73,11 @@ def counted_string_dfa(lo: int, hi: int | None, open_quote: bool, close_quote: b
     keep = np.append(live, False) & seen
     new_of = np.where(keep, np.cumsum(keep) - 1, int(keep.sum()))
     out = new_of[table[keep]]
-    return ByteDFA(np.ascontiguousarray(np.vstack([out, np.full((1, 256), keep.sum())]), dtype=np.int32), np.append(accepting[keep], False))
+    copy = np.full(dead + 1, -1, dtype=np.int32)  # characters read, at the states between characters
+    copy[first + np.arange(top + 1) * m] = np.arange(top + 1)
+    shape = CountedShape(lo, hi, close_quote, np.append(copy[keep], np.int32(-1)))
+    table = np.ascontiguousarray(np.vstack([out, np.full((1, 256), keep.sum())]), dtype=np.int32)
+    return ByteDFA(table, np.append(accepting[keep], False), shape)
 
 
 def product(a: ByteDFA, b: ByteDFA, keep_b: bool) -> ByteDFA:

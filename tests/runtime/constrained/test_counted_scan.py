@@ -1,0 +1,164 @@
+"""counted_scan.py: a counted string's lexer-state scans, answered from the vocabulary's character
+profile, equal the generic trie walk (ebnf_scan.lexeme_scan, every node walked) in every state
+between characters, on a vocabulary of multi-byte characters, escapes, quotes, controls and tokens
+that end inside a character; a string's contents are recognised in any terminal that holds them;
+and a grammar's masks along random walks are the brute-force walk's, with and without the path."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from loom.runtime.constrained import (
+    TokenVocab,
+    allocate_token_bitmask,
+    compile_grammar,
+    counted_scan,
+    ebnf_masks,
+    ebnf_scan,
+    unpack_bitmask,
+)
+from loom.runtime.constrained.dfa import terminal_dfa
+from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
+from loom.runtime.constrained.schema_automata import STRING_CHAR, counted_string_dfa
+from loom.runtime.constrained.schema_grammar import schema_to_grammar
+from loom.runtime.constrained.token_walk import BUCKET_BIT, token_trie
+
+pytestmark = pytest.mark.skipif(not counted_scan.available(), reason="no C compiler: the generic scans answer")
+
+EOS = 0
+# Pieces a token is made of: one-byte characters, escapes (whole and cut), multi-byte characters
+# (whole and cut), quotes, bytes no string holds (controls, a lone continuation byte), DEL.
+PIECES = [b"a", b"Z", b"7", b" ", b"-", b"{", b"e", b'\\"', b"\\n", b"\\u00e9", b"\\u0", b"\\", "é".encode(), "中".encode(),
+          "中".encode()[:2], "🙂".encode(), "🙂".encode()[:1], b'"', b'"', b",", b":", b"}", b"\x01", b"\n", b"\x80", b"\x7f"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vocab() -> TokenVocab:
+    rnd = random.Random(0)
+    found: set[bytes] = {bytes([b]) for b in range(1, 256)}  # every byte alone
+    while len(found) < 1400:
+        found.add(b"".join(rnd.choice(PIECES) for _ in range(rnd.randint(1, 9))))
+    found |= {b"x" * n for n in (20, 40, 70)} | {b"x" * 30 + b'"}', "é".encode() * 12 + b'",'}  # past a chunk's length
+    tb = {i + 1: b for i, b in enumerate(sorted(found))}
+    return TokenVocab.build(tb, len(tb) + 1, frozenset({EOS}))
+
+
+def _between_characters(dfa) -> list[int]:
+    return np.flatnonzero(dfa.counted.copy >= 0).tolist()
+
+
+SHAPES = [(0, None, True), (3, None, True), (0, 5, True), (2, 7, True), (1, 64, True), (0, 63, True), (100, 200, True),
+          (5, 5, False), (12, 12, False), (64, 64, False), (100, 100, False), (3, 8, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("lo,hi,close", SHAPES)
+@pytest.mark.parametrize("open_quote", [False, True])
+def test_a_counted_scan_equals_the_trie_walk_in_every_state_between_characters(vocab, lo, hi, close, open_quote):
+    dfa = counted_string_dfa(lo, hi, open_quote, close)
+    trie = token_trie(vocab)
+    states = _between_characters(dfa)
+    assert len(states) >= min(hi if hi is not None else lo, 10)
+    for state in states:
+        found = counted_scan.counted_scan(vocab, dfa.counted, state, 0)
+        if not close and lo != hi:  # a lexeme ending after a range of counts, without a quote: the generic scan's
+            assert found is None
+            continue
+        inside, splits = ebnf_scan.lexeme_scan(trie, vocab, dfa.table, dfa.accepting, state, 0, ebnf_scan.NO_SKIP)
+        assert np.array_equal(found.inside, inside), (lo, hi, close, state)
+        assert found.splits.keys() == splits.keys(), (lo, hi, close, state, sorted(found.splits), sorted(splits))
+        for j, row in found.rows.items():
+            assert np.array_equal(row.words, splits[j]), (lo, hi, close, state, j)
+            if row.ids is not None:  # the ids a crossing walks are the row's tokens
+                assert np.array_equal(np.sort(row.ids[0]), np.flatnonzero(np.unpackbits(row.words.view(np.uint8), bitorder="little")))
+    assert counted_scan.counted_scan(vocab, dfa.counted, dfa.dead, 0) is None  # (dead: not between characters)
+    if open_quote:  # before the opening quote, and entered mid-token: the generic scans
+        assert counted_scan.counted_scan(vocab, dfa.counted, 0, 0) is None
+    assert counted_scan.counted_scan(vocab, dfa.counted, states[0], 1) is None
+
+
+def test_the_tails_of_a_split_row_are_its_tokens_whose_later_bytes_are_safe(vocab):
+    trie = token_trie(vocab)
+    for lo, hi, close in [(12, 12, False), (64, 64, False), (0, 63, True)]:
+        dfa = counted_string_dfa(lo, hi, False, close)
+        for state in _between_characters(dfa)[:20]:
+            unsafe = ebnf_scan.safe_run(dfa.table, dfa.accepting, state, trie.max_depth)[0]
+            for j, row in counted_scan.counted_scan(vocab, dfa.counted, state, 0).rows.items():
+                tails = counted_scan.split_tails(row, trie, j, unsafe)
+                ids = np.flatnonzero(np.unpackbits(tails.view(np.uint8), bitorder="little"))
+                assert not (tails & ~row.words).any()
+                for t in ids.tolist():
+                    assert all(not int(BUCKET_BIT[b]) & unsafe for b in vocab.by_id[t][j:]), (state, j, vocab.by_id[t])
+                if row.plain is not None:  # a chunk's row at its end: every ASCII token longer than it is a tail
+                    assert not (row.plain & ~tails).any()
+
+
+def test_a_string_s_contents_are_recognised_in_any_terminal():
+    plain = terminal_dfa(f'"{STRING_CHAR}*"', "string")
+    inside = int(plain.table[0, ord('"')])
+    assert counted_scan.string_contents(plain.table, plain.accepting, inside) is not None
+    assert counted_scan.string_contents(plain.table, plain.accepting, 0) is None  # before the quote
+    scalar = terminal_dfa(f'"{STRING_CHAR}*"|-?[0-9]+|true|null', "scalar")
+    assert counted_scan.string_contents(scalar.table, scalar.accepting, int(scalar.table[0, ord('"')])) is not None
+    assert counted_scan.string_contents(scalar.table, scalar.accepting, int(scalar.table[0, ord("7")])) is None
+    escaped = int(plain.table[inside, ord("\\")])  # inside an escape: not between characters
+    assert counted_scan.string_contents(plain.table, plain.accepting, escaped) is None
+    for regex in ('"[a-z]*"', f'"{STRING_CHAR}{{0,5}}"', f'"{STRING_CHAR}*"x'):  # other languages
+        dfa = terminal_dfa(regex, regex)
+        assert counted_scan.string_contents(dfa.table, dfa.accepting, int(dfa.table[0, ord('"')])) is None, regex
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 150}, "b": {"type": "string"},
+                                           "c": {"type": "array", "items": {"type": "string", "minLength": 2, "maxLength": 5}}}}  # fmt: skip
+
+
+def _allowed(compiled, state) -> set[int]:
+    row = allocate_token_bitmask(1, compiled.vocab.vocab_size)
+    row[0].copy_(compiled.mask(state)[0])
+    return set(unpack_bitmask(row, compiled.vocab.vocab_size)[0].nonzero().view(-1).tolist())
+
+
+def _brute(compiled, state) -> set[int]:
+    out = {t for t, b in compiled.vocab.by_id.items() if compiled.walk(state, b)}
+    return out | {EOS} if compiled.can_end(state) else out
+
+
+def test_masks_along_random_walks_equal_the_brute_force_walk_with_and_without_the_path(vocab, monkeypatch):
+    source, dfas = schema_to_grammar(json.dumps(SCHEMA), DEFAULT_WHITESPACE, False)
+    fast = compile_grammar("lark", source, vocab, terminal_dfas=dfas)
+    used = []
+    real = ebnf_masks.counted_scan
+
+    def spy(*args):
+        found = real(*args)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(ebnf_masks, "counted_scan", spy)
+    walks = []
+    for seed in range(3):
+        rnd = random.Random(seed)
+        g = fast.matcher()
+        states = []
+        single = {b: t for t, b in vocab.by_id.items() if len(b) == 1}
+        for b in b'{"a":"':  # into the long string, then random tokens
+            assert g.accept_token(single[bytes([b])])
+        for _ in range(40):
+            allowed = sorted(_allowed(fast, g.state) - {EOS})
+            states.append(g.state)
+            if not allowed:
+                break
+            g.accept_token(rnd.choice(allowed))
+        walks.append(states)
+    assert sum(used) > 20
+    monkeypatch.setattr(ebnf_masks, "counted_scan", lambda *args: None)
+    slow = compile_grammar("lark", source, vocab, terminal_dfas=dfas)
+    for states in walks:
+        for step, state in enumerate(states):
+            got = _allowed(fast, state)
+            assert got == _allowed(slow, state), step
+            if step % 4 == 0:
+                assert got == _brute(fast, state), (step, sorted(got ^ _brute(fast, state))[:10])
