@@ -32,6 +32,7 @@ import ctypes
 import functools
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -201,17 +202,40 @@ def safe_runs(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: i
     return [(q, (unsafe, run - i, end)) for i, q in enumerate(chain)]
 
 
-def _scratch(trie: TokenTrie) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's (splits [max_depth + 1, width], hit, stack, safe, pairs) buffers for `trie`'s
-    scans: the split rows all zero between scans (a scan zeroes the rows it hit). Scans run on the
-    scheduler's thread and on compile workers (each compile's first mask), so each thread has its own."""
+def _scratch(trie: TokenTrie) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+    """This thread's buffers for `trie`'s scans ((splits [max_depth + 1, width], hit, stack, safe,
+    pairs, count), and the data addresses of the first five): the split rows all zero between scans
+    (a scan zeroes the rows it hit). Scans run on the scheduler's thread and on compile workers
+    (each compile's first mask), so each thread has its own."""
     held = getattr(_LOCAL, "buffers", None)
-    if held is None or held[0] is not trie or len(held[5]) < PAIRS:
+    if held is None or held[0] is not trie or len(held[1][4]) < PAIRS:
         depth = trie.max_depth + 1
-        held = _LOCAL.buffers = (trie, np.zeros((depth, trie.width), dtype=np.uint32), np.zeros(depth, dtype=np.uint8),
-                                 np.zeros(depth, dtype=np.int32), np.zeros(depth, dtype=np.uint8),
-                                 np.zeros(PAIRS, dtype=np.int64))  # fmt: skip
-    return held[1:]
+        buffers = (np.zeros((depth, trie.width), dtype=np.uint32), np.zeros(depth, dtype=np.uint8), np.zeros(depth, dtype=np.int32),
+                   np.zeros(depth, dtype=np.uint8), np.zeros(PAIRS, dtype=np.int64), np.zeros(1, dtype=np.int64))  # fmt: skip
+        held = _LOCAL.buffers = (trie, buffers, tuple(b.ctypes.data for b in buffers))
+    return held[1], held[2]
+
+
+def _addresses(table: np.ndarray, accepting: np.ndarray, unsafe: int) -> tuple[int, int, int]:
+    """(table, accepting as bytes, the unsafe buckets' safe bytes): data addresses, kept per
+    automaton and bucket set (taking one costs ~2 us; a key's scan is ~30 us of C)."""
+    held = _ADDRESSES.get(id(table))
+    if held is None or held[0]() is not table:  # (held weakly: a grammar's automata go with it)
+        if len(_ADDRESSES) >= 1024:
+            _ADDRESSES.clear()
+        acc = np.ascontiguousarray(accepting, dtype=np.uint8)
+        held = _ADDRESSES[id(table)] = (weakref.ref(table), acc, table.ctypes.data, acc.ctypes.data)
+    safe = _SAFE_BYTES.get(unsafe)
+    if safe is None:
+        if len(_SAFE_BYTES) >= 1024:
+            _SAFE_BYTES.clear()
+        array = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
+        safe = _SAFE_BYTES[unsafe] = (array, array.ctypes.data)
+    return held[2], held[3], safe[1]
+
+
+_ADDRESSES: dict[int, tuple[weakref.ref, np.ndarray, int, int]] = {}
+_SAFE_BYTES: dict[int, tuple[np.ndarray, int]] = {}
 
 
 def lexeme_scan(
@@ -243,14 +267,14 @@ def lexeme_scan(
     unsafe, length, end = safe_run(table, accepting, state, trie.max_depth) if run is None else run
     if length == 0 or (end == OPEN and length < _MIN_RUN):  # too few safe bytes to pay: every node walked
         unsafe, length, end = NO_SKIP
-    splits, hit, stack, safe, pairs = _scratch(trie)
-    acc = np.ascontiguousarray(accepting, dtype=np.uint8)
-    count = np.zeros(1, dtype=np.int64)  # the (depth, token) pairs the C side set in split rows
-    recorded = (pairs.ctypes.data, min(PAIRS, len(pairs)), count.ctypes.data)
+    (splits, hit, stack, safe, pairs, count), at = _scratch(trie)
+    count[0] = 0  # the (depth, token) pairs the C side set in split rows
+    recorded = (at[4], min(PAIRS, len(pairs)), at[5])
+    at_table, at_acc, at_safe_byte = _addresses(table, accepting, unsafe)
     dense, bulk = -1, None  # the split row set in bulk here (its tokens are not in `pairs`), and what was set
     try:
         if offset and length:
-            inside, dense, bulk = _mid_token(lib, trie, vocab, table, acc, state, offset, unsafe, length, end, splits, hit, recorded)
+            inside, dense, bulk = _mid_token(lib, trie, vocab, table, at_acc, state, offset, unsafe, length, end, splits, hit, recorded)
         else:
             if offset or length == 0:
                 inside = np.zeros(trie.width, dtype=np.uint32)
@@ -261,11 +285,9 @@ def lexeme_scan(
                     splits[length] = bulk
                     hit[length], dense = bulk.any(), length
             stack[0] = state
-            safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
-            lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), table.ctypes.data, table.shape[0] - 1, acc.ctypes.data,
-                               stack.ctypes.data, inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data,
-                               trie.node_sub.ctypes.data, trie.node_maxd.ctypes.data, unsafe, length, safe_byte.ctypes.data,
-                               safe.ctypes.data, offset, end, *recorded)  # fmt: skip
+            lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), at_table, table.shape[0] - 1, at_acc, at[2],
+                               inside.ctypes.data, at[0], trie.width, at[1], *trie.sub_pointers, unsafe, length,
+                               at_safe_byte, at[3], offset, end, *recorded)  # fmt: skip
     except BaseException:  # (a compile stopped mid-scan) the next scan must find the buffer zeroed
         splits[:], hit[:] = 0, 0
         raise
@@ -293,7 +315,7 @@ def _mid_token(
     trie: TokenTrie,
     vocab: TokenVocab,
     table: np.ndarray,
-    acc: np.ndarray,
+    at_acc: int,
     state: int,
     offset: int,
     unsafe: int,
@@ -324,6 +346,6 @@ def _mid_token(
     rows = token_rows(vocab)[ids]
     data = np.ascontiguousarray(vocab.data)
     lib.loom_ebnf_scan_each(ids.ctypes.data, rows.ctypes.data, len(ids), data.ctypes.data, data.shape[1],
-                            vocab.lens.ctypes.data, table.ctypes.data, table.shape[0] - 1, acc.ctypes.data, state, offset,
+                            vocab.lens.ctypes.data, table.ctypes.data, table.shape[0] - 1, at_acc, state, offset,
                             inside.ctypes.data, splits.ctypes.data, trie.width, hit.ctypes.data, *recorded)  # fmt: skip
     return inside, dense, bulk

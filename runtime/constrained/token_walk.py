@@ -119,10 +119,12 @@ class TokenTrie:
     # The five arrays' data addresses, taken once: `a.ctypes.data` costs ~2 us, and a walk over a
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
     pointers: tuple[int, ...] = dataclasses.field(init=False)
+    sub_pointers: tuple[int, int] = dataclasses.field(init=False)  # node_sub's and node_maxd's
 
     def __post_init__(self) -> None:
         arrays = (self.node_byte, self.node_depth, self.node_skip, self.tok_off, self.tok_ids)
         object.__setattr__(self, "pointers", tuple(a.ctypes.data for a in arrays))
+        object.__setattr__(self, "sub_pointers", (self.node_sub.ctypes.data, self.node_maxd.ctypes.data))
 
 
 def _build_trie(vocab: TokenVocab) -> TokenTrie:
