@@ -3,7 +3,7 @@ any unbounded string's), answered from the vocabulary's character profile and sh
 grammar over the vocabulary.
 
     found = counted_scan(vocab, shape, state, 0)   -> CountedScan (inside, split rows), or None
-    shape = string_contents(table, accepting, state)  an unbounded string's contents, in any terminal
+    shape = string_contents(dfa, state)             an unbounded string's contents, in any terminal
 
 A counted string's automaton (schema_automata.counted_string_dfa) is a chain of copies of one JSON
 string character's automaton: between characters, a state says only how many have been read. A
@@ -35,6 +35,7 @@ import itertools
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from loom.runtime.constrained.ebnf_scan import safe_run
 from loom.runtime.constrained.native_c import compile_c
 from loom.runtime.constrained.token_walk import ALL_BUCKETS, BUCKET_BIT, TokenTrie, last_unsafe_byte, token_trie
 from loom.runtime.constrained.vocabulary import TokenVocab
+
+if TYPE_CHECKING:
+    from loom.runtime.constrained.dfa import ByteDFA
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -331,7 +335,6 @@ _HELD: dict[int, tuple[TokenTrie, _Profile]] = {}
 
 
 _PLAIN = np.array([b for b in range(0x20, 0x7F) if b not in b'"\\'])
-_CONTENT: dict[int, tuple[object, dict[int, bool]]] = {}  # id(table) -> (it, {state: whether it is a string's contents})
 
 
 @functools.cache
@@ -344,37 +347,43 @@ def _contents() -> tuple[np.ndarray, np.ndarray, CountedShape]:
     return dfa.table, dfa.accepting, dfa.counted
 
 
-def string_contents(table: np.ndarray, accepting: np.ndarray, state: int) -> CountedShape | None:
+def string_contents(dfa: ByteDFA, state: int) -> CountedShape | None:
     """The shape of a JSON string's contents (any length, then the closing quote) where `state` of
-    a complete byte DFA accepts exactly what remains of one (an unbounded string's state inside it,
-    in any terminal: a plain string, a scalar's string branch), so its scan is the vocabulary's
-    shared one; else None. Checked once per state (a walk of both automata together)."""
-    held = _CONTENT.get(id(table))
-    if held is None or held[0] is not table:
-        if len(_CONTENT) >= 256:
-            _CONTENT.clear()
-        held = _CONTENT[id(table)] = (table, {})
-    known = held[1].get(state)
-    if known is None:
-        ref_table, ref_accepting, _ = _contents()
-        known = bool((table[state, _PLAIN] == state).all())  # (a string's contents loop on every plain byte)
-        dead, ref_dead, pairs = table.shape[0] - 1, ref_table.shape[0] - 1, {(state, 0)}
-        todo = [(state, 0)]
-        while known and todo:
+    `dfa` accepts exactly what remains of one (an unbounded string's state inside it, in any
+    terminal: a plain string, a scalar's string branch), so its scan is the vocabulary's shared
+    one; else None. Answered for every state of the automaton at once, on first use (a compile
+    does it: mark_string_states), and kept with it."""
+    if not dfa.string_states:
+        mark_string_states(dfa)
+    return _contents()[2] if dfa.string_states.get(state) else None
+
+
+def mark_string_states(dfa: ByteDFA) -> None:
+    """Fill dfa.string_states: the states that loop on every plain byte, as a string's contents do,
+    walked together with the reference automaton (equal residual languages: every pair of states
+    met agrees on acceptance and on which bytes die)."""
+    table, accepting = dfa.table, dfa.accepting
+    ref_table, ref_accepting, _ = _contents()
+    dead, ref_dead = table.shape[0] - 1, ref_table.shape[0] - 1
+    loops = np.flatnonzero((table[:-1, _PLAIN] == np.arange(dead)[:, None]).all(axis=1))
+    found = {-1: False}  # (never a state: marks the automaton done)
+    for state in loops.tolist():
+        same, pairs, todo = True, {(state, 0)}, [(state, 0)]
+        while same and todo:
             p, q = todo.pop()
             if accepting[p] != ref_accepting[q]:
-                known = False
+                same = False
                 break
             for key in np.unique(table[p].astype(np.int64) * (ref_dead + 1) + ref_table[q]).tolist():
                 pair = divmod(key, ref_dead + 1)
                 if (pair[0] == dead) != (pair[1] == ref_dead):
-                    known = False
+                    same = False
                     break
                 if pair not in pairs and pair[0] != dead:
                     pairs.add(pair)
                     todo.append(pair)
-        held[1][state] = known
-    return _contents()[2] if known else None
+        found[state] = same
+    dfa.string_states.update(found)
 
 
 def warm(vocab: TokenVocab) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +37,7 @@ class ByteDFA:
     table: np.ndarray  # [S + 1, 256] int32
     accepting: np.ndarray  # [S + 1] bool
     counted: CountedShape | None = None  # a counted string's automaton (schema_automata): its states' character counts
+    string_states: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)  # counted_scan.string_contents
 
     @property
     def dead(self) -> int:

@@ -20,6 +20,7 @@ import lark
 import numpy as np
 import torch
 
+from loom.runtime.constrained.counted_scan import mark_string_states
 from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
@@ -340,5 +341,8 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
     if walk_available():
         token_trie(vocab)
         warm_counted(vocab)  # (the vocabulary's tokens read as string characters: counted_scan)
+        for dfa in compiled.dfas:  # and which lexer states are a string's contents
+            if not dfa.string_states:
+                mark_string_states(dfa)
     compiled.mask(compiled.initial)
     return compiled

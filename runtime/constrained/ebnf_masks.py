@@ -133,7 +133,7 @@ class EbnfMasks:
         scanned = None
         shape, state = dfa.counted, lex - g.offsets[k]
         if shape is None and not offset:
-            shape = string_contents(dfa.table, dfa.accepting, state)
+            shape = string_contents(dfa, state)
             state = 0 if shape is not None else state
         counted = counted_scan(v, shape, state, offset) if shape is not None else None
         if counted is not None:  # a counted string's state between characters: the vocabulary's shared answer

@@ -99,16 +99,16 @@ def test_the_tails_of_a_split_row_are_its_tokens_whose_later_bytes_are_safe(voca
 def test_a_string_s_contents_are_recognised_in_any_terminal():
     plain = terminal_dfa(f'"{STRING_CHAR}*"', "string")
     inside = int(plain.table[0, ord('"')])
-    assert counted_scan.string_contents(plain.table, plain.accepting, inside) is not None
-    assert counted_scan.string_contents(plain.table, plain.accepting, 0) is None  # before the quote
+    assert counted_scan.string_contents(plain, inside) is not None
+    assert counted_scan.string_contents(plain, 0) is None  # before the quote
     scalar = terminal_dfa(f'"{STRING_CHAR}*"|-?[0-9]+|true|null', "scalar")
-    assert counted_scan.string_contents(scalar.table, scalar.accepting, int(scalar.table[0, ord('"')])) is not None
-    assert counted_scan.string_contents(scalar.table, scalar.accepting, int(scalar.table[0, ord("7")])) is None
+    assert counted_scan.string_contents(scalar, int(scalar.table[0, ord('"')])) is not None
+    assert counted_scan.string_contents(scalar, int(scalar.table[0, ord("7")])) is None
     escaped = int(plain.table[inside, ord("\\")])  # inside an escape: not between characters
-    assert counted_scan.string_contents(plain.table, plain.accepting, escaped) is None
+    assert counted_scan.string_contents(plain, escaped) is None
     for regex in ('"[a-z]*"', f'"{STRING_CHAR}{{0,5}}"', f'"{STRING_CHAR}*"x'):  # other languages
         dfa = terminal_dfa(regex, regex)
-        assert counted_scan.string_contents(dfa.table, dfa.accepting, int(dfa.table[0, ord('"')])) is None, regex
+        assert counted_scan.string_contents(dfa, int(dfa.table[0, ord('"')])) is None, regex
 
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 150}, "b": {"type": "string"},
