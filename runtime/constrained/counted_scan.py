@@ -387,18 +387,19 @@ def mark_string_states(dfa: ByteDFA) -> None:
 
 
 def warm(vocab: TokenVocab) -> None:
-    """Take the vocabulary's profile now (a compile thread's job: ~10-20 ms at 128k tokens, once)."""
+    """Take the vocabulary's profile now, once (a compile thread's job: tens of ms at 128k tokens)."""
     lib = _library()
-    if lib is not None:
-        prof = _profile(vocab, token_trie(vocab), lib)
-        with _LOCK:  # the masks later scans derive theirs from, and the quote rows in full
-            prof.ended.within(prof.max_chars)
-            prof.plain.within(prof.max_chars)
-            for r in range(len(prof.q_rows)):
-                prof.full(r)
-        counted_scan(vocab, _contents()[2], 0, 0)  # (a string's contents: every schema's)
-        table, accepting, _ = _contents()  # and where its bytes are safe (split_tails' lookups)
-        last_unsafe_byte(prof.trie, safe_run(table, accepting, 0, prof.trie.max_depth)[0])
+    trie = token_trie(vocab)
+    held = _HELD.get(id(trie))
+    if lib is None or (held is not None and held[0] is trie):
+        return
+    prof = _profile(vocab, trie, lib)
+    with _LOCK:  # the quote rows in full
+        for r in range(len(prof.q_rows)):
+            prof.full(r)
+    counted_scan(vocab, _contents()[2], 0, 0)  # (a string's contents: every schema's)
+    table, accepting, _ = _contents()  # and where its bytes are safe (split_tails' lookups)
+    last_unsafe_byte(trie, safe_run(table, accepting, 0, trie.max_depth)[0])
 
 
 def counted_scan(vocab: TokenVocab, shape: CountedShape, state: int, offset: int) -> CountedScan | None:

@@ -12,7 +12,9 @@ remainders are walked against the parser, and each token's verdict is kept per (
 as it depends on nothing else. What a scan's split rows let cross at a stack is also kept by the
 rows' content (another lexer state's scan often lists the same tokens), and the tokens whose
 remainders stay inside a lexeme startable there (safe bytes, within its run) are not walked at
-all. Masks are cached per position, so a state seen before costs one copy.
+all. Masks are cached per position, so a state seen before costs one copy. A string's contents
+(any unbounded string's, a `maxLength` string's chunks and tail) are scanned once per vocabulary,
+not per grammar (counted_scan.py), and what such a shared row lets cross is kept per stack.
 """
 
 from __future__ import annotations
