@@ -1,4 +1,21 @@
-"""Grammars and schemas shared by the constrained-decoding tests."""
+"""Grammars and schemas shared by the constrained-decoding tests, and the two views of a compiled
+grammar's mask they compare (the fast mask, every token walked by brute force)."""
+
+from loom.runtime.constrained import allocate_token_bitmask, unpack_bitmask
+
+
+def allowed_tokens(compiled, state) -> set[int]:
+    """The token ids `compiled`'s mask allows at `state`."""
+    row = allocate_token_bitmask(1, compiled.vocab.vocab_size)
+    row[0].copy_(compiled.mask(state)[0])
+    return set(unpack_bitmask(row, compiled.vocab.vocab_size)[0].nonzero().view(-1).tolist())
+
+
+def brute_force_tokens(compiled, state, eos: int) -> set[int]:
+    """Every token fed byte by byte through the lexer and parser from `state` (no scan, no trie)."""
+    out = {t for t, b in compiled.vocab.by_id.items() if compiled.walk(state, b)}
+    return out | {eos} if compiled.can_end(state) else out
+
 
 JSON_GBNF = r"""
 root   ::= object

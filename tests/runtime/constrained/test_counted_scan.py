@@ -14,18 +14,18 @@ import pytest
 
 from loom.runtime.constrained import (
     TokenVocab,
-    allocate_token_bitmask,
     compile_grammar,
     counted_scan,
     ebnf_masks,
     ebnf_scan,
-    unpack_bitmask,
 )
 from loom.runtime.constrained.dfa import terminal_dfa
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.schema_automata import STRING_CHAR, counted_string_dfa
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.token_walk import BUCKET_BIT, token_trie
+
+from grammars import allowed_tokens, brute_force_tokens
 
 pytestmark = pytest.mark.skipif(not counted_scan.available(), reason="no C compiler: the generic scans answer")
 
@@ -116,14 +116,11 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 
 
 
 def _allowed(compiled, state) -> set[int]:
-    row = allocate_token_bitmask(1, compiled.vocab.vocab_size)
-    row[0].copy_(compiled.mask(state)[0])
-    return set(unpack_bitmask(row, compiled.vocab.vocab_size)[0].nonzero().view(-1).tolist())
+    return allowed_tokens(compiled, state)
 
 
 def _brute(compiled, state) -> set[int]:
-    out = {t for t, b in compiled.vocab.by_id.items() if compiled.walk(state, b)}
-    return out | {EOS} if compiled.can_end(state) else out
+    return brute_force_tokens(compiled, state, EOS)
 
 
 def test_masks_along_random_walks_equal_the_brute_force_walk_with_and_without_the_path(vocab, monkeypatch):

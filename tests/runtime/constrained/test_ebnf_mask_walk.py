@@ -14,20 +14,18 @@ import pytest
 
 from loom.runtime.constrained import (
     TokenVocab,
-    allocate_token_bitmask,
     compile_grammar,
     ebnf_masks,
     ebnf_scan,
     ebnf_walk,
     token_walk,
-    unpack_bitmask,
 )
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 from loom.runtime.constrained.vocabulary import byte_decoder
 from loom.tiny_tokenizer import tiny_tokenizer
 
-from grammars import ARITH_GBNF, JSON_GBNF, JSON_LARK
+from grammars import ARITH_GBNF, JSON_GBNF, JSON_LARK, allowed_tokens, brute_force_tokens
 
 EOS = 0
 KEYWORDS_LARK = r"""
@@ -75,15 +73,11 @@ def _compile(name: str, vocab: TokenVocab):
 
 
 def _allowed(compiled, state) -> set[int]:
-    row = allocate_token_bitmask(1, compiled.vocab.vocab_size)
-    row[0].copy_(compiled.mask(state)[0])
-    return set(unpack_bitmask(row, compiled.vocab.vocab_size)[0].nonzero().view(-1).tolist())
+    return allowed_tokens(compiled, state)
 
 
 def _brute(compiled, state) -> set[int]:
-    """Every token fed byte by byte through the lexer and parser from `state` (no scan, no trie)."""
-    out = {t for t, b in compiled.vocab.by_id.items() if compiled.walk(state, b)}
-    return out | {EOS} if compiled.can_end(state) else out
+    return brute_force_tokens(compiled, state, EOS)
 
 
 def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
