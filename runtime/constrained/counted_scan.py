@@ -126,6 +126,8 @@ class CountedScan:
     inside: np.ndarray
     rows: dict[int, Row]
     key: tuple[tuple[int, int], ...]
+    listed: tuple[np.ndarray, np.ndarray, tuple[int, int, int]] | None = None  # every row's ids, their offsets
+    # (ascending) and (both addresses, count), where every row has its ids: crossed in one walk
 
     @property
     def splits(self) -> dict[int, np.ndarray]:
@@ -428,11 +430,19 @@ def counted_scan(vocab: TokenVocab, shape: CountedShape, state: int, offset: int
                 inside = inside | whole
             else:  # (need == allow: past every token's characters, no row)
                 rows = prof.chunk_rows(allow) if 0 < allow <= most else {}
-            found = CountedScan(inside, rows, tuple(sorted((j, row.serial) for j, row in rows.items())))
+            found = CountedScan(inside, rows, tuple(sorted((j, row.serial) for j, row in rows.items())), _listed(rows))
             if len(prof.answers) >= _KEPT:
                 prof.answers.clear()
             prof.answers[key] = found
     return found
+
+
+def _listed(rows: dict[int, Row]) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]] | None:
+    if not rows or any(row.ids is None for row in rows.values()):
+        return None
+    ids = np.ascontiguousarray(np.concatenate([rows[j].ids[0] for j in sorted(rows)]), dtype=np.int64)
+    offs = np.ascontiguousarray(np.concatenate([np.full(len(rows[j].ids[0]), j, dtype=np.int64) for j in sorted(rows)]))
+    return ids, offs, (ids.ctypes.data, offs.ctypes.data, len(ids))
 
 
 def split_tails(row: Row, trie: TokenTrie, j: int, unsafe: int) -> np.ndarray:

@@ -83,6 +83,8 @@ class EbnfMasks:
         self._bulk: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # id(split row) -> (it, unsafe buckets, its safe-tailed tokens)
         self._reach: dict[tuple[int, int], int] = {}  # (stack, unsafe buckets) -> _safe_reach
         self._shared: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its serial): a counted scan's rows
+        self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int]]] = {}  # id(splits) -> (them, every row's ids
+        # and offsets: counted_scan's `listed`)
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -98,7 +100,7 @@ class EbnfMasks:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
             memos = (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
-            for memo in (*memos, self._ids, self._listed, self._across, self._bulk, self._shared):
+            for memo in (*memos, self._ids, self._listed, self._across, self._bulk, self._shared, self._lists):
                 memo.clear()
 
     # ------------------------------------------------------------------ lexer-state scans
@@ -150,6 +152,8 @@ class EbnfMasks:
                     self._bulk[id(words)] = (words, unsafe, split_tails(row, token_trie(v), j, unsafe))
             if counted.rows:
                 self._listed[id(scanned[1])] = (scanned[1], counted.key)
+            if counted.listed is not None:
+                self._lists[id(scanned[1])] = (scanned[1], counted.listed[2])
         elif lexeme_scan_available():
             trie = token_trie(v)
             run = self._run(lex)
@@ -218,6 +222,12 @@ class EbnfMasks:
         held = self._listed.get(id(splits))
         key = (held[1], sid) if held is not None and held[0] is splits else None
         words = self._across.get(key) if key is not None else None
+        listed = self._lists.get(id(splits)) if words is None and key is not None and cross_walk_available() else None
+        if listed is not None and listed[0] is splits:  # a string's closing-quote rows: every row in one walk
+            words = self._across[key] = np.zeros(self.width, dtype=np.uint32)
+            if self._walker is None:
+                self._walker = CrossingWalker(self.g)
+            self._walker.cross_list(sid, listed[1], words)
         if words is None:
             words = out if key is None else np.zeros(self.width, dtype=np.uint32)
             for j, enders in splits.items():

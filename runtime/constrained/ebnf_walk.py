@@ -119,16 +119,21 @@ typedef struct {
    was); -3 when scratch is too small (grow it and call again, likewise). The start set's step by
    each first byte is computed once a call (the one step every token takes, and most tokens'
    last), and a token shares the sets of its previous token's common prefix. */
-static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset, int64_t start) {
+static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset, int64_t start, const int64_t *offs) {
     int64_t mc = x->max_configs;
     int64_t first_len[256];
     for (int b = 0; b < 256; b++) first_len[b] = -1;
-    x->sets[offset * mc] = start;
-    x->sizes[offset] = 1;
-    int64_t valid = offset;  /* sets[offset .. valid] hold the previous token's walk */
+    int64_t valid = -1;  /* sets[offset .. valid] hold the previous token's walk */
     const uint8_t *prev = 0;
     int64_t prev_len = 0;
     for (int64_t k = x->resume; k < n; k++) {
+        if (valid < 0 || (offs && offs[k] != offset)) {  /* (offs: each token's own offset, ascending) */
+            if (offs) offset = offs[k];
+            x->sets[offset * mc] = start;
+            x->sizes[offset] = 1;
+            valid = offset;
+            prev = 0;
+        }
         int64_t t = x->order[k], row = x->row_of[t];
         const uint8_t *cur = x->data + row * x->stride;
         int64_t len = x->lens[row], d = offset;
@@ -187,7 +192,7 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uin
             bits &= bits - 1;
         }
     }
-    int64_t r = walk_order(x, n, allowed, offset, start);
+    int64_t r = walk_order(x, n, allowed, offset, start, 0);
     if (r) return r;
     for (int64_t w = 0; w < x->width; w++) {
         checked[w] |= enders[w];
@@ -207,7 +212,7 @@ int64_t loom_ebnf_cross_ids(ctx_t *x, const int64_t *ids, int64_t m, uint32_t *c
         if (n >= many) return 1;
         x->order[n++] = t;
     }
-    int64_t r = walk_order(x, n, allowed, offset, start);
+    int64_t r = walk_order(x, n, allowed, offset, start, 0);
     if (r) return r;
     for (int64_t k = 0; k < m; k++) {
         int64_t t = ids[k];
@@ -216,6 +221,14 @@ int64_t loom_ebnf_cross_ids(ctx_t *x, const int64_t *ids, int64_t m, uint32_t *c
         out[t >> 5] |= allowed[t >> 5] & bit;
     }
     return 0;
+}
+
+/* The tokens ids[0..m) (m at most the vocabulary), each walked from its own offset offs[k]
+   (ascending): those accepted from configuration `start` are set in `out`. Returns 0; -2 / -3 as
+   walk_order (call again: it resumes). A string's closing-quote rows at a new stack, in one call. */
+int64_t loom_ebnf_cross_list(ctx_t *x, const int64_t *ids, const int64_t *offs, int64_t m, uint32_t *out, int64_t start) {
+    memcpy(x->order, ids, m * sizeof(int64_t));
+    return walk_order(x, m, out, 0, start, offs);
 }
 """
 
@@ -249,6 +262,8 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_cross_ids.restype = ctypes.c_int64
     lib.loom_ebnf_cross_ids.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64]
     lib.loom_ebnf_cross_ids.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.loom_ebnf_cross_list.restype = ctypes.c_int64
+    lib.loom_ebnf_cross_list.argtypes = [ctypes.POINTER(_Ctx)] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 
@@ -349,6 +364,22 @@ class CrossingWalker:
                 self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
             else:
                 return r == 0
+
+    def cross_list(self, sid: int, listed: tuple[int, int, int], out: np.ndarray) -> None:
+        """out |= the tokens of `listed` (the addresses of their ids and of their offsets,
+        ascending, and their count) whose bytes from their offset on are accepted from a lexeme
+        boundary at stack `sid`: one call for rows at several offsets (no memo of verdicts)."""
+        assert listed[2] <= len(self.order)
+        start = sid * self.g.n_lex + self.g.boundary
+        while True:
+            r = self.lib.loom_ebnf_cross_list(self.ctx_ref, *listed, out.ctypes.data, start)
+            if r == -2:
+                self._fill(self.ctx.need)
+            elif r == -3:
+                self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
+                self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
+            else:
+                return
 
     def accepted(self, offset: int, sid: int, ids: np.ndarray, by_ids: bool = False) -> np.ndarray:
         """The token ids of `ids` (each longer than `offset`) whose bytes from `offset` on are

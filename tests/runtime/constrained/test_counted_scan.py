@@ -18,6 +18,7 @@ from loom.runtime.constrained import (
     counted_scan,
     ebnf_masks,
     ebnf_scan,
+    ebnf_walk,
 )
 from loom.runtime.constrained.dfa import terminal_dfa
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
@@ -159,3 +160,29 @@ def test_masks_along_random_walks_equal_the_brute_force_walk_with_and_without_th
             assert got == _allowed(slow, state), step
             if step % 4 == 0:
                 assert got == _brute(fast, state), (step, sorted(got ^ _brute(fast, state))[:10])
+
+
+def test_a_string_s_quote_rows_crossed_in_one_walk_equal_each_row_crossed(vocab):
+    """ebnf_walk's cross_list (every closing-quote row at once, each token from its own offset)
+    lets cross exactly what crossing each row at its offset does, at every stack a walk meets."""
+    source, dfas = schema_to_grammar(json.dumps(SCHEMA), DEFAULT_WHITESPACE, False)
+    compiled = compile_grammar("lark", source, vocab, terminal_dfas=dfas)
+    found = counted_scan.counted_scan(vocab, counted_scan._contents()[2], 0, 0)
+    assert found.listed is not None and len(found.rows) > 3
+    walker = ebnf_walk.CrossingWalker(compiled)
+    g = compiled.matcher()
+    single = {b: t for t, b in vocab.by_id.items() if len(b) == 1}
+    stacks = set()
+    for b in b'{"a":"x","b":"y","c":["ab","cd"':
+        assert g.accept_token(single[bytes([b])])
+        stacks |= {c // compiled.n_lex for c in g.state}
+    crossed = 0
+    for sid in sorted(stacks):
+        at_once = np.zeros(found.inside.shape, dtype=np.uint32)
+        walker.cross_list(sid, found.listed[2], at_once)
+        each = np.zeros_like(at_once)
+        for j, row in found.rows.items():
+            walker.cross(j, sid, row.words, np.zeros_like(at_once), np.zeros_like(at_once), each, 1 << 30, row.ids[0])
+        assert np.array_equal(at_once, each), sid
+        crossed += int(np.bitwise_count(each).sum())
+    assert crossed > 10
