@@ -83,8 +83,8 @@ class EbnfMasks:
         self._bulk: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # id(split row) -> (it, unsafe buckets, its safe-tailed tokens)
         self._reach: dict[tuple[int, int], int] = {}  # (stack, unsafe buckets) -> _safe_reach
         self._shared: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its serial): a counted scan's rows
-        self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int]]] = {}  # id(splits) -> (them, every row's ids
-        # and offsets: counted_scan's `listed`)
+        self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int], tuple]] = {}  # id(splits) -> (them, the
+        # addresses of every row's ids and offsets and their count, counted_scan's `listed` holding those arrays)
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -153,7 +153,7 @@ class EbnfMasks:
             if counted.rows:
                 self._listed[id(scanned[1])] = (scanned[1], counted.key)
             if counted.listed is not None:
-                self._lists[id(scanned[1])] = (scanned[1], counted.listed[2])
+                self._lists[id(scanned[1])] = (scanned[1], counted.listed[2], counted.listed)  # (holding the arrays)
         elif lexeme_scan_available():
             trie = token_trie(v)
             run = self._run(lex)
