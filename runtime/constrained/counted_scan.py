@@ -35,18 +35,16 @@ import itertools
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loom.runtime.constrained.bitmask import pack_ids
+from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_scan import safe_run
 from loom.runtime.constrained.native_c import compile_c
+from loom.runtime.constrained.schema_automata import STRING_CHAR, CountedShape, counted_string_dfa
 from loom.runtime.constrained.token_walk import ALL_BUCKETS, BUCKET_BIT, TokenTrie, last_unsafe_byte, token_trie
 from loom.runtime.constrained.vocabulary import TokenVocab
-
-if TYPE_CHECKING:
-    from loom.runtime.constrained.dfa import ByteDFA
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -90,18 +88,6 @@ _LOCK = threading.Lock()
 _SERIAL = itertools.count()
 _ASCII_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT[[b for b in range(0x20, 0x7F) if b not in b'"\\']]))  # one-byte characters
 # (the byte buckets of printable ASCII but the quote and backslash: DEL shares the controls' bucket)
-
-
-@dataclass(frozen=True, slots=True)
-class CountedShape:
-    """What a counted string's automaton says about its states: `copy[q]` characters read at a
-    state q between characters (past the opening quote), -1 at any other; lo..hi characters
-    (hi None: no maximum), then a closing quote (close) or the lexeme's end."""
-
-    lo: int
-    hi: int | None
-    close: bool
-    copy: np.ndarray  # [S + 1] int32
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +142,6 @@ def available() -> bool:
 def _unit() -> tuple[np.ndarray, int, int]:
     """One JSON string character's automaton: (table [S + 1, 256] int32, its state after a whole
     character, dead)."""
-    from loom.runtime.constrained.dfa import terminal_dfa
-    from loom.runtime.constrained.schema_automata import STRING_CHAR
-
     unit = terminal_dfa(STRING_CHAR, "a JSON string character")
     (done,) = np.flatnonzero(unit.accepting)
     return np.ascontiguousarray(unit.table, dtype=np.int32), int(done), unit.dead
@@ -342,8 +325,6 @@ _PLAIN = np.array([b for b in range(0x20, 0x7F) if b not in b'"\\'])
 @functools.cache
 def _contents() -> tuple[np.ndarray, np.ndarray, CountedShape]:
     """A JSON string's contents and closing quote (any length): (table, accepting, shape), state 0."""
-    from loom.runtime.constrained.schema_automata import counted_string_dfa
-
     dfa = counted_string_dfa(0, None, False, True)
     assert dfa.counted is not None
     return dfa.table, dfa.accepting, dfa.counted

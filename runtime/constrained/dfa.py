@@ -27,7 +27,7 @@ from loom.runtime.constrained.nfa import build_nfa
 from loom.runtime.constrained.subset_native import available as native_subsets_available
 
 if TYPE_CHECKING:
-    from loom.runtime.constrained.counted_scan import CountedShape
+    from loom.runtime.constrained.schema_automata import CountedShape
 
 
 @dataclass(frozen=True, slots=True)

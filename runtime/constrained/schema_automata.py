@@ -9,15 +9,27 @@ matching a pattern and no declared name).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
-from loom.runtime.constrained.counted_scan import CountedShape
 from loom.runtime.constrained.dfa import ByteDFA, co_reachable, minimal_dfa, terminal_dfa
 from loom.runtime.constrained.errors import GrammarError
 
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\\x2fbfnrt]|\\u[0-9a-fA-F]{4})'  # one character of a JSON string, as its text
 MAX_PRODUCT_STATES = 20_000  # an intersection automaton past this is refused (built in Python: ~1 s per 10k states)
+
+
+@dataclass(frozen=True, slots=True)
+class CountedShape:
+    """What a counted string's automaton says about its states (counted_scan reads it): `copy[q]`
+    characters read at a state q between characters (past the opening quote), -1 at any other;
+    lo..hi characters (hi None: no maximum), then a closing quote (close) or the lexeme's end."""
+
+    lo: int
+    hi: int | None
+    close: bool
+    copy: np.ndarray  # [S + 1] int32
 
 
 @functools.lru_cache(maxsize=256)
