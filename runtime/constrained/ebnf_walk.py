@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -355,6 +355,18 @@ class CrossingWalker:
             fn, args = self.lib.loom_ebnf_cross_ids, (*ids, checked, allowed, out, offset, start, many)
         else:
             fn, args = self.lib.loom_ebnf_cross, (enders, checked, allowed, out, offset, start, many)
+        return self._until_done(fn, args) == 0
+
+    def cross_list(self, sid: int, listed: tuple[int, int, int], out: np.ndarray) -> None:
+        """out |= the tokens of `listed` (the addresses of their ids and of their offsets,
+        ascending, and their count) whose bytes from their offset on are accepted from a lexeme
+        boundary at stack `sid`: one call for rows at several offsets (no memo of verdicts)."""
+        assert listed[2] <= len(self.order)
+        self._until_done(self.lib.loom_ebnf_cross_list, (*listed, out.ctypes.data, sid * self.g.n_lex + self.g.boundary))
+
+    def _until_done(self, fn: Any, args: tuple) -> int:
+        """fn(ctx, *args), called again after each row it lacks is filled (-2) or its scratch
+        grown (-3): the walk resumes where it stopped. -> its final answer."""
         while True:
             r = fn(self.ctx_ref, *args)
             if r == -2:
@@ -363,23 +375,7 @@ class CrossingWalker:
                 self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
                 self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
             else:
-                return r == 0
-
-    def cross_list(self, sid: int, listed: tuple[int, int, int], out: np.ndarray) -> None:
-        """out |= the tokens of `listed` (the addresses of their ids and of their offsets,
-        ascending, and their count) whose bytes from their offset on are accepted from a lexeme
-        boundary at stack `sid`: one call for rows at several offsets (no memo of verdicts)."""
-        assert listed[2] <= len(self.order)
-        start = sid * self.g.n_lex + self.g.boundary
-        while True:
-            r = self.lib.loom_ebnf_cross_list(self.ctx_ref, *listed, out.ctypes.data, start)
-            if r == -2:
-                self._fill(self.ctx.need)
-            elif r == -3:
-                self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
-                self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
-            else:
-                return
+                return r
 
     def accepted(self, offset: int, sid: int, ids: np.ndarray, by_ids: bool = False) -> np.ndarray:
         """The token ids of `ids` (each longer than `offset`) whose bytes from `offset` on are
