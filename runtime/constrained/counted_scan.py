@@ -86,7 +86,8 @@ _FEW = 2048  # a row of at most this many tokens is packed from its ids (no voca
 _KEPT = 512  # per profile: masks and rows kept (by allowance, by row); past this they start afresh
 _LOCK = threading.Lock()
 _SERIAL = itertools.count()
-_ASCII_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT[[b for b in range(0x20, 0x7F) if b not in b'"\\']]))  # one-byte characters
+_PLAIN = np.array([b for b in range(0x20, 0x7F) if b not in b'"\\'])  # one-byte characters: printable ASCII but quote and backslash
+_ASCII_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT[_PLAIN]))  # their byte buckets
 # (the byte buckets of printable ASCII but the quote and backslash: DEL shares the controls' bucket)
 
 
@@ -201,7 +202,6 @@ class _Profile:
         arrays = (chars, partial, stop, quote, first, ends)
         lib.loom_counted_profile(data.ctypes.data, data.shape[1], vocab.lens.ctypes.data, vocab.ids.ctypes.data, len(vocab.ids),
                                  table.ctypes.data, done, dead, *(a.ctypes.data for a in arrays))  # fmt: skip
-        self.trie = trie
         lens = trie.tok_len
         # the tokens read to their end, by characters begun (a maximum keeps a prefix of them)
         ended = np.flatnonzero(stop == END)
@@ -317,9 +317,6 @@ def _profile(vocab: TokenVocab, trie: TokenTrie, lib: ctypes.CDLL) -> _Profile:
 
 
 _HELD: dict[int, tuple[TokenTrie, _Profile]] = {}
-
-
-_PLAIN = np.array([b for b in range(0x20, 0x7F) if b not in b'"\\'])
 
 
 @functools.cache
