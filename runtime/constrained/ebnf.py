@@ -16,9 +16,6 @@ lexeme end are walked against the parser.
 
 from __future__ import annotations
 
-import sys
-import threading
-
 import lark
 import numpy as np
 import torch
@@ -29,6 +26,7 @@ from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.lalr_digraph import install as install_digraph
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.token_walk import available as walk_available
 from loom.runtime.constrained.token_walk import token_trie
@@ -44,20 +42,8 @@ _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are r
 _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
 
-# Lark's LALR analysis (lalr_analysis.traverse, DeRemer and Pennello's digraph walk) recurses once
-# per state along a relation chain: a large schema's grammar passes Python's default limit of 1,000
-# calls, or not, by the order the hash seed gives its sets (MaskBench's Github_medium o42568 failed
-# one process in three). The walk recurses in Python alone, no C frame between, so a higher limit
-# costs no C stack; it is raised while any grammar is built and put back after the last.
-_LARK_RECURSION = 50_000
-_RECURSION_LOCK = threading.Lock()
-_building: list[int] = []  # the limit before the first of the builds now running, once per running build
-
-
 def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> lark.Lark:
-    with _RECURSION_LOCK:
-        _building.append(_building[0] if _building else sys.getrecursionlimit())
-        sys.setrecursionlimit(max(_building[0], _LARK_RECURSION))
+    install_digraph()  # (Lark's look-ahead analysis on an explicit stack: no RecursionError on a long chain)
     try:
         return lark.Lark(source, parser="lalr", lexer="basic", start=start)
     except lark.exceptions.LarkError as e:
@@ -67,11 +53,6 @@ def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) 
         if "Reduce/Reduce collision" in msg:
             msg += "\n(the grammar must be LALR(1) once its regular rules are folded into terminals; make the alternatives differ earlier)"
         raise GrammarError(f"{kind} grammar: {msg.strip()}") from None
-    finally:
-        with _RECURSION_LOCK:
-            saved = _building.pop()
-            if not _building:
-                sys.setrecursionlimit(saved)
 
 
 class CompiledEbnf:

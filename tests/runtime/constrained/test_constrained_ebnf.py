@@ -393,35 +393,3 @@ def test_engine_ebnf_and_lark_share_a_batch_and_a_bad_grammar_aborts_alone(engin
     assert reasons[3]["type"] == "abort" and "line 1" in reasons[3]["message"] and outs[3]["output_ids"] == []
     assert engine.scheduler.grammar_queue == [] and not engine.scheduler.has_work()
 
-
-def test_a_grammar_whose_lalr_analysis_recurses_past_the_limit_compiles(monkeypatch):
-    """Lark's LALR analysis recurses once per state along a relation chain, as deep as the hash
-    seed's set order makes it (600 tail-position rules pass a limit of 250 in some processes; a
-    large schema's grammar passes the default 1,000). Lark builds under a raised limit, so the
-    grammar compiles under a low one, and the limit is put back."""
-    import sys
-
-    from loom.runtime.constrained import ebnf
-
-    seen = []
-    real = lark.Lark
-
-    def spy(*args, **kwargs):
-        seen.append(sys.getrecursionlimit())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ebnf.lark, "Lark", spy)
-    n = 600
-    source = "start: a0\n" + "".join(f'a{i}: "x" a{i + 1} | "z"\n' for i in range(n)) + f'a{n}: "w"\n'
-    vocab = TokenVocab.build({1: b"x", 2: b"z", 3: b"w", 4: b"xx"}, 5, frozenset({0}))
-    limit = sys.getrecursionlimit()
-    try:
-        sys.setrecursionlimit(250)
-        compiled = compile_grammar("lark", source, vocab)
-        assert sys.getrecursionlimit() == 250
-    finally:
-        sys.setrecursionlimit(limit)
-    assert seen and min(seen) >= ebnf._LARK_RECURSION
-    g = compiled.matcher()
-    assert all(g.accept_token(t) for t in (4, 1, 2))  # "xxxz"
-    assert g.accept_token(0) and g.is_terminated()
