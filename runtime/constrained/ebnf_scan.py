@@ -15,7 +15,9 @@ in every schema). A scan entered mid-token (past the token's first `offset` byte
 anything) shares no walk above the offset: every token longer than it counts (0.5-1 ms of trie at
 128k). There the tokens whose bytes past the offset are all safe are settled by vectorised passes
 over the vocabulary (per token, where its last unsafe byte is: token_walk.last_unsafe_byte), and
-only the few others are walked, one by one.
+only the few others are walked, one by one. A state with no run to skip (a key's, a bracket's)
+is walked from the trie's nodes one below the offset whose byte it takes (an index of the nodes by
+depth and byte, built once per trie), not through every node above the offset (~50 us at 128k).
 
 A state with too few safe bytes for the skip to pay is walked node by node (NO_SKIP). Each scan
 writes its rows of `splits` into a per-thread scratch buffer and zeroes only the rows it hit:
@@ -54,42 +56,65 @@ _C_SOURCE = r"""
    the offset are all safe). Where a safe byte
    past the run kills the token (`end`: 1, or 2 when the run's last state accepts), a subtree of
    safe bytes is skipped however deep: its longer tokens are dead, or (2) cross the lexeme end. */
+typedef struct {
+    const uint8_t *node_byte; const int32_t *node_depth, *node_skip, *tok_off, *tok_ids;
+    const int32_t *table; int32_t dead; const uint8_t *accepting; int32_t *stack;
+    uint32_t *inside, *splits; int64_t width; uint8_t *hit;
+    const uint64_t *node_sub; const int32_t *node_maxd; uint64_t unsafe; int32_t run;
+    const uint8_t *safe_byte; uint8_t *safe; int32_t offset, end; int64_t *pairs, cap, *n_pairs;
+} scan_t;
+
+/* The nodes i .. stop of the preorder (whole subtrees), their parents' states on x->stack. */
+static void scan_nodes(const scan_t *x, int64_t i, int64_t stop) {
+    while (i < stop) {
+        int32_t d = x->node_depth[i];
+        if (d <= x->offset) { x->stack[d] = x->stack[d - 1]; x->safe[d] = 1; i++; continue; }  /* bytes before the lexeme */
+        if (x->safe[d - 1] && !(x->node_sub[i] & x->unsafe) && (x->end || x->node_maxd[i] - x->offset <= x->run)) {
+            i = x->node_skip[i];
+            continue;
+        }
+        int32_t s = x->table[(int64_t)x->stack[d - 1] * 256 + x->node_byte[i]];
+        if (s == x->dead) { i = x->node_skip[i]; continue; }
+        x->stack[d] = s;
+        x->safe[d] = x->safe[d - 1] & x->safe_byte[x->node_byte[i]];
+        for (int32_t k = x->tok_off[i]; k < x->tok_off[i + 1]; k++) {
+            int32_t t = x->tok_ids[k];
+            x->inside[t >> 5] |= (uint32_t)1 << (t & 31);
+        }
+        int32_t below = x->tok_off[x->node_skip[i]];  /* the subtree's tokens end here */
+        if (x->accepting[s] && x->tok_off[i + 1] < below) {
+            uint32_t *row = x->splits + (int64_t)d * x->width;
+            x->hit[d] = 1;
+            for (int32_t k = x->tok_off[i + 1]; k < below; k++) {
+                int32_t t = x->tok_ids[k];
+                row[t >> 5] |= (uint32_t)1 << (t & 31);
+                if (*x->n_pairs < x->cap) x->pairs[*x->n_pairs] = ((int64_t)d << 32) | t;  /* past cap: counted only */
+                (*x->n_pairs)++;
+            }
+        }
+        i++;
+    }
+}
+
 void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
                     const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
                     const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
                     uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
                     const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
                     const uint8_t *safe_byte, uint8_t *safe, int32_t offset, int32_t end, int64_t *pairs,
-                    int64_t cap, int64_t *n_pairs) {
-    int64_t i = 0;
+                    int64_t cap, int64_t *n_pairs, const int32_t *starts, const int64_t *start_off) {
+    scan_t x = {node_byte, node_depth, node_skip, tok_off, tok_ids, table, dead, accepting, stack, inside, splits,
+                width, hit, node_sub, node_maxd, unsafe, run, safe_byte, safe, offset, end, pairs, cap, n_pairs};
     safe[0] = 1;
-    while (i < n_nodes) {
-        int32_t d = node_depth[i];
-        if (d <= offset) { stack[d] = stack[d - 1]; safe[d] = 1; i++; continue; }  /* bytes before the lexeme */
-        if (safe[d - 1] && !(node_sub[i] & unsafe) && (end || node_maxd[i] - offset <= run)) {
-            i = node_skip[i];
-            continue;
-        }
-        int32_t s = table[(int64_t)stack[d - 1] * 256 + node_byte[i]];
-        if (s == dead) { i = node_skip[i]; continue; }
-        stack[d] = s;
-        safe[d] = safe[d - 1] & safe_byte[node_byte[i]];
-        for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
-            int32_t t = tok_ids[k];
-            inside[t >> 5] |= (uint32_t)1 << (t & 31);
-        }
-        int32_t below = tok_off[node_skip[i]];  /* the subtree's tokens end here */
-        if (accepting[s] && tok_off[i + 1] < below) {
-            uint32_t *row = splits + (int64_t)d * width;
-            hit[d] = 1;
-            for (int32_t k = tok_off[i + 1]; k < below; k++) {
-                int32_t t = tok_ids[k];
-                row[t >> 5] |= (uint32_t)1 << (t & 31);
-                if (*n_pairs < cap) pairs[*n_pairs] = ((int64_t)d << 32) | t;  /* past cap: counted only */
-                (*n_pairs)++;
-            }
-        }
-        i++;
+    if (!starts) { scan_nodes(&x, 0, n_nodes); return; }
+    /* entered mid-token: only the subtrees below the nodes of depth offset + 1 whose byte the state
+       takes (starts[start_off[b] .. start_off[b + 1]) for byte b, in preorder), not every node above */
+    stack[offset] = stack[0];
+    safe[offset] = 1;
+    for (int b = 0; b < 256; b++) {
+        if (table[(int64_t)stack[0] * 256 + b] == dead) continue;
+        for (int64_t k = start_off[b]; k < start_off[b + 1]; k++)
+            scan_nodes(&x, starts[k], node_skip[starts[k]]);
     }
 }
 
@@ -140,6 +165,7 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
     lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     lib.loom_ebnf_scan_each.restype = None
     lib.loom_ebnf_scan_each.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan_each.argtypes += [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
@@ -235,6 +261,29 @@ def _addresses(table: np.ndarray, accepting: np.ndarray, unsafe: int) -> tuple[i
 
 
 _ADDRESSES: dict[int, tuple[weakref.ref, np.ndarray, int, int]] = {}
+_STARTS: dict[int, tuple[TokenTrie, np.ndarray, np.ndarray, int, int]] = {}
+_STARTS_LOCK = threading.Lock()
+
+
+def warm(trie: TokenTrie) -> None:
+    """Build the trie's index of mid-token scans now (a compile thread's job), not in a mask."""
+    if _library() is not None:
+        _starts(trie, 0)
+
+
+def _starts(trie: TokenTrie, offset: int) -> tuple[int, int]:
+    """(the trie's nodes ordered by (depth, byte), preorder within; where those of depth offset + 1
+    begin, per byte: 257 offsets): data addresses. Built once per trie (tens of ms at 128k)."""
+    with _STARTS_LOCK:
+        held = _STARTS.get(id(trie))
+        if held is None or held[0] is not trie:
+            key = trie.node_depth.astype(np.int64) * 256 + trie.node_byte
+            order = np.argsort(key, kind="stable").astype(np.int32)
+            off = np.searchsorted(key[order], np.arange((trie.max_depth + 2) * 256 + 1)).astype(np.int64)
+            while len(_STARTS) >= 4:
+                del _STARTS[next(iter(_STARTS))]
+            held = _STARTS[id(trie)] = (trie, order, off, order.ctypes.data, off.ctypes.data)
+    return held[3], held[4] + 8 * 256 * (offset + 1)
 _SAFE_BYTES: dict[int, tuple[np.ndarray, int]] = {}
 
 
@@ -285,9 +334,10 @@ def lexeme_scan(
                     splits[length] = bulk
                     hit[length], dense = bulk.any(), length
             stack[0] = state
+            starts = _starts(trie, offset) if offset else (None, None)
             lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), at_table, table.shape[0] - 1, at_acc, at[2],
                                inside.ctypes.data, at[0], trie.width, at[1], *trie.sub_pointers, unsafe, length,
-                               at_safe_byte, at[3], offset, end, *recorded)  # fmt: skip
+                               at_safe_byte, at[3], offset, end, *recorded, *starts)  # fmt: skip
     except BaseException:  # (a compile stopped mid-scan) the next scan must find the buffer zeroed
         splits[:], hit[:] = 0, 0
         raise
