@@ -149,6 +149,7 @@ _MIN_RUN = 4  # a shorter run skips too little to pay for its mask: the plain wa
 _MIN_SAFE_BYTES = 32  # so do fewer safe bytes (a keyword's, a number's): their subtrees are small
 OPEN, DEAD, ENDS = 0, 1, 2  # what a safe byte past the run does (safe_run)
 NO_SKIP = (ALL_BUCKETS, 0, OPEN)  # a run that skips nothing: the plain walk of every live node
+_FEW_PAIRS = 32  # at most this many: a scan's rows of ids are grouped in Python
 PAIRS = 8192  # (row, token) pairs a scan records for its split rows' ids (more: the rows stay words only)
 _LOCAL = threading.local()
 
@@ -196,8 +197,8 @@ def safe_runs(table: np.ndarray, accepting: np.ndarray, state: int, max_depth: i
     dead = table.shape[0] - 1
     nexts = table[state]  # [256]
     live = nexts[nexts != dead]
-    if not len(live):
-        return [(state, (ALL_BUCKETS, 0, OPEN))]
+    if len(live) < _MIN_SAFE_BYTES:  # (a safe byte leads to the live target: too few live ones, too few safe; a
+        return [(state, (ALL_BUCKETS, 0, OPEN))]  # key's or a bracket's state, answered without np.unique's ~10 us)
     targets, counts = np.unique(live, return_counts=True)
     target = int(targets[counts.argmax()])
     unsafe = int(np.bitwise_or.reduce(BUCKET_BIT[nexts != target]))
@@ -347,8 +348,17 @@ def lexeme_scan(
     if dense_out is not None and dense in out:
         dense_out[dense] = (unsafe, bulk)
     splits[rows], hit[rows] = 0, 0
-    if ids_out is not None and int(count[0]) <= recorded[1]:
-        keys = pairs[: int(count[0])]
+    n = int(count[0])  # (past recorded[1], the pairs were counted, not all recorded: no ids)
+    if ids_out is not None and n <= min(_FEW_PAIRS, recorded[1]):  # (a key's, a bracket's: grouped in Python, a third of the numpy below's cost)
+        by_row: dict[int, list[int]] = {}
+        for key in pairs[:n].tolist():
+            by_row.setdefault(key >> 32, []).append(key & 0xFFFFFFFF)
+        for j, listed in by_row.items():
+            if j != dense:
+                tokens = np.array(listed, dtype=np.int64)
+                ids_out[j] = (tokens, (tokens.ctypes.data, len(tokens)))
+    elif ids_out is not None and n <= recorded[1]:
+        keys = pairs[:n]
         depth = (keys >> 32).astype(np.uint8 if trie.max_depth < 256 else np.uint16)  # sorted by radix
         keys = keys[np.argsort(depth, kind="stable")]  # by row, each in the walk's order (the trie's)
         depth, tokens = keys >> 32, keys & 0xFFFFFFFF
