@@ -262,6 +262,7 @@ def _addresses(table: np.ndarray, accepting: np.ndarray, unsafe: int) -> tuple[i
 
 
 _ADDRESSES: dict[int, tuple[weakref.ref, np.ndarray, int, int]] = {}
+_SAFE_BYTES: dict[int, tuple[np.ndarray, int]] = {}
 _STARTS: dict[int, tuple[TokenTrie, np.ndarray, np.ndarray, int, int]] = {}
 _STARTS_LOCK = threading.Lock()
 
@@ -285,7 +286,6 @@ def _starts(trie: TokenTrie, offset: int) -> tuple[int, int]:
                 del _STARTS[next(iter(_STARTS))]
             held = _STARTS[id(trie)] = (trie, order, off, order.ctypes.data, off.ctypes.data)
     return held[3], held[4] + 8 * 256 * (offset + 1)
-_SAFE_BYTES: dict[int, tuple[np.ndarray, int]] = {}
 
 
 def lexeme_scan(
