@@ -25,7 +25,6 @@ from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
-from loom.runtime.constrained.ebnf_scan import warm as warm_scan
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr_digraph import install as install_digraph
 from loom.runtime.constrained.matcher import TokenMatcher
@@ -342,7 +341,7 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
     # Warm up here, on the compiling thread, not the scheduler's: the vocabulary's trie (once per
     # vocabulary) and the first mask.
     if walk_available():
-        warm_scan(token_trie(vocab))  # (its index of mid-token scans: ebnf_scan)
+        token_trie(vocab)
         warm_counted(vocab)  # (the vocabulary's tokens read as string characters: counted_scan)
         for dfa in compiled.dfas:  # and which lexer states are a string's contents
             if not dfa.string_states:

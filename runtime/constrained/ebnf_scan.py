@@ -16,8 +16,8 @@ anything) shares no walk above the offset: every token longer than it counts (0.
 128k). There the tokens whose bytes past the offset are all safe are settled by vectorised passes
 over the vocabulary (per token, where its last unsafe byte is: token_walk.last_unsafe_byte), and
 only the few others are walked, one by one. A state with no run to skip (a key's, a bracket's)
-is walked from the trie's nodes one below the offset whose byte it takes (an index of the nodes by
-depth and byte, built once per trie), not through every node above the offset (~50 us at 128k).
+is walked from the trie's nodes one below the offset whose byte it takes (the trie's index of its
+nodes by depth and byte), not through every node above the offset (~50 us at 128k).
 
 A state with too few safe bytes for the skip to pay is walked node by node (NO_SKIP). Each scan
 writes its rows of `splits` into a per-thread scratch buffer and zeroes only the rows it hit:
@@ -263,29 +263,6 @@ def _addresses(table: np.ndarray, accepting: np.ndarray, unsafe: int) -> tuple[i
 
 _ADDRESSES: dict[int, tuple[weakref.ref, np.ndarray, int, int]] = {}
 _SAFE_BYTES: dict[int, tuple[np.ndarray, int]] = {}
-_STARTS: dict[int, tuple[TokenTrie, np.ndarray, np.ndarray, int, int]] = {}
-_STARTS_LOCK = threading.Lock()
-
-
-def warm(trie: TokenTrie) -> None:
-    """Build the trie's index of mid-token scans now (a compile thread's job), not in a mask."""
-    if _library() is not None:
-        _starts(trie, 0)
-
-
-def _starts(trie: TokenTrie, offset: int) -> tuple[int, int]:
-    """(the trie's nodes ordered by (depth, byte), preorder within; where those of depth offset + 1
-    begin, per byte: 257 offsets): data addresses. Built once per trie (tens of ms at 128k)."""
-    with _STARTS_LOCK:
-        held = _STARTS.get(id(trie))
-        if held is None or held[0] is not trie:
-            key = trie.node_depth.astype(np.int64) * 256 + trie.node_byte
-            order = np.argsort(key, kind="stable").astype(np.int32)
-            off = np.searchsorted(key[order], np.arange((trie.max_depth + 2) * 256 + 1)).astype(np.int64)
-            while len(_STARTS) >= 4:
-                del _STARTS[next(iter(_STARTS))]
-            held = _STARTS[id(trie)] = (trie, order, off, order.ctypes.data, off.ctypes.data)
-    return held[3], held[4] + 8 * 256 * (offset + 1)
 
 
 def lexeme_scan(
@@ -335,7 +312,7 @@ def lexeme_scan(
                     splits[length] = bulk
                     hit[length], dense = bulk.any(), length
             stack[0] = state
-            starts = _starts(trie, offset) if offset else (None, None)
+            starts = (trie.start_pointers[0], trie.start_pointers[1] + 8 * 256 * (offset + 1)) if offset else (None, None)
             lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), at_table, table.shape[0] - 1, at_acc, at[2],
                                inside.ctypes.data, at[0], trie.width, at[1], *trie.sub_pointers, unsafe, length,
                                at_safe_byte, at[3], offset, end, *recorded, *starts)  # fmt: skip

@@ -112,6 +112,8 @@ class TokenTrie:
     node_parent: np.ndarray  # [N] int64 (-1: a root's child)
     levels: tuple[np.ndarray, ...]  # the nodes of depth 2, 3, ... (parents before children)
     tok_node: np.ndarray  # [T] the node each of tok_ids ends at
+    by_depth_byte: np.ndarray  # [N] int32: the nodes by (depth, byte), in preorder within (a scan's start nodes)
+    depth_byte_off: np.ndarray  # [(max_depth + 2) * 256 + 1] int64: those of depth d and byte b from d * 256 + b
     safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
     last_unsafe: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # unsafe -> [V] (see last_unsafe_byte)
     safe_listed: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = dataclasses.field(default_factory=dict)  # unsafe -> safe_mask's
@@ -120,11 +122,13 @@ class TokenTrie:
     # lazy DFA is resumed after every state it builds (a fifth of decode-time mask work was those).
     pointers: tuple[int, ...] = dataclasses.field(init=False)
     sub_pointers: tuple[int, int] = dataclasses.field(init=False)  # node_sub's and node_maxd's
+    start_pointers: tuple[int, int] = dataclasses.field(init=False)  # by_depth_byte's and depth_byte_off's
 
     def __post_init__(self) -> None:
         arrays = (self.node_byte, self.node_depth, self.node_skip, self.tok_off, self.tok_ids)
         object.__setattr__(self, "pointers", tuple(a.ctypes.data for a in arrays))
         object.__setattr__(self, "sub_pointers", (self.node_sub.ctypes.data, self.node_maxd.ctypes.data))
+        object.__setattr__(self, "start_pointers", (self.by_depth_byte.ctypes.data, self.depth_byte_off.ctypes.data))
 
 
 def _build_trie(vocab: TokenVocab) -> TokenTrie:
@@ -178,8 +182,11 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     tok_buckets[ids], tok_len[ids] = path[at], depth[at]
     by_len = ids[np.argsort(depth[at], kind="stable")]
     len_off = np.searchsorted(tok_len[by_len], np.arange(max_depth + 2)).astype(np.int64)
+    key = depth.astype(np.int64) * 256 + byte
+    by_depth_byte = np.argsort(key, kind="stable").astype(np.int32)
+    depth_byte_off = np.searchsorted(key[by_depth_byte], np.arange((max_depth + 2) * 256 + 1)).astype(np.int64)
     return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len, by_len, len_off, parent,
-                     tuple(levels), at)  # fmt: skip
+                     tuple(levels), at, by_depth_byte, depth_byte_off)  # fmt: skip
 
 
 _TRIES: dict[int, tuple[TokenVocab, TokenTrie]] = {}
