@@ -74,8 +74,7 @@ def _canonical(table) -> list:
             else:
                 row.append((sym, action.name, str(arg)))
         out.append(row)
-    renumber = [[(sym, a, number[x] if a == "shift" else x) for sym, a, x in row] for row in out]
-    return renumber
+    return [[(sym, a, number[x] if a == "shift" else x) for sym, a, x in row] for row in out]
 
 
 def test_grammars_build_the_same_tables_and_a_long_chain_compiles():
