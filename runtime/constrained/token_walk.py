@@ -67,6 +67,128 @@ int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, cons
     return -1;
 }
 
+/* Whether every well-formed UTF-8 character leads `state` back to itself (its intermediate states
+   all live): 0 when so, 1 when so but for the C1 controls (U+0080-U+009F, C2 80-9F), which all
+   kill it (a JSON string that leaves them out), -1 when neither, -2 when it cannot yet tell: the
+   states whose rows are not built yet are added to `pending` (see loom_safe_run), all of a level
+   at once. The first sequence is the C1 controls'. */
+static const uint8_t UTF8_SEQS[10][4][2] = {
+    {{0xC2, 0xC2}, {0x80, 0x9F}}, {{0xC2, 0xC2}, {0xA0, 0xBF}}, {{0xC3, 0xDF}, {0x80, 0xBF}},
+    {{0xE0, 0xE0}, {0xA0, 0xBF}, {0x80, 0xBF}}, {{0xE1, 0xEC}, {0x80, 0xBF}, {0x80, 0xBF}},
+    {{0xED, 0xED}, {0x80, 0x9F}, {0x80, 0xBF}}, {{0xEE, 0xEF}, {0x80, 0xBF}, {0x80, 0xBF}},
+    {{0xF0, 0xF0}, {0x90, 0xBF}, {0x80, 0xBF}, {0x80, 0xBF}}, {{0xF1, 0xF3}, {0x80, 0xBF}, {0x80, 0xBF}, {0x80, 0xBF}},
+    {{0xF4, 0xF4}, {0x80, 0x8F}, {0x80, 0xBF}, {0x80, 0xBF}}};
+static const int UTF8_LEN[10] = {2, 2, 2, 3, 3, 3, 3, 4, 4, 4};
+#define PENDING 64
+
+static int add_pending(int32_t *pending, int32_t q) {  /* pending[0] states in pending[1..]; 0 when full */
+    for (int k = 1; k <= pending[0]; k++)
+        if (pending[k] == q) return 1;
+    if (pending[0] == PENDING) return 0;
+    pending[++pending[0]] = q;
+    return 1;
+}
+
+static int64_t utf8_loops(const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead, int32_t state,
+                          int32_t *pending) {
+    int32_t cur[16], next[16];
+    int64_t answer = 0;
+    for (int k = 0; k < 10; k++) {
+        int n_cur = 1, n_dead = 0, partial = 0;
+        cur[0] = state;
+        for (int j = 0; j < UTF8_LEN[k]; j++) {
+            int n_next = 0;
+            for (int c = 0; c < n_cur; c++) {
+                const int32_t *row = table + (int64_t)cur[c] * n_cls;
+                if (row[0] < 0) {  /* this branch waits for the row */
+                    if (!add_pending(pending, cur[c])) return -1;
+                    partial = 1;
+                    continue;
+                }
+                for (int b = UTF8_SEQS[k][j][0]; b <= UTF8_SEQS[k][j][1]; b++) {
+                    int32_t s = row[byte_class[b]];
+                    if (s == dead || s < 0) { n_dead++; continue; }
+                    int m = 0;
+                    while (m < n_next && next[m] != s) m++;
+                    if (m == n_next) {
+                        if (n_next == 16) return -1;  /* (not a character class's few states) */
+                        next[n_next++] = s;
+                    }
+                }
+            }
+            for (int c = 0; c < n_next; c++) cur[c] = next[c];
+            n_cur = n_next;
+        }
+        if (partial) continue;
+        if (k == 0 && n_cur == 0 && n_dead == 32) { answer = 1; continue; }  /* C2 live, each C1 control dead */
+        if (n_dead || n_cur != 1 || cur[0] != state) return -1;
+    }
+    return pending[0] ? -2 : answer;
+}
+
+/* _safe_run's search (see there) from `state`: the run of safe bytes (>= 0), with their unsafe
+   buckets in *unsafe_out, or -1 where it needs rows not built yet: their states are in
+   pending[1 .. pending[0]] (the caller builds them and calls again). The target is the live
+   successor most bytes lead to (the smallest among ties). */
+int64_t loom_safe_run(const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead, int32_t state,
+                      const uint64_t *bucket_bit, uint64_t all_buckets, int32_t min_live, int32_t cap,
+                      int32_t max_depth, uint64_t hi_buckets, uint64_t ill_formed, uint64_t c1_control,
+                      uint64_t *unsafe_out, int32_t *pending) {
+    *unsafe_out = all_buckets;
+    pending[0] = 0;
+    if (state == dead) return 0;
+    const int32_t *row = table + (int64_t)state * n_cls;
+    if (row[0] < 0) { add_pending(pending, state); return -1; }
+    int32_t nexts[256], targets[256], counts[256];
+    int n_targets = 0, live = 0;
+    for (int b = 0; b < 256; b++) {
+        int32_t s = row[byte_class[b]];
+        nexts[b] = s;
+        if (s == dead) continue;
+        live++;
+        int k = 0;
+        while (k < n_targets && targets[k] != s) k++;
+        if (k == n_targets) { targets[k] = s; counts[k] = 0; n_targets++; }
+        counts[k]++;
+    }
+    if (live < min_live) return 0;
+    int best = 0;
+    for (int k = 1; k < n_targets; k++)
+        if (counts[k] > counts[best] || (counts[k] == counts[best] && targets[k] < targets[best])) best = k;
+    int32_t target = targets[best];
+    uint64_t unsafe = 0;
+    for (int b = 0; b < 256; b++)
+        if (nexts[b] != target) unsafe |= bucket_bit[b];
+    *unsafe_out = unsafe;
+    if (unsafe == all_buckets) return 0;
+    int64_t cols[256];
+    int n_cols = 0;
+    for (int b = 0; b < 256; b++)
+        if (!(bucket_bit[b] & unsafe)) cols[n_cols++] = byte_class[b];
+    int32_t run = 1, cur = state;
+    while (run < cap) {
+        if (target == cur) {  /* it loops: and every well-formed UTF-8 character may loop it too? */
+            if (cur == state && (unsafe & hi_buckets)) {
+                int64_t q = utf8_loops(table, n_cls, byte_class, dead, state, pending);
+                if (q == -2) return -1;
+                if (q >= 0) *unsafe_out = (unsafe & ~hi_buckets) | ill_formed | (q ? c1_control : 0);
+            }
+            return max_depth;
+        }
+        cur = target;
+        const int32_t *next_row = table + (int64_t)target * n_cls;
+        if (next_row[0] < 0) { add_pending(pending, target); return -1; }
+        int32_t following = next_row[cols[0]];
+        if (following == dead || following < 0) break;
+        int uniform = 1;
+        for (int k = 1; k < n_cols && uniform; k++) uniform = next_row[cols[k]] == following;
+        if (!uniform) break;
+        target = following;
+        run++;
+    }
+    return run;
+}
+
 """
 
 
@@ -88,6 +210,32 @@ def _byte_buckets() -> np.ndarray:
 _BUCKET = _byte_buckets()
 BUCKET_BIT = np.left_shift(np.uint64(1), _BUCKET.astype(np.uint64))  # [256] uint64
 ALL_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT))  # every group some byte is in
+HI_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT[0x80:]))  # the groups of the bytes of UTF-8's multi-byte characters
+# Not a byte's group: in node_sub, the subtree holds a path that is not a well-formed UTF-8 prefix
+# (bytes from a character boundary: complete characters, maybe the start of one more); in tok_buckets,
+# the token's bytes are not one. A state every such character loops on (a JSON string's contents)
+# counts this bit unsafe instead of the bytes' groups, so its walk skips the multi-byte tokens too.
+ILL_FORMED = 1 << 63
+C1_CONTROL = 1 << 62  # nor this: the path holds a C1 control character (U+0080-U+009F), which outlines' JSON strings leave out
+_BUCKET_BIT_ADDRESS = BUCKET_BIT.ctypes.data
+def _utf8_step() -> np.ndarray:
+    """[10, 256] uint8: UTF-8's well-formed byte sequences as an automaton (0: a character boundary;
+    1-7 and _UTF8_AFTER_C2: inside a character, by the bytes it still takes; _UTF8_ILL: not
+    well-formed, for good)."""
+    step = np.full((10, 256), _UTF8_ILL, dtype=np.uint8)
+    step[0, :0x80] = 0
+    step[_UTF8_AFTER_C2, 0x80:0xC0] = 0
+    for lo, hi, to in [(0xC2, 0xC2, _UTF8_AFTER_C2), (0xC3, 0xDF, 1), (0xE0, 0xE0, 3), (0xE1, 0xEC, 2), (0xED, 0xED, 4), (0xEE, 0xEF, 2), (0xF0, 0xF0, 5),
+                       (0xF1, 0xF3, 6), (0xF4, 0xF4, 7)]:  # fmt: skip
+        step[0, lo : hi + 1] = to
+    for q, lo, hi, to in [(1, 0x80, 0xBF, 0), (2, 0x80, 0xBF, 1), (3, 0xA0, 0xBF, 1), (4, 0x80, 0x9F, 1), (5, 0x90, 0xBF, 2),
+                          (6, 0x80, 0xBF, 2), (7, 0x80, 0x8F, 2)]:  # fmt: skip
+        step[q, lo : hi + 1] = to
+    return step
+
+
+_UTF8_ILL, _UTF8_AFTER_C2 = 8, 9
+_UTF8_STEP = _utf8_step()
 _LAST_UNSAFE_KEPT = 8  # per trie: last_unsafe_byte's arrays and safe_mask's token lists, by unsafe bucket set (0.5 MB each at 128k)
 _SAFE_MASKS_KEPT = 512  # per trie: the packed masks of "every byte safe" tokens, by safe bucket set and run (8 MB at 128k)
 
@@ -167,8 +315,16 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     off[1:] = np.cumsum([len(e) for e in ends])
     ids = np.asarray([t for e in ends for t in e], dtype=np.int32)
     byte = np.asarray(node_byte, dtype=np.uint8)
-    node_sub, path = BUCKET_BIT[byte], BUCKET_BIT[byte]  # [N] uint64 each (fancy indexing copies)
     levels = [np.flatnonzero((depth == d) & (parent >= 0)) for d in range(2, int(depth.max()) + 1)] if n else []
+    utf8 = _UTF8_STEP[0, byte]  # [N] each node's path's UTF-8 state (_UTF8_STEP)
+    for idx in levels:  # parents before children
+        utf8[idx] = _UTF8_STEP[utf8[parent[idx]], byte[idx]]
+    c1 = np.zeros(n, dtype=bool)
+    for idx in levels:
+        c1[idx] = (utf8[parent[idx]] == _UTF8_AFTER_C2) & (byte[idx] < 0xA0)
+    node_sub = BUCKET_BIT[byte] | np.where(utf8 == _UTF8_ILL, np.uint64(ILL_FORMED), np.uint64(0))  # [N] uint64
+    node_sub |= np.where(c1, np.uint64(C1_CONTROL), np.uint64(0))
+    path = node_sub.copy()
     for idx in levels:  # parents before children: each node's path buckets
         path[idx] |= path[parent[idx]]
     maxd = depth.copy()
@@ -216,6 +372,9 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
                                    ptr, ptr, ptr, ptr, ptr, ctypes.c_uint64, ctypes.c_int32, ptr, ptr]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
+    lib.loom_safe_run.argtypes = [ptr, ctypes.c_int64, ptr, ctypes.c_int32, ctypes.c_int32, ptr, ctypes.c_uint64, ctypes.c_int32,
+                                  ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ptr, ptr]  # fmt: skip
+    lib.loom_safe_run.restype = ctypes.c_int64
     return lib
 
 
@@ -259,6 +418,7 @@ def trie_mask(
         table = expand(unknown)
 
 
+_PENDING = 64  # rows loom_safe_run asks for at once (its PENDING)
 _RUN_CAP = 32  # steps a safe set is followed when it does not loop (a counted repetition): tokens are rarely longer
 # Fewer live bytes than this: no safe set is looked for (its ~40 us cost more than the walk it saves).
 _MIN_SAFE_BYTES = 32
@@ -272,36 +432,26 @@ def _safe_run(
     state; max_depth once one loops: a string's contents). A token of at most `run` safe bytes is
     allowed, so the walk takes the tokens of whole subtrees of them from one cached mask (a
     string's contents, `[a-f0-9]{40}`: most of the vocabulary) instead of visiting them.
-    `table` is returned as it may be, grown by `expand` (a lazy DFA building the rows it reads)."""
-
-    def row(q: int) -> np.ndarray:
-        nonlocal table
-        if table[q, 0] < 0 and expand is not None:
+    A state that loops and that every well-formed UTF-8 character loops too counts ILL_FORMED
+    (and C1_CONTROL where those characters kill it) unsafe instead of the multi-byte bytes' groups:
+    its walk skips the tokens of such characters as well (half the nodes a JSON string's state
+    visited at 128k).
+    `table` is returned as it may be, grown by `expand` (a lazy DFA building the rows it reads).
+    The search runs in C (loom_safe_run; in numpy it cost ~150 us a string state, in a decode's
+    cold caches), which returns the rows it needs not built yet, a level of UTF-8 states at a time."""
+    lib, unsafe, pending = _library(), ctypes.c_uint64(), np.zeros(_PENDING + 1, dtype=np.int32)
+    assert lib is not None, "only the C walk asks"
+    while True:
+        assert table.dtype == np.int32 and table.flags.c_contiguous, "the search reads raw arrays"
+        run = lib.loom_safe_run(table.ctypes.data, table.shape[1], byte_class.ctypes.data, dead, state, _BUCKET_BIT_ADDRESS,
+                                ALL_BUCKETS, _MIN_SAFE_BYTES, _RUN_CAP, max_depth, HI_BUCKETS, ILL_FORMED, C1_CONTROL,
+                                ctypes.byref(unsafe), pending.ctypes.data)  # fmt: skip
+        if run >= 0:
+            return unsafe.value, run, table
+        if expand is None:  # (a row not built in a table that is not built on demand: nothing is safe)
+            return ALL_BUCKETS, 0, table
+        for q in pending[1 : 1 + pending[0]].tolist():
             table = expand(q)
-        return table[q]
-
-    if state == dead or row(state)[0] < 0:
-        return ALL_BUCKETS, 0, table
-    nexts = row(state)[byte_class]  # [256]
-    live = nexts[nexts != dead]
-    if len(live) < _MIN_SAFE_BYTES:  # a keyword's, a number's state: its walk is short anyway
-        return ALL_BUCKETS, 0, table
-    targets, counts = np.unique(live, return_counts=True)
-    target = int(targets[counts.argmax()])
-    unsafe = int(np.bitwise_or.reduce(BUCKET_BIT[nexts != target]))
-    if unsafe == ALL_BUCKETS:
-        return unsafe, 0, table
-    columns = np.unique(byte_class[(BUCKET_BIT & np.uint64(unsafe)) == 0])  # the safe bytes' columns
-    run, cur = 1, state
-    while run < _RUN_CAP:
-        if target == cur:
-            return unsafe, max_depth, table
-        cur, following = target, row(target)[columns]
-        target = int(following[0])
-        if target == dead or target < 0 or (following != target).any():
-            break
-        run += 1
-    return unsafe, run, table
 
 
 def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:

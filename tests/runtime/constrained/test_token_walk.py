@@ -48,12 +48,12 @@ def test_the_trie_holds_every_token_once_in_preorder():
     assert spelled == vocab.by_id
     # Each node's subtree summary holds the buckets of its own and every descendant's byte; each
     # token's, the buckets of its bytes (what the walk's skip of all-safe subtrees relies on).
-    bit = token_walk.BUCKET_BIT
+    bit, flags = token_walk.BUCKET_BIT, np.uint64(token_walk.ILL_FORMED | token_walk.C1_CONTROL)
     for i in range(len(trie.node_byte)):
         below = trie.node_byte[i : int(trie.node_skip[i])]
-        assert trie.node_sub[i] == np.bitwise_or.reduce(bit[below])
+        assert trie.node_sub[i] & ~flags == np.bitwise_or.reduce(bit[below])
     for t, data in vocab.by_id.items():
-        assert trie.tok_buckets[t] == np.bitwise_or.reduce(bit[list(data)])
+        assert trie.tok_buckets[t] & ~flags == np.bitwise_or.reduce(bit[list(data)])
 
 
 def both(compiled: CompiledRegex) -> None:
@@ -83,6 +83,55 @@ def both(compiled: CompiledRegex) -> None:
 )
 def test_walk_equals_the_numpy_scan_on_a_hand_made_vocabulary(regex):
     both(CompiledRegex(regex, TokenVocab.build(HAND, 32, frozenset({0}))))
+
+
+# UTF-8 of every kind: characters of 2, 3 and 4 bytes, C1 controls (U+0080-U+009F), the starts of
+# characters, and bytes that are no UTF-8 (stray continuation bytes, overlong forms, a surrogate,
+# past U+10FFFF, a lead byte cut short by ASCII), alone and beside quotes and backslashes.
+UTF8 = {i + 1: data for i, data in enumerate([
+    b"a", b"ab", b'"', b'",', b"\\", b"\\n", "é".encode(), "中".encode(), "😀".encode(), "\u0085".encode(), "\u009f".encode(),
+    "\u00a0".encode(), b"\xc3", b"\xc2", b"\xe4\xb8", b"\xf0\x9f\x98", b"\x80", b"\xbf\x80", b"\xc0\xaf", b"\xe0\x80\x80",
+    b"\xed\xa0\x80", b"\xf4\x90\x80\x80", "\U0010ffff".encode(), b"\xf5\x80\x80\x80", b"\xe4a", b"a\xff", "aé中".encode(),
+    'é"'.encode(), '"é'.encode(), "\u0085a".encode(), "a\u0085".encode(), "é\\n中".encode(), b"\xc3\xa9\xc3"])}  # fmt: skip
+JSON_STRINGS = [r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"',  # Loom's grammars'
+                r'"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt])*"']  # outlines' schema regexes' (no C1 controls)
+
+
+def _well_formed_prefix(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.reason == "unexpected end of data"
+    return True
+
+
+def test_the_trie_flags_what_is_not_utf_8_and_the_c1_controls():
+    vocab = TokenVocab.build(UTF8, 64, frozenset({0}))
+    trie = token_walk.token_trie(vocab)
+    for t, data in vocab.by_id.items():
+        ill, c1 = bool(trie.tok_buckets[t] & np.uint64(token_walk.ILL_FORMED)), bool(trie.tok_buckets[t] & np.uint64(token_walk.C1_CONTROL))
+        assert ill == (not _well_formed_prefix(data)), data
+        if not ill:
+            assert c1 == any(0x80 <= ord(c) <= 0x9F for c in data.decode("utf-8", "ignore")), data
+
+
+@pytest.mark.parametrize(
+    "regex", [*JSON_STRINGS, r'"[^"]*"', r"[^a]*", r'"[^"é]*"', r"[^中]*", r"[^😀]*", r'"[^"\\\x00-\x1f]{0,3}"', r"(?:é|中|a)*x", r"[\x00-\xff]*"]
+)
+def test_walk_equals_the_numpy_scan_on_utf_8_of_every_kind(regex):
+    both(CompiledRegex(regex, TokenVocab.build(UTF8, 64, frozenset({0}))))
+
+
+@pytest.mark.parametrize("regex", JSON_STRINGS)
+def test_a_json_string_s_walk_takes_its_characters_from_the_safe_mask(regex):
+    """Inside a JSON string every well-formed character loops, so the unsafe set names what is not
+    UTF-8 (and the C1 controls, where the string leaves them out) instead of the multi-byte bytes:
+    their tokens are skipped like ASCII ones."""
+    compiled = CompiledRegex(regex, TokenVocab.build(UTF8, 64, frozenset({0})))
+    inside = int(compiled.table[compiled.initial_state][compiled.byte_class[ord('"')]])
+    unsafe, run, _ = token_walk._safe_run(compiled.table, compiled.byte_class, compiled.dead, inside, None, 99)
+    assert run == 99 and unsafe & token_walk.ILL_FORMED and not unsafe & token_walk.HI_BUCKETS
+    assert bool(unsafe & token_walk.C1_CONTROL) == ("x9F" in regex)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +235,20 @@ def test_a_lazy_dfa_gives_the_eager_masks_at_every_step(monkeypatch, trained_voc
     assert lazy._lazy is not None and lazy.num_states < eager.num_states  # only what the start's mask reached
     for seed in range(6):
         lockstep(eager, lazy, trained_vocab, seed)
+
+
+@pytest.mark.parametrize("regex", JSON_STRINGS)
+def test_a_lazy_dfa_builds_the_utf_8_states_a_string_s_search_reads(monkeypatch, regex):
+    """The search for a string's safe set reads the rows of its UTF-8 states, built on demand a
+    level at a time: the masks equal the eager DFA's along random walks."""
+    from loom.runtime.constrained import regex_dfa
+
+    vocab = TokenVocab.build(UTF8, 64, frozenset({0}))
+    eager = CompiledRegex(regex, vocab)
+    monkeypatch.setattr(regex_dfa, "EAGER_BUDGET_S", 0.0)
+    lazy = CompiledRegex(regex, vocab, lazy=True)
+    for seed in range(8):
+        lockstep(eager, lazy, vocab, seed)
 
 
 def test_a_lazy_dfa_past_its_state_bound_narrows_and_stays_sound(monkeypatch, trained_vocab):
