@@ -64,6 +64,7 @@ class EbnfMasks:
         self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int, int]] = {}  # (offset, stack) -> (checked, allowed,
         # their addresses)
         self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        self._scan_rows = 0  # the split rows _splits and _offset_scans hold, and the latter's masks (kept as they are added)
         self._runs: dict[int, tuple[int, int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_runs)
         self._rests: dict[tuple[int, int], np.ndarray] = {}
         self._sets: list[frozenset[int]] = []  # configurations interned for _accepted_from's vectorised walk
@@ -88,9 +89,8 @@ class EbnfMasks:
 
     def count(self) -> int:
         """How many packed masks are held."""
-        return (len(self._inside) + sum(len(s) for s in self._splits.values()) + 2 * len(self._crossed)
-                + sum(1 + len(s) for _, s in self._offset_scans.values()) + len(self._rests)
-                + len(self._word_cache) + len(self._masks) + len(self._across) + len(self._bulk))  # fmt: skip
+        return (len(self._inside) + self._scan_rows + 2 * len(self._crossed) + len(self._rests) + len(self._word_cache)
+                + len(self._masks) + len(self._across) + len(self._bulk))  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -102,12 +102,14 @@ class EbnfMasks:
             memos = (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
             for memo in (*memos, self._ids, self._listed, self._across, self._bulk, self._shared, self._lists):
                 memo.clear()
+            self._scan_rows = 0
 
     # ------------------------------------------------------------------ lexer-state scans
     def scan(self, lex: int) -> None:
         """The tokens that stay inside the lexeme from lexer state `lex`, and per offset j >= 1 the
         tokens that may end it after their first j bytes (packed masks)."""
         self._inside[lex], self._splits[lex] = self.scan_at(lex, 0)
+        self._scan_rows += len(self._splits[lex])
 
     def _run(self, lex: int) -> tuple[int, int, int]:
         """Lexer state `lex`'s run of safe bytes (ebnf_scan.safe_runs; kept for every state its
@@ -192,6 +194,7 @@ class EbnfMasks:
             scanned = (v.pack(v.ids[np.concatenate(inside)] if inside else []), splits)
         if offset:
             self._offset_scans[(lex, offset)] = scanned
+            self._scan_rows += 1 + len(scanned[1])
         return scanned
 
     # ------------------------------------------------------------------ tokens crossing a lexeme end

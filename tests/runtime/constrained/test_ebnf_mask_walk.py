@@ -222,3 +222,25 @@ def test_a_long_string_s_masks_share_crossings_and_settle_safe_tails(vocab, monk
             assert _allowed(compiled, g.state) == _brute(compiled, g.state), k
     assert any(shared) and any(settled), (sum(shared), sum(settled))
     assert masks._across and masks._bulk
+
+
+@pytest.mark.parametrize("name", ["json gbnf", "schema"])
+def test_the_count_of_held_masks_is_kept_as_scans_add_them(vocab, monkeypatch, name):
+    """count(), read before every new mask, is kept as scans add their rows, not recounted (at 128k
+    tokens the recount cost ~100 us a mask): it equals a recount along walks, and once past the
+    bound every cached mask goes."""
+    compiled = _compile(name, vocab)
+    m = compiled.masks
+
+    def recount() -> int:
+        return (len(m._inside) + sum(len(s) for s in m._splits.values()) + 2 * len(m._crossed)
+                + sum(1 + len(s) for _, s in m._offset_scans.values()) + len(m._rests) + len(m._word_cache)
+                + len(m._masks) + len(m._across) + len(m._bulk))  # fmt: skip
+
+    for seed in range(3):
+        for state in _random_walk(compiled, seed):
+            _allowed(compiled, state)
+            assert m.count() == recount() > 0
+    monkeypatch.setattr(ebnf_masks, "MASK_CACHE_BYTES", 0)
+    m._bound()
+    assert m.count() == recount() == 0
