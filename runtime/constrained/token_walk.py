@@ -10,7 +10,10 @@ whole subtree, so a walk does one table lookup per live trie node: ~0.1 ms for a
 Live nodes are still most of the trie from a string's contents, so the walk also skips subtrees of
 "safe" bytes (those the state loops on, or follows as a counted run): their tokens come from one
 mask per vocabulary and byte-group set (`safe_mask`; per trie node, `node_sub` says which of 64
-byte groups its subtree holds). A string state at 128k: 1.7 -> 0.45 ms.
+byte groups its subtree holds). A string state at 128k: 1.7 -> 0.45 ms. Inside a string every
+well-formed UTF-8 character loops too, so there the multi-byte tokens count as safe unless their
+bytes are not well-formed UTF-8 (a flag in `node_sub`, as if a group): half of what such a walk
+visited at 128k.
 
 The C source below is compiled once per machine (native_c.compile_c); where there is no
 compiler, `trie_mask` returns None and callers use their numpy scan.
