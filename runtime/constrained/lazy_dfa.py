@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -177,6 +178,31 @@ class SubsetDFA:
         row = [self._state(self._closure(frozenset(ts))) if ts else DEAD for ts in targets]
         self.table[q] = row  # after _state: the table may have grown meanwhile
         self.expanded[q] = True
+
+    def builds_in_c(self) -> bool:
+        return self._native is not None
+
+    def build_in_place(self, walk: Callable[[int, tuple[int, ...]], int]) -> None:
+        """Run a C walk that builds the rows it reaches with the C step itself (token_walk's trie
+        walk: a round trip through Python per row cost ~10 us, dozens a mask in a counted string):
+        walk(table address, (step, builder, accepting, expanded, address of the state count, capacity))
+        returns -1 when done, a state it lacked room to build (the arrays grow and it is called
+        again), or -2 when the step failed. Under the lock, as `expand`'s step and growth are."""
+        assert self._native is not None, "only the C step builds in place"
+        count = np.zeros(1, dtype=np.int64)
+        with self._lock:
+            while True:
+                if self._n + self.n_cls > self.table.shape[0]:  # the step adds at most one state per class
+                    self._grow(self._n + self.n_cls)
+                    self._pointers = (self.table.ctypes.data, self.accepting.ctypes.data, self.expanded.ctypes.data)
+                count[0] = self._n
+                table, accepting, expanded = self._pointers
+                answer = walk(table, (*self._native.step_in_c, accepting, expanded, count.ctypes.data, self.table.shape[0]))
+                self._n = int(count[0])
+                if answer == -1:
+                    return
+                if answer < -1:
+                    raise MemoryError("the lazy DFA's subset builder ran out of memory")
 
     def explore(self, budget_s: float) -> bool:
         """Expand states breadth first until every state is built (True) or the budget is spent."""

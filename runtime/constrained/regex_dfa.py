@@ -217,7 +217,7 @@ class CompiledRegex:
         the vocabulary's trie (token_walk.py), else `_scan_numpy`."""
         if self._trie is not None:
             expand = self._expand if self._lazy is not None else None
-            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state, expand)
+            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state, expand, self._lazy)
             if words is not None:
                 return words
         return self._scan_numpy(state)

@@ -425,6 +425,8 @@ class NativeSubsets:
         self._handle = handle
         self._expand = lib.loom_subset_expand
         self._lib = lib
+        # (the step's C address and its builder: a walk of the token trie calls it for the rows it lacks)
+        self.step_in_c = (ctypes.cast(lib.loom_subset_expand, ctypes.c_void_p).value, handle)
         weakref.finalize(self, lib.loom_subset_free, handle)
 
     def start_size(self) -> int:

@@ -29,6 +29,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,18 +37,28 @@ from loom.runtime.constrained.bitmask import bitmask_width
 from loom.runtime.constrained.native_c import compile_c
 from loom.runtime.constrained.vocabulary import TokenVocab
 
+if TYPE_CHECKING:
+    from loom.runtime.constrained.lazy_dfa import SubsetDFA
+
 _C_SOURCE = r"""
+#include <stddef.h>
 #include <stdint.h>
+/* A lazy DFA's C step (lazy_dfa / subset_native): builds state q's row, -> the state count (< 0: failed). */
+typedef int32_t (*step_fn)(void *builder, int32_t q, int32_t *table, uint8_t *accepting, uint8_t *expanded);
+
 /* Preorder trie: node i has byte node_byte[i] at depth node_depth[i] (1-based); node_skip[i] is the
    first node after its subtree; tokens ending at node i are tok_ids[tok_off[i] .. tok_off[i + 1]).
-   Walks from node *pos with the DFA states of the path so far in stack[]. Returns -1 when done, or
-   a state whose row is UNKNOWN (-1: not built yet), with *pos at the node to resume from once it is. */
+   Walks from node *pos with the DFA states of the path so far in stack[]. A row not built yet
+   (UNKNOWN: -1) is built by `step` where one is given and the table has room for its new states
+   (*n_states + n_cls <= capacity). Returns -1 when done, -2 when the step failed, or a state whose
+   row it could not build, with *pos at the node to resume from once it is. */
 int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
                        const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
-                       const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
+                       int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead,
                        int32_t *stack, uint32_t *out, int64_t *pos,
                        const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
-                       const uint8_t *safe_byte, uint8_t *safe) {
+                       const uint8_t *safe_byte, uint8_t *safe, step_fn step, void *builder, uint8_t *accepting,
+                       uint8_t *expanded, int64_t *n_states, int64_t capacity) {
     /* safe[d]: the path to depth d is all safe bytes (each keeps the walk alive for `run` bytes).
        Below such a path, a subtree with no unsafe bucket and no token longer than `run` holds only
        tokens of the caller's safe mask: skipped. */
@@ -57,7 +68,13 @@ int32_t loom_trie_mask(const uint8_t *node_byte, const int32_t *node_depth, cons
         if (safe[d - 1] && !(node_sub[i] & unsafe) && node_maxd[i] <= run) { i = node_skip[i]; continue; }
         int32_t s = table[(int64_t)stack[d - 1] * n_cls + byte_class[node_byte[i]]];
         if (s == dead) { i = node_skip[i]; continue; }
-        if (s < 0) { *pos = i; return stack[d - 1]; }
+        if (s < 0) {
+            if (!step || *n_states + n_cls > capacity) { *pos = i; return stack[d - 1]; }
+            int32_t n = step(builder, stack[d - 1], table, accepting, expanded);
+            if (n < 0) { *pos = i; return -2; }
+            *n_states = n;
+            continue;  /* node i again, its parent's row built */
+        }
         stack[d] = s;
         safe[d] = safe[d - 1] & safe_byte[node_byte[i]];
         for (int32_t k = tok_off[i]; k < tok_off[i + 1]; k++) {
@@ -92,8 +109,27 @@ static int add_pending(int32_t *pending, int32_t q) {  /* pending[0] states in p
     return 1;
 }
 
-static int64_t utf8_loops(const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead, int32_t state,
-                          int32_t *pending) {
+/* The rows a search reads: built by the lazy DFA's C step where one is given and the table has
+   room (as loom_trie_mask builds them), else listed in `pending` for the caller. */
+typedef struct {
+    int32_t *table; int64_t n_cls; step_fn step; void *builder; uint8_t *accepting, *expanded;
+    int64_t *n_states, capacity; int32_t *pending; int failed;
+} rows_t;
+
+static const int32_t *row_of(rows_t *r, int32_t q) {  /* NULL: not built (pending, or r->failed) */
+    int32_t *row = r->table + (int64_t)q * r->n_cls;
+    if (row[0] >= 0) return row;
+    if (r->step && *r->n_states + r->n_cls <= r->capacity) {
+        int32_t n = r->step(r->builder, q, r->table, r->accepting, r->expanded);
+        if (n >= 0) { *r->n_states = n; return row; }
+        r->failed = 1;
+        return NULL;
+    }
+    if (!add_pending(r->pending, q)) r->failed = 1;
+    return NULL;
+}
+
+static int64_t utf8_loops(rows_t *r, const int64_t *byte_class, int32_t dead, int32_t state) {
     int32_t cur[16], next[16];
     int64_t answer = 0;
     for (int k = 0; k < 10; k++) {
@@ -102,9 +138,9 @@ static int64_t utf8_loops(const int32_t *table, int64_t n_cls, const int64_t *by
         for (int j = 0; j < UTF8_LEN[k]; j++) {
             int n_next = 0;
             for (int c = 0; c < n_cur; c++) {
-                const int32_t *row = table + (int64_t)cur[c] * n_cls;
-                if (row[0] < 0) {  /* this branch waits for the row */
-                    if (!add_pending(pending, cur[c])) return -1;
+                const int32_t *row = row_of(r, cur[c]);
+                if (!row) {  /* this branch waits for the row */
+                    if (r->failed) return -1;
                     partial = 1;
                     continue;
                 }
@@ -126,22 +162,27 @@ static int64_t utf8_loops(const int32_t *table, int64_t n_cls, const int64_t *by
         if (k == 0 && n_cur == 0 && n_dead == 32) { answer = 1; continue; }  /* C2 live, each C1 control dead */
         if (n_dead || n_cur != 1 || cur[0] != state) return -1;
     }
-    return pending[0] ? -2 : answer;
+    return r->pending[0] ? -2 : answer;
 }
 
-/* _safe_run's search (see there) from `state`: the run of safe bytes (>= 0), with their unsafe
-   buckets in *unsafe_out, or -1 where it needs rows not built yet: their states are in
-   pending[1 .. pending[0]] (the caller builds them and calls again). The target is the live
-   successor most bytes lead to (the smallest among ties). */
-int64_t loom_safe_run(const int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead, int32_t state,
+#define RUN_ENDS_DEAD (1 << 30)
+
+/* _safe_run's search (see there) from `state`: the run of safe bytes (>= 0; RUN_ENDS_DEAD set where
+   a further safe byte kills), with their unsafe
+   buckets in *unsafe_out, or -1 where it needs rows it could not build: their states are in
+   pending[1 .. pending[0]] (the caller builds them and calls again), -2 where the step failed.
+   The target is the live successor most bytes lead to (the smallest among ties). */
+int64_t loom_safe_run(int32_t *table, int64_t n_cls, const int64_t *byte_class, int32_t dead, int32_t state,
                       const uint64_t *bucket_bit, uint64_t all_buckets, int32_t min_live, int32_t cap,
                       int32_t max_depth, uint64_t hi_buckets, uint64_t ill_formed, uint64_t c1_control,
-                      uint64_t *unsafe_out, int32_t *pending) {
+                      uint64_t *unsafe_out, int32_t *pending, step_fn step, void *builder, uint8_t *accepting,
+                      uint8_t *expanded, int64_t *n_states, int64_t capacity) {
+    rows_t r = {table, n_cls, step, builder, accepting, expanded, n_states, capacity, pending, 0};
     *unsafe_out = all_buckets;
     pending[0] = 0;
     if (state == dead) return 0;
-    const int32_t *row = table + (int64_t)state * n_cls;
-    if (row[0] < 0) { add_pending(pending, state); return -1; }
+    const int32_t *row = row_of(&r, state);
+    if (!row) return r.failed && !pending[0] ? -2 : -1;
     int32_t nexts[256], targets[256], counts[256];
     int n_targets = 0, live = 0;
     for (int b = 0; b < 256; b++) {
@@ -172,20 +213,20 @@ int64_t loom_safe_run(const int32_t *table, int64_t n_cls, const int64_t *byte_c
     while (run < cap) {
         if (target == cur) {  /* it loops: and every well-formed UTF-8 character may loop it too? */
             if (cur == state && (unsafe & hi_buckets)) {
-                int64_t q = utf8_loops(table, n_cls, byte_class, dead, state, pending);
+                int64_t q = utf8_loops(&r, byte_class, dead, state);
                 if (q == -2) return -1;
                 if (q >= 0) *unsafe_out = (unsafe & ~hi_buckets) | ill_formed | (q ? c1_control : 0);
             }
             return max_depth;
         }
         cur = target;
-        const int32_t *next_row = table + (int64_t)target * n_cls;
-        if (next_row[0] < 0) { add_pending(pending, target); return -1; }
+        const int32_t *next_row = row_of(&r, target);
+        if (!next_row) return r.failed && !pending[0] ? -2 : -1;
         int32_t following = next_row[cols[0]];
-        if (following == dead || following < 0) break;
         int uniform = 1;
         for (int k = 1; k < n_cols && uniform; k++) uniform = next_row[cols[k]] == following;
-        if (!uniform) break;
+        if (uniform && following == dead) return run | RUN_ENDS_DEAD;  /* a further safe byte kills: a count's end */
+        if (!uniform || following < 0) break;
         target = following;
         run++;
     }
@@ -364,19 +405,23 @@ def token_trie(vocab: TokenVocab) -> TokenTrie:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled walk, or None where no C compiler is at hand (or LOOM_NO_C_WALK is set)."""
+def _library(hold_gil: bool = False) -> ctypes.CDLL | None:
+    """The compiled walk, or None where no C compiler is at hand (or LOOM_NO_C_WALK is set).
+    hold_gil: loaded so that calls keep the GIL (a walk that builds a lazy DFA's rows, which
+    Python threads may read, as the step's own calls do)."""
     if os.environ.get("LOOM_NO_C_WALK"):
         return None
-    lib = compile_c(_C_SOURCE, "loom_trie_mask", "the grammar-mask walk")
+    lib = compile_c(_C_SOURCE, "loom_trie_mask", "the grammar-mask walk", hold_gil=hold_gil)
     if lib is None:
         return None
     ptr = ctypes.c_void_p
     lib.loom_trie_mask.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int64, ptr, ctypes.c_int32,
-                                   ptr, ptr, ptr, ptr, ptr, ctypes.c_uint64, ctypes.c_int32, ptr, ptr]  # fmt: skip
+                                   ptr, ptr, ptr, ptr, ptr, ctypes.c_uint64, ctypes.c_int32, ptr, ptr,
+                                   ptr, ptr, ptr, ptr, ptr, ctypes.c_int64]  # fmt: skip
     lib.loom_trie_mask.restype = ctypes.c_int32
     lib.loom_safe_run.argtypes = [ptr, ctypes.c_int64, ptr, ctypes.c_int32, ctypes.c_int32, ptr, ctypes.c_uint64, ctypes.c_int32,
-                                  ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ptr, ptr]  # fmt: skip
+                                  ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ptr, ptr,
+                                  ptr, ptr, ptr, ptr, ptr, ctypes.c_int64]  # fmt: skip
     lib.loom_safe_run.restype = ctypes.c_int64
     return lib
 
@@ -392,16 +437,18 @@ def trie_mask(
     dead: int,
     state: int,
     expand: Callable[[int], np.ndarray] | None = None,
+    lazy: SubsetDFA | None = None,
 ) -> np.ndarray | None:
     """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive in the DFA
     `table` [S, C] int32 (byte_class [256] int64 -> column); None where the walk is not compiled.
     A table built on demand (lazy_dfa.py) holds UNKNOWN (-1) rows: the walk stops at one, `expand(q)`
-    builds state q's row and returns the table (maybe reallocated), and the walk resumes."""
+    builds state q's row and returns the table (maybe reallocated), and the walk resumes. Where
+    `lazy` (the table's SubsetDFA) builds rows in C, the walk builds them itself instead."""
     lib = _library()
     if lib is None:
         return None
     assert byte_class.dtype == np.int64, "the walk reads raw arrays"
-    unsafe, run, table = _safe_run(table, byte_class, dead, state, expand, trie.max_depth)
+    unsafe, run, ends_dead, table = _safe_run(table, byte_class, dead, state, expand, trie.max_depth, lazy)
     safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
     out = safe_mask(trie, unsafe, run).copy() if run else np.zeros(trie.width, dtype=np.uint32)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
@@ -409,12 +456,16 @@ def trie_mask(
     safe = np.zeros(trie.max_depth + 1, dtype=np.uint8)
     safe[0] = 1
     pos = np.zeros(1, dtype=np.int64)
-    nodes, walk = len(trie.node_byte), lib.loom_trie_mask
+    nodes, walk, n_cls = len(trie.node_byte), lib.loom_trie_mask, table.shape[1]
     fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data, trie.node_sub.ctypes.data,
-             trie.node_maxd.ctypes.data, unsafe, run, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
+             trie.node_maxd.ctypes.data, unsafe, trie.max_depth if ends_dead else run, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
+    if lazy is not None and lazy.builds_in_c():
+        building = _library(hold_gil=True).loom_trie_mask
+        lazy.build_in_place(lambda at, step: building(*trie.pointers, nodes, at, n_cls, *fixed, *step))
+        return out
     while True:
         assert table.dtype == np.int32 and table.flags.c_contiguous, "the walk reads raw arrays"
-        unknown = walk(*trie.pointers, nodes, table.ctypes.data, table.shape[1], *fixed)
+        unknown = walk(*trie.pointers, nodes, table.ctypes.data, n_cls, *fixed, None, None, None, None, None, 0)
         if unknown < 0:
             return out
         assert expand is not None, f"state {unknown} has no row in a table that is not built on demand"
@@ -422,17 +473,24 @@ def trie_mask(
 
 
 _PENDING = 64  # rows loom_safe_run asks for at once (its PENDING)
-_RUN_CAP = 32  # steps a safe set is followed when it does not loop (a counted repetition): tokens are rarely longer
+_RUN_ENDS_DEAD = 1 << 30  # (its RUN_ENDS_DEAD)
 # Fewer live bytes than this: no safe set is looked for (its ~40 us cost more than the walk it saves).
 _MIN_SAFE_BYTES = 32
 
 
 def _safe_run(
-    table: np.ndarray, byte_class: np.ndarray, dead: int, state: int, expand: Callable[[int], np.ndarray] | None, max_depth: int
-) -> tuple[int, int, np.ndarray]:
-    """(unsafe buckets, run, table): the byte groups that all lead `state` to one live successor,
-    and how many bytes of them in a row stay live (each successor leading them all to one live
-    state; max_depth once one loops: a string's contents). A token of at most `run` safe bytes is
+    table: np.ndarray,
+    byte_class: np.ndarray,
+    dead: int,
+    state: int,
+    expand: Callable[[int], np.ndarray] | None,
+    max_depth: int,
+    lazy: SubsetDFA | None = None,
+) -> tuple[int, int, bool, np.ndarray]:
+    """(unsafe buckets, run, ends dead, table): the byte groups that all lead `state` to one live
+    successor, and how many bytes of them in a row stay live (each successor leading them all to one
+    live state; max_depth once one loops: a string's contents), and whether a further safe byte
+    kills (a count's end: a subtree of safe bytes however deep holds no other live token). A token of at most `run` safe bytes is
     allowed, so the walk takes the tokens of whole subtrees of them from one cached mask (a
     string's contents, `[a-f0-9]{40}`: most of the vocabulary) instead of visiting them.
     A state that loops and that every well-formed UTF-8 character loops too counts ILL_FORMED
@@ -441,18 +499,34 @@ def _safe_run(
     visited at 128k).
     `table` is returned as it may be, grown by `expand` (a lazy DFA building the rows it reads).
     The search runs in C (loom_safe_run; in numpy it cost ~150 us a string state, in a decode's
-    cold caches), which returns the rows it needs not built yet, a level of UTF-8 states at a time."""
+    cold caches). Where `lazy` builds rows in C the search builds those it reads itself (a counted
+    string's run is followed to max_depth: a run of 32 left ~28k nodes above longer tokens to
+    walk at 128k); else it returns the rows it needs, a level of UTF-8 states at a time."""
     lib, unsafe, pending = _library(), ctypes.c_uint64(), np.zeros(_PENDING + 1, dtype=np.int32)
     assert lib is not None, "only the C walk asks"
+    fixed = (byte_class.ctypes.data, dead, state, _BUCKET_BIT_ADDRESS, ALL_BUCKETS, _MIN_SAFE_BYTES, max_depth, max_depth,
+             HI_BUCKETS, ILL_FORMED, C1_CONTROL, ctypes.byref(unsafe), pending.ctypes.data)  # fmt: skip
+    n_cls = table.shape[1]
+    if lazy is not None and lazy.builds_in_c():
+        found: list[int] = []
+        search = _library(hold_gil=True).loom_safe_run
+
+        def step(at: int, builder: tuple[int, ...]) -> int:
+            run = search(at, n_cls, *fixed, *builder)
+            if run >= 0:
+                found.append(run)
+                return -1
+            return -2 if run == -2 else int(pending[1])  # (a row it lacked room for: grown, called again)
+
+        lazy.build_in_place(step)
+        return unsafe.value, found[0] & ~_RUN_ENDS_DEAD, bool(found[0] & _RUN_ENDS_DEAD), lazy.table
     while True:
         assert table.dtype == np.int32 and table.flags.c_contiguous, "the search reads raw arrays"
-        run = lib.loom_safe_run(table.ctypes.data, table.shape[1], byte_class.ctypes.data, dead, state, _BUCKET_BIT_ADDRESS,
-                                ALL_BUCKETS, _MIN_SAFE_BYTES, _RUN_CAP, max_depth, HI_BUCKETS, ILL_FORMED, C1_CONTROL,
-                                ctypes.byref(unsafe), pending.ctypes.data)  # fmt: skip
+        run = lib.loom_safe_run(table.ctypes.data, n_cls, *fixed, None, None, None, None, None, 0)
         if run >= 0:
-            return unsafe.value, run, table
-        if expand is None:  # (a row not built in a table that is not built on demand: nothing is safe)
-            return ALL_BUCKETS, 0, table
+            return unsafe.value, run & ~_RUN_ENDS_DEAD, bool(run & _RUN_ENDS_DEAD), table
+        if expand is None or run == -2:  # (a row not built in a table that is not built on demand: nothing is safe)
+            return ALL_BUCKETS, 0, False, table
         for q in pending[1 : 1 + pending[0]].tolist():
             table = expand(q)
 
