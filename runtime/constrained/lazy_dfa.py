@@ -192,9 +192,6 @@ class SubsetDFA:
         count = np.zeros(1, dtype=np.int64)
         with self._lock:
             while True:
-                if self._n + self.n_cls > self.table.shape[0]:  # the step adds at most one state per class
-                    self._grow(self._n + self.n_cls)
-                    self._pointers = (self.table.ctypes.data, self.accepting.ctypes.data, self.expanded.ctypes.data)
                 count[0] = self._n
                 table, accepting, expanded = self._pointers
                 answer = walk(table, (*self._native.step_in_c, accepting, expanded, count.ctypes.data, self.table.shape[0]))
@@ -203,6 +200,8 @@ class SubsetDFA:
                     return
                 if answer < -1:
                     raise MemoryError("the lazy DFA's subset builder ran out of memory")
+                self._grow(self._n + self.n_cls)  # (at least doubled: the walk then has room for the row it lacked)
+                self._pointers = (self.table.ctypes.data, self.accepting.ctypes.data, self.expanded.ctypes.data)
 
     def explore(self, budget_s: float) -> bool:
         """Expand states breadth first until every state is built (True) or the budget is spent."""
