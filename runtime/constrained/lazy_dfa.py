@@ -3,6 +3,7 @@
     dfa = SubsetDFA(regex, shown)         the NFA, its byte classes and the start state (cheap)
     dfa.explore(budget_s) -> bool          expand states breadth first; True when every state is built
     dfa.expand(q)                          build state q's row (its successors get rows of UNKNOWN)
+    dfa.build_in_place(walk)               a C walk (token_walk's) builds the rows it reaches with the C step itself
     dfa.eager() -> (table, byte_class, accepting)   once complete: dfa.determinise's layout (start 0, dead last)
 
 A schema with a counted string or two `date-time` formats has a DFA of thousands of states whose
@@ -180,6 +181,7 @@ class SubsetDFA:
         self.expanded[q] = True
 
     def builds_in_c(self) -> bool:
+        """Whether rows are built by the C step (and so `build_in_place` may be used)."""
         return self._native is not None
 
     def build_in_place(self, walk: Callable[[int, tuple[int, ...]], int]) -> None:

@@ -262,6 +262,8 @@ HI_BUCKETS = int(np.bitwise_or.reduce(BUCKET_BIT[0x80:]))  # the groups of the b
 ILL_FORMED = 1 << 63
 C1_CONTROL = 1 << 62  # nor this: the path holds a C1 control character (U+0080-U+009F), which outlines' JSON strings leave out
 _BUCKET_BIT_ADDRESS = BUCKET_BIT.ctypes.data
+
+
 def _utf8_step() -> np.ndarray:
     """[10, 256] uint8: UTF-8's well-formed byte sequences as an automaton (0: a character boundary;
     1-7 and _UTF8_AFTER_C2: inside a character, by the bytes it still takes; _UTF8_ILL: not
@@ -269,8 +271,8 @@ def _utf8_step() -> np.ndarray:
     step = np.full((10, 256), _UTF8_ILL, dtype=np.uint8)
     step[0, :0x80] = 0
     step[_UTF8_AFTER_C2, 0x80:0xC0] = 0
-    for lo, hi, to in [(0xC2, 0xC2, _UTF8_AFTER_C2), (0xC3, 0xDF, 1), (0xE0, 0xE0, 3), (0xE1, 0xEC, 2), (0xED, 0xED, 4), (0xEE, 0xEF, 2), (0xF0, 0xF0, 5),
-                       (0xF1, 0xF3, 6), (0xF4, 0xF4, 7)]:  # fmt: skip
+    for lo, hi, to in [(0xC2, 0xC2, _UTF8_AFTER_C2), (0xC3, 0xDF, 1), (0xE0, 0xE0, 3), (0xE1, 0xEC, 2), (0xED, 0xED, 4),
+                       (0xEE, 0xEF, 2), (0xF0, 0xF0, 5), (0xF1, 0xF3, 6), (0xF4, 0xF4, 7)]:  # fmt: skip
         step[0, lo : hi + 1] = to
     for q, lo, hi, to in [(1, 0x80, 0xBF, 0), (2, 0x80, 0xBF, 1), (3, 0xA0, 0xBF, 1), (4, 0x80, 0x9F, 1), (5, 0x90, 0xBF, 2),
                           (6, 0x80, 0xBF, 2), (7, 0x80, 0x8F, 2)]:  # fmt: skip
@@ -295,9 +297,9 @@ class TokenTrie:
     tok_ids: np.ndarray  # [T] int32
     max_depth: int
     width: int  # packed words per mask
-    node_sub: np.ndarray  # [N] uint64: the byte buckets (_BUCKET) of the node and its whole subtree
+    node_sub: np.ndarray  # [N] uint64: the byte buckets (_BUCKET) of the node and its whole subtree, and ILL_FORMED / C1_CONTROL
     node_maxd: np.ndarray  # [N] int32: the depth of the deepest node of its subtree
-    tok_buckets: np.ndarray  # [V] uint64: each token's byte buckets (all bits: not in the trie)
+    tok_buckets: np.ndarray  # [V] uint64: each token's byte buckets and flags (all bits: not in the trie)
     tok_len: np.ndarray  # [V] int32: each token's length (past max_depth: not in the trie)
     by_len: np.ndarray  # [T] the trie's token ids by length (ties in trie order)
     len_off: np.ndarray  # [max_depth + 2] tokens of length r are by_len[len_off[r] : len_off[r + 1]]
@@ -361,11 +363,11 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     byte = np.asarray(node_byte, dtype=np.uint8)
     levels = [np.flatnonzero((depth == d) & (parent >= 0)) for d in range(2, int(depth.max()) + 1)] if n else []
     utf8 = _UTF8_STEP[0, byte]  # [N] each node's path's UTF-8 state (_UTF8_STEP)
+    c1 = np.zeros(n, dtype=bool)  # [N] the node's byte ends a C1 control character
     for idx in levels:  # parents before children
-        utf8[idx] = _UTF8_STEP[utf8[parent[idx]], byte[idx]]
-    c1 = np.zeros(n, dtype=bool)
-    for idx in levels:
-        c1[idx] = (utf8[parent[idx]] == _UTF8_AFTER_C2) & (byte[idx] < 0xA0)
+        above = utf8[parent[idx]]
+        utf8[idx] = _UTF8_STEP[above, byte[idx]]
+        c1[idx] = (above == _UTF8_AFTER_C2) & (byte[idx] < 0xA0)
     node_sub = BUCKET_BIT[byte] | np.where(utf8 == _UTF8_ILL, np.uint64(ILL_FORMED), np.uint64(0))  # [N] uint64
     node_sub |= np.where(c1, np.uint64(C1_CONTROL), np.uint64(0))
     path = node_sub.copy()
@@ -490,9 +492,10 @@ def _safe_run(
     """(unsafe buckets, run, ends dead, table): the byte groups that all lead `state` to one live
     successor, and how many bytes of them in a row stay live (each successor leading them all to one
     live state; max_depth once one loops: a string's contents), and whether a further safe byte
-    kills (a count's end: a subtree of safe bytes however deep holds no other live token). A token of at most `run` safe bytes is
-    allowed, so the walk takes the tokens of whole subtrees of them from one cached mask (a
-    string's contents, `[a-f0-9]{40}`: most of the vocabulary) instead of visiting them.
+    kills (a count's end: a subtree of safe bytes, however deep, holds no other live token). A
+    token of at most `run` safe bytes is allowed, so the walk takes the tokens of whole subtrees of
+    them from one cached mask (a string's contents, `[a-f0-9]{40}`: most of the vocabulary) instead
+    of visiting them.
     A state that loops and that every well-formed UTF-8 character loops too counts ILL_FORMED
     (and C1_CONTROL where those characters kill it) unsafe instead of the multi-byte bytes' groups:
     its walk skips the tokens of such characters as well (half the nodes a JSON string's state
