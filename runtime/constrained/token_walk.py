@@ -475,6 +475,10 @@ def trie_mask(
 
 
 _PENDING = 64  # rows loom_safe_run asks for at once (its PENDING)
+# Steps a safe set is followed where it does not loop (a counted string), each a state the walk
+# builds ahead: tokens are rarely longer (at 128k: 109 tokens; 3.7k nodes above them, where a run
+# of 32 left 30k), and the first mask in a long string builds half the states a run of 136 did.
+_RUN_CAP = 64
 _RUN_ENDS_DEAD = 1 << 30  # (its RUN_ENDS_DEAD)
 # Fewer live bytes than this: no safe set is looked for (its ~40 us cost more than the walk it saves).
 _MIN_SAFE_BYTES = 32
@@ -507,7 +511,7 @@ def _safe_run(
     walk at 128k); else it returns the rows it needs, a level of UTF-8 states at a time."""
     lib, unsafe, pending = _library(), ctypes.c_uint64(), np.zeros(_PENDING + 1, dtype=np.int32)
     assert lib is not None, "only the C walk asks"
-    fixed = (byte_class.ctypes.data, dead, state, _BUCKET_BIT_ADDRESS, ALL_BUCKETS, _MIN_SAFE_BYTES, max_depth, max_depth,
+    fixed = (byte_class.ctypes.data, dead, state, _BUCKET_BIT_ADDRESS, ALL_BUCKETS, _MIN_SAFE_BYTES, min(_RUN_CAP, max_depth), max_depth,
              HI_BUCKETS, ILL_FORMED, C1_CONTROL, ctypes.byref(unsafe), pending.ctypes.data)  # fmt: skip
     n_cls = table.shape[1]
     if lazy is not None and lazy.builds_in_c():
