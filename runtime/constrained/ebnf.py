@@ -20,7 +20,7 @@ import lark
 import numpy as np
 import torch
 
-from loom.runtime.constrained.counted_scan import mark_string_states
+from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
@@ -346,5 +346,7 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
         for dfa in compiled.dfas:  # and which lexer states are a string's contents
             if not dfa.string_states:
                 mark_string_states(dfa)
+            if dfa.counted is not None:  # and a counted string's scans, count by count
+                warm_counts(vocab, dfa.counted)
     compiled.mask(compiled.initial)
     return compiled

@@ -186,3 +186,23 @@ def test_a_string_s_quote_rows_crossed_in_one_walk_equal_each_row_crossed(vocab)
         assert np.array_equal(at_once, each), sid
         crossed += int(np.bitwise_count(each).sum())
     assert crossed > 10
+
+
+def test_compiling_a_counted_string_s_grammar_answers_every_count_s_scan_ahead(vocab, monkeypatch):
+    """compile_grammar takes each count's scan of a counted string's lexeme on the compiling thread
+    (warm_counts), so no mask that reaches a count computes it: with the computing parts removed
+    after the compile, every count still has its answer."""
+    source, dfas = schema_to_grammar(json.dumps({"type": "string", "minLength": 1, "maxLength": 150}), DEFAULT_WHITESPACE, False)
+    compiled = compile_grammar("lark", source, vocab, terminal_dfas=dfas)
+    shapes = [dfa.counted for dfa in compiled.dfas if dfa.counted is not None]
+    assert len(shapes) >= 2  # the chunk and a tail
+    profile = counted_scan._profile(vocab, token_trie(vocab), counted_scan._library())
+
+    def computed(*args):
+        raise AssertionError("a count's scan was computed after the compile")
+
+    monkeypatch.setattr(profile, "quote_rows", computed)
+    monkeypatch.setattr(profile, "chunk_rows", computed)
+    for shape in shapes:
+        for state in np.flatnonzero(shape.copy >= 0).tolist():
+            assert counted_scan.counted_scan(vocab, shape, state, 0) is not None
