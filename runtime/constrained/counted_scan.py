@@ -34,6 +34,7 @@ import functools
 import itertools
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -382,13 +383,18 @@ def warm(vocab: TokenVocab) -> None:
     last_unsafe_byte(trie, safe_run(table, accepting, 0, trie.max_depth)[0])
 
 
-def warm_counts(vocab: TokenVocab, shape: CountedShape) -> None:
+def warm_counts(vocab: TokenVocab, shape: CountedShape, deadline: float) -> bool:
     """Every count's scan answer of a counted string's lexeme, now (a compile thread's job: ~10 ms
     at 128k tokens for a long string's chunk and tails, once per process, as answers are shared by
     every grammar), not at the first mask that reaches each count (~0.1-0.35 ms each there: a
-    chunked `maxLength: 1024` string met a new count at nearly every one of its first masks)."""
+    chunked `maxLength: 1024` string met a new count at nearly every one of its first masks).
+    Stops at `deadline` (time.monotonic()): a schema of many differently bounded strings leaves
+    the rest to its masks. -> whether every count was taken."""
     for state in np.flatnonzero(shape.copy >= 0).tolist():
+        if time.monotonic() > deadline:
+            return False
         counted_scan(vocab, shape, state, 0)
+    return True
 
 
 def counted_scan(vocab: TokenVocab, shape: CountedShape, state: int, offset: int) -> CountedScan | None:

@@ -16,6 +16,8 @@ lexeme end are walked against the parser.
 
 from __future__ import annotations
 
+import time
+
 import lark
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from loom.runtime.constrained.vocabulary import TokenVocab
 EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
+WARM_COUNTS_S = 0.03  # compile time taken for counted strings' scans ahead (warm_counts): a long string's are ~10 ms
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 
 # Lark's common.lark spells ESCAPED_STRING with a look-behind, which has no automaton; this is
@@ -343,10 +346,11 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
     if walk_available():
         token_trie(vocab)
         warm_counted(vocab)  # (the vocabulary's tokens read as string characters: counted_scan)
+        deadline = time.monotonic() + WARM_COUNTS_S
         for dfa in compiled.dfas:  # and which lexer states are a string's contents
             if not dfa.string_states:
                 mark_string_states(dfa)
-            if dfa.counted is not None:  # and a counted string's scans, count by count
-                warm_counts(vocab, dfa.counted)
+            if dfa.counted is not None:  # and a counted string's scans, count by count (while time lasts)
+                warm_counts(vocab, dfa.counted, deadline)
     compiled.mask(compiled.initial)
     return compiled

@@ -206,3 +206,4 @@ def test_compiling_a_counted_string_s_grammar_answers_every_count_s_scan_ahead(v
     for shape in shapes:
         for state in np.flatnonzero(shape.copy >= 0).tolist():
             assert counted_scan.counted_scan(vocab, shape, state, 0) is not None
+    assert not counted_scan.warm_counts(vocab, shapes[0], deadline=0.0)  # past its deadline, it takes none
