@@ -413,7 +413,9 @@ def run_all(args: argparse.Namespace) -> list[JobResult]:
                 pool = new_pool()
             results.append(res)
             if args.verbose:
-                print(f"{backend:<10} {ds:<16} {path.name:<28} {res.status:<8} {res.output:<10} {res.message[:90]}", file=sys.stderr)
+                masks = sorted(res.mask_s)
+                timing = f"{len(masks)} masks p50 {masks[len(masks) // 2] * 1e6:.0f} max {masks[-1] * 1e6:.0f} us" if masks else "no masks"
+                print(f"{backend:<10} {ds:<16} {path.name:<28} {res.status:<8} {res.output:<10} {timing:<32} {res.message[:90]}", file=sys.stderr)
         pool.terminate()
     return results
 
