@@ -239,8 +239,9 @@ def test_a_lazy_dfa_gives_the_eager_masks_at_every_step(monkeypatch, trained_voc
 
 @pytest.mark.parametrize("regex", JSON_STRINGS)
 def test_a_lazy_dfa_builds_the_utf_8_states_a_string_s_search_reads(monkeypatch, regex):
-    """The search for a string's safe set reads the rows of its UTF-8 states, built on demand a
-    level at a time: the masks equal the eager DFA's along random walks."""
+    """The search for a string's safe set reads the rows of its UTF-8 states, built on demand (by
+    the C step from inside the search and the walk, the arrays growing between calls): the masks
+    equal the eager DFA's along random walks."""
     from loom.runtime.constrained import regex_dfa
 
     vocab = TokenVocab.build(UTF8, 64, frozenset({0}))
