@@ -128,11 +128,6 @@ class CompiledRegex:
             self._lazy.expand(state)
         return self.table[state]
 
-    def _expand(self, state: int) -> np.ndarray:
-        assert self._lazy is not None
-        self._lazy.expand(state)
-        return self._lazy.table
-
     @property
     def num_states(self) -> int:
         return self._lazy.num_states - 1 if self._lazy is not None else self.dead
@@ -216,8 +211,7 @@ class CompiledRegex:
         """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive: a walk of
         the vocabulary's trie (token_walk.py), else `_scan_numpy`."""
         if self._trie is not None:
-            expand = self._expand if self._lazy is not None else None
-            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state, expand, self._lazy)
+            words = trie_mask(self._trie, self.table, self.byte_class, self.dead, state, self._lazy)
             if words is not None:
                 return words
         return self._scan_numpy(state)

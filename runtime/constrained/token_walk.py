@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -438,19 +437,18 @@ def trie_mask(
     byte_class: np.ndarray,
     dead: int,
     state: int,
-    expand: Callable[[int], np.ndarray] | None = None,
     lazy: SubsetDFA | None = None,
 ) -> np.ndarray | None:
     """Packed words [ceil(V / 32)] uint32 of the tokens whose bytes keep `state` alive in the DFA
     `table` [S, C] int32 (byte_class [256] int64 -> column); None where the walk is not compiled.
-    A table built on demand (lazy_dfa.py) holds UNKNOWN (-1) rows: the walk stops at one, `expand(q)`
-    builds state q's row and returns the table (maybe reallocated), and the walk resumes. Where
-    `lazy` (the table's SubsetDFA) builds rows in C, the walk builds them itself instead."""
+    A table built on demand (`lazy`, its SubsetDFA: lazy_dfa.py) holds UNKNOWN (-1) rows: where
+    the DFA builds rows in C the walk builds them itself; else it stops at one, `lazy` builds
+    it in Python (the table may be reallocated), and the walk resumes."""
     lib = _library()
     if lib is None:
         return None
     assert byte_class.dtype == np.int64, "the walk reads raw arrays"
-    unsafe, run, ends_dead, table = _safe_run(table, byte_class, dead, state, expand, trie.max_depth, lazy)
+    unsafe, run, ends_dead, table = _safe_run(table, byte_class, dead, state, trie.max_depth, lazy)
     safe_byte = ((BUCKET_BIT & np.uint64(unsafe)) == 0).view(np.uint8)
     out = safe_mask(trie, unsafe, run).copy() if run else np.zeros(trie.width, dtype=np.uint32)
     stack = np.zeros(trie.max_depth + 1, dtype=np.int32)
@@ -459,8 +457,8 @@ def trie_mask(
     safe[0] = 1
     pos = np.zeros(1, dtype=np.int64)
     nodes, walk, n_cls = len(trie.node_byte), lib.loom_trie_mask, table.shape[1]
-    fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data, trie.node_sub.ctypes.data,
-             trie.node_maxd.ctypes.data, unsafe, trie.max_depth if ends_dead else run, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
+    fixed = (byte_class.ctypes.data, dead, stack.ctypes.data, out.ctypes.data, pos.ctypes.data, *trie.sub_pointers, unsafe,
+             trie.max_depth if ends_dead else run, safe_byte.ctypes.data, safe.ctypes.data)  # fmt: skip
     if lazy is not None and lazy.builds_in_c():
         building = _library(hold_gil=True).loom_trie_mask
         lazy.build_in_place(lambda at, step: building(*trie.pointers, nodes, at, n_cls, *fixed, *step))
@@ -470,8 +468,9 @@ def trie_mask(
         unknown = walk(*trie.pointers, nodes, table.ctypes.data, n_cls, *fixed, None, None, None, None, None, 0)
         if unknown < 0:
             return out
-        assert expand is not None, f"state {unknown} has no row in a table that is not built on demand"
-        table = expand(unknown)
+        assert lazy is not None, f"state {unknown} has no row in a table that is not built on demand"
+        lazy.expand(unknown)
+        table = lazy.table
 
 
 _PENDING = 64  # rows loom_safe_run asks for at once (its PENDING)
@@ -489,7 +488,6 @@ def _safe_run(
     byte_class: np.ndarray,
     dead: int,
     state: int,
-    expand: Callable[[int], np.ndarray] | None,
     max_depth: int,
     lazy: SubsetDFA | None = None,
 ) -> tuple[int, int, bool, np.ndarray]:
@@ -504,7 +502,7 @@ def _safe_run(
     (and C1_CONTROL where those characters kill it) unsafe instead of the multi-byte bytes' groups:
     its walk skips the tokens of such characters as well (half the nodes a JSON string's state
     visited at 128k).
-    `table` is returned as it may be, grown by `expand` (a lazy DFA building the rows it reads).
+    `table` is returned as it may be, grown by `lazy` (the table's SubsetDFA, building the rows it reads).
     The search runs in C (loom_safe_run; in numpy it cost ~150 us a string state, in a decode's
     cold caches). Where `lazy` builds rows in C the search builds those it reads itself (a counted
     string's run is followed to max_depth: a run of 32 left ~28k nodes above longer tokens to
@@ -532,10 +530,11 @@ def _safe_run(
         run = lib.loom_safe_run(table.ctypes.data, n_cls, *fixed, None, None, None, None, None, 0)
         if run >= 0:
             return unsafe.value, run & ~_RUN_ENDS_DEAD, bool(run & _RUN_ENDS_DEAD), table
-        if expand is None or run == -2:  # (a row not built in a table that is not built on demand: nothing is safe)
+        if lazy is None or run == -2:  # (a row not built in a table that is not built on demand: nothing is safe)
             return ALL_BUCKETS, 0, False, table
         for q in pending[1 : 1 + pending[0]].tolist():
-            table = expand(q)
+            lazy.expand(q)
+        table = lazy.table
 
 
 def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:

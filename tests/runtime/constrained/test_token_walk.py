@@ -129,7 +129,7 @@ def test_a_json_string_s_walk_takes_its_characters_from_the_safe_mask(regex):
     their tokens are skipped like ASCII ones."""
     compiled = CompiledRegex(regex, TokenVocab.build(UTF8, 64, frozenset({0})))
     inside = int(compiled.table[compiled.initial_state][compiled.byte_class[ord('"')]])
-    unsafe, run, _, _ = token_walk._safe_run(compiled.table, compiled.byte_class, compiled.dead, inside, None, 99)
+    unsafe, run, _, _ = token_walk._safe_run(compiled.table, compiled.byte_class, compiled.dead, inside, 99)
     assert run == 99 and unsafe & token_walk.ILL_FORMED and not unsafe & token_walk.HI_BUCKETS
     assert bool(unsafe & token_walk.C1_CONTROL) == ("x9F" in regex)
 
