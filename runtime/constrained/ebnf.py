@@ -147,6 +147,8 @@ class CompiledEbnf:
         self._after: dict[tuple[int, int], int | None] = {}
         self._startable: dict[int, tuple[int, ...]] = {}
         self._can_end: dict[int, bool] = {}
+        self._signature: dict[int, int] = {}
+        self._signatures: dict[tuple[tuple[int, bool], ...], int] = {}
         self._step1: dict[int, tuple[int, ...]] = {}
         self._step: dict[tuple[frozenset[int], int], frozenset[int]] = {}
         self._forced: dict[frozenset[int], bytes] = {}
@@ -206,6 +208,18 @@ class CompiledEbnf:
             acts = self._actions[self._top[sid]]
             out = tuple(sorted({t for t in acts if t != self._end and self.after(sid, t) is not None} | self.ignored))
             self._startable[sid] = out
+        return out
+
+    def signature(self, sid: int) -> int:
+        """What a walk from a lexeme boundary at this stack reads of it while every lexeme it
+        completes leaves the stack as it is (ebnf_walk's shallow walks): the terminals startable
+        here, and which of them leave it so (ignored ones). Stacks of one signature (an interned
+        id) share those walks' verdicts: a maxLength string's chunk counts, or a schema's objects
+        of one shape at different depths."""
+        out = self._signature.get(sid)
+        if out is None:
+            key = tuple((t, self.after(sid, t) == sid) for t in self.startable(sid))
+            out = self._signature[sid] = self._signatures.setdefault(key, len(self._signatures))
         return out
 
     def stack_can_end(self, sid: int) -> bool:

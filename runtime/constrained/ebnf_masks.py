@@ -8,11 +8,12 @@ lexeme boundary at the stack after it. Per lexer state (grammar-wide, once) one 
 vocabulary's byte trie against the terminal's automaton (C, ebnf_scan.lexeme_scan; a vectorised
 numpy pass where there is no compiler) gives the tokens that stay inside, which need no parser,
 and per offset j the few that may end it after j bytes. Only those cross a lexeme end: their
-remainders are walked against the parser, and each token's verdict is kept per (offset, stack),
-as it depends on nothing else. What a scan's split rows let cross at a stack is also kept by the
-rows' content (another lexer state's scan often lists the same tokens), and the tokens whose
-remainders stay inside a lexeme startable there (safe bytes, within its run) are not walked at
-all. Masks are cached per position, so a state seen before costs one copy. A string's contents
+remainders are walked against the parser, and each token's verdict is kept per (offset, stack
+signature) where its walk read nothing of the stack but the terminals startable there (a chunk
+count's stacks, or objects of one shape, share them), else per (offset, stack). What a scan's
+split rows let cross at a stack is also kept by the rows' content (another lexer state's scan
+often lists the same tokens), and the tokens whose remainders stay inside a lexeme startable
+there (safe bytes, within its run) are not walked at all. Masks are cached per position, so a state seen before costs one copy. A string's contents
 (any unbounded string's, a `maxLength` string's chunks and tail) are scanned once per vocabulary,
 not per grammar (counted_scan.py), and what such a shared row lets cross is kept per stack.
 """
@@ -61,8 +62,10 @@ class EbnfMasks:
         self.width = bitmask_width(vocab.vocab_size)
         self._inside: dict[int, np.ndarray] = {}
         self._splits: dict[int, dict[int, np.ndarray]] = {}
-        self._crossed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int, int]] = {}  # (offset, stack) -> (checked, allowed,
-        # their addresses)
+        self._crossed: dict[tuple[int, int], tuple[np.ndarray, int]] = {}  # (offset, stack) -> (checked and allowed [2 width],
+        # their address): verdicts at that stack
+        self._shared_crossed: dict[tuple[int, int], tuple[np.ndarray, int]] = {}  # (offset, stack signature) -> (checked,
+        # allowed and deep [3 width], their address): verdicts at every stack of that signature (ebnf_walk.loom_ebnf_cross)
         self._offset_scans: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
         self._scan_rows = 0  # the split rows _splits and _offset_scans hold, and the latter's masks (kept as they are added)
         self._runs: dict[int, tuple[int, int, int]] = {}  # lexer state -> its run of safe bytes (ebnf_scan.safe_runs)
@@ -83,14 +86,17 @@ class EbnfMasks:
         # they let cross
         self._bulk: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # id(split row) -> (it, unsafe buckets, its safe-tailed tokens)
         self._reach: dict[tuple[int, int], int] = {}  # (stack, unsafe buckets) -> _safe_reach
+        self._across_shared: dict[tuple[object, int], tuple] = {}  # (_listed's key, stack signature) -> (what the
+        # shallow walks of a string's closing-quote rows accept, the addresses of the deep tokens' ids and offsets and
+        # their count, and those arrays): _cross_list
         self._shared: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its serial): a counted scan's rows
         self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int], tuple]] = {}  # id(splits) -> (them, the
         # addresses of every row's ids and offsets and their count, counted_scan's `listed` holding those arrays)
 
     def count(self) -> int:
         """How many packed masks are held."""
-        return (len(self._inside) + self._scan_rows + 2 * len(self._crossed) + len(self._rests) + len(self._word_cache)
-                + len(self._masks) + len(self._across) + len(self._bulk))  # fmt: skip
+        return (len(self._inside) + self._scan_rows + 2 * len(self._crossed) + 3 * len(self._shared_crossed) + len(self._rests) + len(self._word_cache)
+                + len(self._masks) + len(self._across) + len(self._across_shared) + len(self._bulk))  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -99,8 +105,8 @@ class EbnfMasks:
     def _bound(self) -> None:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
-            memos = (self._inside, self._splits, self._crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
-            for memo in (*memos, self._ids, self._listed, self._across, self._bulk, self._shared, self._lists):
+            memos = (self._inside, self._splits, self._crossed, self._shared_crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
+            for memo in (*memos, self._ids, self._listed, self._across, self._across_shared, self._bulk, self._shared, self._lists):
                 memo.clear()
             self._scan_rows = 0
 
@@ -227,10 +233,7 @@ class EbnfMasks:
         words = self._across.get(key) if key is not None else None
         listed = self._lists.get(id(splits)) if words is None and key is not None and cross_walk_available() else None
         if listed is not None and listed[0] is splits:  # a string's closing-quote rows: every row in one walk
-            words = self._across[key] = np.zeros(self.width, dtype=np.uint32)
-            if self._walker is None:
-                self._walker = CrossingWalker(self.g)
-            self._walker.cross_list(sid, listed[1], words)
+            words = self._across[key] = self._cross_list(held[1], sid, listed[2])
         if words is None:
             words = out if key is None else np.zeros(self.width, dtype=np.uint32)
             for j, enders in splits.items():
@@ -248,10 +251,33 @@ class EbnfMasks:
         if words is not out:
             out |= words
 
+    def _cross_list(self, name: object, sid: int, listed: tuple[np.ndarray, np.ndarray, tuple[int, int, int]]) -> np.ndarray:
+        """The tokens of a string's closing-quote rows (`listed`: counted_scan's ids, their offsets
+        and the addresses of both; `name`: their content) accepted at stack `sid`, in one walk.
+        What the shallow walks accept holds at every stack of sid's signature and is kept (see
+        ebnf_walk.CrossingWalker.cross): at another such stack only the deep tokens are walked."""
+        if self._walker is None:
+            self._walker = CrossingWalker(self.g)
+        key = (name, self.g.signature(sid))
+        held = self._across_shared.get(key)
+        if held is not None:
+            words = held[0].copy()
+            if held[1][2]:
+                self._walker.cross_list(sid, held[1], words)
+            return words
+        words, deep = np.zeros(self.width, dtype=np.uint32), np.zeros(self.width, dtype=np.uint32)
+        self._walker.cross_list(sid, listed[2], words, deep)
+        ids, offs = listed[0], listed[1]
+        sel = (deep[ids >> 5] >> (ids & 31).astype(np.uint32) & 1).astype(bool)
+        ids, offs = np.ascontiguousarray(ids[sel]), np.ascontiguousarray(offs[sel])
+        self._across_shared[key] = (words & ~deep, (ids.ctypes.data, offs.ctypes.data, len(ids)), ids, offs)
+        return words
+
     def _crossing(self, offset: int, sid: int, enders: np.ndarray, out: np.ndarray) -> None:
         """out |= the tokens of `enders` (packed) whose bytes from `offset` on are accepted from a
         lexeme boundary at stack `sid`. A token's verdict depends on nothing else, so each is
-        checked once per (offset, stack): walked in C (ebnf_walk) or Python (`_accepted_from`),
+        checked once per (offset, stack), or per (offset, stack signature) where its walk read no
+        more of the stack (ebnf_walk.CrossingWalker.cross): walked in C or Python (`_accepted_from`),
         or, for a lexeme ending inside most tokens (a string's chunks), by lexer-state scans."""
         held = self._bulk.get(id(enders))
         if held is not None and held[0] is enders:  # the tokens whose remainders stay inside a lexeme startable here
@@ -261,21 +287,25 @@ class EbnfMasks:
                 short = held[2] & safe_mask(trie, 0, min(offset + reach, trie.max_depth))
                 out |= short
                 enders = enders & ~short
-        key = (offset, sid)
-        memo = self._crossed.get(key)
-        if memo is None:
-            checked, allowed = np.zeros_like(enders), np.zeros_like(enders)
-            memo = self._crossed[key] = (checked, allowed, checked.ctypes.data, allowed.ctypes.data)
-        checked, allowed, at_checked, at_allowed = memo
+        own = self._crossed.get((offset, sid))
+        if own is None:
+            words = np.zeros(2 * self.width, dtype=np.uint32)
+            own = self._crossed[(offset, sid)] = (words, words.ctypes.data)
+        checked, allowed = own[0][: self.width], own[0][self.width :]
         if cross_walk_available():
             if self._walker is None:
                 self._walker = CrossingWalker(self.g)
+            key = (offset, self.g.signature(sid))
+            shared = self._shared_crossed.get(key)
+            if shared is None:
+                words = np.zeros(3 * self.width, dtype=np.uint32)
+                shared = self._shared_crossed[key] = (words, words.ctypes.data)
             held = self._ids.get(id(enders))
             if held is not None and held[0] is enders:
                 ids, at_enders = held[2], 0
             else:
                 ids, at_enders = None, np.ascontiguousarray(enders).ctypes.data
-            if self._walker.cross_at(offset, sid, at_enders, at_checked, at_allowed, out.ctypes.data, _MANY, ids):
+            if self._walker.cross_at(offset, sid, at_enders, shared[1], own[1], out.ctypes.data, _MANY, ids):
                 return
             many = True
         else:

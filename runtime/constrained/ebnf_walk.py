@@ -12,7 +12,8 @@ stay in Python: a row lists, per interned stack, the terminals a lexeme may be o
 stack once one is complete (CompiledEbnf.startable / after). C asks for a row it lacks by returning
 the stack's id; Python fills it (interning new stacks as Lark's LALR table says) and C resumes at
 the token it stopped on, so the C walk is the Python one, set by set, MAX_CONFIGS truncation
-included.
+included. A walk that completes no lexeme but to stay at its stack (shallow) read only the stack's
+signature (its startable terminals): its verdict is kept for every stack of that signature.
 
 LOOM_NO_C_EBNF=1 turns the C walk off (the Python walk stays).
 """
@@ -48,12 +49,14 @@ static int cmp_i64(const void *a, const void *b) {
 #define NEED(s) do { if ((s) >= n_rows || row_off[s] < 0) { *need = (s); return -2; } } while (0)
 
 /* One step of the sorted set cur[0..n) by byte b into out (sorted, unique, at most max_configs
-   smallest kept); returns its size, or -2 with *need set when a row is missing. */
+   smallest kept); returns its size, or -2 with *need set when a row is missing. *deep is set when
+   a lexeme completes at a stack other than start_sid, or goes on at one (the step then depends on
+   more of the stack than start_sid's startable terminals: see loom_ebnf_cross). */
 static int64_t step_set(const int64_t *cur, int64_t n, int b, int64_t *out, int64_t *scratch, int64_t scratch_cap,
                         const int32_t *trans, const uint8_t *accepting, const int32_t *lex_terminal,
                         const int32_t *offsets, int64_t n_lex, int64_t boundary, const int64_t *row_off,
                         const int32_t *row_len, const int32_t *row_pairs, int64_t n_rows, int64_t max_configs,
-                        int64_t *need) {
+                        int64_t *need, int64_t start_sid, int *deep) {
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t c = cur[i], sid = c / n_lex, lex = c % n_lex, starts = -1;
@@ -71,6 +74,7 @@ static int64_t step_set(const int64_t *cur, int64_t n, int b, int64_t *out, int6
                 const int32_t *p = row_pairs + 2 * row_off[sid];
                 for (int32_t k = 0; k < row_len[sid]; k++)
                     if (p[2 * k] == t) { starts = p[2 * k + 1]; break; }
+                if (sid != start_sid || starts != start_sid) *deep = 1;
             }
         }
         if (starts >= 0) {
@@ -111,15 +115,24 @@ typedef struct {
     int64_t *first;   /* [256 * max_configs]: the start set stepped by each byte (first_len: -1 not yet) */
     int64_t need;     /* the stack whose row is missing */
     int64_t resume;   /* the token (in walking order) to resume at */
+    uint8_t *deep;    /* [max token length + 1]: per depth, whether the walk there is deep (step_set) */
+    uint32_t *walked; /* [2 * width]: a call's verdicts and deep flags, per token walked */
 } ctx_t;
 
+#define STEP(cur, n, b, out, deep) step_set(cur, n, b, out, x->scratch, x->scratch_cap, x->trans, x->accepting, \
+    x->lex_terminal, x->offsets, x->n_lex, x->boundary, x->row_off, x->row_len, x->row_pairs, x->n_rows, mc, &x->need, \
+    start / x->n_lex, deep)
+
 /* Walks x->order[0..n) (from x->resume) from their byte `offset` on, from configuration `start` (a
-   boundary at the stack after a lexeme end), setting the accepted ones in `allowed`. Returns 0; -2
-   when the row of stack x->need is missing (fill it and call again: the walk resumes where it
-   was); -3 when scratch is too small (grow it and call again, likewise). The start set's step by
-   each first byte is computed once a call (the one step every token takes, and most tokens'
-   last), and a token shares the sets of its previous token's common prefix. */
-static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset, int64_t start, const int64_t *offs) {
+   boundary at the stack after a lexeme end), setting the accepted ones in `allowed`, and in
+   `deep_out` (when given) those whose walk went deep (step_set). Returns 0; -2 when the row of
+   stack x->need is missing (fill it and call again: the walk resumes where it was); -3 when
+   scratch is too small (grow it and call again, likewise). The start set's step by each first
+   byte is computed once a call (the one step every token takes, and most tokens' last; never
+   deep: the start is a boundary), and a token shares the sets of its previous token's common
+   prefix. */
+static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset, int64_t start, const int64_t *offs,
+                          uint32_t *deep_out) {
     int64_t mc = x->max_configs;
     int64_t first_len[256];
     for (int b = 0; b < 256; b++) first_len[b] = -1;
@@ -131,6 +144,7 @@ static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset
             if (offs) offset = offs[k];
             x->sets[offset * mc] = start;
             x->sizes[offset] = 1;
+            x->deep[offset] = 0;
             valid = offset;
             prev = 0;
         }
@@ -143,11 +157,9 @@ static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset
             while (d < lim && cur[d] == prev[d]) d++;
         }
         if (d == offset) {
-            int b = cur[d];
+            int b = cur[d], ignored = 0;
             if (first_len[b] < 0) {
-                int64_t r = step_set(x->sets + d * mc, 1, b, x->first + b * mc, x->scratch, x->scratch_cap, x->trans,
-                                     x->accepting, x->lex_terminal, x->offsets, x->n_lex, x->boundary, x->row_off,
-                                     x->row_len, x->row_pairs, x->n_rows, mc, &x->need);
+                int64_t r = STEP(x->sets + d * mc, 1, b, x->first + b * mc, &ignored);
                 if (r < 0) {
                     x->resume = k;
                     return r;
@@ -156,18 +168,22 @@ static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset
             }
             memcpy(x->sets + (d + 1) * mc, x->first + b * mc, first_len[b] * sizeof(int64_t));
             x->sizes[++d] = first_len[b];
+            x->deep[d] = 0;
         }
         while (d < len && x->sizes[d] > 0) {
-            int64_t r = step_set(x->sets + d * mc, x->sizes[d], cur[d], x->sets + (d + 1) * mc, x->scratch,
-                                 x->scratch_cap, x->trans, x->accepting, x->lex_terminal, x->offsets, x->n_lex,
-                                 x->boundary, x->row_off, x->row_len, x->row_pairs, x->n_rows, mc, &x->need);
+            int deep = 0;
+            int64_t r = STEP(x->sets + d * mc, x->sizes[d], cur[d], x->sets + (d + 1) * mc, &deep);
             if (r < 0) {
                 x->resume = k;
                 return r;
             }
-            x->sizes[++d] = r;
+            x->sizes[d + 1] = r;
+            x->deep[d + 1] = x->deep[d] | deep;
+            d++;
         }
-        if (d == len && x->sizes[d] > 0) allowed[t >> 5] |= (uint32_t)1 << (t & 31);
+        uint32_t bit = (uint32_t)1 << (t & 31);
+        if (d == len && x->sizes[d] > 0) allowed[t >> 5] |= bit;
+        if (deep_out && x->deep[d]) deep_out[t >> 5] |= bit;
         prev = cur;
         prev_len = len;
         valid = d;
@@ -176,59 +192,84 @@ static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset
     return 0;
 }
 
-/* Packed words [width]: the tokens of `enders` not yet `checked` are walked (walk_order, in id
-   order); those accepted are set in `allowed`, all of them in `checked`, and out |= allowed &
-   enders. Returns 0; 1 when more than `many` are new (nothing done: the caller scans instead);
+/* The tokens of `enders` (packed words [width], or their ids ids[0..m) when ids is given: the work
+   then follows the tokens, not the vocabulary's width) whose bytes from `offset` on are accepted
+   from configuration `start`, a boundary at stack S: out |= them.
+
+   Verdicts are kept. A token whose walk is shallow (every lexeme it completes is of a terminal
+   that leaves S as it is, such as ignored whitespace, and the walk stays at S) read nothing of S
+   but the terminals startable there and which of them leave S as it is: its verdict holds at every
+   stack of that signature, and is kept in shared[0 .. 3 width) = checked, allowed, deep (per
+   offset and signature). The others' are kept per stack, in own[0 .. 2 width) = checked, allowed.
+   Walked: the tokens not yet checked in `shared`, and the deep ones not yet checked in `own`.
+   Returns 0; 1 when more than `many` would be walked (nothing done: the caller scans instead);
    -2 / -3 as walk_order. */
-int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, uint32_t *checked, uint32_t *allowed, uint32_t *out,
-                        int64_t offset, int64_t start, int64_t many) {
-    int64_t n = 0;
-    for (int64_t w = 0; w < x->width; w++) {
-        uint32_t bits = enders[w] & ~checked[w];
-        if (!bits) continue;
-        if (n + __builtin_popcount(bits) > many) return 1;
-        while (bits) {
-            x->order[n++] = w * 32 + __builtin_ctz(bits);
-            bits &= bits - 1;
+int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, const int64_t *ids, int64_t m, uint32_t *shared, uint32_t *own,
+                        uint32_t *out, int64_t offset, int64_t start, int64_t many) {
+    int64_t w_n = x->width, n = 0;
+    uint32_t *s_checked = shared, *s_allowed = shared + w_n, *s_deep = shared + 2 * w_n;
+    uint32_t *o_checked = own, *o_allowed = own + w_n, *w_allowed = x->walked, *w_deep = x->walked + w_n;
+    if (ids) {
+        for (int64_t k = 0; k < m; k++) {
+            int64_t t = ids[k], w = t >> 5;
+            uint32_t bit = (uint32_t)1 << (t & 31);
+            if ((~s_checked[w] | (s_deep[w] & ~o_checked[w])) & bit) {
+                if (n >= many) return 1;
+                x->order[n++] = t;
+            }
+        }
+    } else {
+        for (int64_t w = 0; w < w_n; w++) {
+            uint32_t bits = enders[w] & (~s_checked[w] | (s_deep[w] & ~o_checked[w]));
+            if (!bits) continue;
+            if (n + __builtin_popcount(bits) > many) return 1;
+            while (bits) {
+                x->order[n++] = w * 32 + __builtin_ctz(bits);
+                bits &= bits - 1;
+            }
         }
     }
-    int64_t r = walk_order(x, n, allowed, offset, start, 0);
+    if (x->resume == 0)  /* (a resumed call keeps the verdicts of the tokens walked before it stopped) */
+        for (int64_t k = 0; k < n; k++) {
+            int64_t t = x->order[k];
+            w_allowed[t >> 5] &= ~((uint32_t)1 << (t & 31));
+            w_deep[t >> 5] &= ~((uint32_t)1 << (t & 31));
+        }
+    int64_t r = walk_order(x, n, w_allowed, offset, start, 0, w_deep);
     if (r) return r;
-    for (int64_t w = 0; w < x->width; w++) {
-        checked[w] |= enders[w];
-        out[w] |= allowed[w] & enders[w];
-    }
-    return 0;
-}
-
-/* loom_ebnf_cross for enders given as their token ids ids[0..m) (distinct): the work follows the
-   tokens, not the vocabulary's width (a string's split rows hold a few hundred tokens each). */
-int64_t loom_ebnf_cross_ids(ctx_t *x, const int64_t *ids, int64_t m, uint32_t *checked, uint32_t *allowed, uint32_t *out,
-                            int64_t offset, int64_t start, int64_t many) {
-    int64_t n = 0;
-    for (int64_t k = 0; k < m; k++) {
-        int64_t t = ids[k];
-        if (checked[t >> 5] >> (t & 31) & 1) continue;
-        if (n >= many) return 1;
-        x->order[n++] = t;
-    }
-    int64_t r = walk_order(x, n, allowed, offset, start, 0);
-    if (r) return r;
-    for (int64_t k = 0; k < m; k++) {
-        int64_t t = ids[k];
+    for (int64_t k = 0; k < n; k++) {
+        int64_t t = x->order[k], w = t >> 5;
         uint32_t bit = (uint32_t)1 << (t & 31);
-        checked[t >> 5] |= bit;
-        out[t >> 5] |= allowed[t >> 5] & bit;
+        if (!(s_checked[w] & bit)) {
+            s_checked[w] |= bit;
+            if (!(w_deep[w] & bit)) {
+                s_allowed[w] |= w_allowed[w] & bit;
+                continue;
+            }
+            s_deep[w] |= bit;
+        }
+        o_checked[w] |= bit;
+        o_allowed[w] |= w_allowed[w] & bit;
+    }
+    if (ids) {
+        for (int64_t k = 0; k < m; k++) {
+            int64_t t = ids[k], w = t >> 5;
+            out[w] |= (s_allowed[w] | (s_deep[w] & o_allowed[w])) & ((uint32_t)1 << (t & 31));
+        }
+    } else {
+        for (int64_t w = 0; w < w_n; w++) out[w] |= enders[w] & (s_allowed[w] | (s_deep[w] & o_allowed[w]));
     }
     return 0;
 }
 
 /* The tokens ids[0..m) (m at most the vocabulary), each walked from its own offset offs[k]
-   (ascending): those accepted from configuration `start` are set in `out`. Returns 0; -2 / -3 as
-   walk_order (call again: it resumes). A string's closing-quote rows at a new stack, in one call. */
-int64_t loom_ebnf_cross_list(ctx_t *x, const int64_t *ids, const int64_t *offs, int64_t m, uint32_t *out, int64_t start) {
+   (ascending): those accepted from configuration `start` are set in `out`, and those whose walk
+   went deep in `deep` (when given). Returns 0; -2 / -3 as walk_order (call again: it resumes). A
+   string's closing-quote rows at a new stack, in one call. */
+int64_t loom_ebnf_cross_list(ctx_t *x, const int64_t *ids, const int64_t *offs, int64_t m, uint32_t *out, int64_t start,
+                             uint32_t *deep) {
     memcpy(x->order, ids, m * sizeof(int64_t));
-    return walk_order(x, m, out, 0, start, offs);
+    return walk_order(x, m, out, 0, start, offs, deep);
 }
 """
 
@@ -248,6 +289,7 @@ class _Ctx(ctypes.Structure):
     _fields_ += [("width", ctypes.c_int64), ("max_configs", ctypes.c_int64)]
     _fields_ += [(name, ctypes.c_void_p) for name in ("sets", "sizes", "scratch")] + [("scratch_cap", ctypes.c_int64)]
     _fields_ += [("order", ctypes.c_void_p), ("first", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
+    _fields_ += [("deep", ctypes.c_void_p), ("walked", ctypes.c_void_p)]
 
 
 @functools.cache
@@ -258,12 +300,11 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.loom_ebnf_cross.restype = ctypes.c_int64
-    lib.loom_ebnf_cross.argtypes = [ctypes.POINTER(_Ctx)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.loom_ebnf_cross_ids.restype = ctypes.c_int64
-    lib.loom_ebnf_cross_ids.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64]
-    lib.loom_ebnf_cross_ids.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.loom_ebnf_cross.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.loom_ebnf_cross.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.loom_ebnf_cross_list.restype = ctypes.c_int64
     lib.loom_ebnf_cross_list.argtypes = [ctypes.POINTER(_Ctx)] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    lib.loom_ebnf_cross_list.argtypes += [ctypes.c_void_p]
     return lib
 
 
@@ -294,19 +335,21 @@ class CrossingWalker:
         self.scratch = np.zeros(4 * grammar.max_configs, dtype=np.int64)  # grown when a step finds more
         self.order = np.zeros(v.vocab_size, dtype=np.int64)
         self.first = np.zeros(256 * grammar.max_configs, dtype=np.int64)
+        self.deep = np.zeros(self.data.shape[1] + 1, dtype=np.uint8)
+        self.walked = np.zeros(2 * bitmask_width(v.vocab_size), dtype=np.uint32)
         self.ctx = _Ctx(
             _ptr(self.trans), _ptr(self.accepting), _ptr(self.lex_terminal), _ptr(self.offsets), grammar.n_lex, grammar.boundary,
             _ptr(self.row_off), _ptr(self.row_len), _ptr(self.pairs), len(self.row_off),
             _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of),
             bitmask_width(v.vocab_size), grammar.max_configs, _ptr(self.sets), _ptr(self.sizes), _ptr(self.scratch),
-            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0,
+            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0, _ptr(self.deep), _ptr(self.walked),
         )  # fmt: skip
         self.ctx_ref = ctypes.byref(self.ctx)
 
     @property
     def nbytes(self) -> int:
         """The walk's buffers and parser rows (counted in the compiled grammar's size)."""
-        arrays = (self.trans, self.row_off, self.row_len, self.pairs, self.sets, self.sizes, self.scratch, self.order, self.first)
+        arrays = (self.trans, self.row_off, self.row_len, self.pairs, self.sets, self.sizes, self.scratch, self.order, self.first, self.walked)
         return sum(a.nbytes for a in arrays)
 
     def _fill(self, sid: int) -> None:
@@ -327,42 +370,38 @@ class CrossingWalker:
         self.n_pairs = n + len(row)
 
     def cross(
-        self,
-        offset: int,
-        sid: int,
-        enders: np.ndarray,
-        checked: np.ndarray,
-        allowed: np.ndarray,
-        out: np.ndarray,
-        many: int,
+        self, offset: int, sid: int, enders: np.ndarray, shared: np.ndarray, own: np.ndarray, out: np.ndarray, many: int,
         ids: np.ndarray | None = None,
     ) -> bool:
-        """The tokens of `enders` (packed [width] uint32) not yet in `checked` whose bytes from
-        `offset` on are accepted from a lexeme boundary at stack `sid` are added to `allowed`, all
-        of them to `checked`, and out |= allowed & enders. False (nothing done) when more than
-        `many` are new. `ids`: enders' token ids (distinct int64) where the caller has them: the
-        walk then reads those tokens' bits only, not every word."""
+        """out |= the tokens of `enders` (packed [width] uint32) whose bytes from `offset` on are
+        accepted from a lexeme boundary at stack `sid`. Verdicts are kept in `shared` ([3 width]
+        uint32: checked, allowed, deep; for every stack of sid's signature, CompiledEbnf.signature)
+        and `own` ([2 width]: checked, allowed; sid's own, for the tokens whose walk reads more of
+        the stack), and only the tokens neither holds are walked. False (nothing done) when more
+        than `many` would be. `ids`: enders' token ids (distinct int64) where the caller has them:
+        the walk then reads those tokens' bits only, not every word."""
+        width = bitmask_width(self.g.vocab.vocab_size)
+        assert len(enders) == width and shared.shape == (3 * width,) and own.shape == (2 * width,) and out.shape == (width,)
         ids_at = (_ptr(ids), len(ids)) if ids is not None else None
-        return self.cross_at(offset, sid, _ptr(np.ascontiguousarray(enders)), _ptr(checked), _ptr(allowed), _ptr(out), many, ids_at)
+        return self.cross_at(offset, sid, _ptr(np.ascontiguousarray(enders)), _ptr(shared), _ptr(own), _ptr(out), many, ids_at)
 
     def cross_at(
-        self, offset: int, sid: int, enders: int, checked: int, allowed: int, out: int, many: int, ids: tuple[int, int] | None
+        self, offset: int, sid: int, enders: int, shared: int, own: int, out: int, many: int, ids: tuple[int, int] | None
     ) -> bool:
         """`cross` given its arrays' data addresses (ids: (address, count)): a caller that keeps
         them saves ~2 µs an array, and a mask may cross dozens of rows."""
         start = sid * self.g.n_lex + self.g.boundary
-        if ids is not None:
-            fn, args = self.lib.loom_ebnf_cross_ids, (*ids, checked, allowed, out, offset, start, many)
-        else:
-            fn, args = self.lib.loom_ebnf_cross, (enders, checked, allowed, out, offset, start, many)
-        return self._until_done(fn, args) == 0
+        listed = ids if ids is not None else (0, 0)
+        return self._until_done(self.lib.loom_ebnf_cross, (enders, *listed, shared, own, out, offset, start, many)) == 0
 
-    def cross_list(self, sid: int, listed: tuple[int, int, int], out: np.ndarray) -> None:
+    def cross_list(self, sid: int, listed: tuple[int, int, int], out: np.ndarray, deep: np.ndarray | None = None) -> None:
         """out |= the tokens of `listed` (the addresses of their ids and of their offsets,
         ascending, and their count) whose bytes from their offset on are accepted from a lexeme
-        boundary at stack `sid`: one call for rows at several offsets (no memo of verdicts)."""
+        boundary at stack `sid`: one call for rows at several offsets (no memo of verdicts).
+        deep |= those whose walk read more of the stack than its signature (see `cross`)."""
         assert listed[2] <= len(self.order)
-        self._until_done(self.lib.loom_ebnf_cross_list, (*listed, out.ctypes.data, sid * self.g.n_lex + self.g.boundary))
+        start = sid * self.g.n_lex + self.g.boundary
+        self._until_done(self.lib.loom_ebnf_cross_list, (*listed, _ptr(out), start, _ptr(deep) if deep is not None else 0))
 
     def _until_done(self, fn: Any, args: tuple) -> int:
         """fn(ctx, *args), called again after each row it lacks is filled (-2) or its scratch
@@ -383,8 +422,10 @@ class CrossingWalker:
         crossed from their ids rather than their packed words."""
         v = self.g.vocab
         enders = v.pack(ids)
-        allowed, out = np.zeros_like(enders), np.zeros_like(enders)
+        out = np.zeros_like(enders)
+        width = len(enders)
+        shared, own = np.zeros(3 * width, dtype=np.uint32), np.zeros(2 * width, dtype=np.uint32)
         listed = np.unique(np.asarray(ids, dtype=np.int64)) if by_ids else None
-        self.cross(offset, sid, enders, np.zeros_like(enders), allowed, out, len(ids), listed)
-        bits = np.unpackbits(allowed.view(np.uint8), bitorder="little")[: v.vocab_size]
+        self.cross(offset, sid, enders, shared, own, out, len(ids), listed)
+        bits = np.unpackbits(out.view(np.uint8), bitorder="little")[: v.vocab_size]
         return np.flatnonzero(bits).astype(np.int64)

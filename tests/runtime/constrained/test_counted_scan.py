@@ -182,7 +182,8 @@ def test_a_string_s_quote_rows_crossed_in_one_walk_equal_each_row_crossed(vocab)
         walker.cross_list(sid, found.listed[2], at_once)
         each = np.zeros_like(at_once)
         for j, row in found.rows.items():
-            walker.cross(j, sid, row.words, np.zeros_like(at_once), np.zeros_like(at_once), each, 1 << 30, row.ids[0])
+            shared, own = np.zeros(3 * len(each), dtype=np.uint32), np.zeros(2 * len(each), dtype=np.uint32)
+            walker.cross(j, sid, row.words, shared, own, each, 1 << 30, row.ids[0])
         assert np.array_equal(at_once, each), sid
         crossed += int(np.bitwise_count(each).sum())
     assert crossed > 10

@@ -45,7 +45,7 @@ C: /[a-zA-Z]{0,9}\?/
 """
 SCHEMA = '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 1200}, "tags": {"type": "array", "items": {"$ref": "#"}}}}'  # fmt: skip
 # Tokens that close one lexeme and open the next (some more than once), or end one mid-token.
-CROSSING = [b'"a":', b'],[', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]", b"abcde123", b"abcde1234", b"abcde1zzzz", b"abcdezzzzz"]  # fmt: skip
+CROSSING = [b'"a":', b'],[', b'"},', b'"}]', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]", b"abcde123", b"abcde1234", b"abcde1zzzz", b"abcdezzzzz"]  # fmt: skip
 GRAMMARS = {
     "json gbnf": ("ebnf", JSON_GBNF, None),
     "arith gbnf": ("ebnf", ARITH_GBNF, None),
@@ -233,9 +233,9 @@ def test_the_count_of_held_masks_is_kept_as_scans_add_them(vocab, monkeypatch, n
     m = compiled.masks
 
     def recount() -> int:
-        return (len(m._inside) + sum(len(s) for s in m._splits.values()) + 2 * len(m._crossed)
+        return (len(m._inside) + sum(len(s) for s in m._splits.values()) + 2 * len(m._crossed) + 3 * len(m._shared_crossed)
                 + sum(1 + len(s) for _, s in m._offset_scans.values()) + len(m._rests) + len(m._word_cache)
-                + len(m._masks) + len(m._across) + len(m._bulk))  # fmt: skip
+                + len(m._masks) + len(m._across) + len(m._across_shared) + len(m._bulk))  # fmt: skip
 
     for seed in range(3):
         for state in _random_walk(compiled, seed):
@@ -244,3 +244,42 @@ def test_the_count_of_held_masks_is_kept_as_scans_add_them(vocab, monkeypatch, n
     monkeypatch.setattr(ebnf_masks, "MASK_CACHE_BYTES", 0)
     m._bound()
     assert m.count() == recount() == 0
+
+
+# After "a" and after "b", x's WORD ends at stacks of one signature (";" is all that may start):
+# what a token's rest does once that ";" is complete ("cat;;" against "cat;!") is not.
+SIGNATURE_LARK = r"""
+start: "a" x ";" ";" | "b" x ";" "!"
+x: WORD
+WORD: /[a-z]+/
+"""
+
+
+@pytest.mark.skipif(not ebnf_walk.available(), reason="no C compiler: only the Python walk keeps verdicts per stack")
+def test_stacks_of_one_signature_share_only_the_verdicts_of_shallow_walks(vocab):
+    """A crossing's verdicts are kept per stack signature for tokens whose rest stays at the stack
+    (reused at the next stack of that signature, unwalked), and per stack for the rest: a token
+    that completes a lexeme and goes on read more of the stack, so at another stack it is walked
+    again. Also for a string's closing-quote rows, crossed at objects of one shape at two depths."""
+    tokens = [b"a", b"b", b";", b"!", b"cat", b"cat;", b"cat;;", b"cat;!", b"dog;;", b"dog;!", b"cats;"]
+    small = TokenVocab.build({k + 1: b for k, b in enumerate(tokens)}, len(tokens) + 1, frozenset({EOS}))
+    compiled = compile_grammar("lark", SIGNATURE_LARK, small)
+    seen = []
+    for first in (b"a", b"b"):
+        g = compiled.matcher()
+        assert g.accept_token(tokens.index(first) + 1)
+        assert _allowed(compiled, g.state) == _brute(compiled, g.state), first
+        seen.append({tokens[t - 1] for t in _allowed(compiled, g.state)})
+    assert {b"cat;;", b"dog;;"} <= seen[0] and not {b"cat;!", b"dog;!"} & seen[0]
+    assert {b"cat;!", b"dog;!"} <= seen[1] and not {b"cat;;", b"dog;;"} & seen[1]
+    masks = compiled.masks
+    assert len(masks._shared_crossed) < len(masks._crossed)  # the second stack's crossing found the first's verdicts
+
+    compiled = _compile("schema", vocab)  # name strings closed inside a nested object, then at the top
+    single = {b[0]: t for t, b in vocab.by_id.items() if len(b) == 1}
+    g = compiled.matcher()
+    for b in b'{"tags":[{"name":"ab"},{"name":"cd"}],"name":"ef"}':
+        assert _allowed(compiled, g.state) == _brute(compiled, g.state), bytes([b])
+        assert g.accept_token(single[b])
+    assert any(held[1][2] for held in compiled.masks._across_shared.values())  # deep tokens kept apart
+    assert len(compiled.masks._across_shared) < len([k for k in compiled.masks._across if isinstance(k[0], bytes | tuple)])
