@@ -38,6 +38,8 @@ class ByteDFA:
     accepting: np.ndarray  # [S + 1] bool
     counted: CountedShape | None = None  # a counted string's automaton (schema_automata): its states' character counts
     string_states: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)  # counted_scan.string_contents
+    safe_runs: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict, compare=False, repr=False)  # (state,
+    # depth) -> ebnf_scan.safe_runs' answer, kept with the automaton (every grammar holding it reads it)
 
     @property
     def dead(self) -> int:

@@ -31,6 +31,7 @@ from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_availabl
 from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
 from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
+from loom.runtime.constrained.shared_scans import keep_scan, shared_scan
 from loom.runtime.constrained.token_walk import safe_mask, token_trie
 
 if TYPE_CHECKING:
@@ -124,10 +125,11 @@ class EbnfMasks:
         if run is None:
             g = self.g
             k = g.lex_terminal[lex]
-            dfa = g.dfas[k]
-            for state, found in safe_runs(dfa.table, dfa.accepting, lex - g.offsets[k], token_trie(self.vocab).max_depth):
-                self._runs.setdefault(state + g.offsets[k], found)
-            run = self._runs[lex]
+            dfa, state, depth = g.dfas[k], lex - g.offsets[k], token_trie(self.vocab).max_depth
+            if (state, depth) not in dfa.safe_runs:  # (kept with the automaton: a pattern's terminals in every grammar share it)
+                for at, found in safe_runs(dfa.table, dfa.accepting, state, depth):
+                    dfa.safe_runs.setdefault((at, depth), found)
+            run = self._runs[lex] = dfa.safe_runs[(state, depth)]
         return run
 
     def scan_at(self, lex: int, offset: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -164,19 +166,22 @@ class EbnfMasks:
                 self._lists[id(scanned[1])] = (scanned[1], counted.listed[2], counted.listed)  # (holding the arrays)
         elif lexeme_scan_available():
             trie = token_trie(v)
-            run = self._run(lex)
-            ids: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
-            bulk: dict[int, tuple[int, np.ndarray]] = {}
-            scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, lex - g.offsets[k], offset, run, ids, bulk)
-            if scanned is not None:  # the split rows of few tokens, and the row set in bulk, by identity (see _crossing)
-                for j, row in scanned[1].items():
-                    if j in ids:
-                        self._ids[id(row)] = (row, *ids[j])
-                    if j in bulk:
-                        self._bulk[id(row)] = (row, *bulk[j])
-                if scanned[1] and len(ids) == len(scanned[1]):  # every row listed: their content names them (_cross_splits)
-                    named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in scanned[1])
-                    self._listed[id(scanned[1])] = (scanned[1], named)
+            state = lex - g.offsets[k]
+            found = shared_scan(trie, dfa, state, offset)  # (another terminal of the pattern, here or in another grammar)
+            if found is None:
+                ids: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
+                bulk: dict[int, tuple[int, np.ndarray]] = {}
+                scanned = lexeme_scan(trie, v, dfa.table, dfa.accepting, state, offset, self._run(lex), ids, bulk)
+                found = keep_scan(trie, dfa, state, offset, scanned, ids, bulk) if scanned is not None else None
+            if found is not None:  # the split rows of few tokens, and the row set in bulk, by identity (see _crossing)
+                scanned = (found.inside, found.splits)
+                for j, row in found.splits.items():
+                    if j in found.ids:
+                        self._ids[id(row)] = (row, *found.ids[j])
+                    if j in found.bulk:
+                        self._bulk[id(row)] = (row, *found.bulk[j])
+                if found.named is not None:  # every row listed: their content names them (_cross_splits)
+                    self._listed[id(found.splits)] = (found.splits, found.named)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states

@@ -312,7 +312,7 @@ def lexeme_scan(
                     splits[length] = bulk
                     hit[length], dense = bulk.any(), length
             stack[0] = state
-            starts = (trie.start_pointers[0], trie.start_pointers[1] + 8 * 256 * (offset + 1)) if offset else (None, None)
+            starts = (trie.start_pointers[0], trie.start_pointers[1] + 8 * 256 * (offset + 1))  # (the live first bytes' nodes only)
             lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), at_table, table.shape[0] - 1, at_acc, at[2],
                                inside.ctypes.data, at[0], trie.width, at[1], *trie.sub_pointers, unsafe, length,
                                at_safe_byte, at[3], offset, end, *recorded, *starts)  # fmt: skip

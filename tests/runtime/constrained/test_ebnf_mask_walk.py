@@ -7,6 +7,7 @@ one; and without a compiler the masks are the same."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from loom.runtime.constrained import (
     ebnf_masks,
     ebnf_scan,
     ebnf_walk,
+    shared_scans,
     token_walk,
 )
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
@@ -106,6 +108,7 @@ def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, walk, 
     monkeypatch.setattr(ebnf_masks, "_MANY", many)
     if walk == "c from words":
         monkeypatch.setattr(ebnf_scan, "PAIRS", 0)  # no scan records its rows' ids
+        monkeypatch.setattr(shared_scans, "_KEPT", {})  # (nor finds another test's scans)
     if walk == "python":
         monkeypatch.setattr(ebnf_masks, "cross_walk_available", lambda: False)
     elif not ebnf_walk.available():
@@ -124,6 +127,7 @@ def test_the_c_scan_equals_the_numpy_scan_in_every_lexer_state(vocab, name, monk
     monkeypatch.setattr(ebnf_masks, "lexeme_scan_available", lambda: False)
     scanned = _compile(name, vocab).masks
     trie = token_walk.token_trie(vocab)
+    monkeypatch.setattr(shared_scans, "_KEPT", {})  # (the scans below are taken, not found)
     monkeypatch.setattr(ebnf_scan, "_MIN_RUN", 1)  # every run of safe bytes skipped, however short
     monkeypatch.setattr(ebnf_scan, "_MIN_SAFE_BYTES", 1)
     skipping = 0
@@ -283,3 +287,31 @@ def test_stacks_of_one_signature_share_only_the_verdicts_of_shallow_walks(vocab)
         assert g.accept_token(single[b])
     assert any(held[1][2] for held in compiled.masks._across_shared.values())  # deep tokens kept apart
     assert len(compiled.masks._across_shared) < len([k for k in compiled.masks._across if isinstance(k[0], bytes | tuple)])
+
+
+@pytest.mark.skipif(not ebnf_scan.available(), reason="no C compiler: no scan is kept")
+def test_terminals_of_one_pattern_share_their_scans_across_grammars(vocab, monkeypatch):
+    """A schema's objects each get their own `{` terminal, of one pattern, so one automaton: a
+    lexer state's scan is kept by the automaton, and the second object's, or the next grammar's,
+    is looked up, not scanned again. The masks stay the brute-force walk's."""
+    monkeypatch.setattr(shared_scans, "_KEPT", {})
+    scans = []
+    monkeypatch.setattr(ebnf_masks, "lexeme_scan", lambda *a, **k: scans.append(a[4:6]) or ebnf_scan.lexeme_scan(*a, **k))
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "object", "properties": {"d": {"type": "integer"}}}}}  # fmt: skip
+    source, dfas = schema_to_grammar(json.dumps(schema), DEFAULT_WHITESPACE, False)
+    counts = []
+    for round_ in range(2):
+        before = len(scans)
+        compiled = compile_grammar("lark", source, vocab, terminal_dfas=dfas)
+        braces = [k for k, name in enumerate(compiled.terminal_names) if name.startswith("LBRACE")]
+        assert len(braces) == 3 and len({id(compiled.dfas[k]) for k in braces}) == 1
+        single = {b[0]: t for t, b in vocab.by_id.items() if len(b) == 1}
+        g = compiled.matcher()
+        for b in b'{"a":{"b":1},"c":{"d":2}}':
+            assert _allowed(compiled, g.state) == _brute(compiled, g.state), (round_, bytes([b]))
+            assert g.accept_token(single[b])
+        counts.append((len(compiled.masks._inside), sum(offset == 0 for _, offset in scans[before:])))
+    (states, scanned), (states_again, scanned_again) = counts
+    assert scanned < states  # the first grammar looked its other `{`s' scans up
+    assert states_again == states and scanned_again == 0  # the second scanned nothing
