@@ -307,6 +307,8 @@ class TokenTrie:
     tok_node: np.ndarray  # [T] the node each of tok_ids ends at
     by_depth_byte: np.ndarray  # [N] int32: the nodes by (depth, byte), in preorder within (a scan's start nodes)
     depth_byte_off: np.ndarray  # [(max_depth + 2) * 256 + 1] int64: those of depth d and byte b from d * 256 + b
+    len_masks: np.ndarray  # [max_depth + 1, width] uint32, read-only: row r packs the tokens of at most r bytes (safe_mask's
+    # answer where no byte is unsafe, which a chunk's crossing asks for at nearly every offset)
     safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
     last_unsafe: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # unsafe -> [V] (see last_unsafe_byte)
     safe_listed: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = dataclasses.field(default_factory=dict)  # unsafe -> safe_mask's
@@ -386,8 +388,12 @@ def _build_trie(vocab: TokenVocab) -> TokenTrie:
     key = depth.astype(np.int64) * 256 + byte
     by_depth_byte = np.argsort(key, kind="stable").astype(np.int32)
     depth_byte_off = np.searchsorted(key[by_depth_byte], np.arange((max_depth + 2) * 256 + 1)).astype(np.int64)
+    len_masks = np.zeros((max_depth + 1, width), dtype=np.uint32)
+    np.bitwise_or.at(len_masks, (depth[at], ids >> 5), np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    len_masks = np.bitwise_or.accumulate(len_masks, axis=0)  # (row 0: no token is empty)
+    len_masks.flags.writeable = False
     return TokenTrie(byte, depth, skip, off, ids, max_depth, width, node_sub, maxd, tok_buckets, tok_len, by_len, len_off, parent,
-                     tuple(levels), at, by_depth_byte, depth_byte_off)  # fmt: skip
+                     tuple(levels), at, by_depth_byte, depth_byte_off, len_masks)  # fmt: skip
 
 
 _TRIES: dict[int, tuple[TokenVocab, TokenTrie]] = {}
@@ -543,6 +549,8 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
     is the nearest cached run's mask with the tokens of the lengths between set or cleared: a
     counted run (a `maxLength` chunk) asks for a new run at nearly every step."""
     run = min(run, trie.max_depth)  # (every longer run is the same mask)
+    if not unsafe:
+        return trie.len_masks[run]
     words = trie.safe_masks.get((unsafe, run))
     if words is not None:
         return words

@@ -156,12 +156,13 @@ def test_safe_masks_derived_from_a_nearby_run_equal_the_direct_ones(trained_voca
     bytes with no byte in the unsafe buckets."""
     trie = token_walk.token_trie(trained_vocab)
     trie.safe_masks.clear()
-    unsafe = int(token_walk.BUCKET_BIT[ord('"')] | token_walk.BUCKET_BIT[ord("\\")] | token_walk.BUCKET_BIT[0x80])
-    for run in [12, 11, 9, 10, 14, 2, 1, 30, trie.max_depth + 5, trie.max_depth + 9, trie.max_depth, 13]:
-        allowed = [t for t, data in trained_vocab.by_id.items() if len(data) <= run and not (trie.tok_buckets[t] & np.uint64(unsafe))]
-        words = token_walk.safe_mask(trie, unsafe, run)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-        assert np.flatnonzero(bits).tolist() == sorted(allowed), run
+    some = int(token_walk.BUCKET_BIT[ord('"')] | token_walk.BUCKET_BIT[ord("\\")] | token_walk.BUCKET_BIT[0x80])
+    for unsafe in (some, 0):  # (none unsafe: the trie's kept masks by length)
+        for run in [12, 11, 9, 10, 14, 2, 1, 0, 30, trie.max_depth + 5, trie.max_depth + 9, trie.max_depth, 13]:
+            allowed = [t for t, data in trained_vocab.by_id.items() if len(data) <= run and not (trie.tok_buckets[t] & np.uint64(unsafe))]
+            words = token_walk.safe_mask(trie, unsafe, run)
+            bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+            assert np.flatnonzero(bits).tolist() == sorted(allowed), (unsafe, run)
 
 
 def test_last_unsafe_byte_is_where_each_token_s_last_unsafe_byte_is(trained_vocab):
