@@ -27,6 +27,7 @@ from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
+from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr_digraph import install as install_digraph
 from loom.runtime.constrained.matcher import TokenMatcher
@@ -38,6 +39,7 @@ EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
 WARM_COUNTS_S = 0.03  # compile time taken for counted strings' scans ahead (warm_counts): a long string's are ~10 ms
+PRESCAN_SHARE = 0.1  # lexer-state scans are taken ahead for at most this share of the compile's own time (EbnfMasks.prescan)
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 
 # Lark's common.lark spells ESCAPED_STRING with a look-behind, which has no automaton; this is
@@ -348,6 +350,7 @@ class EbnfGrammar(TokenMatcher):
 def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: dict[str, ByteDFA] | None = None) -> CompiledEbnf:
     """kind "ebnf" (GBNF, start rule `root`) or "lark" (Lark syntax, start rule `start`).
     Raises GrammarError naming the line or rule and what was expected."""
+    started = time.monotonic()
     if kind == "ebnf":
         tr = gbnf_to_lark(source)
         compiled = CompiledEbnf(tr.source, tr.start, vocab, "ebnf", tr.rule_names)
@@ -356,7 +359,7 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
     else:
         raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {EBNF_KINDS}")
     # Warm up here, on the compiling thread, not the scheduler's: the vocabulary's trie (once per
-    # vocabulary) and the first mask.
+    # vocabulary), the first mask, and the lexer states' scans while a share of the compile's time lasts.
     if walk_available():
         token_trie(vocab)
         warm_counted(vocab)  # (the vocabulary's tokens read as string characters: counted_scan)
@@ -367,4 +370,6 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
             if dfa.counted is not None:  # and a counted string's scans, count by count (while time lasts)
                 warm_counts(vocab, dfa.counted, deadline)
     compiled.mask(compiled.initial)
+    if lexeme_scan_available():  # (a large grammar's first masks scan dozens of new lexer states each: ~30 us a state)
+        compiled.masks.prescan(time.monotonic() + PRESCAN_SHARE * (time.monotonic() - started))
     return compiled

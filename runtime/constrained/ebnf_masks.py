@@ -20,6 +20,7 @@ not per grammar (counted_scan.py), and what such a shared row lets cross is kept
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -117,6 +118,26 @@ class EbnfMasks:
         tokens that may end it after their first j bytes (packed masks)."""
         self._inside[lex], self._splits[lex] = self.scan_at(lex, 0)
         self._scan_rows += len(self._splits[lex])
+
+    def prescan(self, deadline: float) -> int:
+        """Scan lexer states ahead until `deadline` (time.monotonic()), on the compiling thread, so
+        the masks that reach them find them done: each terminal's start state first (every lexeme
+        boundary reads them), entered at a token's start and one byte in (a bracket or a comma
+        ending a token's first byte, the rest starting a key), then the states inside the
+        terminals in order. -> how many scans were taken."""
+        g = self.g
+        starts = [g.offsets[t] for t in range(len(g.dfas))]
+        inner = sorted(set(range(g.boundary)) - set(starts))
+        done = 0
+        for lex, offset in [(lex, 0) for lex in starts] + [(lex, 1) for lex in starts] + [(lex, 0) for lex in inner]:
+            if time.monotonic() > deadline:
+                break
+            if offset:
+                self.scan_at(lex, offset)
+            elif lex not in self._inside:
+                self.scan(lex)
+            done += 1
+        return done
 
     def _run(self, lex: int) -> tuple[int, int, int]:
         """Lexer state `lex`'s run of safe bytes (ebnf_scan.safe_runs; kept for every state its

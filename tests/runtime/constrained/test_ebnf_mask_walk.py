@@ -294,7 +294,10 @@ def test_terminals_of_one_pattern_share_their_scans_across_grammars(vocab, monke
     """A schema's objects each get their own `{` terminal, of one pattern, so one automaton: a
     lexer state's scan is kept by the automaton, and the second object's, or the next grammar's,
     is looked up, not scanned again. The masks stay the brute-force walk's."""
+    from loom.runtime.constrained import ebnf
+
     monkeypatch.setattr(shared_scans, "_KEPT", {})
+    monkeypatch.setattr(ebnf, "PRESCAN_SHARE", 0.0)  # (only the masks' own scans, whatever the compile's time)
     scans = []
     monkeypatch.setattr(ebnf_masks, "lexeme_scan", lambda *a, **k: scans.append(a[4:6]) or ebnf_scan.lexeme_scan(*a, **k))
     schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
@@ -315,3 +318,27 @@ def test_terminals_of_one_pattern_share_their_scans_across_grammars(vocab, monke
     (states, scanned), (states_again, scanned_again) = counts
     assert scanned < states  # the first grammar looked its other `{`s' scans up
     assert states_again == states and scanned_again == 0  # the second scanned nothing
+
+
+@pytest.mark.skipif(not ebnf_scan.available(), reason="no C compiler: nothing is scanned ahead")
+def test_compiling_scans_lexer_states_ahead_within_its_share_of_the_time(vocab, monkeypatch):
+    """compile_grammar takes the lexer states' scans ahead on the compiling thread (start states,
+    entered at a token's start and one byte in, then the states inside), for at most
+    PRESCAN_SHARE of its own time: with time enough every state is done and a walk's masks scan
+    nothing new; with none, only the first mask's states are."""
+    from loom.runtime.constrained import ebnf
+
+    monkeypatch.setattr(shared_scans, "_KEPT", {})
+    monkeypatch.setattr(ebnf, "PRESCAN_SHARE", 0.0)
+    lean = _compile("json lark", vocab).masks
+    assert 0 < len(lean._inside) < lean.g.boundary
+    monkeypatch.setattr(ebnf, "PRESCAN_SHARE", 1e9)
+    compiled = _compile("json lark", vocab)
+    masks = compiled.masks
+    assert len(masks._inside) == masks.g.boundary
+    assert all((masks.g.offsets[t], 1) in masks._offset_scans for t in range(len(masks.g.dfas)))
+    scans = []
+    monkeypatch.setattr(ebnf_masks, "lexeme_scan", lambda *a, **k: scans.append(a[5]) or ebnf_scan.lexeme_scan(*a, **k))
+    for state in _random_walk(compiled, 5):
+        assert _allowed(compiled, state) == _brute(compiled, state)
+    assert all(offset > 1 for offset in scans), scans
