@@ -11,7 +11,8 @@ state of an automaton (ebnf_scan.lexeme_scan) depends on the automaton, the stat
 the vocabulary, nothing else, so it is kept per vocabulary and looked up by the automaton's
 identity: the second `[` of a grammar, or the next grammar's, costs a lookup instead of a scan
 (~100 µs each at 128k tokens). The entry holds its automaton, so an identity is never reused
-while it is kept; the least recently used go past SHARED_SCAN_BYTES.
+while it is kept, and counts the automaton's table in its size: what the cache keeps alive stays
+within SHARED_SCAN_BYTES (the least recently used go), however large the automata it met.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Scan(NamedTuple):
     ids: dict[int, tuple[np.ndarray, tuple[int, int]]]  # j -> (few tokens' ids, their address and count)
     bulk: dict[int, tuple[int, np.ndarray]]  # j -> (unsafe buckets, the tokens set in bulk)
     named: bytes | None  # where every row is listed: their content (offsets and ids), naming them
-    nbytes: int  # (the packed masks': the few tokens' ids are not counted)
+    nbytes: int  # the packed masks' and the automaton's table (held: a large one counts in every entry)
 
 
 class _Kept:
@@ -83,7 +84,7 @@ def keep_scan(
     named = None
     if splits and len(ids) == len(splits):  # every row listed: their content names them (ebnf_masks._cross_splits)
         named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in splits)
-    found = Scan(dfa, inside, splits, ids, bulk, named, inside.nbytes * (1 + len(splits) + len(bulk)))
+    found = Scan(dfa, inside, splits, ids, bulk, named, inside.nbytes * (1 + len(splits) + len(bulk)) + dfa.table.nbytes)
     with _LOCK:
         kept = _kept(trie)
         key = (id(dfa), state, offset)

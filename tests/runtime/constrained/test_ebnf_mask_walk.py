@@ -342,3 +342,20 @@ def test_compiling_scans_lexer_states_ahead_within_its_share_of_the_time(vocab, 
     for state in _random_walk(compiled, 5):
         assert _allowed(compiled, state) == _brute(compiled, state)
     assert all(offset > 1 for offset in scans), scans
+
+
+def test_the_shared_scans_stay_within_their_bytes_counting_the_automata_they_hold(vocab, monkeypatch):
+    """An entry holds its automaton (its key is the automaton's identity), so a large one counts in
+    its size: what the cache keeps alive stays within SHARED_SCAN_BYTES, the least recently used
+    going first."""
+    from loom.runtime.constrained.dfa import ByteDFA
+
+    monkeypatch.setattr(shared_scans, "_KEPT", {})
+    trie = token_walk.token_trie(vocab)
+    big = ByteDFA(np.zeros((2000, 256), dtype=np.int32), np.zeros(2000, dtype=bool))
+    monkeypatch.setattr(shared_scans, "SHARED_SCAN_BYTES", 5 * big.table.nbytes)
+    for state in range(10):
+        shared_scans.keep_scan(trie, big, state, 0, (np.zeros(trie.width, dtype=np.uint32), {}), {}, {})
+    kept = shared_scans._KEPT[id(trie)]
+    assert len(kept.scans) == 4 and kept.nbytes <= shared_scans.SHARED_SCAN_BYTES
+    assert shared_scans.shared_scan(trie, big, 9, 0) is not None and shared_scans.shared_scan(trie, big, 5, 0) is None
