@@ -39,7 +39,8 @@ EBNF_KINDS = ("ebnf", "lark")
 MAX_CONFIGS = 512  # a position with more (stack, lexer) configurations keeps the first ones: sound, maybe incomplete
 MAX_FORCED = 256  # forced_bytes stops after this many (a grammar may force an endless string)
 WARM_COUNTS_S = 0.03  # compile time taken for counted strings' scans ahead (warm_counts): a long string's are ~10 ms
-PRESCAN_SHARE = 0.1  # lexer-state scans are taken ahead for at most this share of the compile's own time (EbnfMasks.prescan)
+PRESCAN_SHARE = 0.1  # lexer-state scans are taken ahead for at most this share of the compile's own time (EbnfMasks.prescan),
+PRESCAN_MAX_S = 0.1  # and at most this long (a compile near its timeout is not pushed past it)
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 
 # Lark's common.lark spells ESCAPED_STRING with a look-behind, which has no automaton; this is
@@ -371,5 +372,5 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
                 warm_counts(vocab, dfa.counted, deadline)
     compiled.mask(compiled.initial)
     if lexeme_scan_available():  # (a large grammar's first masks scan dozens of new lexer states each: ~30 us a state)
-        compiled.masks.prescan(time.monotonic() + PRESCAN_SHARE * (time.monotonic() - started))
+        compiled.masks.prescan(time.monotonic() + min(PRESCAN_SHARE * (time.monotonic() - started), PRESCAN_MAX_S))
     return compiled

@@ -324,7 +324,7 @@ def test_terminals_of_one_pattern_share_their_scans_across_grammars(vocab, monke
 def test_compiling_scans_lexer_states_ahead_within_its_share_of_the_time(vocab, monkeypatch):
     """compile_grammar takes the lexer states' scans ahead on the compiling thread (start states,
     entered at a token's start and one byte in, then the states inside), for at most
-    PRESCAN_SHARE of its own time: with time enough every state is done and a walk's masks scan
+    PRESCAN_SHARE of its own time (and PRESCAN_MAX_S): with time enough every state is done and a walk's masks scan
     nothing new; with none, only the first mask's states are."""
     from loom.runtime.constrained import ebnf
 
@@ -333,6 +333,7 @@ def test_compiling_scans_lexer_states_ahead_within_its_share_of_the_time(vocab, 
     lean = _compile("json lark", vocab).masks
     assert 0 < len(lean._inside) < lean.g.boundary
     monkeypatch.setattr(ebnf, "PRESCAN_SHARE", 1e9)
+    monkeypatch.setattr(ebnf, "PRESCAN_MAX_S", 1e9)
     compiled = _compile("json lark", vocab)
     masks = compiled.masks
     assert len(masks._inside) == masks.g.boundary
