@@ -206,6 +206,8 @@ class EbnfMasks:
                         self._bulk[id(row)] = (row, *found.bulk[j])
                 if found.named is not None:  # every row listed: their content names them (_cross_splits)
                     self._listed[id(found.splits)] = (found.splits, found.named)
+                    if found.listed[2][2] <= v.vocab_size:  # (and they are crossed in one walk: _cross_list)
+                        self._lists[id(found.splits)] = (found.splits, found.listed[2], found.listed)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
             st = np.full(len(idx), lex - g.offsets[k], dtype=np.int32)  # [n] DFA states
@@ -261,7 +263,7 @@ class EbnfMasks:
         key = (held[1], sid) if held is not None and held[0] is splits else None
         words = self._across.get(key) if key is not None else None
         listed = self._lists.get(id(splits)) if words is None and key is not None and cross_walk_available() else None
-        if listed is not None and listed[0] is splits:  # a string's closing-quote rows: every row in one walk
+        if listed is not None and listed[0] is splits:  # every row listed (a string's closing-quote rows): all in one walk
             words = self._across[key] = self._cross_list(held[1], sid, listed[2])
         if words is None:
             words = out if key is None else np.zeros(self.width, dtype=np.uint32)
@@ -281,8 +283,10 @@ class EbnfMasks:
             out |= words
 
     def _cross_list(self, name: object, sid: int, listed: tuple[np.ndarray, np.ndarray, tuple[int, int, int]]) -> np.ndarray:
-        """The tokens of a string's closing-quote rows (`listed`: counted_scan's ids, their offsets
-        and the addresses of both; `name`: their content) accepted at stack `sid`, in one walk.
+        """The tokens of a scan's split rows, every one listed (`listed`: their ids, their offsets and
+        the addresses of both, from counted_scan or shared_scans; `name`: their content), accepted
+        at stack `sid`, in one walk: a string's closing-quote rows, or a number's dozens of rows
+        (it may end after any digit of a long token), one C call instead of one per row.
         What the shallow walks accept holds at every stack of sid's signature and is kept (see
         ebnf_walk.CrossingWalker.cross): at another such stack only the deep tokens are walked."""
         if self._walker is None:

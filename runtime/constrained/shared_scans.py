@@ -39,6 +39,8 @@ class Scan(NamedTuple):
     ids: dict[int, tuple[np.ndarray, tuple[int, int]]]  # j -> (few tokens' ids, their address and count)
     bulk: dict[int, tuple[int, np.ndarray]]  # j -> (unsafe buckets, the tokens set in bulk)
     named: bytes | None  # where every row is listed: their content (offsets and ids), naming them
+    listed: tuple[np.ndarray, np.ndarray, tuple[int, int, int]] | None  # there: every row's ids, their offsets
+    # (ascending), and the addresses of both and their count (the rows crossed in one walk: ebnf_masks._cross_list)
     nbytes: int  # the packed masks' and the automaton's table (held: a large one counts in every entry)
 
 
@@ -81,10 +83,14 @@ def keep_scan(
     bulk: dict[int, tuple[int, np.ndarray]],
 ) -> Scan:
     inside, splits = scanned
-    named = None
+    named = listed = None
     if splits and len(ids) == len(splits):  # every row listed: their content names them (ebnf_masks._cross_splits)
-        named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in splits)
-    found = Scan(dfa, inside, splits, ids, bulk, named, inside.nbytes * (1 + len(splits) + len(bulk)) + dfa.table.nbytes)
+        rows = sorted(splits)
+        named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in rows)
+        tokens = np.concatenate([ids[j][0] for j in rows]).astype(np.int64)
+        offsets = np.repeat(np.asarray(rows, dtype=np.int64), [len(ids[j][0]) for j in rows])
+        listed = (tokens, offsets, (tokens.ctypes.data, offsets.ctypes.data, len(tokens)))
+    found = Scan(dfa, inside, splits, ids, bulk, named, listed, inside.nbytes * (1 + len(splits) + len(bulk)) + dfa.table.nbytes)
     with _LOCK:
         kept = _kept(trie)
         key = (id(dfa), state, offset)
