@@ -115,6 +115,7 @@ typedef struct {
     int64_t *first;   /* [256 * max_configs]: the start set stepped by each byte (first_len: -1 not yet) */
     int64_t need;     /* the stack whose row is missing */
     int64_t resume;   /* the token (in walking order) to resume at */
+    int64_t resume_depth;  /* and 1 + the depth its sets are kept to (0: walk it from its start) */
     uint8_t *deep;    /* [max token length + 1]: per depth, whether the walk there is deep (step_set) */
     uint32_t *walked; /* [2 * width]: a call's verdicts and deep flags, per token walked */
 } ctx_t;
@@ -139,6 +140,14 @@ static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset
     int64_t valid = -1;  /* sets[offset .. valid] hold the previous token's walk */
     const uint8_t *prev = 0;
     int64_t prev_len = 0;
+    if (x->resume_depth) {  /* back after a row was filled: the token goes on from the depth it stopped at */
+        int64_t row = x->row_of[x->order[x->resume]];
+        if (offs) offset = offs[x->resume];
+        valid = x->resume_depth - 1;
+        prev = x->data + row * x->stride;
+        prev_len = x->lens[row];
+        x->resume_depth = 0;
+    }
     for (int64_t k = x->resume; k < n; k++) {
         if (valid < 0 || (offs && offs[k] != offset)) {  /* (offs: each token's own offset, ascending) */
             if (offs) offset = offs[k];
@@ -175,6 +184,7 @@ static int64_t walk_order(ctx_t *x, int64_t n, uint32_t *allowed, int64_t offset
             int64_t r = STEP(x->sets + d * mc, x->sizes[d], cur[d], x->sets + (d + 1) * mc, &deep);
             if (r < 0) {
                 x->resume = k;
+                x->resume_depth = d + 1;
                 return r;
             }
             x->sizes[d + 1] = r;
@@ -289,6 +299,7 @@ class _Ctx(ctypes.Structure):
     _fields_ += [("width", ctypes.c_int64), ("max_configs", ctypes.c_int64)]
     _fields_ += [(name, ctypes.c_void_p) for name in ("sets", "sizes", "scratch")] + [("scratch_cap", ctypes.c_int64)]
     _fields_ += [("order", ctypes.c_void_p), ("first", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
+    _fields_ += [("resume_depth", ctypes.c_int64)]
     _fields_ += [("deep", ctypes.c_void_p), ("walked", ctypes.c_void_p)]
 
 
@@ -342,7 +353,7 @@ class CrossingWalker:
             _ptr(self.row_off), _ptr(self.row_len), _ptr(self.pairs), len(self.row_off),
             _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of),
             bitmask_width(v.vocab_size), grammar.max_configs, _ptr(self.sets), _ptr(self.sizes), _ptr(self.scratch),
-            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0, _ptr(self.deep), _ptr(self.walked),
+            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0, 0, _ptr(self.deep), _ptr(self.walked),
         )  # fmt: skip
         self.ctx_ref = ctypes.byref(self.ctx)
 
@@ -405,16 +416,22 @@ class CrossingWalker:
 
     def _until_done(self, fn: Any, args: tuple) -> int:
         """fn(ctx, *args), called again after each row it lacks is filled (-2) or its scratch
-        grown (-3): the walk resumes where it stopped. -> its final answer."""
-        while True:
-            r = fn(self.ctx_ref, *args)
-            if r == -2:
-                self._fill(self.ctx.need)
-            elif r == -3:
-                self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
-                self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
-            else:
-                return r
+        grown (-3): the walk resumes where it stopped, the token it stopped on from the depth it
+        reached (a token of parentheses opens a new stack, so a new row, at every byte). -> its
+        final answer."""
+        try:
+            while True:
+                r = fn(self.ctx_ref, *args)
+                if r == -2:
+                    self._fill(self.ctx.need)
+                elif r == -3:
+                    self.scratch = np.zeros(2 * len(self.scratch), dtype=np.int64)
+                    self.ctx.scratch, self.ctx.scratch_cap = _ptr(self.scratch), len(self.scratch)
+                else:
+                    return r
+        except BaseException:  # (a row that could not be filled: the next walk starts afresh)
+            self.ctx.resume = self.ctx.resume_depth = 0
+            raise
 
     def accepted(self, offset: int, sid: int, ids: np.ndarray, by_ids: bool = False) -> np.ndarray:
         """The token ids of `ids` (each longer than `offset`) whose bytes from `offset` on are
