@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 _MANY = 2048  # _crossing walks more tokens than this by lexer-state scans (_accepted_after)
 _FEW = 64  # _accepted_from walks this many tokens or fewer one by one
+_ONE_WALK_ROWS = 8  # a scan with this many split rows, all listed, is crossed in one walk (fewer: row by row, each kept)
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's packed masks past this are dropped (recomputed on demand)
 
@@ -206,7 +207,7 @@ class EbnfMasks:
                         self._bulk[id(row)] = (row, *found.bulk[j])
                 if found.named is not None:  # every row listed: their content names them (_cross_splits)
                     self._listed[id(found.splits)] = (found.splits, found.named)
-                    if found.listed[2][2] <= v.vocab_size:  # (and they are crossed in one walk: _cross_list)
+                    if len(found.splits) >= _ONE_WALK_ROWS and found.listed[2][2] <= v.vocab_size:  # (crossed in one walk: _cross_list)
                         self._lists[id(found.splits)] = (found.splits, found.listed[2], found.listed)
         if scanned is None:
             idx = np.flatnonzero(v.lens > offset)
@@ -300,6 +301,9 @@ class EbnfMasks:
             return words
         words, deep = np.zeros(self.width, dtype=np.uint32), np.zeros(self.width, dtype=np.uint32)
         self._walker.cross_list(sid, listed[2], words, deep)
+        if not deep.any():  # (the usual: every walk shallow)
+            self._across_shared[key] = (words.copy(), (0, 0, 0))
+            return words
         ids, offs = listed[0], listed[1]
         sel = (deep[ids >> 5] >> (ids & 31).astype(np.uint32) & 1).astype(bool)
         ids, offs = np.ascontiguousarray(ids[sel]), np.ascontiguousarray(offs[sel])
