@@ -319,13 +319,15 @@ def lexeme_scan(
     except BaseException:  # (a compile stopped mid-scan) the next scan must find the buffer zeroed
         splits[:], hit[:] = 0, 0
         raise
+    n = int(count[0])  # (past recorded[1], the pairs were counted, not all recorded: no ids)
+    if not n and dense < 0:  # no token ends the lexeme (a key's name, a bracket's whitespace): no row was hit
+        return inside, {}
     rows = np.flatnonzero(hit)
     block = splits[rows]  # one copy of the rows hit
     out = dict(zip(rows.tolist(), block))
     if dense_out is not None and dense in out:
         dense_out[dense] = (unsafe, bulk)
     splits[rows], hit[rows] = 0, 0
-    n = int(count[0])  # (past recorded[1], the pairs were counted, not all recorded: no ids)
     if ids_out is not None and n <= min(_FEW_PAIRS, recorded[1]):  # (a key's, a bracket's: grouped in Python, a third of the numpy below's cost)
         by_row: dict[int, list[int]] = {}
         for key in pairs[:n].tolist():
