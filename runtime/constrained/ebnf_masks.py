@@ -13,9 +13,11 @@ signature) where its walk read nothing of the stack but the terminals startable 
 count's stacks, or objects of one shape, share them), else per (offset, stack). What a scan's
 split rows let cross at a stack is also kept by the rows' content (another lexer state's scan
 often lists the same tokens), and the tokens whose remainders stay inside a lexeme startable
-there (safe bytes, within its run) are not walked at all. Masks are cached per position, so a state seen before costs one copy. A string's contents
-(any unbounded string's, a `maxLength` string's chunks and tail) are scanned once per vocabulary,
-not per grammar (counted_scan.py), and what such a shared row lets cross is kept per stack.
+there (safe bytes, within its run) are not walked at all. Masks are cached per position, so a
+state seen before costs one copy. A string's contents (any unbounded string's, a `maxLength`
+string's chunks and tail) are scanned once per vocabulary, not per grammar (counted_scan.py), as
+is any lexer state of an automaton another terminal or grammar shares (shared_scans.py), and what
+such a shared row lets cross is kept per stack.
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ class EbnfMasks:
         self._bulk: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # id(split row) -> (it, unsafe buckets, its safe-tailed tokens)
         self._reach: dict[tuple[int, int], int] = {}  # (stack, unsafe buckets) -> _safe_reach
         self._across_shared: dict[tuple[object, int], tuple] = {}  # (_listed's key, stack signature) -> (what the
-        # shallow walks of a string's closing-quote rows accept, the addresses of the deep tokens' ids and offsets and
-        # their count, and those arrays): _cross_list
+        # shallow walks of a scan's listed rows accept, the addresses of the deep tokens' ids and offsets and their
+        # count (0, 0, 0: none), and those arrays): _cross_list
         self._shared: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its serial): a counted scan's rows
         self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int], tuple]] = {}  # id(splits) -> (them, the
         # addresses of every row's ids and offsets and their count, counted_scan's `listed` holding those arrays)

@@ -107,8 +107,9 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
                 width, hit, node_sub, node_maxd, unsafe, run, safe_byte, safe, offset, end, pairs, cap, n_pairs};
     safe[0] = 1;
     if (!starts) { scan_nodes(&x, 0, n_nodes); return; }
-    /* entered mid-token: only the subtrees below the nodes of depth offset + 1 whose byte the state
-       takes (starts[start_off[b] .. start_off[b + 1]) for byte b, in preorder), not every node above */
+    /* only the subtrees below the nodes of depth offset + 1 whose byte the state takes
+       (starts[start_off[b] .. start_off[b + 1]) for byte b, in preorder): entered mid-token, not
+       every node above; at offset 0, not every child of the root */
     stack[offset] = stack[0];
     safe[offset] = 1;
     for (int b = 0; b < 256; b++) {

@@ -547,7 +547,8 @@ def safe_mask(trie: TokenTrie, unsafe: int, run: int) -> np.ndarray:
     """Packed words of the tokens of at most `run` bytes, none in the `unsafe` buckets (cached per
     trie: a few sets recur, a JSON string's contents in every schema). A new run of a cached set
     is the nearest cached run's mask with the tokens of the lengths between set or cleared: a
-    counted run (a `maxLength` chunk) asks for a new run at nearly every step."""
+    counted run (a `maxLength` chunk) asks for a new run at nearly every step. With no bucket
+    unsafe it is the trie's kept mask of the tokens of at most `run` bytes."""
     run = min(run, trie.max_depth)  # (every longer run is the same mask)
     if not unsafe:
         return trie.len_masks[run]
