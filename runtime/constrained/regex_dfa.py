@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from loom.runtime.constrained.dfa import determinise
+from loom.runtime.constrained.dfa import subset_table
 from loom.runtime.constrained.lazy_dfa import DEAD, UNKNOWN, SubsetDFA
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.regex_pieces import RegexPieces
@@ -85,7 +85,7 @@ class CompiledRegex:
                 self._lazy = dfa
                 table, byte_class, accepting = dfa.table, dfa.byte_class, dfa.accepting
         else:
-            table, byte_class, accepting = determinise(regex, shown, max_states, time_limit_s)
+            table, byte_class, accepting = subset_table(regex, shown, max_states, time_limit_s)
         self._table = table  # [S + 1, C] int32; row S is the dead state (lazy: the dfa's, growing; row 1 is dead)
         self.byte_class = byte_class  # [256] int64
         self._accepting = accepting  # [S + 1] bool
