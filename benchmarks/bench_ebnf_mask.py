@@ -1,13 +1,15 @@
-"""Per-step mask time of EBNF grammars (runtime/constrained/ebnf.py) on a ~49k-token vocabulary.
+"""Per-step mask time of EBNF / Lark grammars and regexes on a ~49k-token vocabulary, per grammar backend.
 
-    python benchmarks/bench_ebnf_mask.py [--vocab-size 49152] [--runs 20] [--steps 200]
+    python benchmarks/bench_ebnf_mask.py [--vocab-size 49152] [--runs 20] [--steps 200] [--backends loom llguidance xgrammar]
 
 Each run samples a document token by token under the mask (uniformly among allowed tokens,
 preferring short ones so that strings close and documents end), timing every `fill_mask`.
 "cold" is the first run on a fresh compiled grammar (every state new); "warm" are the runs after,
 sharing the compiled grammar as requests of a server do. Compilation (with its warm-up of the
 first mask, and for the first grammar the vocabulary's token trie, built once per vocabulary) is
-timed apart.
+timed apart. Every backend compiles the same source (`GrammarBackend`, as the server does) and
+walks with the same random seed; a backend's one-time set-up (its tokenizer index) is taken
+before any timing.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import time
 
 import numpy as np
 
-from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, compile_grammar, unpack_bitmask
+from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.constrained.vocabulary import byte_decoder
 from loom.tiny_tokenizer import tiny_tokenizer
 
+# Regexes a user sends for a field: an e-mail address, an RFC 3339 time, a quoted bounded text.
+EMAIL_REGEX = r"[a-zA-Z0-9._%+-]{1,64}@[a-zA-Z0-9-]{1,63}(\.[a-zA-Z0-9-]{1,63}){1,4}"
+DATE_TIME_REGEX = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})"
+QUOTED_REGEX = r'"[^"\\\n]{0,200}"'
 JSON_GBNF = r"""
 root   ::= object
 value  ::= object | array | string | number | ("true" | "false" | "null") ws
@@ -89,30 +95,45 @@ def run(compiled, vocab: TokenVocab, rnd: random.Random, steps: int) -> list[flo
 
 
 def main() -> None:
+    from loom.runtime.constrained import GrammarBackend, GrammarError
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab-size", type=int, default=49152)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--backends", nargs="+", default=["loom", "llguidance", "xgrammar"], choices=["loom", "llguidance", "xgrammar"])
     args = ap.parse_args()
-    _, vocab = demo_vocab(args.vocab_size)
+    tb, vocab = demo_vocab(args.vocab_size)
     print(f"vocabulary: {len(vocab.ids)} tokens (vocab_size {args.vocab_size})")
+    backends = {}
+    for name in args.backends:
+        backends[name] = GrammarBackend(tb, args.vocab_size, vocab.eos_token_ids, grammar_backend=name, max_workers=1)
+        backends[name]._token_vocab() if name == "loom" else backends[name]._native_compiler()  # (set-up kept out of the times)
     gc.collect()
     gc.freeze()  # as the scheduler process does once started (a full collection walked the tokenizer's training: 40-80 ms)
     print(
-        f"{'grammar':<12} {'compile ms':>10} {'cold p50':>9} {'cold p99':>9} {'warm p50':>9} {'warm p99':>9} {'warm max':>9} {'masks':>6}"
+        f"{'grammar':<16} {'backend':<11} {'compile ms':>10} {'cold p50':>9} {'cold p99':>9} {'warm p50':>9} {'warm p99':>9}"
+        f" {'warm max':>9} {'masks':>6}"
     )
-    for name, kind, source in [("json gbnf", "ebnf", JSON_GBNF), ("json lark", "lark", JSON_LARK), ("arith gbnf", "ebnf", ARITH_GBNF)]:
-        t0 = time.perf_counter()
-        compiled = compile_grammar(kind, source, vocab)
-        compile_ms = (time.perf_counter() - t0) * 1e3
-        rnd = random.Random(0)
-        cold = np.array(run(compiled, vocab, rnd, args.steps)) * 1e3
-        warm = np.array([t for _ in range(args.runs) for t in run(compiled, vocab, rnd, args.steps)]) * 1e3
-        p = lambda a, q: np.percentile(a, q)  # noqa: E731
-        print(
-            f"{name:<12} {compile_ms:>10.0f} {p(cold, 50):>9.3f} {p(cold, 99):>9.2f} {p(warm, 50):>9.3f} {p(warm, 99):>9.2f}"
-            f" {warm.max():>9.1f} {len(warm):>6}"
-        )
+    cases = [("json gbnf", "ebnf", JSON_GBNF), ("json lark", "lark", JSON_LARK), ("arith gbnf", "ebnf", ARITH_GBNF),
+             ("email regex", "regex", EMAIL_REGEX), ("date-time regex", "regex", DATE_TIME_REGEX), ("quoted regex", "regex", QUOTED_REGEX)]  # fmt: skip
+    for name, kind, source in cases:
+        for backend, grammars in backends.items():
+            t0 = time.perf_counter()
+            try:
+                compiled = grammars._compile(kind, source)
+            except GrammarError as e:
+                print(f"{name:<16} {backend:<11} refused: {str(e).splitlines()[-1][-90:]}")
+                continue
+            compile_ms = (time.perf_counter() - t0) * 1e3
+            rnd = random.Random(0)
+            cold = np.array(run(compiled, vocab, rnd, args.steps)) * 1e3
+            warm = np.array([t for _ in range(args.runs) for t in run(compiled, vocab, rnd, args.steps)]) * 1e3
+            p = lambda a, q: np.percentile(a, q)  # noqa: E731
+            print(
+                f"{name:<16} {backend:<11} {compile_ms:>10.1f} {p(cold, 50):>9.3f} {p(cold, 99):>9.2f} {p(warm, 50):>9.3f}"
+                f" {p(warm, 99):>9.2f} {warm.max():>9.1f} {len(warm):>6}"
+            )
     print("times in ms per fill_mask")
 
 
