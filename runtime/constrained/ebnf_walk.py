@@ -439,9 +439,7 @@ class CrossingWalker:
         crossed from their ids rather than their packed words."""
         v = self.g.vocab
         enders = v.pack(ids)
-        out = np.zeros_like(enders)
-        width = len(enders)
-        shared, own = np.zeros(3 * width, dtype=np.uint32), np.zeros(2 * width, dtype=np.uint32)
+        out, shared, own = np.zeros_like(enders), np.zeros(3 * len(enders), dtype=np.uint32), np.zeros(2 * len(enders), dtype=np.uint32)
         listed = np.unique(np.asarray(ids, dtype=np.int64)) if by_ids else None
         self.cross(offset, sid, enders, shared, own, out, len(ids), listed)
         bits = np.unpackbits(out.view(np.uint8), bitorder="little")[: v.vocab_size]

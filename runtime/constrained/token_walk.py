@@ -307,8 +307,7 @@ class TokenTrie:
     tok_node: np.ndarray  # [T] the node each of tok_ids ends at
     by_depth_byte: np.ndarray  # [N] int32: the nodes by (depth, byte), in preorder within (a scan's start nodes)
     depth_byte_off: np.ndarray  # [(max_depth + 2) * 256 + 1] int64: those of depth d and byte b from d * 256 + b
-    len_masks: np.ndarray  # [max_depth + 1, width] uint32, read-only: row r packs the tokens of at most r bytes (safe_mask's
-    # answer where no byte is unsafe, which a chunk's crossing asks for at nearly every offset)
+    len_masks: np.ndarray  # [max_depth + 1, width] uint32, read-only: row r packs the tokens of at most r bytes (safe_mask)
     safe_masks: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)  # (unsafe, run) -> packed
     last_unsafe: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # unsafe -> [V] (see last_unsafe_byte)
     safe_listed: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = dataclasses.field(default_factory=dict)  # unsafe -> safe_mask's
