@@ -433,8 +433,15 @@ def counted_scan(vocab: TokenVocab, shape: CountedShape, state: int, offset: int
 def _listed(rows: dict[int, Row]) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]] | None:
     if not rows or any(row.ids is None for row in rows.values()):
         return None
-    ids = np.ascontiguousarray(np.concatenate([rows[j].ids[0] for j in sorted(rows)]), dtype=np.int64)
-    offs = np.ascontiguousarray(np.concatenate([np.full(len(rows[j].ids[0]), j, dtype=np.int64) for j in sorted(rows)]))
+    return listed_rows({j: row.ids[0] for j, row in rows.items()})
+
+
+def listed_rows(by_row: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Split rows given as token ids (offset j -> ids) as one list for ebnf_walk's cross_list: every
+    row's ids, each one's offset (ascending), and the addresses of both and their count."""
+    rows = sorted(by_row)
+    ids = np.ascontiguousarray(np.concatenate([by_row[j] for j in rows]), dtype=np.int64)
+    offs = np.repeat(np.asarray(rows, dtype=np.int64), [len(by_row[j]) for j in rows])
     return ids, offs, (ids.ctypes.data, offs.ctypes.data, len(ids))
 
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from loom.runtime.constrained.counted_scan import listed_rows
+
 if TYPE_CHECKING:
     from loom.runtime.constrained.dfa import ByteDFA
     from loom.runtime.constrained.token_walk import TokenTrie
@@ -85,11 +87,8 @@ def keep_scan(
     inside, splits = scanned
     named = listed = None
     if splits and len(ids) == len(splits):  # every row listed: their content names them (ebnf_masks._cross_splits)
-        rows = sorted(splits)
-        named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in rows)
-        tokens = np.concatenate([ids[j][0] for j in rows]).astype(np.int64)
-        offsets = np.repeat(np.asarray(rows, dtype=np.int64), [len(ids[j][0]) for j in rows])
-        listed = (tokens, offsets, (tokens.ctypes.data, offsets.ctypes.data, len(tokens)))
+        named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in sorted(splits))
+        listed = listed_rows({j: ids[j][0] for j in splits})
     found = Scan(dfa, inside, splits, ids, bulk, named, listed, inside.nbytes * (1 + len(splits) + len(bulk)) + dfa.table.nbytes)
     with _LOCK:
         kept = _kept(trie)
