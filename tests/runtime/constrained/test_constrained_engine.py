@@ -132,7 +132,11 @@ def test_chunked_prefill_and_retraction_keep_grammar_state(make_tiny_model):
             fullmatch(regex, out)
 
 
-def test_slow_compilation_times_out_without_stalling_others(engine):
+def test_slow_compilation_times_out_without_stalling_others(engine, monkeypatch):
+    from loom.runtime.constrained import dfa
+
+    monkeypatch.setattr(dfa, "native_subsets_available", lambda: False)  # the Python subset construction (no C
+    # compiler): the C one builds these states within the timeout
     backend = engine.scheduler.get_grammar_backend()
     saved = backend.compile_timeout_s
     backend.compile_timeout_s = 0.2
@@ -268,8 +272,12 @@ def test_a_hostile_schema_is_answered_400_at_once_beside_a_small_request(engine)
     assert engine.scheduler.grammar_queue == [] and not engine.scheduler.has_work()
 
 
-def test_an_aborted_requests_compile_stops(engine):
+def test_an_aborted_requests_compile_stops(engine, monkeypatch):
     """A request aborted while its grammar compiles leaves the queue, and its compilation stops."""
+    from loom.runtime.constrained import dfa
+
+    monkeypatch.setattr(dfa, "native_subsets_available", lambda: False)  # (the Python construction: the C one
+    # reaches the state bound at once)
     backend = engine.scheduler.get_grammar_backend()
     before = backend.jobs.cancelled_count
     slow = "(a|b)*a(a|b){16}"  # seconds of subset construction
