@@ -332,7 +332,6 @@ class EbnfMasks:
         if own is None:
             words = np.zeros(2 * self.width, dtype=np.uint32)
             own = self._crossed[(offset, sid)] = (words, words.ctypes.data)
-        checked, allowed = own[0][: self.width], own[0][self.width :]
         if cross_walk_available():
             if self._walker is None:
                 self._walker = CrossingWalker(self.g)
@@ -348,8 +347,9 @@ class EbnfMasks:
                 ids, at_enders = None, np.ascontiguousarray(enders).ctypes.data
             if self._walker.cross_at(offset, sid, at_enders, shared[1], own[1], out.ctypes.data, _MANY, ids):
                 return
-            many = True
-        else:
+        checked, allowed = own[0][: self.width], own[0][self.width :]
+        many = True
+        if not cross_walk_available():
             new = enders & ~checked
             many = int(np.bitwise_count(new).sum()) > _MANY
             if not many and new.any():

@@ -97,7 +97,7 @@ static void scan_nodes(const scan_t *x, int64_t i, int64_t stop) {
 }
 
 void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const int32_t *node_skip,
-                    const int32_t *tok_off, const int32_t *tok_ids, int64_t n_nodes,
+                    const int32_t *tok_off, const int32_t *tok_ids,
                     const int32_t *table, int32_t dead, const uint8_t *accepting, int32_t *stack,
                     uint32_t *inside, uint32_t *splits, int64_t width, uint8_t *hit,
                     const uint64_t *node_sub, const int32_t *node_maxd, uint64_t unsafe, int32_t run,
@@ -106,7 +106,6 @@ void loom_ebnf_scan(const uint8_t *node_byte, const int32_t *node_depth, const i
     scan_t x = {node_byte, node_depth, node_skip, tok_off, tok_ids, table, dead, accepting, stack, inside, splits,
                 width, hit, node_sub, node_maxd, unsafe, run, safe_byte, safe, offset, end, pairs, cap, n_pairs};
     safe[0] = 1;
-    if (!starts) { scan_nodes(&x, 0, n_nodes); return; }
     /* only the subtrees below the nodes of depth offset + 1 whose byte the state takes
        (starts[start_off[b] .. start_off[b + 1]) for byte b, in preorder): entered mid-token, not
        every node above; at offset 0, not every child of the root */
@@ -163,7 +162,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.loom_ebnf_scan.restype = None
-    lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
+    lib.loom_ebnf_scan.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_void_p, ctypes.c_int32]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_scan.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_uint64, ctypes.c_int32] + [ctypes.c_void_p] * 2
     lib.loom_ebnf_scan.argtypes += [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -314,7 +313,7 @@ def lexeme_scan(
                     hit[length], dense = bulk.any(), length
             stack[0] = state
             starts = (trie.start_pointers[0], trie.start_pointers[1] + 8 * 256 * (offset + 1))  # (the live first bytes' nodes only)
-            lib.loom_ebnf_scan(*trie.pointers, len(trie.node_byte), at_table, table.shape[0] - 1, at_acc, at[2],
+            lib.loom_ebnf_scan(*trie.pointers, at_table, table.shape[0] - 1, at_acc, at[2],
                                inside.ctypes.data, at[0], trie.width, at[1], *trie.sub_pointers, unsafe, length,
                                at_safe_byte, at[3], offset, end, *recorded, *starts)  # fmt: skip
     except BaseException:  # (a compile stopped mid-scan) the next scan must find the buffer zeroed

@@ -275,7 +275,7 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, const int64_t *ids, in
 /* The tokens ids[0..m) (m at most the vocabulary), each walked from its own offset offs[k]
    (ascending): those accepted from configuration `start` are set in `out`, and those whose walk
    went deep in `deep` (when given). Returns 0; -2 / -3 as walk_order (call again: it resumes). A
-   string's closing-quote rows at a new stack, in one call. */
+   scan's listed rows (a string's closing-quote rows) at a new stack, in one call. */
 int64_t loom_ebnf_cross_list(ctx_t *x, const int64_t *ids, const int64_t *offs, int64_t m, uint32_t *out, int64_t start,
                              uint32_t *deep) {
     memcpy(x->order, ids, m * sizeof(int64_t));
@@ -391,7 +391,7 @@ class CrossingWalker:
         the stack), and only the tokens neither holds are walked. False (nothing done) when more
         than `many` would be. `ids`: enders' token ids (distinct int64) where the caller has them:
         the walk then reads those tokens' bits only, not every word."""
-        width = bitmask_width(self.g.vocab.vocab_size)
+        width = self.ctx.width
         assert len(enders) == width and shared.shape == (3 * width,) and own.shape == (2 * width,) and out.shape == (width,)
         ids_at = (_ptr(ids), len(ids)) if ids is not None else None
         return self.cross_at(offset, sid, _ptr(np.ascontiguousarray(enders)), _ptr(shared), _ptr(own), _ptr(out), many, ids_at)
