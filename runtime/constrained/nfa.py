@@ -11,7 +11,8 @@ anchors and back-references have no automaton and raise GrammarError.
 
 Copies are spliced, not rebuilt: the copies of a counted repetition (`x{0,80}`) are copies of the
 first one's states, and a regex's pieces (regex_pieces.py: formats, patterns, any JSON value...)
-are fragments built once per process and kept in an LRU (`piece_fragment`). A spliced fragment's
+are fragments built once per process and kept in an LRU (`piece_fragment`), as are character sets
+of many UTF-8 sequences (Unicode `\\d`, `\\w`, negated sets). A spliced fragment's
 states are only reserved (None in `edges` / `eps`) and filled in from the fragment when first read
 (`NFA.fill`): lazy_dfa.SubsetDFA reads only the states a walk reaches; every other reader gets
 them filled (build_nfa's `lazy`).
@@ -24,7 +25,7 @@ import functools
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 from loom.runtime.constrained.errors import GrammarError
@@ -51,6 +52,9 @@ _DEFAULT_FLAGS = sre_parse.parse("", 0).state.flags  # a str regex's flags witho
 # many NFA states in all (~170 bytes each, ~30 more once flattened for the C subset step, so ~40 MB
 # at most; a date-time is ~2k states), so a stream of new patterns cannot grow memory.
 PIECE_CACHE_STATES = 200_000
+# A character set of more UTF-8 byte sequences than this is built once per process and spliced
+# (Unicode's \d is 62 code-point ranges, ~140 NFA states, and a date-time regex holds ten).
+SPLICE_SEQUENCES = 16
 
 
 def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
@@ -96,8 +100,14 @@ class NFA:
         return len(self.edges) - 1
 
     def charset(self, ranges: Ranges) -> tuple[int, int]:
+        key = tuple(ranges)
+        sequences = _charset_sequences(key)
+        if len(sequences) > SPLICE_SEQUENCES:  # built once per process, spliced (filled in as read)
+            return self.splice(_cached_fragment(key, lambda: _set_fragment(sequences)))
+        return self._charset(sequences)
+
+    def _charset(self, sequences: tuple[tuple[tuple[int, int], ...], ...]) -> tuple[int, int]:
         start, end = self.state(), self.state()
-        sequences = _charset_sequences(tuple(ranges))
         self.has_empty_set |= not sequences
         for seq in sequences:
             cur = start
@@ -108,7 +118,13 @@ class NFA:
         return start, end
 
     def fragment(self, lo: int, start: int, end: int) -> Fragment:
-        """States lo.. (a fragment just built, linked to nothing outside) as a Fragment."""
+        """States lo.. (a fragment just built, linked to nothing outside) as a Fragment (the spliced
+        one itself where they are one splice, as a large character set is)."""
+        if self._bases and self._bases[-1] == lo:
+            frag = self._frags[-1]
+            same = (len(self.edges) - lo, start - lo, end - lo) == (len(frag.edges), frag.start, frag.end)
+            if same and not (self.eps[end] or self.edges[end] or frag.eps[frag.end] or frag.edges[frag.end]):
+                return frag  # (an end with no moves, here and there: linked to nothing yet)
         self.fill_all(lo)
         edges = tuple(tuple((a, b, t - lo) for a, b, t in e) for e in self.edges[lo:])  # type: ignore[union-attr]
         cuts = frozenset(x for e in edges for a, b, _ in e for x in (a, b + 1))
@@ -168,30 +184,21 @@ class Fragment:
     flat: list = field(default_factory=list, init=False, compare=False, repr=False)
 
 
-_pieces: OrderedDict[tuple[str, int], Fragment] = OrderedDict()
+_pieces: OrderedDict[Hashable, Fragment] = OrderedDict()  # (text, flags) of pieces; code-point ranges of sets
 _pieces_states = 0
 _pieces_lock = threading.Lock()
 
 
-def piece_fragment(text: str, flags: int, where: str) -> Fragment:
-    """A piece's NFA fragment (its regex read under `flags`, those in force where it stands), built
-    once per process: an LRU of at most PIECE_CACHE_STATES states in all."""
+def _cached_fragment(key: Hashable, build: Callable[[], Fragment]) -> Fragment:
+    """The fragment kept under `key`, built first where it is not: an LRU of at most
+    PIECE_CACHE_STATES states in all (pieces and large character sets)."""
     global _pieces_states
-    key = (text, flags)
     with _pieces_lock:
         hit = _pieces.get(key)
         if hit is not None:
             _pieces.move_to_end(key)
             return hit
-    try:
-        parsed = sre_parse.parse(text, 0)
-    except re.error as e:
-        raise GrammarError(f"{where}: invalid regex {text!r}: {e}") from None
-    if parsed.state.flags != _DEFAULT_FLAGS:  # inline global flags are an error inside a larger regex
-        raise GrammarError(f"{where}: invalid regex: global flags not at the start of the expression in {text[:200]!r}")
-    nfa = NFA()
-    start, end = _build(nfa, parsed.data, flags, where)
-    frag = nfa.fragment(0, start, end)
+    frag = build()
     with _pieces_lock:
         if key not in _pieces:
             _pieces[key] = frag
@@ -199,6 +206,31 @@ def piece_fragment(text: str, flags: int, where: str) -> Fragment:
             while _pieces_states > PIECE_CACHE_STATES and len(_pieces) > 1:
                 _pieces_states -= len(_pieces.popitem(last=False)[1].edges)
     return frag
+
+
+def piece_fragment(text: str, flags: int, where: str) -> Fragment:
+    """A piece's NFA fragment (its regex read under `flags`, those in force where it stands), built
+    once per process (kept as `_cached_fragment` keeps fragments)."""
+
+    def build() -> Fragment:
+        try:
+            parsed = sre_parse.parse(text, 0)
+        except re.error as e:
+            raise GrammarError(f"{where}: invalid regex {text!r}: {e}") from None
+        if parsed.state.flags != _DEFAULT_FLAGS:  # inline global flags are an error inside a larger regex
+            raise GrammarError(f"{where}: invalid regex: global flags not at the start of the expression in {text[:200]!r}")
+        nfa = NFA()
+        start, end = _build(nfa, parsed.data, flags, where)
+        return nfa.fragment(0, start, end)
+
+    return _cached_fragment((text, flags), build)
+
+
+def _set_fragment(sequences: tuple[tuple[tuple[int, int], ...], ...]) -> Fragment:
+    """A character set's states (its UTF-8 sequences) as a fragment."""
+    nfa = NFA()
+    start, end = nfa._charset(sequences)
+    return nfa.fragment(0, start, end)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -265,7 +297,7 @@ def _build_one(nfa: NFA, op: object, av: object, flags: int, where: str) -> tupl
             if first:
                 return nfa.splice(first[0])
             base = len(nfa.edges)
-            s, e = _build(nfa, sub.data, flags, where)
+            s, e = _build_one(nfa, *sub.data[0], flags, where) if len(sub.data) == 1 else _build(nfa, sub.data, flags, where)
             if copies > 1:
                 first.append(nfa.fragment(base, s, e))
             return s, e

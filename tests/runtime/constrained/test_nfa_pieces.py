@@ -106,6 +106,21 @@ def test_a_text_that_could_spell_a_sentinel_keeps_the_whole_regex():
     assert RegexPieces.fill('"S0" \\U0010ff00', ["x"], {0}, '"S{}"') is None
 
 
+@pytest.mark.parametrize("regex", [r"\d{4}-\d{2}(\.\d{1,6})?", r"(?:\w|é)+\s?\d", r"[^a]{2}\w*", r"(?i:\w{2})x|\d+"])
+def test_a_large_character_set_spliced_gives_the_automaton_built_inline(monkeypatch, regex):
+    """Sets of more UTF-8 sequences than SPLICE_SEQUENCES (Unicode \\d, \\w, a negated set) are
+    built once and spliced, filled in as read: the same language as each built in place, the
+    same states on the C and the Python step, and the set's fragment made once."""
+    monkeypatch.setattr(nfa_module, "_pieces", type(nfa_module._pieces)())
+    spliced = built_lazily(regex, None)
+    sets = {id(frag) for frag in nfa_module._pieces.values()}
+    assert sets and sets <= {id(frag) for _, frag in nfa_module.build_nfa(regex, lazy=True)[0].spliced}
+    monkeypatch.setattr(nfa_module, "_pieces", type(nfa_module._pieces)())
+    monkeypatch.setattr(nfa_module, "SPLICE_SEQUENCES", 1 << 30)
+    inline = built_lazily(regex, None)
+    assert not nfa_module._pieces and same_language(spliced, inline)
+
+
 def test_a_piece_is_parsed_once_and_the_cache_stays_bounded(monkeypatch):
     monkeypatch.setattr(nfa_module, "_pieces", type(nfa_module._pieces)())
     monkeypatch.setattr(nfa_module, "_pieces_states", 0)

@@ -7,6 +7,7 @@ import itertools
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from loom.runtime.constrained import ErrorKind, GrammarBackend, GrammarError, TokenVocab, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.constrained.dfa import terminal_dfa
 from loom.runtime.constrained.regex_dfa import CompiledRegex
-from loom.runtime.constrained.regex_syntax import sre_constants, sre_parse
+from loom.runtime.constrained.regex_syntax import category_ranges, sre_constants, sre_parse
 from loom.runtime.entrypoints.engine import LocalEngine
 
 V = 40
@@ -316,3 +317,18 @@ def test_allowed_ids_list_the_mask_when_it_is_small():
     matcher.fill_mask(row[0])
     assert unpack_bitmask(row, 20)[0].nonzero().view(-1).tolist() == matcher.allowed_ids(20).tolist()
     assert sparse_ids(row[0], 20).tolist() == matcher.allowed_ids(20).tolist()
+
+
+@pytest.mark.parametrize("ascii_only", [False, True])
+@pytest.mark.parametrize("name", ["DIGIT", "SPACE", "WORD"])
+def test_categories_hold_the_code_points_python_s_str_tests_accept(name, ascii_only):
+    """\\d \\s \\w as Python's str regexes read them: Unicode decimals, whitespace, alphanumerics and
+    `_` (re.ASCII: their ASCII members; its \\s is C's isspace)."""
+    test = {"DIGIT": str.isdecimal, "SPACE": str.isspace, "WORD": lambda ch: ch.isalnum() or ch == "_"}[name]
+    if ascii_only and name == "SPACE":
+        test = lambda ch: ch in " \t\n\r\x0b\x0c"  # noqa: E731
+    top = 0x7F if ascii_only else 0x10FFFF
+    inside = np.zeros(top + 1, dtype=bool)
+    for lo, hi in category_ranges(name, ascii_only):
+        inside[lo : hi + 1] = True
+    assert inside.tolist() == [test(chr(cp)) for cp in range(top + 1)]
