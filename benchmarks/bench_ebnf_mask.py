@@ -1,6 +1,6 @@
 """Per-step mask time of EBNF / Lark grammars and regexes on a ~49k-token vocabulary, per grammar backend.
 
-    python benchmarks/bench_ebnf_mask.py [--vocab-size 49152] [--runs 20] [--steps 200] [--backends loom llguidance xgrammar]
+    python benchmarks/bench_ebnf_mask.py [--vocab-size 49152] [--runs 20] [--steps 200] [--backends loom llguidance xgrammar] [--grammars regex]
 
 Each run samples a document token by token under the mask (uniformly among allowed tokens,
 preferring short ones so that strings close and documents end), timing every `fill_mask`.
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--backends", nargs="+", default=["loom", "llguidance", "xgrammar"], choices=["loom", "llguidance", "xgrammar"])
+    ap.add_argument("--grammars", nargs="+", default=None, help="only the cases whose name holds one of these words (e.g. regex, lark)")
     args = ap.parse_args()
     tb, vocab = demo_vocab(args.vocab_size)
     print(f"vocabulary: {len(vocab.ids)} tokens (vocab_size {args.vocab_size})")
@@ -118,6 +119,8 @@ def main() -> None:
     cases = [("json gbnf", "ebnf", JSON_GBNF), ("json lark", "lark", JSON_LARK), ("arith gbnf", "ebnf", ARITH_GBNF),
              ("email regex", "regex", EMAIL_REGEX), ("date-time regex", "regex", DATE_TIME_REGEX), ("quoted regex", "regex", QUOTED_REGEX)]  # fmt: skip
     for name, kind, source in cases:
+        if args.grammars and not any(word in name for word in args.grammars):
+            continue
         for backend, grammars in backends.items():
             t0 = time.perf_counter()
             try:

@@ -11,7 +11,8 @@ the DFA to a state from which acceptance is still reachable; EOS iff the state a
 The automaton: the regex's Thompson NFA over UTF-8 byte ranges (nfa.build_nfa) -> subset
 construction over *byte classes* (dfa.determinise: bytes no edge tells apart share a column, ~20
 columns instead of 256) -> the states that cannot reach acceptance collapsed into one dead state.
-It is not minimised.
+It is not minimised. The grammar backend builds it lazily (lazy_dfa.py: only the states that masks
+and tokens reach, narrowing past MAX_DFA_STATES); built whole, past that bound it is refused.
 
 A mask is computed once per state, lazily, by a walk of the vocabulary's byte trie in C
 (token_walk.py: tens of microseconds, a dead prefix skipping its subtree). Without a C compiler,
@@ -38,7 +39,7 @@ from loom.runtime.constrained.vocabulary import TokenVocab
 
 MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and masks to compute)
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
-# A JSON Schema's DFA built whole within this, else state by state as walks reach them. 0: always
+# A lazy DFA (every regex and JSON Schema the backend compiles) built whole within this, else state by state as walks reach them. 0: always
 # lazily. The first mask reaches only a few states (4 on each of bench_grammar_first_token's 8
 # schemas), and building the rest first cost 0.5-3 ms of CPU before every new schema's first token;
 # the states a generation then reaches are built as it does (~25-50 us each, never more of them).

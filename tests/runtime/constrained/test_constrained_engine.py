@@ -18,6 +18,7 @@ from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.protocol import GenerateRequest
 
 from grammars import PERSON_SCHEMA as SCHEMA
+from grammars import slow_gbnf
 
 
 @pytest.fixture(scope="module")
@@ -132,17 +133,12 @@ def test_chunked_prefill_and_retraction_keep_grammar_state(make_tiny_model):
             fullmatch(regex, out)
 
 
-def test_slow_compilation_times_out_without_stalling_others(engine, monkeypatch):
-    from loom.runtime.constrained import dfa
-
-    monkeypatch.setattr(dfa, "native_subsets_available", lambda: False)  # the Python subset construction (no C
-    # compiler): the C one builds these states within the timeout
+def test_slow_compilation_times_out_without_stalling_others(engine):
     backend = engine.scheduler.get_grammar_backend()
     saved = backend.compile_timeout_s
     backend.compile_timeout_s = 0.2
     try:
-        slow = r'"([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt]){0,2000}"'  # ~40k DFA states: seconds to build
-        outs = engine.generate(["slow", "fast"], [{"regex": slow, "max_new_tokens": 20}, {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}])
+        outs = engine.generate(["slow", "fast"], [{"ebnf": slow_gbnf(), "max_new_tokens": 20}, {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}])
     finally:
         backend.compile_timeout_s = saved
     assert outs[0]["meta_info"]["finish_reason"]["type"] == "abort"
@@ -272,16 +268,11 @@ def test_a_hostile_schema_is_answered_400_at_once_beside_a_small_request(engine)
     assert engine.scheduler.grammar_queue == [] and not engine.scheduler.has_work()
 
 
-def test_an_aborted_requests_compile_stops(engine, monkeypatch):
+def test_an_aborted_requests_compile_stops(engine):
     """A request aborted while its grammar compiles leaves the queue, and its compilation stops."""
-    from loom.runtime.constrained import dfa
-
-    monkeypatch.setattr(dfa, "native_subsets_available", lambda: False)  # (the Python construction: the C one
-    # reaches the state bound at once)
     backend = engine.scheduler.get_grammar_backend()
     before = backend.jobs.cancelled_count
-    slow = "(a|b)*a(a|b){16}"  # seconds of subset construction
-    request = GenerateRequest(text="x", sampling_params={"regex": slow, "max_new_tokens": 4}, rid="slow-1")
+    request = GenerateRequest(text="x", sampling_params={"ebnf": slow_gbnf(), "max_new_tokens": 4}, rid="slow-1")
     reqs, _states = engine.tokenizer_manager.tokenize(request, request.items())
     engine.scheduler.add_request(reqs[0])
     assert [r.rid for r, _, _ in engine.scheduler.grammar_queue] == ["slow-1"]
