@@ -27,16 +27,13 @@ from concurrent.futures import Future
 from typing import Any
 
 from loom.runtime.constrained.compile_jobs import CompileJobs, CompileStopped
-from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, compile_grammar
+from loom.runtime.constrained.ebnf import EBNF_KINDS, CompiledEbnf, compile_grammar, warm_up
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.constrained.regex_dfa import CompiledRegex
-from loom.runtime.constrained.regex_syntax import category_ranges
 from loom.runtime.constrained.schema import RegexTooLong, schema_regexes, schema_to_regex
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
-from loom.runtime.constrained.token_walk import available as walk_available
-from loom.runtime.constrained.token_walk import token_trie
 from loom.runtime.constrained.vocabulary import TokenVocab
 from loom.runtime.server_args import grammar_backend_name
 
@@ -222,10 +219,7 @@ class GrammarBackend:
         with self._vocab_lock:
             if self._ebnf_vocab is None:
                 vocab = TokenVocab.build(self._resolved_token_bytes(), self.vocab_size, self.eos_token_ids)
-                if walk_available():  # the mask walk's trie and C code, once per vocabulary, before the first grammar
-                    token_trie(vocab)
-                for category in ("DIGIT", "SPACE", "WORD"):  # Unicode \d \s \w, once per process (~15 ms each)
-                    category_ranges(category, False)
+                warm_up(vocab)  # the mask walk's trie and what else a process builds once, before the first grammar
                 self._ebnf_vocab = vocab
             return self._ebnf_vocab
 
