@@ -17,7 +17,8 @@ there (safe bytes, within its run) are not walked at all. Masks are cached per p
 state seen before costs one copy. A string's contents (any unbounded string's, a `maxLength`
 string's chunks and tail) are scanned once per vocabulary, not per grammar (counted_scan.py), as
 is any lexer state of an automaton another terminal or grammar shares (shared_scans.py), and what
-such a shared row lets cross is kept per stack.
+such a shared row lets cross is kept per stack. A scan's dozens of split rows (a whitespace ending
+at every offset) are crossed in one C call at a new stack.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _MANY = 2048  # _crossing walks more tokens than this by lexer-state scans (_acc
 _FEW = 64  # _accepted_from walks this many tokens or fewer one by one
 _ONE_WALK_ROWS = 8  # a scan with this many split rows, all listed, is crossed in one walk (fewer: row by row, each kept)
 _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are recomputed on demand)
+_ONE_CALL_ROWS = 8  # a scan's plain split rows are crossed in one C call from this many (EbnfMasks._cross_rows)
 MASK_CACHE_BYTES = 64 << 20  # a grammar's packed masks past this are dropped (recomputed on demand)
 
 _BITS = np.arange(32, dtype=np.uint32)
@@ -55,6 +57,12 @@ def _unpack_few(words: np.ndarray) -> np.ndarray:
     w = np.flatnonzero(words)
     hit = (words[w, None] >> _BITS) & 1  # [k, 32]
     return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
+
+
+def _held(memo: dict[int, tuple], words: np.ndarray) -> tuple | None:
+    """memo's entry for the array `words` (keyed by its identity, the entry holding it), or None."""
+    held = memo.get(id(words))
+    return held if held is not None and held[0] is words else None
 
 
 class EbnfMasks:
@@ -99,6 +107,7 @@ class EbnfMasks:
         self._shared: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its serial): a counted scan's rows
         self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int], tuple]] = {}  # id(splits) -> (them, the
         # addresses of every row's ids and offsets and their count, counted_scan's `listed` holding those arrays)
+        self._at: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its address): _cross_rows
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -113,7 +122,7 @@ class EbnfMasks:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
             memos = (self._inside, self._splits, self._crossed, self._shared_crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
-            for memo in (*memos, self._ids, self._listed, self._across, self._across_shared, self._bulk, self._shared, self._lists):
+            for memo in (*memos, self._ids, self._listed, self._across, self._across_shared, self._bulk, self._shared, self._lists, self._at):
                 memo.clear()
             self._scan_rows = 0
 
@@ -264,17 +273,23 @@ class EbnfMasks:
         row's tokens, what they let cross is kept by their content: other lexer states' scans often
         split the same tokens at the same offsets (a string's closing quote, from any position far
         enough from its maximum length), and then cost one lookup."""
-        held = self._listed.get(id(splits))
-        key = (held[1], sid) if held is not None and held[0] is splits else None
+        held = _held(self._listed, splits)
+        key = (held[1], sid) if held is not None else None
         words = self._across.get(key) if key is not None else None
-        listed = self._lists.get(id(splits)) if words is None and key is not None and cross_walk_available() else None
-        if listed is not None and listed[0] is splits:  # every row listed (a string's closing-quote rows): all in one walk
+        listed = _held(self._lists, splits) if words is None and key is not None and cross_walk_available() else None
+        if listed is not None:  # every row listed (a string's closing-quote rows): all in one walk
             words = self._across[key] = self._cross_list(held[1], sid, listed[2])
         if words is None:
             words = out if key is None else np.zeros(self.width, dtype=np.uint32)
-            for j, enders in splits.items():
-                row = self._shared.get(id(enders))
-                if row is None or row[0] is not enders:
+            rows = list(splits.items())
+            if len(rows) >= _ONE_CALL_ROWS and cross_walk_available():  # (a whitespace's or a string's dozens of rows)
+                plain = [_held(self._shared, e) is None and _held(self._bulk, e) is None for _, e in rows]
+                if sum(plain) >= _ONE_CALL_ROWS:
+                    self._cross_rows([r for r, p in zip(rows, plain) if p], sid, words)
+                    rows = [r for r, p in zip(rows, plain) if not p]
+            for j, enders in rows:
+                row = _held(self._shared, enders)
+                if row is None:
                     self._crossing(j, sid, enders, words)
                     continue
                 crossed = self._across.get((row[1], sid))  # a counted scan's row, shared by scans that differ elsewhere
@@ -320,28 +335,21 @@ class EbnfMasks:
         checked once per (offset, stack), or per (offset, stack signature) where its walk read no
         more of the stack (ebnf_walk.CrossingWalker.cross): walked in C or Python (`_accepted_from`),
         or, for a lexeme ending inside most tokens (a string's chunks), by lexer-state scans."""
-        held = self._bulk.get(id(enders))
-        if held is not None and held[0] is enders:  # the tokens whose remainders stay inside a lexeme startable here
+        held = _held(self._bulk, enders)
+        if held is not None:  # the tokens whose remainders stay inside a lexeme startable here
             reach = self._safe_reach(sid, held[1])
             if reach:
                 trie = token_trie(self.vocab)
                 short = held[2] & safe_mask(trie, 0, min(offset + reach, trie.max_depth))
                 out |= short
                 enders = enders & ~short
-        own = self._crossed.get((offset, sid))
-        if own is None:
-            words = np.zeros(2 * self.width, dtype=np.uint32)
-            own = self._crossed[(offset, sid)] = (words, words.ctypes.data)
+        own = self._memo(self._crossed, (offset, sid), 2)
         if cross_walk_available():
             if self._walker is None:
                 self._walker = CrossingWalker(self.g)
-            key = (offset, self.g.signature(sid))
-            shared = self._shared_crossed.get(key)
-            if shared is None:
-                words = np.zeros(3 * self.width, dtype=np.uint32)
-                shared = self._shared_crossed[key] = (words, words.ctypes.data)
-            held = self._ids.get(id(enders))
-            if held is not None and held[0] is enders:
+            shared = self._memo(self._shared_crossed, (offset, self.g.signature(sid)), 3)
+            held = _held(self._ids, enders)
+            if held is not None:
                 ids, at_enders = held[2], 0
             else:
                 ids, at_enders = None, np.ascontiguousarray(enders).ctypes.data
@@ -359,6 +367,45 @@ class EbnfMasks:
             allowed[:] = self._accepted_after(offset, sid)
             checked[:] = np.uint32(0xFFFFFFFF)
         out |= allowed & enders
+
+    def _memo(self, memos: dict[tuple[int, int], tuple[np.ndarray, int]], key: tuple[int, int], n: int) -> tuple[np.ndarray, int]:
+        """memos[key]: n zeroed words [n width] (and their address) where it is new."""
+        held = memos.get(key)
+        if held is None:
+            words = np.zeros(n * self.width, dtype=np.uint32)
+            held = memos[key] = (words, words.ctypes.data)
+        return held
+
+    def _memos(self, memos: dict[tuple[int, int], tuple[np.ndarray, int]], keys: list[tuple[int, int]], n: int) -> None:
+        """`_memo` of each key, the new ones zeroed in one allocation (dozens of rows at a new stack)."""
+        new = [key for key in keys if key not in memos]
+        block = np.zeros((len(new), n * self.width), dtype=np.uint32)
+        at, size = block.ctypes.data, block.strides[0]  # (an array's .ctypes costs ~3 µs: addresses by offset)
+        for k, (key, words) in enumerate(zip(new, block)):
+            memos[key] = (words, at + k * size)
+
+    def _cross_rows(self, rows: list[tuple[int, np.ndarray]], sid: int, out: np.ndarray) -> None:
+        """`_crossing` of split rows (offset, enders) none of which is set in bulk, at stack `sid`,
+        in one C call: the same walks and memos (per offset and stack, per offset and signature)
+        without a Python call per row (the whitespace before a word ends at byte 1 of ~20k tokens,
+        at every offset of the other rows: ~65 rows, ~10 µs of Python each)."""
+        if self._walker is None:
+            self._walker = CrossingWalker(self.g)
+        signature = self.g.signature(sid)
+        self._memos(self._crossed, [(j, sid) for j, _ in rows], 2)
+        self._memos(self._shared_crossed, [(j, signature) for j, _ in rows], 3)
+        spec = []
+        for j, enders in rows:
+            held = _held(self._ids, enders)
+            if held is not None:
+                ids, at = held[2], 0
+            else:
+                ids, at = (0, 0), (_held(self._at, enders) or self._at.setdefault(id(enders), (enders, enders.ctypes.data)))[1]
+            spec.append((at, *ids, self._shared_crossed[(j, signature)][1], self._crossed[(j, sid)][1], j))
+        skipped = self._walker.cross_rows(sid, np.array(spec, dtype=np.int64), out, _MANY)
+        for k in np.flatnonzero(skipped).tolist():  # (too many to walk: scanned)
+            j, enders = rows[k]
+            self._crossing(j, sid, enders, out)
 
     def _safe_reach(self, sid: int, unsafe: int) -> int:
         """How many bytes outside the `unsafe` buckets in a row stay inside some lexeme startable at

@@ -118,6 +118,7 @@ typedef struct {
     int64_t resume_depth;  /* and 1 + the depth its sets are kept to (0: walk it from its start) */
     uint8_t *deep;    /* [max token length + 1]: per depth, whether the walk there is deep (step_set) */
     uint32_t *walked; /* [2 * width]: a call's verdicts and deep flags, per token walked */
+    int64_t resume_row;  /* loom_ebnf_cross_rows: the row to resume at */
 } ctx_t;
 
 #define STEP(cur, n, b, out, deep) step_set(cur, n, b, out, x->scratch, x->scratch_cap, x->trans, x->accepting, \
@@ -272,6 +273,27 @@ int64_t loom_ebnf_cross(ctx_t *x, const uint32_t *enders, const int64_t *ids, in
     return 0;
 }
 
+/* loom_ebnf_cross for each of a scan's split rows at one stack, in one call: rows[6 r ..) = (enders,
+   ids, their count, shared, own, offset) as loom_ebnf_cross takes them (addresses as int64; ids 0:
+   by the packed words). A row with more than `many` to walk is skipped and flagged in
+   many_out[r] (the caller scans it). Returns 0; -2 / -3 as walk_order (call again: it resumes at
+   the row it stopped in, x->resume_row). */
+int64_t loom_ebnf_cross_rows(ctx_t *x, const int64_t *rows, int64_t k, uint32_t *out, int64_t start, int64_t many,
+                             uint8_t *many_out) {
+    for (int64_t r = x->resume_row; r < k; r++) {
+        const int64_t *q = rows + 6 * r;
+        int64_t a = loom_ebnf_cross(x, (const uint32_t *)q[0], (const int64_t *)q[1], q[2], (uint32_t *)q[3],
+                                    (uint32_t *)q[4], out, q[5], start, many);
+        if (a < 0) {
+            x->resume_row = r;
+            return a;
+        }
+        many_out[r] = (uint8_t)a;
+    }
+    x->resume_row = 0;
+    return 0;
+}
+
 /* The tokens ids[0..m) (m at most the vocabulary), each walked from its own offset offs[k]
    (ascending): those accepted from configuration `start` are set in `out`, and those whose walk
    went deep in `deep` (when given). Returns 0; -2 / -3 as walk_order (call again: it resumes). A
@@ -300,7 +322,7 @@ class _Ctx(ctypes.Structure):
     _fields_ += [(name, ctypes.c_void_p) for name in ("sets", "sizes", "scratch")] + [("scratch_cap", ctypes.c_int64)]
     _fields_ += [("order", ctypes.c_void_p), ("first", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
     _fields_ += [("resume_depth", ctypes.c_int64)]
-    _fields_ += [("deep", ctypes.c_void_p), ("walked", ctypes.c_void_p)]
+    _fields_ += [("deep", ctypes.c_void_p), ("walked", ctypes.c_void_p), ("resume_row", ctypes.c_int64)]
 
 
 @functools.cache
@@ -316,6 +338,9 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_cross_list.restype = ctypes.c_int64
     lib.loom_ebnf_cross_list.argtypes = [ctypes.POINTER(_Ctx)] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.loom_ebnf_cross_list.argtypes += [ctypes.c_void_p]
+    lib.loom_ebnf_cross_rows.restype = ctypes.c_int64
+    lib.loom_ebnf_cross_rows.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.loom_ebnf_cross_rows.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -353,7 +378,7 @@ class CrossingWalker:
             _ptr(self.row_off), _ptr(self.row_len), _ptr(self.pairs), len(self.row_off),
             _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of),
             bitmask_width(v.vocab_size), grammar.max_configs, _ptr(self.sets), _ptr(self.sizes), _ptr(self.scratch),
-            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0, 0, _ptr(self.deep), _ptr(self.walked),
+            len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0, 0, _ptr(self.deep), _ptr(self.walked), 0,
         )  # fmt: skip
         self.ctx_ref = ctypes.byref(self.ctx)
 
@@ -405,6 +430,17 @@ class CrossingWalker:
         listed = ids if ids is not None else (0, 0)
         return self._until_done(self.lib.loom_ebnf_cross, (enders, *listed, shared, own, out, offset, start, many)) == 0
 
+    def cross_rows(self, sid: int, rows: np.ndarray, out: np.ndarray, many: int) -> np.ndarray:
+        """`cross_at` for each row of `rows` ([k, 6] int64: enders, ids, their count, shared, own,
+        offset; ids 0: by the packed enders) at stack `sid`, in one call (a scan's dozens of split
+        rows cost one C call, not dozens of Python ones). -> per row, whether it had more than
+        `many` tokens to walk (nothing done there: the caller scans)."""
+        assert rows.dtype == np.int64 and rows.flags.c_contiguous and rows.shape[1] == 6 and out.shape == (self.ctx.width,)
+        skipped = np.zeros(len(rows), dtype=np.uint8)
+        start = sid * self.g.n_lex + self.g.boundary
+        self._until_done(self.lib.loom_ebnf_cross_rows, (_ptr(rows), len(rows), _ptr(out), start, many, _ptr(skipped)))
+        return skipped
+
     def cross_list(self, sid: int, listed: tuple[int, int, int], out: np.ndarray, deep: np.ndarray | None = None) -> None:
         """out |= the tokens of `listed` (the addresses of their ids and of their offsets,
         ascending, and their count) whose bytes from their offset on are accepted from a lexeme
@@ -430,7 +466,7 @@ class CrossingWalker:
                 else:
                     return r
         except BaseException:  # (a row that could not be filled: the next walk starts afresh)
-            self.ctx.resume = self.ctx.resume_depth = 0
+            self.ctx.resume = self.ctx.resume_depth = self.ctx.resume_row = 0
             raise
 
     def accepted(self, offset: int, sid: int, ids: np.ndarray, by_ids: bool = False) -> np.ndarray:

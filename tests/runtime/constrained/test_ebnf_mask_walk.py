@@ -98,14 +98,17 @@ def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
     return states
 
 
-@pytest.mark.parametrize("walk", ["c", "c from words", "python"])
+@pytest.mark.parametrize("walk", ["c", "c from words", "c rows at once", "python"])
 @pytest.mark.parametrize("many", [ebnf_masks._MANY, 0], ids=["tokens walked", "lexer-state scans"])
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
 def test_masks_equal_a_brute_force_walk_of_every_token(vocab, name, many, walk, monkeypatch):
     """Every way of checking the tokens that cross a lexeme end (walked against the parser in C,
     from the split rows' token ids the scan recorded or from their packed words, or in Python, or
-    by lexer-state scans entered mid-token, which many-token crossings take)."""
+    by lexer-state scans entered mid-token, which many-token crossings take), a scan's split rows
+    crossed one C call each or all in one (_cross_rows, as a scan of 8 or more rows is)."""
     monkeypatch.setattr(ebnf_masks, "_MANY", many)
+    if walk == "c rows at once":
+        monkeypatch.setattr(ebnf_masks, "_ONE_CALL_ROWS", 1)
     if walk == "c from words":
         monkeypatch.setattr(ebnf_scan, "PAIRS", 0)  # no scan records its rows' ids
         monkeypatch.setattr(shared_scans, "_KEPT", {})  # (nor finds another test's scans)
