@@ -28,6 +28,7 @@ from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
 from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
+from loom.runtime.constrained.ebnf_walk import native_stacks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr_digraph import install as install_digraph
 from loom.runtime.constrained.matcher import TokenMatcher
@@ -143,7 +144,9 @@ class CompiledEbnf:
             self._goto[state] = g
         self._end_state = table.end_states[start]
 
-        # interned stacks: id -> (top state, parent id)
+        # interned stacks: id -> (top state, parent id); in C where it is compiled (the crossing walk
+        # fills new stacks' rows there), else in these lists
+        self.stacks = native_stacks(self._actions, self._goto, self._end + 1, self.ignored, table.start_states[start], self._end_state)
         self._top: list[int] = [table.start_states[start]]
         self._parent: list[int] = [-1]
         self._interned: dict[tuple[int, int], int] = {}
@@ -167,7 +170,7 @@ class CompiledEbnf:
     @property
     def nbytes(self) -> int:
         """What this compiled grammar holds, roughly: its lexer table and the masks computed so far."""
-        return len(self.trans) * 256 * 8 + self.masks.nbytes
+        return len(self.trans) * 256 * 8 + self.masks.nbytes + (self.stacks.nbytes if self.stacks is not None else 0)
 
     # ------------------------------------------------------------------ the parser
     def _push(self, parent: int, state: int) -> int:
@@ -179,9 +182,17 @@ class CompiledEbnf:
             self._parent.append(parent)
         return sid
 
+    @property
+    def num_stacks(self) -> int:
+        """How many stacks are interned."""
+        return self.stacks.count if self.stacks is not None else len(self._top)
+
     def _feed(self, sid: int, terminal: int) -> int | None:
         """The stack after shifting `terminal` (reducing first as LALR does); None: not acceptable.
         For the end marker, returns the stack on acceptance (reduced to the end state)."""
+        if self.stacks is not None:
+            after = self.stacks.feed(sid, terminal)
+            return after if after >= 0 else None
         while True:
             act = self._actions[self._top[sid]].get(terminal)
             if act is None:
@@ -209,7 +220,7 @@ class CompiledEbnf:
         """Terminals a new lexeme may be of at this stack: shiftable ones plus the ignored."""
         out = self._startable.get(sid)
         if out is None:
-            acts = self._actions[self._top[sid]]
+            acts = self._actions[self.stacks.top(sid) if self.stacks is not None else self._top[sid]]
             out = tuple(sorted({t for t in acts if t != self._end and self.after(sid, t) is not None} | self.ignored))
             self._startable[sid] = out
         return out

@@ -28,16 +28,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.lalr_native import C_SOURCE as LALR_C_SOURCE
+from loom.runtime.constrained.lalr_native import NativeStacks
+from loom.runtime.constrained.lalr_native import bind as bind_lalr
 from loom.runtime.constrained.native_c import compile_c
 from loom.runtime.constrained.vocabulary import token_rows
 
 if TYPE_CHECKING:
     from loom.runtime.constrained.ebnf import CompiledEbnf
 
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+_C_SOURCE = LALR_C_SOURCE + r"""
+typedef struct ctx ctx_t;
+static int fill_row(ctx_t *x, int64_t s);
 
 static int cmp_i64(const void *a, const void *b) {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -46,7 +48,7 @@ static int cmp_i64(const void *a, const void *b) {
 
 /* Rows: stack sid's row is row_pairs[2 * row_off[sid] ..) of row_len[sid] (terminal, stack after)
    pairs sorted by terminal; row_off[sid] < 0 (or sid >= n_rows) means not filled yet. */
-#define NEED(s) do { if ((s) >= n_rows || row_off[s] < 0) { *need = (s); return -2; } } while (0)
+#define NEED(s) do { if (((s) >= n_rows || row_off[s] < 0) && fill_row(x, (s))) { *need = (s); return -2; } } while (0)
 
 /* One step of the sorted set cur[0..n) by byte b into out (sorted, unique, at most max_configs
    smallest kept); returns its size, or -2 with *need set when a row is missing. *deep is set when
@@ -56,7 +58,7 @@ static int64_t step_set(const int64_t *cur, int64_t n, int b, int64_t *out, int6
                         const int32_t *trans, const uint8_t *accepting, const int32_t *lex_terminal,
                         const int32_t *offsets, int64_t n_lex, int64_t boundary, const int64_t *row_off,
                         const int32_t *row_len, const int32_t *row_pairs, int64_t n_rows, int64_t max_configs,
-                        int64_t *need, int64_t start_sid, int *deep) {
+                        int64_t *need, int64_t start_sid, int *deep, ctx_t *x) {
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t c = cur[i], sid = c / n_lex, lex = c % n_lex, starts = -1;
@@ -104,10 +106,10 @@ static int64_t step_set(const int64_t *cur, int64_t n, int b, int64_t *out, int6
     return u;
 }
 
-typedef struct {
+struct ctx {
     const int32_t *trans; const uint8_t *accepting; const int32_t *lex_terminal; const int32_t *offsets;
     int64_t n_lex, boundary;
-    const int64_t *row_off; const int32_t *row_len; const int32_t *row_pairs; int64_t n_rows;
+    int64_t *row_off; int32_t *row_len; int32_t *row_pairs; int64_t n_rows;
     const uint8_t *data; int64_t stride; const int64_t *lens; const int64_t *row_of;
     int64_t width, max_configs;
     int64_t *sets, *sizes, *scratch; int64_t scratch_cap;
@@ -119,11 +121,24 @@ typedef struct {
     uint8_t *deep;    /* [max token length + 1]: per depth, whether the walk there is deep (step_set) */
     uint32_t *walked; /* [2 * width]: a call's verdicts and deep flags, per token walked */
     int64_t resume_row;  /* loom_ebnf_cross_rows: the row to resume at */
-} ctx_t;
+    lalr_t *parser;      /* the grammar's stacks (lalr_native.py), which fill rows here; 0: Python fills them */
+    int64_t n_pairs, pairs_cap;  /* row_pairs' pairs written, and its room */
+};
+
+/* Stack s's row, filled by the parser in C where there is room (else Python fills it: 1). */
+static int fill_row(ctx_t *x, int64_t s) {
+    if (!x->parser || s >= x->n_rows || x->n_pairs + x->parser->n_terms > x->pairs_cap) return 1;
+    int64_t k = loom_lalr_row(x->parser, s, x->row_pairs + 2 * x->n_pairs);
+    if (k < 0) return 1;  /* (out of memory: Python's fill says so) */
+    x->row_off[s] = x->n_pairs;
+    x->row_len[s] = (int32_t)k;
+    x->n_pairs += k;
+    return 0;
+}
 
 #define STEP(cur, n, b, out, deep) step_set(cur, n, b, out, x->scratch, x->scratch_cap, x->trans, x->accepting, \
     x->lex_terminal, x->offsets, x->n_lex, x->boundary, x->row_off, x->row_len, x->row_pairs, x->n_rows, mc, &x->need, \
-    start / x->n_lex, deep)
+    start / x->n_lex, deep, x)
 
 /* Walks x->order[0..n) (from x->resume) from their byte `offset` on, from configuration `start` (a
    boundary at the stack after a lexeme end), setting the accepted ones in `allowed`, and in
@@ -323,6 +338,7 @@ class _Ctx(ctypes.Structure):
     _fields_ += [("order", ctypes.c_void_p), ("first", ctypes.c_void_p), ("need", ctypes.c_int64), ("resume", ctypes.c_int64)]
     _fields_ += [("resume_depth", ctypes.c_int64)]
     _fields_ += [("deep", ctypes.c_void_p), ("walked", ctypes.c_void_p), ("resume_row", ctypes.c_int64)]
+    _fields_ += [("parser", ctypes.c_void_p), ("n_pairs", ctypes.c_int64), ("pairs_cap", ctypes.c_int64)]
 
 
 @functools.cache
@@ -341,11 +357,19 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_ebnf_cross_rows.restype = ctypes.c_int64
     lib.loom_ebnf_cross_rows.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.loom_ebnf_cross_rows.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    bind_lalr(lib)
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def native_stacks(*table: Any) -> NativeStacks | None:
+    """A grammar's stacks in C (lalr_native.NativeStacks(lib, *table)), whose rows the crossing
+    walk fills itself; None where the library is not compiled."""
+    lib = _library()
+    return NativeStacks(lib, *table) if lib is not None else None
 
 
 class CrossingWalker:
@@ -362,8 +386,7 @@ class CrossingWalker:
         self.offsets = np.asarray(grammar.offsets, dtype=np.int32)
         self.row_off = np.full(64, -1, dtype=np.int64)  # [capacity] per stack; -1: row not filled
         self.row_len = np.zeros(64, dtype=np.int32)
-        self.pairs = np.zeros(256, dtype=np.int32)  # (terminal, stack after) pairs, rows one after another
-        self.n_pairs = 0
+        self.pairs = np.zeros(256, dtype=np.int32)  # (terminal, stack after) pairs, rows one after another (ctx.n_pairs of them)
         self.data = np.ascontiguousarray(v.data)
         self.lens = np.ascontiguousarray(v.lens, dtype=np.int64)
         self.sets = np.zeros((self.data.shape[1] + 1) * grammar.max_configs, dtype=np.int64)
@@ -379,8 +402,10 @@ class CrossingWalker:
             _ptr(self.data), self.data.shape[1], _ptr(self.lens), _ptr(self.row_of),
             bitmask_width(v.vocab_size), grammar.max_configs, _ptr(self.sets), _ptr(self.sizes), _ptr(self.scratch),
             len(self.scratch), _ptr(self.order), _ptr(self.first), 0, 0, 0, _ptr(self.deep), _ptr(self.walked), 0,
+            grammar.stacks.handle if grammar.stacks is not None else None, 0, len(self.pairs) // 2,
         )  # fmt: skip
         self.ctx_ref = ctypes.byref(self.ctx)
+        self.stacks = grammar.stacks  # (held: ctx.parser points into it)
 
     @property
     def nbytes(self) -> int:
@@ -397,13 +422,14 @@ class CrossingWalker:
             self.row_len = np.concatenate([self.row_len, np.zeros(cap - len(self.row_len), dtype=np.int32)])
             self.ctx.row_off, self.ctx.row_len, self.ctx.n_rows = _ptr(self.row_off), _ptr(self.row_len), cap
         row = [(t, g.after(sid, t)) for t in g.startable(sid)]
-        n = self.n_pairs
-        if 2 * (n + len(row)) > len(self.pairs):
-            self.pairs = np.concatenate([self.pairs, np.zeros(max(len(self.pairs), 2 * len(row)), dtype=np.int32)])
-            self.ctx.row_pairs = _ptr(self.pairs)
+        n = self.ctx.n_pairs
+        room = max(len(row), len(g.terminal_names) + 1)  # (and for a row the C parser fills next)
+        if 2 * (n + room) > len(self.pairs):
+            self.pairs = np.concatenate([self.pairs, np.zeros(max(len(self.pairs), 2 * room), dtype=np.int32)])
+            self.ctx.row_pairs, self.ctx.pairs_cap = _ptr(self.pairs), len(self.pairs) // 2
         self.pairs[2 * n : 2 * (n + len(row))] = np.asarray(row, dtype=np.int32).reshape(-1)
         self.row_off[sid], self.row_len[sid] = n, len(row)
-        self.n_pairs = n + len(row)
+        self.ctx.n_pairs = n + len(row)
 
     def cross(
         self, offset: int, sid: int, enders: np.ndarray, shared: np.ndarray, own: np.ndarray, out: np.ndarray, many: int,

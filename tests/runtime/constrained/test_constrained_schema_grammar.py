@@ -425,11 +425,11 @@ def test_stacks_stay_as_deep_however_many_members_and_items(byte_vocab):
     item = '{"b":"x","a":1,"b":"y","b":"z"}'
     c = grammar(byte_vocab, schema)
     assert accepts(c, f"[{item},{item},{item}]")
-    few = len(c._top)
+    few = c.num_stacks
     assert accepts(c, "[" + ",".join([item] * 40) + "]")
-    assert len(c._top) == few
+    assert c.num_stacks == few
     assert not accepts(c, '[{"b":"x"}]') and not accepts(c, '[{"a":1,"a":2}]')
     s = grammar(byte_vocab, {"type": "string", "minLength": 100})  # past its minimum, 64-character chunks in a loop
     assert accepts(s, json.dumps("a" * 300))
-    few = len(s._top)
-    assert accepts(s, json.dumps("a" * 3000)) and len(s._top) == few
+    few = s.num_stacks
+    assert accepts(s, json.dumps("a" * 3000)) and s.num_stacks == few

@@ -16,6 +16,7 @@ import pytest
 from loom.runtime.constrained import (
     TokenVocab,
     compile_grammar,
+    ebnf,
     ebnf_masks,
     ebnf_scan,
     ebnf_walk,
@@ -170,6 +171,47 @@ def test_masks_without_a_compiler_are_the_same(vocab, monkeypatch):
     slow = _compile("json lark", vocab)
     for state in states:
         assert _allowed(fast, state) == _allowed(slow, state)
+
+
+@pytest.mark.skipif(not ebnf_walk.available(), reason="no C compiler: the stacks are Python's")
+@pytest.mark.parametrize("name", sorted(GRAMMARS))
+def test_the_c_stacks_are_the_python_stacks_and_fill_the_walk_s_rows(vocab, name, monkeypatch):
+    """The LALR table and stack interning in C (lalr_native.py) give the stacks the Python lists
+    give: every terminal fed at each stack breadth first (the end marker too) leads to stacks that
+    pair one to one (ids are numbered as stacks are met, which differs), of the same startable
+    terminals; and the rows the C walk filled itself (a mask's crossings) are what CompiledEbnf
+    says of them."""
+    native = _compile(name, vocab)
+    monkeypatch.setattr(ebnf, "native_stacks", lambda *table: None)
+    lists = _compile(name, vocab)
+    assert native.stacks is not None and lists.stacks is None
+    pair, todo = {0: 0}, [(0, 0)]
+    while todo and len(pair) < 400:
+        a, b = todo.pop(0)
+        assert native.startable(a) == lists.startable(b) and native.stack_can_end(a) == lists.stack_can_end(b), (name, a, b)
+        for t in range(len(native.terminal_names) + 1):
+            after_a, after_b = native._feed(a, t), lists._feed(b, t)
+            assert (after_a is None) == (after_b is None), (name, a, t)
+            if after_a is not None and after_a not in pair:
+                pair[after_a] = after_b
+                todo.append((after_a, after_b))
+            assert after_a is None or pair[after_a] == after_b, (name, a, t)
+    assert len(set(pair.values())) == len(pair) > 1
+    monkeypatch.undo()
+    python_fills, fill = [], ebnf_walk.CrossingWalker._fill
+    monkeypatch.setattr(ebnf_walk.CrossingWalker, "_fill", lambda self, sid: python_fills.append(sid) or fill(self, sid))
+    walked = _compile(name, vocab)
+    for seed in range(3):
+        _random_walk(walked, seed)
+    walker = walked.masks._walker
+    if walker is None:  # (no token crossed a lexeme end here)
+        return
+    filled = np.flatnonzero(walker.row_off >= 0)
+    assert len(filled) > len(python_fills)  # (Python fills a row where the arrays must grow first)
+    for sid in filled.tolist():
+        at, n = int(walker.row_off[sid]), int(walker.row_len[sid])
+        row = walker.pairs[2 * at : 2 * (at + n)].reshape(-1, 2).tolist()
+        assert row == [[t, walked.after(sid, t)] for t in walked.startable(sid)], (name, sid)
 
 
 @pytest.mark.skipif(not ebnf_walk.available(), reason="no C compiler: only the Python walk exists")
