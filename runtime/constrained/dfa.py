@@ -25,6 +25,7 @@ from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lazy_dfa import SubsetDFA
 from loom.runtime.constrained.nfa import build_nfa
 from loom.runtime.constrained.subset_native import available as native_subsets_available
+from loom.runtime.constrained.subset_native import moore
 
 if TYPE_CHECKING:
     from loom.runtime.constrained.schema_automata import CountedShape
@@ -230,30 +231,39 @@ def words_dfa(words: list[bytes]) -> ByteDFA:
     return minimal_dfa(table, accepting, byte_class)
 
 
+def _moore_rounds(table: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """subset_native.moore in numpy: rounds in which a state's next class is its class and its
+    successors' classes, all numbered at once, until no class splits."""
+    count = len(np.unique(classes))
+    while True:
+        sig = np.column_stack([classes, classes[table]])  # [n, C + 1]
+        order = np.lexsort(sig.T[::-1])
+        ranked = sig[order]
+        refined = np.empty(len(classes), dtype=np.int64)
+        refined[order] = np.concatenate([[0], np.cumsum((ranked[1:] != ranked[:-1]).any(axis=1))])
+        grown = int(refined.max()) + 1
+        if grown == count:
+            return classes
+        classes, count = refined, grown
+
+
 def minimal_dfa(table: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) -> ByteDFA:
     """The minimal ByteDFA of `table` [n, C] over byte classes (byte_class [256] -> column), start 0,
     whose last row is the dead sink and every other state can reach acceptance."""
     n = table.shape[0]  # the last row is the dead sink
     classes = accepting.astype(np.int64)
     classes[n - 1] = 2
-    count = len(np.unique(classes))
-    while True:  # Moore: a state's next class is its class and its successors' classes, numbered at once
-        sig = np.column_stack([classes, classes[table]])  # [n, C + 1]
-        order = np.lexsort(sig.T[::-1])
-        ranked = sig[order]
-        refined = np.empty(n, dtype=np.int64)
-        refined[order] = np.concatenate([[0], np.cumsum((ranked[1:] != ranked[:-1]).any(axis=1))])
-        grown = int(refined.max()) + 1
-        if grown == count:
-            break
-        classes, count = refined, grown
-    order: dict[int, int] = {}
-    for q in range(n - 1):
-        c = int(classes[q])
-        if c != classes[n - 1] and c not in order:
-            order[c] = len(order)
+    refined = moore(table, classes)  # (in C where compiled)
+    classes = refined if refined is not None else _moore_rounds(table, classes)
+    firsts = np.full(int(classes.max()) + 1, n, dtype=np.int64)  # each class's first state; states numbered in that order
+    np.minimum.at(firsts, classes[: n - 1], np.arange(n - 1))
+    firsts[classes[n - 1]] = n  # (the dead sink's class goes last)
+    order = np.flatnonzero(firsts < n)
+    order = order[np.argsort(firsts[order], kind="stable")]
     dead = len(order)
-    new_of = np.array([order.get(int(c), dead) for c in classes], dtype=np.int64)
+    rank = np.full(len(firsts), dead, dtype=np.int64)
+    rank[order] = np.arange(dead)
+    new_of = rank[classes]
     out = np.full((dead + 1, table.shape[1]), dead, dtype=np.int32)
     acc = np.zeros(dead + 1, dtype=bool)
     out[new_of[: n - 1]] = new_of[table[: n - 1]]

@@ -3,6 +3,7 @@
     available() -> bool                                    whether the step is compiled (else SubsetDFA's Python step)
     subsets = NativeSubsets(nfa, start, final, live, max_states)   the NFA copied into C; .byte_class, .n_cls
     n = subsets.expand(q, table, accepting, expanded)     state q's row into table[q]; -> the number of states
+    moore(table, classes) -> classes                       dfa.minimal_dfa's refinement (None: not compiled)
 
 Why: a 16-request batch with a new schema per request builds each schema's DFA states as masks
 reach them, and a `maxLength: 80` string alone reaches ~1,000; at 20-50 us a state in Python
@@ -312,6 +313,46 @@ int32_t loom_subset_expand(builder *b, int32_t q, int32_t *table, uint8_t *accep
     expanded[q] = 1;
     return b->n_states;
 }
+
+/* Moore refinement of a DFA's partition: table [n, c] int32 (successor ids), cls [n] the class of
+   each state (any ids), refined in place to the coarsest partition that the table keeps (two
+   states apart iff some string tells them apart), ids numbered by first appearance. -> the number
+   of classes. next [n] and rep [hcap] (hcap a power of two >= 2n) are scratch. A round hashes each
+   state's (class, successors' classes) into the table of the round's representatives. */
+int64_t loom_moore(const int32_t *table, int64_t n, int64_t c, int64_t *cls, int64_t *next, int64_t *rep, int64_t hcap) {
+    int64_t count = -1;
+    for (;;) {
+        for (int64_t i = 0; i < hcap; i++) rep[i] = -1;
+        int64_t k = 0;
+        for (int64_t q = 0; q < n; q++) {
+            const int32_t *row = table + q * c;
+            uint64_t h = (uint64_t)cls[q] * 0x9E3779B97F4A7C15ULL;
+            for (int64_t j = 0; j < c; j++) h = (h ^ (uint64_t)cls[row[j]]) * 0x100000001B3ULL;
+            uint64_t i = (h ^ (h >> 31)) & (uint64_t)(hcap - 1);
+            for (;;) {
+                int64_t r = rep[i];
+                if (r < 0) {
+                    rep[i] = q;
+                    next[q] = k++;
+                    break;
+                }
+                if (cls[r] == cls[q]) {
+                    const int32_t *other = table + r * c;
+                    int64_t j = 0;
+                    while (j < c && cls[other[j]] == cls[row[j]]) j++;
+                    if (j == c) {
+                        next[q] = next[r];
+                        break;
+                    }
+                }
+                i = (i + 1) & (uint64_t)(hcap - 1);
+            }
+        }
+        memcpy(cls, next, n * sizeof(int64_t));
+        if (k == count) return k;
+        count = k;
+    }
+}
 """
 
 
@@ -334,11 +375,29 @@ def _library() -> ctypes.PyDLL | None:
     lib.loom_subset_members.restype = i64
     lib.loom_subset_accepts.argtypes = [ptr, i32]
     lib.loom_subset_accepts.restype = i32
+    lib.loom_moore.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
+    lib.loom_moore.restype = i64
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def moore(table: np.ndarray, classes: np.ndarray) -> np.ndarray | None:
+    """dfa.minimal_dfa's refinement in C: the coarsest partition refining `classes` [n] that the
+    DFA `table` [n, C] keeps, as class ids [n] int64 (~100x the numpy rounds' speed on a terminal
+    of tens of states: 0.5 ms of a grammar's compile per terminal); None without the library."""
+    lib = _library()
+    if lib is None:
+        return None
+    table = np.ascontiguousarray(table, dtype=np.int32)
+    n = table.shape[0]
+    out = np.ascontiguousarray(classes, dtype=np.int64).copy()
+    hcap = 1 << max(2 * n - 1, 1).bit_length()
+    scratch, rep = np.empty(n, dtype=np.int64), np.empty(hcap, dtype=np.int64)
+    lib.loom_moore(table.ctypes.data, n, table.shape[1], out.ctypes.data, scratch.ctypes.data, rep.ctypes.data, hcap)
+    return out
 
 
 def _flat(lists: list, width: int) -> tuple[np.ndarray, np.ndarray]:

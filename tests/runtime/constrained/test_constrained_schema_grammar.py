@@ -24,6 +24,7 @@ from loom.runtime.constrained import (
     allocate_token_bitmask,
     apply_token_bitmask_,
     compile_grammar,
+    subset_native,
     token_bytes,
     unpack_bitmask,
 )
@@ -206,6 +207,21 @@ def test_terminal_dfa_equals_regex_to_dfa(native, monkeypatch):
     for pattern in [r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}){0,20}"', r"(?:ab|a)*c", r"é+|ü", r"x[^\n]{2,5}"]:
         a, b = regex_to_dfa(pattern, "t"), terminal_dfa(pattern, "t")
         assert a.table.shape == b.table.shape and (a.table == b.table).all() and (a.accepting == b.accepting).all()
+
+
+@pytest.mark.skipif(not subset_native.available(), reason="no C compiler: only the numpy rounds")
+def test_the_c_moore_refinement_gives_the_numpy_rounds_partition():
+    """subset_native.moore and dfa._moore_rounds put the same states together, on random tables."""
+    from loom.runtime.constrained import dfa as dfa_module
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, c = int(rng.integers(1, 60)), int(rng.integers(1, 6))
+        table = rng.integers(0, n, size=(n, c)).astype(np.int32)
+        classes = rng.integers(0, 3, size=n).astype(np.int64)
+        a, b = subset_native.moore(table, classes), dfa_module._moore_rounds(table, classes)
+        assert ((a[:, None] == a[None, :]) == (b[:, None] == b[None, :])).all()
+        assert (a[:, None] == a[None, :])[classes[:, None] != classes[None, :]].sum() == 0  # (a refinement)
 
 
 def _isomorphic(a, b) -> bool:
