@@ -87,8 +87,8 @@ def keep_scan(
     inside, splits = scanned
     named = listed = None
     if splits and len(ids) == len(splits):  # every row listed: their content names them (ebnf_masks._cross_splits)
-        named = b"".join(np.array([j, len(ids[j][0])]).tobytes() + ids[j][0].tobytes() for j in sorted(splits))
         listed = listed_rows({j: ids[j][0] for j in splits})
+        named = listed[0].tobytes() + listed[1].tobytes()  # (their ids and offsets, of one length; joined per row it took ~2 ms)
     found = Scan(dfa, inside, splits, ids, bulk, named, listed, inside.nbytes * (1 + len(splits) + len(bulk)) + dfa.table.nbytes)
     with _LOCK:
         kept = _kept(trie)
