@@ -43,7 +43,7 @@ COMMENT: /#[^\n]*/
 %ignore /\s+/
 %ignore COMMENT
 """
-_PARSER = lark.Lark(_GBNF_GRAMMAR, parser="lalr", propagate_positions=True)
+_PARSER = lark.Lark(_GBNF_GRAMMAR, parser="lalr")  # (errors name lines from tokens, not tree positions)
 _NAMES = {
     "RULE_START": "a rule `name ::=`", "NAME": "a rule name", "STRING": 'a "literal"', "CHARCLASS": "a [character class]",
     "QUANT": "a quantifier (* + ? {m,n})", "LPAR": "(", "RPAR": ")", "VBAR": "|", "DOT": ".", "$END": "the end of the grammar",
