@@ -184,8 +184,8 @@ class GrammarBackend:
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
         try:  # Loom's byte DFA (regex_dfa.py), not outlines-core's Index, built as walks reach its states: a
-            # date-time regex's 1,689 states took 15 ms to build whole (llguidance compiles it in 4), its
-            # first mask reaches 55 (4 ms). Past MAX_DFA_STATES built, the DFA narrows rather than grows.
+            # date-time regex's 1,689 states took 15 ms to build whole (llguidance compiles it in 2-4), its
+            # first mask reaches 55 (~2 ms). Past MAX_DFA_STATES built, the DFA narrows rather than grows.
             return CompiledRegex(regex, self._token_vocab(), lazy=True, pieces=pieces)
         except GrammarError as e:
             if kind == "json_schema":  # the message shows the schema's regex: say where it came from

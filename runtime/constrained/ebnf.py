@@ -363,7 +363,7 @@ class EbnfGrammar(TokenMatcher):
 def warm_up(vocab: TokenVocab) -> None:
     """What a process pays once, before its first grammar over `vocab` (GrammarBackend's set-up runs
     it with the vocabulary's): the token trie and its string profile (counted_scan.warm), Unicode's
-    \\d \\s \\w (~15 ms each), and Lark's own loader with its `common` library (a first grammar
+    \\d \\s \\w (~20-30 ms each), and Lark's own loader with its `common` library (a first grammar
     importing it took ~15 ms more than the next)."""
     for category in ("DIGIT", "SPACE", "WORD"):
         category_ranges(category, False)

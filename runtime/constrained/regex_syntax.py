@@ -72,16 +72,15 @@ def encodable_ranges(ranges: Ranges) -> Ranges:
     return out
 
 
-@functools.cache
 def _every_codepoint() -> str:
-    """Every code point in order, as one str (surrogates included; ~10 ms)."""
+    """Every code point in order, as one str (surrogates included; ~10 ms, 4.4 MB: not kept)."""
     return np.arange(MAX_CODEPOINT + 1, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
 
 
 @functools.cache
 def category_ranges(name: str, ascii_only: bool) -> tuple[tuple[int, int], ...]:
     """\\d, \\s, \\w (name DIGIT, SPACE, WORD) as Python's str regexes read them (Unicode unless
-    re.ASCII): the runs `re` itself matches over every code point (~10-20 ms each, once per process;
+    re.ASCII): the runs `re` itself matches over every code point (~20-30 ms each, once per process;
     testing each of 1.1M code points in Python took 80-130 ms before the first regex's mask)."""
     if ascii_only:
         if name == "SPACE":  # re.ASCII's \s is C's isspace, without \x1c-\x1f
