@@ -241,6 +241,7 @@ def test_the_c_crossing_walk_equals_the_python_walk(vocab, name, max_configs):
         assert c_walk == py_walk == c_ids, (name, sid, offset, sorted(c_walk ^ py_walk)[:10], sorted(c_ids ^ py_walk)[:10])
 
 
+@pytest.mark.skipif(not ebnf_scan.available(), reason="no C compiler: no scan lists or settles rows")
 def test_a_long_string_s_masks_share_crossings_and_settle_safe_tails(vocab, monkeypatch):
     """Along a `maxLength: 1200` string (64-character chunk terminals), each position is a new
     lexer state. Its scans' rows of closing-quote tokens are the same from position to position,
@@ -420,7 +421,7 @@ def test_a_dropped_grammar_is_freed_at_once_not_by_the_cyclic_collector(vocab):
     compiled = _compile("schema", vocab)
     for state in _random_walk(compiled, 1, steps=10):
         _allowed(compiled, state)
-    assert compiled.masks._walker is not None  # (the crossing walker refers to the grammar too)
+    assert compiled.masks._walker is not None or not ebnf_walk.available()  # (the crossing walker refers to the grammar too)
     gone = weakref.ref(compiled)
     gc.disable()
     try:
