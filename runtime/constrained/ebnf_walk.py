@@ -7,12 +7,12 @@
 This is ebnf_masks' `_accepted_from` (a Python walk of each token's remainder, one memoised parser
 step per byte) done in C, where a new position costs ~10 µs per byte in Python: a remainder is
 stepped as a set of configurations (stack * n_lex + lexer state) through the lexer's table, and a
-lexeme end looks up the stack after it in the stack's row. The rows are the parser's part, and they
-stay in Python: a row lists, per interned stack, the terminals a lexeme may be of there and the
-stack once one is complete (CompiledEbnf.startable / after). C asks for a row it lacks by returning
-the stack's id; Python fills it (interning new stacks as Lark's LALR table says) and C resumes at
-the token it stopped on, so the C walk is the Python one, set by set, MAX_CONFIGS truncation
-included. A walk that completes no lexeme but to stay at its stack (shallow) read only the stack's
+lexeme end looks up the stack after it in the stack's row. A row lists, per interned stack, the
+terminals a lexeme may be of there and the stack once one is complete (CompiledEbnf.startable /
+after). The walk fills a row it lacks itself, from the grammar's LALR table and stacks in C
+(lalr_native.py, compiled into this library); where the row arrays lack room it returns the
+stack's id, Python grows them and fills the row, and C resumes at the token it stopped on, so the
+C walk is the Python one, set by set, MAX_CONFIGS truncation included. A walk that completes no lexeme but to stay at its stack (shallow) read only the stack's
 signature (its startable terminals): its verdict is kept for every stack of that signature.
 
 LOOM_NO_C_EBNF=1 turns the C walk off (the Python walk stays).
