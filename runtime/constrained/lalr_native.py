@@ -171,14 +171,11 @@ def bind(lib: Any) -> None:
     lib.loom_lalr_new.argtypes = [i64, i32, i32, i64, ptr, ptr, ptr, ptr, ptr, i32, i32, i32]
     lib.loom_lalr_free.argtypes = [ptr]
     lib.loom_lalr_free.restype = None
-    lib.loom_lalr_feed.argtypes = [ptr, i64, i32]
-    lib.loom_lalr_row.argtypes = [ptr, i64, ptr]
-    for name in ("loom_lalr_feed", "loom_lalr_row", "loom_lalr_top", "loom_lalr_count", "loom_lalr_nbytes"):
+    signatures = {"loom_lalr_feed": [ptr, i64, i32], "loom_lalr_row": [ptr, i64, ptr], "loom_lalr_top": [ptr, i64],
+                  "loom_lalr_count": [ptr], "loom_lalr_nbytes": [ptr]}  # fmt: skip
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = i64
-    for name in ("loom_lalr_top",):
-        getattr(lib, name).argtypes = [ptr, i64]
-    for name in ("loom_lalr_count", "loom_lalr_nbytes"):
-        getattr(lib, name).argtypes = [ptr]
 
 
 class NativeStacks:
