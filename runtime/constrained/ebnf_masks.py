@@ -370,11 +370,9 @@ class EbnfMasks:
 
     def _memo(self, memos: dict[tuple[int, int], tuple[np.ndarray, int]], key: tuple[int, int], n: int) -> tuple[np.ndarray, int]:
         """memos[key]: n zeroed words [n width] (and their address) where it is new."""
-        held = memos.get(key)
-        if held is None:
-            words = np.zeros(n * self.width, dtype=np.uint32)
-            held = memos[key] = (words, words.ctypes.data)
-        return held
+        if key not in memos:
+            self._memos(memos, [key], n)
+        return memos[key]
 
     def _memos(self, memos: dict[tuple[int, int], tuple[np.ndarray, int]], keys: list[tuple[int, int]], n: int) -> None:
         """`_memo` of each key, the new ones zeroed in one allocation (dozens of rows at a new stack)."""
@@ -383,6 +381,13 @@ class EbnfMasks:
         at, size = block.ctypes.data, block.strides[0]  # (an array's .ctypes costs ~3 µs: addresses by offset)
         for k, (key, words) in enumerate(zip(new, block)):
             memos[key] = (words, at + k * size)
+
+    def _address(self, words: np.ndarray) -> int:
+        """The data address of a split row, kept (an array's .ctypes costs ~3 µs)."""
+        held = _held(self._at, words)
+        if held is None:
+            held = self._at[id(words)] = (words, words.ctypes.data)
+        return held[1]
 
     def _cross_rows(self, rows: list[tuple[int, np.ndarray]], sid: int, out: np.ndarray) -> None:
         """`_crossing` of split rows (offset, enders) none of which is set in bulk, at stack `sid`,
@@ -397,10 +402,7 @@ class EbnfMasks:
         spec = []
         for j, enders in rows:
             held = _held(self._ids, enders)
-            if held is not None:
-                ids, at = held[2], 0
-            else:
-                ids, at = (0, 0), (_held(self._at, enders) or self._at.setdefault(id(enders), (enders, enders.ctypes.data)))[1]
+            ids, at = (held[2], 0) if held is not None else ((0, 0), self._address(enders))
             spec.append((at, *ids, self._shared_crossed[(j, signature)][1], self._crossed[(j, sid)][1], j))
         skipped = self._walker.cross_rows(sid, np.array(spec, dtype=np.int64), out, _MANY)
         for k in np.flatnonzero(skipped).tolist():  # (too many to walk: scanned)
