@@ -31,6 +31,7 @@ from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_availabl
 from loom.runtime.constrained.ebnf_walk import native_stacks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr_digraph import install as install_digraph
+from loom.runtime.constrained.lark_imports import install as install_import_cache
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.regex_syntax import category_ranges
 from loom.runtime.constrained.token_walk import available as walk_available
@@ -52,6 +53,7 @@ _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
 def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> lark.Lark:
     install_digraph()  # (Lark's look-ahead analysis on an explicit stack: no RecursionError on a long chain)
+    install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
         return lark.Lark(source, parser="lalr", lexer="basic", start=start)
     except lark.exceptions.LarkError as e:
