@@ -57,6 +57,9 @@ factor ::= [0-9]+ ("." [0-9]+)? | "(" ws expr ws ")" | "-" factor
 ws ::= " "?
 """
 
+CASES = [("json gbnf", "ebnf", JSON_GBNF), ("json lark", "lark", JSON_LARK), ("arith gbnf", "ebnf", ARITH_GBNF),
+         ("email regex", "regex", EMAIL_REGEX), ("date-time regex", "regex", DATE_TIME_REGEX), ("quoted regex", "regex", QUOTED_REGEX)]  # fmt: skip
+
 
 def demo_vocab(vocab_size: int) -> tuple[dict[int, bytes], TokenVocab]:
     """The demo byte-level BPE tokenizer's token bytes (specials 0-2 left out) and its TokenVocab (EOS 0)."""
@@ -116,9 +119,7 @@ def main() -> None:
         f"{'grammar':<16} {'backend':<11} {'compile ms':>10} {'cold p50':>9} {'cold p99':>9} {'warm p50':>9} {'warm p99':>9}"
         f" {'warm max':>9} {'masks':>6}"
     )
-    cases = [("json gbnf", "ebnf", JSON_GBNF), ("json lark", "lark", JSON_LARK), ("arith gbnf", "ebnf", ARITH_GBNF),
-             ("email regex", "regex", EMAIL_REGEX), ("date-time regex", "regex", DATE_TIME_REGEX), ("quoted regex", "regex", QUOTED_REGEX)]  # fmt: skip
-    for name, kind, source in cases:
+    for name, kind, source in CASES:
         if args.grammars and not any(word in name for word in args.grammars):
             continue
         for backend, grammars in backends.items():
