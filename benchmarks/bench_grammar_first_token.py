@@ -215,6 +215,7 @@ def grammars_report(engines: dict[str, Any], setup: dict[str, float], model: str
             floor.append(stream_times(engines[backends[0]], {"max_new_tokens": args.tokens, "temperature": 0}))
     print(f"model: {model}; {args.rounds} rounds; one-time backend set-up (first constrained request): "
           + ", ".join(f"{b} {setup[b] * 1e3:.0f} ms" for b in backends))  # fmt: skip
+    print("(nan per token: the answer was one token)")
     floor_tpot = [t for _, t in floor if t is not None]
     print(f"unconstrained: first token median {statistics.median(f for f, _ in floor) * 1e3:.0f} ms, "
           f"per output token {statistics.median(floor_tpot) * 1e3 if floor_tpot else float('nan'):.1f} ms\n")  # fmt: skip
@@ -232,6 +233,7 @@ def grammars_report(engines: dict[str, Any], setup: dict[str, float], model: str
         print(f"| {case} | " + " | ".join(cells) + " |")
     if ref:
         for what, rs in ratios.items():
+            rs = [x for x in rs if x == x]  # (a case answered in one token has no time per token)
             print(f"{backends[0]} / {ref}, {what}: median {statistics.median(rs):.2f}x, worst {max(rs):.2f}x")
 
 

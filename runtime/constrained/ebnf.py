@@ -17,10 +17,14 @@ lexeme end are walked against the parser.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import lark
 import numpy as np
 import torch
+from lark.common import ParserConf
+from lark.load_grammar import load_grammar
+from lark.parsers.lalr_analysis import LALR_Analyzer, ParseTable
 
 from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
@@ -51,11 +55,26 @@ _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are r
 _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
 
-def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> lark.Lark:
+class LarkTables(NamedTuple):
+    """What Lark makes of a grammar that the masks read: its terminals (Lark's TerminalDefs), the
+    ignored terminals' names, and the LALR(1) parse table."""
+
+    terminals: list
+    ignore_tokens: list[str]
+    parse_table: ParseTable
+
+
+def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> LarkTables:
+    """Lark's grammar loader, its EBNF -> BNF compile and its LALR(1) analysis, without the rest of
+    a `lark.Lark` (its lexer's regexes, its tree builder's callbacks: ~1 ms a grammar unused here)."""
     install_digraph()  # (Lark's look-ahead analysis on an explicit stack: no RecursionError on a long chain)
     install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
-        return lark.Lark(source, parser="lalr", lexer="basic", start=start)
+        grammar, _ = load_grammar(source, "<string>", [], False)
+        terminals, rules, ignore = grammar.compile([start], set())
+        analysis = LALR_Analyzer(ParserConf(rules, None, [start]), debug=False, strict=False)
+        analysis.compute_lalr()
+        return LarkTables(terminals, ignore, analysis.parse_table)
     except lark.exceptions.LarkError as e:
         msg = str(e)
         for lark_name, name in sorted(rule_names.items(), key=lambda kv: -len(kv[0])):
@@ -87,8 +106,7 @@ class CompiledEbnf:
         self.start = start
         self.vocab = vocab
         parser = _build_lark(source, start, kind, rule_names or {})
-        table = parser.parser.parser.parser.parse_table
-        self._lark = parser
+        table = parser.parse_table
 
         # terminals -> byte DFAs; lexer states get grammar-wide ids (one config = stack * n + lexer id)
         self.terminal_names = [t.name for t in parser.terminals]
@@ -110,7 +128,6 @@ class CompiledEbnf:
         self.offsets: list[int] = []
         self.accepting: list[bool] = []
         self.lex_terminal: list[int] = []
-        self.first_bytes: list[frozenset[int]] = []
         blocks: list[np.ndarray] = []
         base = 0
         for k, dfa in enumerate(self.dfas):
@@ -119,13 +136,13 @@ class CompiledEbnf:
             blocks.append(np.where(rows == dfa.dead, np.int32(-1), rows + np.int32(base)))
             self.accepting += dfa.accepting[: dfa.dead].astype(bool).tolist()
             self.lex_terminal += [k] * dfa.dead
-            self.first_bytes += [frozenset(np.flatnonzero(live).tolist()) for live in blocks[-1] >= 0]
             base += dfa.dead
         self.trans_table = np.concatenate(blocks) if blocks else np.zeros((0, 256), dtype=np.int32)  # [boundary, 256] (C reads this)
         self.trans: list[list[int]] = self.trans_table.tolist()  # lexer id -> 256 next lexer ids (-1: dead)
         self.boundary = len(self.trans)  # "between lexemes": only at the very start
         self.n_lex = self.boundary + 1
         self.max_configs = MAX_CONFIGS
+        self._first_bytes: dict[int, frozenset[int]] = {}  # lexer id -> the bytes it reads (filled on demand)
 
         # the LALR table: per state, terminal index -> ("shift", state) / ("reduce", (nonterminal, size))
         self._end = len(self.terminal_names)
@@ -314,17 +331,24 @@ class CompiledEbnf:
         """-> (packed mask [ceil(V / 32)] int32, whether any non-EOS token is allowed); see ebnf_masks."""
         return self.masks.mask(configs)
 
+    def first_bytes(self, lex: int) -> frozenset[int]:
+        """The bytes lexer state `lex` reads without dying."""
+        found = self._first_bytes.get(lex)
+        if found is None:
+            found = self._first_bytes[lex] = frozenset(np.flatnonzero(self.trans_table[lex] >= 0).tolist())
+        return found
+
     def next_bytes(self, configs: frozenset[int]) -> frozenset[int]:
         found: set[int] = set()
         for c in configs:
             sid, lexes = self.lexemes(c)
             for lex in lexes:
-                found |= self.first_bytes[lex]
+                found |= self.first_bytes(lex)
                 if self.accepting[lex] and c % self.n_lex != self.boundary:
                     after = self.after(sid, self.lex_terminal[lex])
                     if after is not None:
                         for t in self.startable(after):
-                            found |= self.first_bytes[self.offsets[t]]
+                            found |= self.first_bytes(self.offsets[t])
         return frozenset(found)
 
     def forced_bytes(self, configs: frozenset[int]) -> bytes:
