@@ -22,9 +22,7 @@ from typing import NamedTuple
 import lark
 import numpy as np
 import torch
-from lark.common import ParserConf
 from lark.load_grammar import load_grammar
-from lark.parsers.lalr_analysis import LALR_Analyzer, ParseTable
 
 from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
@@ -34,6 +32,7 @@ from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.ebnf_walk import native_stacks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.lalr import LalrTable, Rule, lalr_table
 from loom.runtime.constrained.lalr_digraph import install as install_digraph
 from loom.runtime.constrained.lark_imports import install as install_import_cache
 from loom.runtime.constrained.matcher import TokenMatcher
@@ -57,11 +56,11 @@ _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
 class LarkTables(NamedTuple):
     """What Lark makes of a grammar that the masks read: its terminals (Lark's TerminalDefs), the
-    ignored terminals' names, and the LALR(1) parse table."""
+    ignored terminals' names, and the LALR(1) parse table of its rules (lalr.py)."""
 
     terminals: list
     ignore_tokens: list[str]
-    parse_table: ParseTable
+    parse_table: LalrTable
 
 
 def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> LarkTables:
@@ -72,16 +71,21 @@ def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) 
     try:
         grammar, _ = load_grammar(source, "<string>", [], False)
         terminals, rules, ignore = grammar.compile([start], set())
-        analysis = LALR_Analyzer(ParserConf(rules, None, [start]), debug=False, strict=False)
-        analysis.compute_lalr()
-        return LarkTables(terminals, ignore, analysis.parse_table)
+        bnf = [Rule(r.origin.name, tuple(s.name for s in r.expansion), r.options.priority or 0) for r in rules]
+        return LarkTables(terminals, ignore, lalr_table(bnf, start))
+    except GrammarError as e:  # (a reduce/reduce collision)
+        raise _grammar_error(str(e), kind, rule_names) from None
     except lark.exceptions.LarkError as e:
-        msg = str(e)
-        for lark_name, name in sorted(rule_names.items(), key=lambda kv: -len(kv[0])):
-            msg = msg.replace(lark_name, name)
-        if "Reduce/Reduce collision" in msg:
-            msg += "\n(the grammar must be LALR(1) once its regular rules are folded into terminals; make the alternatives differ earlier)"
-        raise GrammarError(f"{kind} grammar: {msg.strip()}") from None
+        raise _grammar_error(str(e), kind, rule_names) from None
+
+
+def _grammar_error(msg: str, kind: str, rule_names: dict[str, str]) -> GrammarError:
+    """A grammar's error from Lark or the table builder, naming the user's rules."""
+    for lark_name, name in sorted(rule_names.items(), key=lambda kv: -len(kv[0])):
+        msg = msg.replace(lark_name, name)
+    if "Reduce/Reduce collision" in msg:
+        msg += "\n(the grammar must be LALR(1) once its regular rules are folded into terminals; make the alternatives differ earlier)"
+    return GrammarError(f"{kind} grammar: {msg.strip()}")
 
 
 class CompiledEbnf:
@@ -148,25 +152,24 @@ class CompiledEbnf:
         self._end = len(self.terminal_names)
         self._actions: dict[int, dict[int, tuple[bool, object]]] = {}
         self._goto: dict[int, dict[str, int]] = {}
-        for state, acts in table.states.items():
+        for state, acts in enumerate(table.actions):
             a: dict[int, tuple[bool, object]] = {}
             g: dict[str, int] = {}
-            for sym, (action, arg) in acts.items():
-                is_shift = action.name == "Shift"
+            for sym, (is_shift, arg) in acts.items():
                 if sym == "$END":
-                    a[self._end] = (is_shift, arg if is_shift else (arg.origin.name, len(arg.expansion)))
+                    a[self._end] = (is_shift, arg)
                 elif sym in index:
-                    a[index[sym]] = (is_shift, arg if is_shift else (arg.origin.name, len(arg.expansion)))
+                    a[index[sym]] = (is_shift, arg)
                 else:
-                    g[sym] = arg
+                    g[sym] = arg  # type: ignore[assignment]
             self._actions[state] = a
             self._goto[state] = g
-        self._end_state = table.end_states[start]
+        self._end_state = table.end_state
 
         # interned stacks: id -> (top state, parent id); in C where it is compiled (the crossing walk
         # fills new stacks' rows there), else in these lists
-        self.stacks = native_stacks(self._actions, self._goto, self._end + 1, self.ignored, table.start_states[start], self._end_state)
-        self._top: list[int] = [table.start_states[start]]
+        self.stacks = native_stacks(self._actions, self._goto, self._end + 1, self.ignored, table.start_state, self._end_state)
+        self._top: list[int] = [table.start_state]
         self._parent: list[int] = [-1]
         self._interned: dict[tuple[int, int], int] = {}
 
