@@ -400,21 +400,23 @@ class _Translator:
         if start in self.regular:
             lines.append(f"{self.lark_name[start]}: {self.expansion(self.rules[start])}")
         # the recursive rules (regular ones are inlined where they are used)
+        reachable = self._reachable(start)
         for name in self.rules:
-            if name not in self.regular and self._reachable(start, name):
+            if name not in self.regular and name in reachable:
                 lines.append(f"{self.lark_name[name]}: {self.expansion(self.rules[name])}")
         for pattern, term in self.terminals.items():
             lines.append(f"{term}: /{pattern}/")  # `/` is escaped by _cp
         return LarkTranslation("\n".join(lines) + "\n", self.lark_name[start], {v: k for k, v in self.lark_name.items()})
 
-    def _reachable(self, start: str, name: str) -> bool:
+    def _reachable(self, start: str) -> set[str]:
+        """The rules `start` uses, itself included."""
         seen, todo = {start}, [start]
         while todo:
             for r in _refs(self.rules[todo.pop()]):
                 if r.name not in seen:
                     seen.add(r.name)
                     todo.append(r.name)
-        return name in seen
+        return seen
 
 
 def gbnf_to_lark(text: str, start: str = "root") -> LarkTranslation:
