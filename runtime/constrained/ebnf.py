@@ -33,7 +33,6 @@ from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_availabl
 from loom.runtime.constrained.ebnf_walk import native_stacks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr import LalrTable, Rule, lalr_table
-from loom.runtime.constrained.lalr_digraph import install as install_digraph
 from loom.runtime.constrained.lark_imports import install as install_import_cache
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.regex_syntax import category_ranges
@@ -66,7 +65,6 @@ class LarkTables(NamedTuple):
 def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> LarkTables:
     """Lark's grammar loader, its EBNF -> BNF compile and its LALR(1) analysis, without the rest of
     a `lark.Lark` (its lexer's regexes, its tree builder's callbacks: ~1 ms a grammar unused here)."""
-    install_digraph()  # (Lark's look-ahead analysis on an explicit stack: no RecursionError on a long chain)
     install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
         grammar, _ = load_grammar(source, "<string>", [], False)

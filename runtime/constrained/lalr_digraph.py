@@ -1,25 +1,17 @@
-"""Lark's LALR look-ahead analysis without recursion.
+"""DeRemer and Pennello's digraph algorithm, for the LALR(1) look-ahead sets (lalr.py), without recursion.
 
-Lark computes its LALR(1) look-ahead sets with DeRemer and Pennello's digraph algorithm
-(`lark.parsers.lalr_analysis.digraph`), whose `traverse` recurses once per state along a
-relation chain. A large grammar's chain (a JSON schema with hundreds of properties) passes
-Python's default limit of 1,000 calls, or not, by the order the hash seed gives Lark's sets, and
-fails with a RecursionError. Raising the limit is no fix: the limit is the whole process's, and in
-other threads it is what stops a deeply nested JSON body or schema before it overflows the C stack.
-
-`install()` puts `digraph` below in Lark's place: the same algorithm, the same visiting order and
-the same sets (the result shares set objects with `G` exactly as Lark's does), on an explicit
-stack. It is idempotent, and leaves Lark alone where its analysis module differs from the one
-this was written against (then the recursion limit applies as before).
+Lark's own (`lark.parsers.lalr_analysis.digraph`) recurses once per state along a relation
+chain: a large grammar's chain (a JSON schema with hundreds of properties) passes Python's default
+limit of 1,000 calls, or not, by the order the hash seed gives Lark's sets, and fails with a
+RecursionError. Raising the limit is no fix: the limit is the whole process's, and in other
+threads it is what stops a deeply nested JSON body or schema before it overflows the C stack.
+`digraph` below is the same algorithm, with the same visiting order and the same sets (the result
+shares set objects with `G` exactly as Lark's does), on an explicit stack.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
-
-_INSTALLED = threading.Lock()
-replaced: list[Any] = []  # Lark's own digraph, once install() has put this one in its place
 
 
 def digraph(X: Any, R: Any, G: Any) -> dict:  # noqa: N803 - the algorithm's (and Lark's) names
@@ -70,19 +62,3 @@ def _traverse(x0: Any, S: list, N: dict, R: Any, G: Any, F: dict) -> None:
                     F[z] = f_x
                     if z == x:
                         break
-
-
-def install() -> bool:
-    """Put `digraph` in Lark's LALR analysis (once). False where Lark's module is not the one
-    expected (its `digraph` and `traverse` missing): Lark's own runs."""
-    from lark.parsers import lalr_analysis
-
-    with _INSTALLED:
-        if getattr(lalr_analysis, "digraph", None) is digraph:
-            return True
-        if not callable(getattr(lalr_analysis, "digraph", None)) or not callable(getattr(lalr_analysis, "traverse", None)):
-            return False
-        if not replaced:  # (a test puts Lark's own back, then installs again)
-            replaced.append(lalr_analysis.digraph)
-        lalr_analysis.digraph = digraph
-        return True

@@ -15,7 +15,6 @@ from lark.parsers.lalr_analysis import LALR_Analyzer
 
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.lalr import END, LalrTable, Rule, lalr_table
-from loom.runtime.constrained.lalr_digraph import install
 
 NONTERMINALS = ["s", "a", "b", "c"]
 TERMINALS = ["X", "Y", "Z"]
@@ -44,7 +43,6 @@ def _ours(rules: list[Rule], start: str):
 
 
 def _lark(rules: list[Rule], start: str):
-    install()
     lark_rules = [
         LarkRule(NonTerminal(r.origin), [NonTerminal(s) if s in {x.origin for x in rules} else Terminal(s) for s in r.expansion],
                  order=k, options=RuleOptions(priority=r.priority or None))
