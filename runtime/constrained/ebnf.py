@@ -1,13 +1,15 @@
-"""EBNF grammars (GBNF, or Lark's own syntax) as per-request token masks, on Lark's LALR tables.
+"""EBNF grammars (GBNF, or Lark's own syntax) as per-request token masks, on LALR(1) tables.
 
     compile_grammar(kind, source, vocab) -> CompiledEbnf  ->  .matcher() -> EbnfGrammar per request
 
-A position is a set of configurations (LALR stack, lexer state): the stack is Lark's LALR(1)
-parser state stack (interned, so a configuration is one int), the lexer state is a byte DFA
-state of the terminal being read. Lexing is nondeterministic: a lexeme may end wherever its
-terminal accepts, and the next one starts on the same byte, so a token can close one terminal
-and open the next, overlapping terminals are all tried, and the language is the grammar's own
-(what Earley with a complete dynamic lexer accepts), not a longest-match lexer's subset.
+The rules come from ebnf_gbnf.py (GBNF, without Lark) or from Lark's grammar loader (Lark syntax),
+the tables from lalr.py (Lark's tables, built faster). A position is a set of configurations
+(LALR stack, lexer state): the stack is the LALR(1) parser's state stack (interned, so a
+configuration is one int), the lexer state is a byte DFA state of the terminal being read.
+Lexing is nondeterministic: a lexeme may end wherever its terminal accepts, and the next one
+starts on the same byte, so a token can close one terminal and open the next, overlapping
+terminals are all tried, and the language is the grammar's own (what Earley with a complete
+dynamic lexer accepts), not a longest-match lexer's subset.
 
 Masks (ebnf_masks.EbnfMasks) are computed without re-lexing each token: per lexer state a scan of
 the vocabulary's trie gives the tokens that stay inside the lexeme, and only those that cross a
@@ -27,7 +29,7 @@ from lark.load_grammar import load_grammar
 from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
-from loom.runtime.constrained.ebnf_gbnf import gbnf_to_lark
+from loom.runtime.constrained.ebnf_gbnf import gbnf_rules
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.ebnf_walk import native_stacks
@@ -53,37 +55,54 @@ _CACHE_LIMIT = 200_000  # memo entries before a memo is cleared (positions are r
 _EQUIVALENT_PATTERNS = {r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
 
-class LarkTables(NamedTuple):
-    """What Lark makes of a grammar that the masks read: its terminals (Lark's TerminalDefs), the
-    ignored terminals' names, and the LALR(1) parse table of its rules (lalr.py)."""
+class GrammarTables(NamedTuple):
+    """What the masks read of a grammar: its terminals' regexes, the ignored terminals' names, and
+    the LALR(1) parse table of its rules (lalr.py)."""
 
-    terminals: list
+    terminals: list[tuple[str, str]]  # (name, regex)
     ignore_tokens: list[str]
     parse_table: LalrTable
+    start: str  # the start rule, as the user named it
 
 
-def _build_lark(source: str, start: str, kind: str, rule_names: dict[str, str]) -> LarkTables:
-    """Lark's grammar loader, its EBNF -> BNF compile and its LALR(1) analysis, without the rest of
-    a `lark.Lark` (its lexer's regexes, its tree builder's callbacks: ~1 ms a grammar unused here)."""
+def lark_tables(source: str, start: str = "start") -> GrammarTables:
+    """A Lark grammar's tables: Lark's grammar loader and its EBNF -> BNF compile, then lalr.py
+    (not the rest of a `lark.Lark`: its lexer's regexes, its tree builder's callbacks)."""
     install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
         grammar, _ = load_grammar(source, "<string>", [], False)
         terminals, rules, ignore = grammar.compile([start], set())
-        bnf = [Rule(r.origin.name, tuple(s.name for s in r.expansion), r.options.priority or 0) for r in rules]
-        return LarkTables(terminals, ignore, lalr_table(bnf, start))
+    except lark.exceptions.LarkError as e:
+        raise _grammar_error(str(e), "lark", {}) from None
+    bnf = [Rule(r.origin.name, tuple(s.name for s in r.expansion), r.options.priority or 0) for r in rules]
+    return GrammarTables([(t.name, t.pattern.to_regexp()) for t in terminals], ignore, _table(bnf, start, "lark", {}), start)
+
+
+def gbnf_tables(source: str) -> GrammarTables:
+    """A GBNF grammar's tables: its rules over regex terminals (ebnf_gbnf), then lalr.py."""
+    translated = gbnf_rules(source)
+    try:
+        rules = translated.rules()
+    except GrammarError as e:  # (too many alternatives)
+        raise _grammar_error(str(e), "ebnf", translated.rule_names, e.kind) from None
+    table = _table(rules, translated.start, "ebnf", translated.rule_names)
+    return GrammarTables(translated.terminals, [], table, translated.rule_names[translated.start])
+
+
+def _table(rules: list[Rule], start: str, kind: str, rule_names: dict[str, str]) -> LalrTable:
+    try:
+        return lalr_table(rules, start)
     except GrammarError as e:  # (a reduce/reduce collision)
         raise _grammar_error(str(e), kind, rule_names) from None
-    except lark.exceptions.LarkError as e:
-        raise _grammar_error(str(e), kind, rule_names) from None
 
 
-def _grammar_error(msg: str, kind: str, rule_names: dict[str, str]) -> GrammarError:
+def _grammar_error(msg: str, kind: str, rule_names: dict[str, str], error_kind: ErrorKind = ErrorKind.INVALID) -> GrammarError:
     """A grammar's error from Lark or the table builder, naming the user's rules."""
     for lark_name, name in sorted(rule_names.items(), key=lambda kv: -len(kv[0])):
         msg = msg.replace(lark_name, name)
     if "Reduce/Reduce collision" in msg:
         msg += "\n(the grammar must be LALR(1) once its regular rules are folded into terminals; make the alternatives differ earlier)"
-    return GrammarError(f"{kind} grammar: {msg.strip()}")
+    return GrammarError(f"{kind} grammar: {msg.strip()}", error_kind)
 
 
 class CompiledEbnf:
@@ -92,40 +111,27 @@ class CompiledEbnf:
     Masks and memos are filled lazily from the scheduler's thread (the one thread that steps
     requests); compilation itself runs on a backend worker."""
 
-    def __init__(
-        self,
-        source: str,
-        start: str,
-        vocab: TokenVocab,
-        kind: str = "lark",
-        rule_names: dict[str, str] | None = None,
-        terminal_dfas: dict[str, ByteDFA] | None = None,
-    ) -> None:
-        """terminal_dfas: automata to use instead of the named terminals' regexes (languages a regex
-        cannot spell, such as JSON-Schema keys matching no pattern); the regex stays Lark's."""
+    def __init__(self, tables: GrammarTables, vocab: TokenVocab, kind: str = "lark", terminal_dfas: dict[str, ByteDFA] | None = None) -> None:
+        """tables: lark_tables(source) or gbnf_tables(source). terminal_dfas: automata to use
+        instead of the named terminals' regexes (languages a regex cannot spell, such as
+        JSON-Schema keys matching no pattern); the regex stays the grammar's."""
         self.kind = kind
-        self.lark_source = source
-        self.start = start
         self.vocab = vocab
-        parser = _build_lark(source, start, kind, rule_names or {})
-        table = parser.parse_table
+        table = tables.parse_table
 
         # terminals -> byte DFAs; lexer states get grammar-wide ids (one config = stack * n + lexer id)
-        self.terminal_names = [t.name for t in parser.terminals]
+        self.terminal_names = [name for name, _ in tables.terminals]
         index = {name: k for k, name in enumerate(self.terminal_names)}
-        self.ignored = frozenset(index[n] for n in parser.ignore_tokens)
+        self.ignored = frozenset(index[n] for n in tables.ignore_tokens)
         self.dfas: list[ByteDFA] = []
-        for t in parser.terminals:
-            pattern = t.pattern.to_regexp()
-            dfa = (terminal_dfas or {}).get(t.name) or terminal_dfa(
-                _EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {t.name}"
-            )
+        for name, pattern in tables.terminals:
+            dfa = (terminal_dfas or {}).get(name) or terminal_dfa(_EQUIVALENT_PATTERNS.get(pattern, pattern), f"{kind} grammar: terminal {name}")
             if dfa.accepting[0]:
                 raise GrammarError(
-                    f"{kind} grammar: terminal {t.name} (/{pattern}/) matches the empty string; terminals must match at least one character"
+                    f"{kind} grammar: terminal {name} (/{pattern}/) matches the empty string; terminals must match at least one character"
                 )
             if dfa.dead == 0:
-                raise GrammarError(f"{kind} grammar: terminal {t.name} (/{pattern}/) matches nothing")
+                raise GrammarError(f"{kind} grammar: terminal {name} (/{pattern}/) matches nothing")
             self.dfas.append(dfa)
         self.offsets: list[int] = []
         self.accepting: list[bool] = []
@@ -182,7 +188,7 @@ class CompiledEbnf:
         self.initial: frozenset[int] = frozenset({0 * self.n_lex + self.boundary})
         self.masks = EbnfMasks(self)
         if not self.startable(0) and not self.stack_can_end(0):
-            raise GrammarError(f"{kind} grammar: the start rule {start!r} matches nothing", ErrorKind.EMPTY)
+            raise GrammarError(f"{kind} grammar: the start rule {tables.start!r} matches nothing", ErrorKind.EMPTY)
 
     def matcher(self) -> EbnfGrammar:
         return EbnfGrammar(self)
@@ -405,10 +411,9 @@ def compile_grammar(kind: str, source: str, vocab: TokenVocab, terminal_dfas: di
     Raises GrammarError naming the line or rule and what was expected."""
     started = time.monotonic()
     if kind == "ebnf":
-        tr = gbnf_to_lark(source)
-        compiled = CompiledEbnf(tr.source, tr.start, vocab, "ebnf", tr.rule_names)
+        compiled = CompiledEbnf(gbnf_tables(source), vocab, "ebnf")
     elif kind == "lark":
-        compiled = CompiledEbnf(source, "start", vocab, "lark", terminal_dfas=terminal_dfas)
+        compiled = CompiledEbnf(lark_tables(source), vocab, "lark", terminal_dfas=terminal_dfas)
     else:
         raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {EBNF_KINDS}")
     # Warm up here, on the compiling thread, not the scheduler's: the vocabulary's trie (once per

@@ -1,14 +1,17 @@
-"""GBNF (the EBNF dialect of llama.cpp, XGrammar and SGLang) -> a Lark grammar an LALR parser runs.
+"""GBNF (the EBNF dialect of llama.cpp, XGrammar and SGLang) -> BNF rules over regex terminals for an LALR parser.
 
-    gbnf_to_lark(text) -> LarkTranslation(source, start)
+    gbnf_rules(text) -> GbnfRules(bodies, terminals, start, rule_names)  .rules()  .lark_source()
 
-GBNF has no lexer: every literal and character class matches characters. Lark's LALR parser needs
+GBNF has no lexer: every literal and character class matches characters. An LALR parser needs
 terminals, so the translation makes one: a rule that reaches no recursion is a regular language
 and is inlined as a regex; every maximal run of such regular pieces inside a recursive rule
 becomes one terminal. A regular piece that may match nothing (`ws ::= [ \\t]*`) becomes an
-optional terminal for its non-empty strings (Lark terminals never match the empty string).
+optional terminal for its non-empty strings (terminals never match the empty string).
 Terminals may overlap and follow each other without separators; the runtime lexes every way the
 text splits, so the language is GBNF's own, character for character.
+
+The recursive rules' bodies are trees of Lark's grammar syntax, turned into BNF rules as Lark's
+compiler turns them (ebnf_bnf.py) without a Lark text to parse; `lark_source()` writes that text.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from dataclasses import dataclass
 
 import lark
 
+from loom.runtime.constrained.ebnf_bnf import Node, group, to_bnf, to_lark
 from loom.runtime.constrained.errors import GrammarError
+from loom.runtime.constrained.lalr import Rule
 
 MAX_REPEAT = 1000  # {m,n} bounds above this are refused: the automaton would be too large
 
@@ -226,8 +231,9 @@ def _refs(e: Expr) -> list[Ref]:
 
 
 def _cp(c: int) -> str:
-    """A code point in a Lark regex literal. Lark evaluates \\x / \\u escapes itself before the
-    regex compiles, so ASCII punctuation, which may be special to the regex, is backslash-escaped."""
+    """A code point in a terminal's regex (read as it is, or within `/.../` of `lark_source()`, where
+    Lark evaluates \\x / \\u escapes itself): ASCII punctuation, which may be special to the regex
+    (or end the `/.../`), is backslash-escaped."""
     ch = chr(c)
     if ch.isalnum() and c < 0x80:
         return ch
@@ -242,10 +248,24 @@ def _class_regex(e: Chars) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class LarkTranslation:
-    source: str  # a Lark grammar
-    start: str  # its start rule
-    rule_names: dict[str, str]  # lark rule name -> GBNF rule name, for messages
+class GbnfRules:
+    """A GBNF grammar as rules over terminals: the recursive rules' bodies in Lark's grammar syntax
+    (ebnf_bnf.Node items), the terminals' regexes (each matching at least one character)."""
+
+    bodies: dict[str, str | Node]  # rule name -> body
+    terminals: list[tuple[str, str]]  # (name, regex)
+    start: str  # the start rule
+    rule_names: dict[str, str]  # rule name here -> GBNF rule name, for messages
+
+    def rules(self) -> list[Rule]:
+        """The BNF rules, as Lark compiles `lark_source()` (ebnf_bnf.to_bnf)."""
+        return to_bnf(self.bodies)
+
+    def lark_source(self) -> str:
+        """The grammar as a Lark grammar (`start` its start rule)."""
+        lines = [f"{name}: {to_lark(body)}" for name, body in self.bodies.items()]
+        lines += [f"{term}: /{pattern}/" for term, pattern in self.terminals]  # (`/` is escaped by _cp)
+        return "\n".join(lines) + "\n"
 
 
 class _Translator:
@@ -257,33 +277,25 @@ class _Translator:
         self.regex_cache: dict[str, str] = {}
 
     def _regular_rules(self) -> set[str]:
-        """Rules from which no recursion is reachable: regular languages, inlined as regexes."""
-        state: dict[str, int] = {}  # 1 visiting, 2 regular, 3 not regular
-
-        def visit(name: str) -> bool:
-            s = state.get(name)
-            if s == 1:
-                return False  # a cycle
-            if s is not None:
-                return s == 2
-            state[name] = 1
-            ok = True
-            for r in _refs(self.rules[name]):
-                ok = visit(r.name) and ok
-            state[name] = 2 if ok else 3
-            return ok
-
-        for name in self.rules:
-            visit(name)
-        # A rule on a cycle was marked while the cycle was open; mark everything reaching a cycle.
-        changed = True
-        while changed:
-            changed = False
-            for name in self.rules:
-                if state[name] == 2 and any(state[r.name] == 3 for r in _refs(self.rules[name])):
-                    state[name] = 3
-                    changed = True
-        return {n for n, s in state.items() if s == 2}
+        """Rules from which no recursion is reachable: regular languages, inlined as regexes. (A rule
+        is regular once every rule it uses is: resolved outward from the rules that use none,
+        without recursion, so a chain of thousands of rules is no deeper a call stack.)"""
+        uses = {name: {r.name for r in _refs(body)} for name, body in self.rules.items()}
+        users: dict[str, list[str]] = {name: [] for name in self.rules}
+        for name, used in uses.items():
+            for u in used:
+                users[u].append(name)
+        waiting = {name: len(used) for name, used in uses.items()}
+        ready = [name for name, n in waiting.items() if n == 0]
+        regular: set[str] = set()
+        while ready:
+            name = ready.pop()
+            regular.add(name)
+            for user in users[name]:
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    ready.append(user)
+        return regular
 
     def _rule_names(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -355,58 +367,67 @@ class _Translator:
             return None
         return Seq((inner, Rep(e.item, 0, None if e.hi is None else e.hi - 1)))
 
-    def terminal(self, e: Expr) -> str:
-        """A lark expansion for a regular piece: a terminal, optional when the piece may be empty."""
+    def terminal(self, e: Expr) -> str | Node | None:
+        """An item for a regular piece: a terminal, optional when the piece may be empty (None: it
+        matches only the empty string)."""
         body = self.nonempty(e)
         if body is None:
-            return ""
+            return None
         pattern = self.regex(body)
         name = self.terminals.get(pattern)
         if name is None:
             name = self.terminals[pattern] = f"T{len(self.terminals)}"
-        return f"{name}?" if self.nullable(e) else name
+        return Node("expr", [name, "?"]) if self.nullable(e) else name
 
-    # ---- recursive rules -> lark expansions
-    def expansion(self, e: Expr) -> str:
+    # ---- recursive rules -> items of Lark's grammar syntax (ebnf_bnf.Node)
+    def expansion(self, e: Expr) -> str | Node:
         if self.is_regular(e):
-            return self.terminal(e) or "()"
+            item = self.terminal(e)
+            return group([]) if item is None else item
         if isinstance(e, Ref):
             return self.lark_name[e.name]
         if isinstance(e, Alt):
-            return "(" + " | ".join(self.expansion(x) for x in e.options) + ")"
+            return group(*(self.expansion(x) for x in e.options))
         if isinstance(e, Seq):
-            parts: list[str] = []
+            parts: list[str | Node] = []
             run: list[Expr] = []
             for x in e.items + (None,):  # type: ignore[operator]
                 if x is not None and self.is_regular(x):
                     run.append(x)
                     continue
                 if run:
-                    parts.append(self.terminal(run[0] if len(run) == 1 else Seq(tuple(run))))
+                    item = self.terminal(run[0] if len(run) == 1 else Seq(tuple(run)))
+                    parts += [item] if item is not None else []
                     run = []
                 if x is not None:
                     parts.append(self.expansion(x))
-            return "(" + " ".join(p for p in parts if p) + ")" if any(parts) else "()"
+            return group(parts)
         assert isinstance(e, Rep)
         inner = self.expansion(e.item)
+        if isinstance(inner, Node) and inner.data == "expr":  # (an operator's operand is an atom: `(x?)*`)
+            inner = group(inner)
+        if e.hi == 0:  # x{0}: nothing
+            return group([])
         if (e.lo, e.hi) in ((0, None), (1, None), (0, 1)):
-            return inner + {(0, None): "*", (1, None): "+", (0, 1): "?"}[(e.lo, e.hi)]
+            return Node("expr", [inner, {(0, None): "*", (1, None): "+", (0, 1): "?"}[(e.lo, e.hi)]])
         if e.hi is None:
-            return f"({inner} ~ {e.lo} {inner}*)"
-        return f"({inner} ~ {e.lo}..{e.hi})" if e.lo else f"({inner} ~ 1..{e.hi})?"
+            again = inner.copy() if isinstance(inner, Node) else inner  # (Lark parses the text's two copies apart)
+            return group([Node("expr", [inner, "~", e.lo]), Node("expr", [again, "*"])])
+        if e.lo:
+            return group(Node("expr", [inner, "~", e.lo, e.hi]))
+        return Node("expr", [group(Node("expr", [inner, "~", 1, e.hi])), "?"])
 
-    def translate(self, start: str) -> LarkTranslation:
-        lines = []
+    def translate(self, start: str) -> GbnfRules:
+        bodies: dict[str, str | Node] = {}
         if start in self.regular:
-            lines.append(f"{self.lark_name[start]}: {self.expansion(self.rules[start])}")
+            bodies[self.lark_name[start]] = self.expansion(self.rules[start])
         # the recursive rules (regular ones are inlined where they are used)
         reachable = self._reachable(start)
         for name in self.rules:
             if name not in self.regular and name in reachable:
-                lines.append(f"{self.lark_name[name]}: {self.expansion(self.rules[name])}")
-        for pattern, term in self.terminals.items():
-            lines.append(f"{term}: /{pattern}/")  # `/` is escaped by _cp
-        return LarkTranslation("\n".join(lines) + "\n", self.lark_name[start], {v: k for k, v in self.lark_name.items()})
+                bodies[self.lark_name[name]] = self.expansion(self.rules[name])
+        terminals = [(term, pattern) for pattern, term in self.terminals.items()]
+        return GbnfRules(bodies, terminals, self.lark_name[start], {v: k for k, v in self.lark_name.items()})
 
     def _reachable(self, start: str) -> set[str]:
         """The rules `start` uses, itself included."""
@@ -419,9 +440,9 @@ class _Translator:
         return seen
 
 
-def gbnf_to_lark(text: str, start: str = "root") -> LarkTranslation:
-    """GBNF text -> an equivalent Lark grammar. Raises GrammarError for syntax errors, undefined
-    rules, a missing start rule and bad escapes, ranges or repetition bounds."""
+def gbnf_rules(text: str, start: str = "root") -> GbnfRules:
+    """GBNF text -> its rules over terminals (and as a Lark grammar). Raises GrammarError for syntax
+    errors, undefined rules, a missing start rule and bad escapes, ranges or repetition bounds."""
     rules = parse_gbnf(text)
     if start not in rules:
         raise GrammarError(f"ebnf grammar has no {start!r} rule; expected `{start} ::= ...` (generation starts there)")

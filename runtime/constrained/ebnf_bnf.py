@@ -1,0 +1,207 @@
+"""EBNF rule bodies -> BNF rules, as Lark's grammar compiler makes them, without Lark's text round trip.
+
+    Node("expansions", [Node("expansion", [...]), ...])   alternatives of sequences, as Lark parses them
+    Node("expr", [item, "?" | "*" | "+" | "~", lo?, hi?])  an operator on an item
+    to_bnf({rule: body}) -> [lalr.Rule]
+
+A GBNF grammar's recursive rules (ebnf_gbnf.py) were written out as Lark text for Lark to parse
+and compile (~2.5 ms of a JSON grammar's ~8 ms compile). Here the translator's trees, shaped as
+Lark's parser shapes that text, go through the same steps as Lark's `Grammar.compile`:
+`EBNF_to_BNF` (`x?` -> `x | ()`, `x+` -> a left-recursive rule `__<rule>_plus_<i>`, `x*` -> that
+rule or nothing, `x~m..n` -> the repetitions, split into sub-rules past 50 as Lark does, one rule
+per distinct operand), then `SimplifyRule_Visitor` (nested sequences inlined, an alternative inside
+a sequence distributed over it, duplicates dropped). The rules, and so the LALR tables and
+their conflicts, are Lark's own (tested on random grammars against Lark's compile of the text).
+"""
+
+from __future__ import annotations
+
+from lark.utils import small_factors
+
+from loom.runtime.constrained.errors import ErrorKind, GrammarError
+from loom.runtime.constrained.lalr import Rule
+
+REPEAT_BREAK_THRESHOLD = 50  # Lark's: `x~m..n` with n past this is built of sub-rules
+SMALL_FACTOR_THRESHOLD = 5  # Lark's factor bound for those sub-rules
+MAX_ALTERNATIVES = 20_000  # a rule whose optional parts distribute to more is refused (Lark had no bound:
+# `(a? b? ... )` of 30 optionals is 2^30 alternatives, memory gone before the compile's timeout)
+
+
+class Node:
+    """A tree node of Lark's grammar syntax: "expansions", "expansion" or "expr"; items are Nodes or
+    symbol names. Equal by content, as Lark's trees (duplicates and repeated operands are found so);
+    changed in place by the steps below, as Lark's are."""
+
+    __slots__ = ("data", "children")
+
+    def __init__(self, data: str, children: list) -> None:
+        self.data = data
+        self.children = children
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Node) and self.data == other.data and self.children == other.children
+
+    def __hash__(self) -> int:
+        return hash((self.data, tuple(self.children)))
+
+    def __repr__(self) -> str:
+        return f"Node({self.data!r}, {self.children!r})"
+
+    def copy(self) -> Node:
+        return Node(self.data, [c.copy() if isinstance(c, Node) else c for c in self.children])
+
+
+def _subtrees(tree: Node) -> list[Node]:
+    """Lark's `Tree.iter_subtrees` order: each node once, children before parents (the order in which
+    Lark transforms decides which of two repeated operands names the rule they share)."""
+    queue, seen = [tree], {}
+    for sub in queue:
+        seen[id(sub)] = sub
+        queue += [c for c in reversed(sub.children) if isinstance(c, Node) and id(c) not in seen]
+    return list(seen.values())[::-1]
+
+
+def group(*alternatives) -> Node:
+    """`( a | b c | ... )`: each alternative an item or a list of items (a sequence)."""
+    return Node("expansions", [Node("expansion", list(a) if isinstance(a, list) else [a]) for a in alternatives])
+
+
+class _ToBnf:
+    """Lark's EBNF_to_BNF: operators to alternatives and new rules (`new_rules`), one per distinct operand."""
+
+    def __init__(self) -> None:
+        self.new_rules: list[tuple[str, Node]] = []
+        self.cache: dict[object, str] = {}
+        self.prefix = ""
+        self.i = 0
+
+    def transform(self, tree: Node) -> Node:
+        """Lark's Transformer_InPlace: each subtree's operator children replaced, children first."""
+        for sub in _subtrees(tree):
+            sub.children = [self._expr(*c.children) if isinstance(c, Node) and c.data == "expr" else c for c in sub.children]
+        return tree
+
+    def _expr(self, operand, op: str, *bounds: int):
+        if op == "?":
+            return Node("expansions", [operand, Node("expansion", [])])
+        if op == "+":
+            return self._recurse("plus", operand)
+        if op == "*":
+            return Node("expansions", [self._recurse("star", operand), Node("expansion", [])])
+        lo, hi = (bounds[0], bounds[0]) if len(bounds) == 1 else bounds
+        return self._repeats(operand, lo, hi)
+
+    def _rule(self, key: object, kind: str, body: Node) -> str:
+        name = f"__{self.prefix}_{kind}_{self.i}"
+        self.i += 1
+        self.new_rules.append((name, body))
+        self.cache[key] = name
+        return name
+
+    def _recurse(self, kind: str, operand) -> str:
+        name = self.cache.get(operand)
+        if name is None:
+            name = f"__{self.prefix}_{kind}_{self.i}"  # (the body names itself)
+            self._rule(operand, kind, Node("expansions", [Node("expansion", [operand]), Node("expansion", [name, operand])]))
+        return name
+
+    def _repeat_rule(self, a: int, b: int, target, atom) -> str:
+        key = (a, b, target, atom)
+        name = self.cache.get(key)
+        return name if name is not None else self._rule(key, f"repeat_a{a}_b{b}", Node("expansions", [Node("expansion", [target] * a + [atom] * b)]))
+
+    def _repeat_opt_rule(self, a: int, b: int, target, target_opt, atom) -> str:
+        key = (a, b, target, atom, "opt")
+        name = self.cache.get(key)
+        if name is None:
+            alternatives = [Node("expansion", [target] * i + [target_opt]) for i in range(a)]
+            alternatives += [Node("expansion", [target] * a + [atom] * i) for i in range(b)]
+            name = self._rule(key, f"repeat_a{a}_b{b}_opt", Node("expansions", alternatives))
+        return name
+
+    def _repeats(self, operand, lo: int, hi: int):
+        if hi < REPEAT_BREAK_THRESHOLD:
+            return Node("expansions", [Node("expansion", [operand] * n) for n in range(lo, hi + 1)])
+        lo_target = operand  # `x~lo` of sub-rules, then `x~0..(hi - lo)` (Lark's _generate_repeats)
+        for a, b in small_factors(lo, SMALL_FACTOR_THRESHOLD):
+            lo_target = self._repeat_rule(a, b, lo_target, operand)
+        if hi == lo:
+            return lo_target
+        factors = small_factors(hi - lo + 1, SMALL_FACTOR_THRESHOLD)
+        target, target_opt = operand, Node("expansion", [])
+        for a, b in factors[:-1]:
+            target_opt = self._repeat_opt_rule(a, b, target, target_opt, operand)
+            target = self._repeat_rule(a, b, target, operand)
+        a, b = factors[-1]
+        target_opt = self._repeat_opt_rule(a, b, target, target_opt, operand)
+        return Node("expansions", [Node("expansion", [lo_target, target_opt])])
+
+
+def _flatten(tree: Node) -> None:
+    """Inline the children of tree's own kind, until none is left (Lark's `expand_kids_by_data`)."""
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(tree.children) - 1, -1, -1):
+            child = tree.children[i]
+            if isinstance(child, Node) and child.data == tree.data:
+                tree.children[i : i + 1] = child.children
+                changed = True
+
+
+def _simplify(tree: Node, made: list[int]) -> Node:
+    """Lark's SimplifyRule_Visitor: nested sequences and alternatives inlined, an alternative within a
+    sequence distributed over it (its options deduplicated), duplicate alternatives dropped. made[0]
+    counts the sequences distribution makes (GrammarError past MAX_ALTERNATIVES)."""
+    for sub in _subtrees(tree):
+        _flatten(sub)
+        if sub.data == "expansions":
+            if len(set(sub.children)) != len(sub.children):
+                sub.children = list(dict.fromkeys(sub.children))
+        elif sub.data == "expansion":
+            for i, child in enumerate(sub.children):
+                if isinstance(child, Node) and child.data == "expansions":
+                    options = dict.fromkeys(child.children)
+                    made[0] += len(options)
+                    if made[0] > MAX_ALTERNATIVES:
+                        raise GrammarError(f"its optional and alternative parts expand to more than {MAX_ALTERNATIVES:,} sequences", ErrorKind.TOO_LARGE)
+                    sub.data = "expansions"
+                    sub.children = [_simplify(Node("expansion", [o if i == j else c for j, c in enumerate(sub.children)]), made) for o in options]
+                    _flatten(sub)
+                    break
+    return tree
+
+
+def to_bnf(bodies: dict[str, object]) -> list[Rule]:
+    """{rule name: body item, as in `name: <item>`} -> the BNF rules Lark compiles them to."""
+    converter = _ToBnf()
+    named: list[tuple[str, Node]] = []
+    for name, body in bodies.items():
+        converter.prefix = name
+        tree = Node("expansions", [Node("expansion", [body.copy() if isinstance(body, Node) else body])])
+        named.append((name, converter.transform(tree)))
+    named += converter.new_rules
+    rules: list[Rule] = []
+    for name, tree in named:
+        try:
+            simple = _simplify(tree, [0])
+        except GrammarError as e:
+            raise GrammarError(f"rule {name!r}: {e}; split it into rules", e.kind) from None
+        for alternative in simple.children:
+            assert isinstance(alternative, Node) and all(isinstance(s, str) for s in alternative.children), alternative
+            rules.append(Rule(name, tuple(alternative.children)))
+    return rules
+
+
+def to_lark(item) -> str:
+    """An item in Lark's grammar syntax (what Lark parses back to the same tree)."""
+    if isinstance(item, str):
+        return item
+    if item.data == "expansions":
+        return "(" + " | ".join(to_lark(c) for c in item.children) + ")"
+    if item.data == "expansion":
+        return " ".join(to_lark(c) for c in item.children)
+    operand, op, *bounds = item.children
+    if op == "~":
+        return f"{to_lark(operand)} ~ {'..'.join(map(str, bounds))}"
+    return to_lark(operand) + op
