@@ -10,18 +10,10 @@ from lark import load_grammar
 
 from loom.runtime.constrained.lark_imports import _LIBRARIES, install, replaced
 
+from grammars import JSON_LARK
+
 GRAMMARS = {
-    "json": """
-start: value
-?value: dict | list | ESCAPED_STRING | SIGNED_NUMBER | "true" | "false" | "null"
-list : "[" [value ("," value)*] "]"
-dict : "{" [pair ("," pair)*] "}"
-pair : ESCAPED_STRING ":" value
-%import common.ESCAPED_STRING
-%import common.SIGNED_NUMBER
-%import common.WS
-%ignore WS
-""",
+    "json": JSON_LARK,
     "aliases and a helper's name taken": """
 start: MYINT ("," NUMBER)* DIGIT?
 DIGIT: "x"
