@@ -18,6 +18,7 @@ lexeme end are walked against the parser.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ from lark.load_grammar import load_grammar
 from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
+from loom.runtime.constrained.ebnf_bnf import to_bnf
 from loom.runtime.constrained.ebnf_gbnf import gbnf_rules
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
@@ -36,6 +38,7 @@ from loom.runtime.constrained.ebnf_walk import native_stacks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr import LalrTable, Rule, lalr_table
 from loom.runtime.constrained.lark_imports import install as install_import_cache
+from loom.runtime.constrained.lark_plain import plain_lark
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.regex_syntax import category_ranges
 from loom.runtime.constrained.token_walk import available as walk_available
@@ -66,8 +69,15 @@ class GrammarTables(NamedTuple):
 
 
 def lark_tables(source: str, start: str = "start") -> GrammarTables:
-    """A Lark grammar's tables: Lark's grammar loader and its EBNF -> BNF compile, then lalr.py
-    (not the rest of a `lark.Lark`: its lexer's regexes, its tree builder's callbacks)."""
+    """A Lark grammar's tables: a plain grammar (lark_plain: a JSON Schema's) read here, any other by
+    Lark's grammar loader and its EBNF -> BNF compile (not the rest of a `lark.Lark`: its lexer's
+    regexes, its tree builder's callbacks); then lalr.py."""
+    plain = plain_lark(source) if start == "start" else None
+    if plain is not None:
+        rules = to_bnf(plain.bodies)
+        used = {s for r in rules for s in r.expansion}
+        terminals = [(name, re.escape(literal)) for name, literal in plain.terminals.items() if name in used]
+        return GrammarTables(terminals, [], _table(rules, start, "lark", {}), start)
     install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
         grammar, _ = load_grammar(source, "<string>", [], False)

@@ -2,7 +2,7 @@
 
     Node("expansions", [Node("expansion", [...]), ...])   alternatives of sequences, as Lark parses them
     Node("expr", [item, "?" | "*" | "+" | "~", lo?, hi?])  an operator on an item
-    to_bnf({rule: body}) -> [lalr.Rule]
+    to_bnf({rule: Node("expansions", ...)}) -> [lalr.Rule]
 
 A GBNF grammar's recursive rules (ebnf_gbnf.py) were written out as Lark text for Lark to parse
 and compile (~2.5 ms of a JSON grammar's ~8 ms compile). Here the translator's trees, shaped as
@@ -172,14 +172,18 @@ def _simplify(tree: Node, made: list[int]) -> Node:
     return tree
 
 
-def to_bnf(bodies: dict[str, object]) -> list[Rule]:
-    """{rule name: body item, as in `name: <item>`} -> the BNF rules Lark compiles them to."""
+def rule_tree(item) -> Node:
+    """The tree Lark parses `name: <item>` to."""
+    return Node("expansions", [Node("expansion", [item])])
+
+
+def to_bnf(trees: dict[str, Node]) -> list[Rule]:
+    """{rule name: its `expansions` tree} -> the BNF rules Lark compiles them to (the trees are not changed)."""
     converter = _ToBnf()
     named: list[tuple[str, Node]] = []
-    for name, body in bodies.items():
+    for name, tree in trees.items():
         converter.prefix = name
-        tree = Node("expansions", [Node("expansion", [body.copy() if isinstance(body, Node) else body])])
-        named.append((name, converter.transform(tree)))
+        named.append((name, converter.transform(tree.copy())))
     named += converter.new_rules
     rules: list[Rule] = []
     for name, tree in named:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import lark
 
-from loom.runtime.constrained.ebnf_bnf import Node, group, to_bnf, to_lark
+from loom.runtime.constrained.ebnf_bnf import Node, group, rule_tree, to_bnf, to_lark
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.lalr import Rule
 
@@ -259,7 +259,7 @@ class GbnfRules:
 
     def rules(self) -> list[Rule]:
         """The BNF rules, as Lark compiles `lark_source()` (ebnf_bnf.to_bnf)."""
-        return to_bnf(self.bodies)
+        return to_bnf({name: rule_tree(body) for name, body in self.bodies.items()})
 
     def lark_source(self) -> str:
         """The grammar as a Lark grammar (`start` its start rule)."""
