@@ -65,3 +65,33 @@ def slow_gbnf(rules: int = 1200) -> str:
     short timeout (regexes no longer do: their DFAs are built as masks reach their states)."""
     body = [f'r{i} ::= "k{i}" r{i + 1} | "j{i}" r{i * 7 % rules} ("," r{i * 3 % rules})* | "z"' for i in range(rules)]
     return "\n".join(["root ::= r0", *body, f'r{rules} ::= "end"'])
+
+
+def reachable_rules(rules: list, start: str) -> set:
+    """The BNF rules (lalr.Rule) `start` reaches: what two compilers of one grammar must agree on
+    (what else each keeps differs: Lark keeps unreachable cycles)."""
+    seen, todo, out = {start}, [start], set()
+    while todo:
+        name = todo.pop()
+        for r in rules:
+            if r.origin == name:
+                out.add(r)
+                for s in r.expansion:
+                    if s not in seen:
+                        seen.add(s)
+                        todo.append(s)
+    return out
+
+
+def canonical_table(actions: dict, start: int, end: int):
+    """An LALR table ({state: {symbol: (shift, arg)}}) with its states numbered in the order a walk
+    from the start meets them, shifts in symbol order (builders number states differently)."""
+    order: dict[int, int] = {}
+    work = [start]
+    while work:
+        q = work.pop(0)
+        if q not in order:
+            order[q] = len(order)
+            work += [arg for _, (shift, arg) in sorted(actions[q].items()) if shift]
+    table = {order[q]: sorted((sym, shift, order[arg] if shift else arg) for sym, (shift, arg) in acts.items()) for q, acts in actions.items() if q in order}
+    return table, order[end]

@@ -17,6 +17,8 @@ from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr import Rule, lalr_table
 from loom.runtime.constrained.vocabulary import TokenVocab
 
+from grammars import reachable_rules
+
 RULES = ["root", "a", "b", "c"]
 
 
@@ -65,28 +67,13 @@ def _table(rules: list[Rule], start: str):
     return [sorted(a.items(), key=str) for a in t.actions], t.end_state
 
 
-def _reachable(rules: list[Rule], start: str) -> set[Rule]:
-    """The rules `start` reaches (what else each keeps differs: Lark keeps unreachable cycles)."""
-    seen, todo, out = {start}, [start], set()
-    while todo:
-        name = todo.pop()
-        for r in rules:
-            if r.origin == name:
-                out.add(r)
-                for s in r.expansion:
-                    if s not in seen:
-                        seen.add(s)
-                        todo.append(s)
-    return out
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grammars())
 def test_the_rules_and_tables_are_those_lark_compiles_from_the_text(text):
     translated = gbnf_rules(text)
     ours = translated.rules()
     lark = _lark_rules(translated.lark_source(), translated.start)
-    assert _reachable(ours, translated.start) == _reachable(lark, translated.start)
+    assert reachable_rules(ours, translated.start) == reachable_rules(lark, translated.start)
     assert _table(ours, translated.start) == _table(lark, translated.start)
 
 

@@ -16,30 +16,15 @@ from lark.parsers.lalr_analysis import LALR_Analyzer
 from loom.runtime.constrained.errors import GrammarError
 from loom.runtime.constrained.lalr import END, LalrTable, Rule, lalr_table
 
+from grammars import canonical_table
+
 NONTERMINALS = ["s", "a", "b", "c"]
 TERMINALS = ["X", "Y", "Z"]
 
 
-def _canonical(actions: dict[int, dict[str, tuple[bool, object]]], start: int, end: int):
-    """The table with states numbered as a walk from the start meets them (shifts in symbol order)."""
-    order: dict[int, int] = {}
-    work = [start]
-    while work:
-        q = work.pop(0)
-        if q not in order:
-            order[q] = len(order)
-            work += [arg for _, (shift, arg) in sorted(actions[q].items()) if shift]
-    table = {
-        order[q]: sorted((sym, shift, order[arg] if shift else arg) for sym, (shift, arg) in acts.items())
-        for q, acts in actions.items()
-        if q in order
-    }
-    return table, order[end]
-
-
 def _ours(rules: list[Rule], start: str):
     t: LalrTable = lalr_table(rules, start)
-    return _canonical(dict(enumerate(t.actions)), t.start_state, t.end_state)
+    return canonical_table(dict(enumerate(t.actions)), t.start_state, t.end_state)
 
 
 def _lark(rules: list[Rule], start: str):
@@ -55,7 +40,7 @@ def _lark(rules: list[Rule], start: str):
         q: {sym: (a.name == "Shift", arg if a.name == "Shift" else (arg.origin.name, len(arg.expansion))) for sym, (a, arg) in acts.items()}
         for q, acts in table.states.items()
     }
-    return _canonical(actions, table.start_states[start], table.end_states[start])
+    return canonical_table(actions, table.start_states[start], table.end_states[start])
 
 
 def _outcome(build, rules, start):

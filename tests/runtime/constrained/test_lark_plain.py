@@ -18,6 +18,8 @@ from loom.runtime.constrained.lalr import Rule, lalr_table
 from loom.runtime.constrained.lark_plain import plain_lark
 from loom.runtime.constrained.schema_grammar import DEFAULT_WHITESPACE, schema_to_grammar
 
+from grammars import canonical_table, reachable_rules
+
 RULES = ["start", "a", "b", "c"]
 TERMINALS = {"X": "x", "Y": "y", "ZED": "z"}
 
@@ -45,20 +47,6 @@ def _lark_rules(source: str) -> list[Rule]:
     return [Rule(r.origin.name, tuple(s.name for s in r.expansion)) for r in rules]
 
 
-def _reachable(rules: list[Rule]) -> set[Rule]:
-    seen, todo, out = {"start"}, ["start"], set()
-    while todo:
-        name = todo.pop()
-        for r in rules:
-            if r.origin == name:
-                out.add(r)
-                for s in r.expansion:
-                    if s not in seen:
-                        seen.add(s)
-                        todo.append(s)
-    return out
-
-
 def _table(rules: list[Rule]):
     try:
         t = lalr_table(rules, "start")
@@ -76,7 +64,7 @@ def test_random_plain_grammars_get_lark_s_rules_and_tables(text):
     plain = plain_lark(text)
     assert plain is not None
     ours, lark = to_bnf(plain.bodies), _lark_rules(text)
-    assert _reachable(ours) == _reachable(lark)
+    assert reachable_rules(ours, "start") == reachable_rules(lark, "start")
     assert _table(ours) == _table(lark)
 
 
@@ -131,11 +119,4 @@ def test_json_schema_grammars_are_plain_and_get_lark_s_tables(schema, monkeypatc
 
 def _table_of(tables):
     t = tables.parse_table
-    order: dict[int, int] = {}
-    work = [t.start_state]
-    while work:
-        q = work.pop(0)
-        if q not in order:
-            order[q] = len(order)
-            work += [arg for _, (shift, arg) in sorted(t.actions[q].items()) if shift]
-    return {order[q]: sorted((s, sh, order[a] if sh else a) for s, (sh, a) in t.actions[q].items()) for q in order}, order[t.end_state]
+    return canonical_table(dict(enumerate(t.actions)), t.start_state, t.end_state)
