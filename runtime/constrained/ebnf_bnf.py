@@ -16,6 +16,8 @@ their conflicts, are Lark's own (tested on random grammars against Lark's compil
 
 from __future__ import annotations
 
+import math
+
 from lark.utils import small_factors
 
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
@@ -159,6 +161,9 @@ def _simplify(tree: Node, made: list[int]) -> Node:
             if len(set(sub.children)) != len(sub.children):
                 sub.children = list(dict.fromkeys(sub.children))
         elif sub.data == "expansion":
+            counts = [len(set(c.children)) for c in sub.children if isinstance(c, Node) and c.data == "expansions"]
+            if math.prod(counts) > MAX_ALTERNATIVES:  # (refused before distributing: one level of recursion per group)
+                raise GrammarError(f"its optional and alternative parts expand to more than {MAX_ALTERNATIVES:,} sequences", ErrorKind.TOO_LARGE)
             for i, child in enumerate(sub.children):
                 if isinstance(child, Node) and child.data == "expansions":
                     options = dict.fromkeys(child.children)

@@ -102,8 +102,11 @@ def test_a_recursive_item_repeated_zero_times_is_nothing():
     assert _accepts(compiled, [1]) and not _accepts(compiled, [4, 1])
 
 
-def test_a_rule_expanding_to_too_many_alternatives_is_refused():
-    optionals = " ".join(f'a? "{i}"' for i in range(40))  # 2^40 sequences, as Lark distributes them
+@pytest.mark.parametrize("n", [40, 2000])
+def test_a_rule_expanding_to_too_many_alternatives_is_refused(n):
+    """2^n sequences, as Lark distributes them: refused, at once (2,000 optionals are past the
+    recursion limit one level each)."""
+    optionals = " ".join(f'a? "{i}"' for i in range(n))
     with pytest.raises(GrammarError, match=r"rule 'root': its optional and alternative parts expand to more than") as e:
         compile_grammar("ebnf", f'root ::= {optionals}\na ::= "(" a ")" | "y"', VOCAB)
     assert e.value.kind is ErrorKind.TOO_LARGE
