@@ -179,7 +179,7 @@ class GrammarBackend:
                 if e.kind in (ErrorKind.MALFORMED, ErrorKind.EMPTY, ErrorKind.TOO_LARGE):  # no grammar does better
                     raise
                 return self._schema_grammar(source, str(e))
-        elif kind in EBNF_KINDS:  # GBNF or Lark syntax, on Lark's LALR tables (ebnf.py)
+        elif kind in EBNF_KINDS:  # GBNF or Lark syntax, on LALR tables (ebnf.py)
             return compile_grammar(kind, source, self._token_vocab())
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")

@@ -8,7 +8,7 @@ budget or when nobody waits for them any more.
 A job is wanted while some caller holds one of its tickets (they are held weakly here): when the
 scheduler drops a request (aborted, answered, timed out), its ticket goes with it, and a job whose
 tickets are all gone is stopped. Stopping a Python thread is done the way a debugger does it: an
-exception (`CompileCancelled`) is raised inside the thread at its next bytecode, so Lark's table
+exception (`CompileCancelled`) is raised inside the thread at its next bytecode, so the LALR table
 construction and numpy loops stop too, not only code that checks a flag. The exception is only
 ever raised inside the job it was aimed at (a job records the thread that runs it, and the
 thread clears what is pending before it takes the next job). Python cannot raise out of a finaliser

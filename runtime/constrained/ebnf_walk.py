@@ -12,8 +12,9 @@ terminals a lexeme may be of there and the stack once one is complete (CompiledE
 after). The walk fills a row it lacks itself, from the grammar's LALR table and stacks in C
 (lalr_native.py, compiled into this library); where the row arrays lack room it returns the
 stack's id, Python grows them and fills the row, and C resumes at the token it stopped on, so the
-C walk is the Python one, set by set, MAX_CONFIGS truncation included. A walk that completes no lexeme but to stay at its stack (shallow) read only the stack's
-signature (its startable terminals): its verdict is kept for every stack of that signature.
+C walk is the Python one, set by set, MAX_CONFIGS truncation included. A walk that completes no
+lexeme but to stay at its stack (shallow) read only the stack's signature (its startable
+terminals): its verdict is kept for every stack of that signature.
 
 LOOM_NO_C_EBNF=1 turns the C walk off (the Python walk stays).
 """

@@ -1,4 +1,4 @@
-"""An EBNF grammar's parser stacks in C: Lark's LALR table as dense arrays, and the stacks interned.
+"""An EBNF grammar's parser stacks in C: its LALR table as dense arrays, and the stacks interned.
 
     stacks = NativeStacks(lib, grammar's table)   (lib: ebnf_walk's library, which compiles C_SOURCE)
     stacks.feed(sid, terminal) -> sid | -1        the stack after a lexeme of `terminal` (reducing
