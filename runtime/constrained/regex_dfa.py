@@ -41,8 +41,9 @@ MAX_DFA_STATES = 50_000  # a regex whose DFA needs more is refused (memory, and 
 COMPILE_TIME_LIMIT_S = 10.0  # subset construction past this is refused, never left to hang
 # A lazy DFA (every regex and JSON Schema the backend compiles) built whole within this, else state
 # by state as walks reach them. 0: always lazily. The first mask reaches only a few states (4 on
-# each of bench_grammar_first_token's 8 schemas), and building the rest first cost 0.5-3 ms of CPU before every new schema's first token;
-# the states a generation then reaches are built as it does (~25-50 us each, never more of them).
+# each of bench_grammar_first_token's 8 schemas), and building the rest first cost 0.5-3 ms of CPU
+# before every new schema's first token; the states a generation then reaches are built as it does
+# (~25-50 us each, never more of them).
 EAGER_BUDGET_S = 0.0
 PRECOMPUTE_TIME_S = 0.002  # masks walked at compile time, nearest states first (CompiledRegex._precompute)
 MAX_FORCED_BYTES = 4096  # forced strings longer than this are cut (JSON keys are far shorter)
