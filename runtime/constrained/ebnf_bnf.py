@@ -93,33 +93,28 @@ class _ToBnf:
         lo, hi = (bounds[0], bounds[0]) if len(bounds) == 1 else bounds
         return self._repeats(operand, lo, hi)
 
-    def _rule(self, key: object, kind: str, body: Node) -> str:
-        name = f"__{self.prefix}_{kind}_{self.i}"
-        self.i += 1
-        self.new_rules.append((name, body))
-        self.cache[key] = name
+    def _rule(self, key: object, kind: str, alternatives) -> str:
+        """The rule kept for `key`, else a new one named `__<rule>_<kind>_<i>`, its body
+        `alternatives(name)` (lists of items)."""
+        name = self.cache.get(key)
+        if name is None:
+            name = self.cache[key] = f"__{self.prefix}_{kind}_{self.i}"
+            self.i += 1
+            self.new_rules.append((name, Node("expansions", [Node("expansion", a) for a in alternatives(name)])))
         return name
 
     def _recurse(self, kind: str, operand) -> str:
-        name = self.cache.get(operand)
-        if name is None:
-            name = f"__{self.prefix}_{kind}_{self.i}"  # (the body names itself)
-            self._rule(operand, kind, Node("expansions", [Node("expansion", [operand]), Node("expansion", [name, operand])]))
-        return name
+        return self._rule(operand, kind, lambda name: [[operand], [name, operand]])
 
     def _repeat_rule(self, a: int, b: int, target, atom) -> str:
-        key = (a, b, target, atom)
-        name = self.cache.get(key)
-        return name if name is not None else self._rule(key, f"repeat_a{a}_b{b}", Node("expansions", [Node("expansion", [target] * a + [atom] * b)]))
+        return self._rule((a, b, target, atom), f"repeat_a{a}_b{b}", lambda _: [[target] * a + [atom] * b])
 
     def _repeat_opt_rule(self, a: int, b: int, target, target_opt, atom) -> str:
-        key = (a, b, target, atom, "opt")
-        name = self.cache.get(key)
-        if name is None:
-            alternatives = [Node("expansion", [target] * i + [target_opt]) for i in range(a)]
-            alternatives += [Node("expansion", [target] * a + [atom] * i) for i in range(b)]
-            name = self._rule(key, f"repeat_a{a}_b{b}_opt", Node("expansions", alternatives))
-        return name
+        return self._rule(
+            (a, b, target, atom, "opt"),
+            f"repeat_a{a}_b{b}_opt",
+            lambda _: [[target] * i + [target_opt] for i in range(a)] + [[target] * a + [atom] * i for i in range(b)],
+        )
 
     def _repeats(self, operand, lo: int, hi: int):
         if hi < REPEAT_BREAK_THRESHOLD:
@@ -154,7 +149,8 @@ def _flatten(tree: Node) -> None:
 def _simplify(tree: Node, made: list[int]) -> Node:
     """Lark's SimplifyRule_Visitor: nested sequences and alternatives inlined, an alternative within a
     sequence distributed over it (its options deduplicated), duplicate alternatives dropped. made[0]
-    counts the sequences distribution makes (GrammarError past MAX_ALTERNATIVES)."""
+    counts the sequences distribution makes; past MAX_ALTERNATIVES, or a sequence whose groups
+    multiply past it (refused before distributing: one level of recursion per group), GrammarError."""
     for sub in _subtrees(tree):
         _flatten(sub)
         if sub.data == "expansions":
@@ -162,16 +158,18 @@ def _simplify(tree: Node, made: list[int]) -> Node:
                 sub.children = list(dict.fromkeys(sub.children))
         elif sub.data == "expansion":
             counts = [len(set(c.children)) for c in sub.children if isinstance(c, Node) and c.data == "expansions"]
-            if math.prod(counts) > MAX_ALTERNATIVES:  # (refused before distributing: one level of recursion per group)
-                raise GrammarError(f"its optional and alternative parts expand to more than {MAX_ALTERNATIVES:,} sequences", ErrorKind.TOO_LARGE)
             for i, child in enumerate(sub.children):
                 if isinstance(child, Node) and child.data == "expansions":
                     options = dict.fromkeys(child.children)
                     made[0] += len(options)
-                    if made[0] > MAX_ALTERNATIVES:
-                        raise GrammarError(f"its optional and alternative parts expand to more than {MAX_ALTERNATIVES:,} sequences", ErrorKind.TOO_LARGE)
+                    if made[0] > MAX_ALTERNATIVES or math.prod(counts) > MAX_ALTERNATIVES:
+                        raise GrammarError(
+                            f"its optional and alternative parts expand to more than {MAX_ALTERNATIVES:,} sequences", ErrorKind.TOO_LARGE
+                        )
                     sub.data = "expansions"
-                    sub.children = [_simplify(Node("expansion", [o if i == j else c for j, c in enumerate(sub.children)]), made) for o in options]
+                    sub.children = [
+                        _simplify(Node("expansion", [o if i == j else c for j, c in enumerate(sub.children)]), made) for o in options
+                    ]
                     _flatten(sub)
                     break
     return tree
