@@ -68,16 +68,15 @@ class GrammarTables(NamedTuple):
     start: str  # the start rule, as the user named it
 
 
-def lark_tables(source: str, start: str = "start") -> GrammarTables:
-    """A Lark grammar's tables: a plain grammar (lark_plain: a JSON Schema's) read here, any other by
-    Lark's grammar loader and its EBNF -> BNF compile (not the rest of a `lark.Lark`: its lexer's
-    regexes, its tree builder's callbacks); then lalr.py."""
-    plain = plain_lark(source) if start == "start" else None
-    if plain is not None:
-        rules = to_bnf(plain.bodies)
-        used = {s for r in rules for s in r.expansion}
-        terminals = [(name, re.escape(literal)) for name, literal in plain.terminals.items() if name in used]
-        return GrammarTables(terminals, [], _table(rules, start, "lark", {}), start)
+def lark_tables(source: str) -> GrammarTables:
+    """A Lark grammar's tables (start rule `start`): a plain grammar (lark_plain: a JSON Schema's) read
+    here, any other by Lark's grammar loader and its EBNF -> BNF compile (not the rest of a
+    `lark.Lark`: its lexer's regexes, its tree builder's callbacks); then lalr.py."""
+    start = "start"
+    plain = plain_lark(source)
+    if plain is not None:  # (every terminal it defines is used: plain_lark leaves the others to Lark)
+        terminals = [(name, re.escape(literal)) for name, literal in plain.terminals.items()]
+        return GrammarTables(terminals, [], _table(to_bnf(plain.bodies), start, "lark", {}), start)
     install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
         grammar, _ = load_grammar(source, "<string>", [], False)
