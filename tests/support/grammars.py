@@ -93,5 +93,9 @@ def canonical_table(actions: dict, start: int, end: int):
         if q not in order:
             order[q] = len(order)
             work += [arg for _, (shift, arg) in sorted(actions[q].items()) if shift]
-    table = {order[q]: sorted((sym, shift, order[arg] if shift else arg) for sym, (shift, arg) in acts.items()) for q, acts in actions.items() if q in order}
+    table = {
+        order[q]: sorted((sym, shift, order[arg] if shift else arg) for sym, (shift, arg) in acts.items())
+        for q, acts in actions.items()
+        if q in order
+    }
     return table, order[end]
