@@ -13,18 +13,24 @@ and int8 activations are on when a model loads, its layers are laid out in panel
 The extension is compiled with the machine's own instruction set (`-march=native`: AVX-512 where
 the CPU has it, else AVX2, else plain C++) by `torch.utils.cpp_extension` the first time a process
 asks for it, and cached under torch's extensions folder by a name that carries the CPU's flags
-and the versions, so a home folder shared by different machines never loads a wrong build.
+and the versions, so a home folder shared by different machines never loads a wrong build. A build
+killed half-way (a CI job cut off) leaves torch's `lock` file behind, on which torch would wait
+forever: builds here hold an flock as well, which dies with its process, and under it such a file
+can only be stale and is removed (`_exclusive_build`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pathlib
 import platform
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,6 +64,48 @@ def int8_activations() -> bool:
     return os.environ.get(INT8_ENV, "1") != "0"
 
 
+def _build_spec(without_avx512: bool = False) -> tuple[str, list[pathlib.Path], list[str]]:
+    """(name, sources, compiler flags) of a build; the name carries everything the build depends on."""
+    sources = [HERE / "qlinear.cpp", HERE / "decode.cpp", HERE / "panels.cpp"]
+    flags = ["-O3", "-march=native", "-fopenmp"] + (["-mno-avx512f"] if without_avx512 else [])
+    code = "|".join(f.read_bytes().hex() for f in [*sources, HERE / "qlinear.h"])
+    key = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{flags}|{code}".encode()).hexdigest()[:12]
+    return f"loom_qlinear_{key}", sources, flags
+
+
+def _build_directory(name: str) -> pathlib.Path:
+    """Where torch.utils.cpp_extension would build `name` on a CPU build of torch (given explicitly, so
+    that `_exclusive_build` knows the folder)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        abi = getattr(sys, "abiflags", "")
+        root = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}{abi}_cpu")
+    return pathlib.Path(root) / name
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: pathlib.Path) -> Iterator[None]:
+    """Held around torch's build in `build_dir`: an exclusive flock, which the OS releases when its
+    process ends however it ends. Every Loom build of this folder holds it, so a torch `lock` file
+    found under it was left by a build that was killed, and is removed (torch's own lock is a bare
+    file, and torch waits on one for ever)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock on this OS: torch's lock alone
+        yield
+        return
+    with open(build_dir / "loom.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a build of the CPU kernels that was stopped", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
 @functools.cache
 def extension(without_avx512: bool = False) -> Any | None:
     """The compiled extension, or None where it cannot be built (no x86-64, no compiler).
@@ -66,14 +114,13 @@ def extension(without_avx512: bool = False) -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
-    sources = [HERE / "qlinear.cpp", HERE / "decode.cpp", HERE / "panels.cpp"]
-    flags = ["-O3", "-march=native", "-fopenmp"] + (["-mno-avx512f"] if without_avx512 else [])
-    code = "|".join(f.read_bytes().hex() for f in [*sources, HERE / "qlinear.h"])
-    key = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{flags}|{code}".encode()).hexdigest()[:12]
+    name, sources, flags = _build_spec(without_avx512)
+    folder = _build_directory(name)
     t0 = time.perf_counter()
     try:
-        module = load(name=f"loom_qlinear_{key}", sources=[str(f) for f in sources],
-                      extra_cflags=flags, extra_include_paths=[str(HERE)], verbose=False)  # fmt: skip
+        with _exclusive_build(folder):
+            module = load(name=name, sources=[str(f) for f in sources], build_directory=str(folder),
+                          extra_cflags=flags, extra_include_paths=[str(HERE)], verbose=False)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
         logger.warning("the quantized CPU kernels could not be built (%s); dequantising per call instead", exc)
         return None
