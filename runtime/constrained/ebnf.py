@@ -18,7 +18,6 @@ lexeme end are walked against the parser.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import NamedTuple
 
@@ -30,7 +29,6 @@ from lark.load_grammar import load_grammar
 from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
-from loom.runtime.constrained.ebnf_bnf import to_bnf
 from loom.runtime.constrained.ebnf_gbnf import gbnf_rules
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
@@ -69,14 +67,18 @@ class GrammarTables(NamedTuple):
 
 
 def lark_tables(source: str) -> GrammarTables:
-    """A Lark grammar's tables (start rule `start`): a plain grammar (lark_plain: a JSON Schema's) read
-    here, any other by Lark's grammar loader and its EBNF -> BNF compile (not the rest of a
-    `lark.Lark`: its lexer's regexes, its tree builder's callbacks); then lalr.py."""
+    """A Lark grammar's tables (start rule `start`): a grammar in the common syntax read by lark_plain,
+    any other by Lark's grammar loader and its EBNF -> BNF compile (not the rest of a `lark.Lark`:
+    its lexer's regexes, its tree builder's callbacks); then lalr.py."""
     start = "start"
     plain = plain_lark(source)
-    if plain is not None:  # (every terminal it defines is used: plain_lark leaves the others to Lark)
-        terminals = [(name, re.escape(literal)) for name, literal in plain.terminals.items()]
-        return GrammarTables(terminals, [], _table(to_bnf(plain.bodies), start, "lark", {}), start)
+    try:
+        compiled = plain.compile() if plain is not None else None
+    except GrammarError as e:  # (too many alternatives; the same alternative twice)
+        raise _grammar_error(str(e), "lark", {}, e.kind) from None
+    if compiled is not None:
+        terminals, rules, ignore = compiled
+        return GrammarTables(terminals, ignore, _table(rules, start, "lark", {}), start)
     install_import_cache()  # (`%import common.X` reads Lark's library once per process)
     try:
         grammar, _ = load_grammar(source, "<string>", [], False)

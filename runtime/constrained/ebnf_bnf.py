@@ -2,7 +2,9 @@
 
     Node("expansions", [Node("expansion", [...]), ...])   alternatives of sequences, as Lark parses them
     Node("expr", [item, "?" | "*" | "+" | "~", lo?, hi?])  an operator on an item
-    to_bnf({rule: Node("expansions", ...)}) -> [lalr.Rule]
+    Node("maybe", [expansions])                            `[...]`
+    Node("alias", [expansion, name])                       `... -> name`, an alternative of a rule
+    to_bnf({rule: Node("expansions", ...)}, keep_all, priorities) -> [lalr.Rule]
 
 A GBNF grammar's recursive rules (ebnf_gbnf.py) were written out as Lark text for Lark to parse
 and compile (~2.5 ms of a JSON grammar's ~8 ms compile). Here the translator's trees, shaped as
@@ -12,6 +14,8 @@ rule or nothing, `x~m..n` -> the repetitions, split into sub-rules past 50 as La
 per distinct operand), then `SimplifyRule_Visitor` (nested sequences inlined, an alternative inside
 a sequence distributed over it, duplicates dropped). The rules, and so the LALR tables and
 their conflicts, are Lark's own (tested on random grammars against Lark's compile of the text).
+Lark syntax read by lark_plain.py adds `[...]` (an option whose absence holds placeholders, so
+that `[a] [a]` collides as in Lark) and aliases (which keep alternatives apart the same way).
 """
 
 from __future__ import annotations
@@ -25,8 +29,16 @@ from loom.runtime.constrained.lalr import Rule
 
 REPEAT_BREAK_THRESHOLD = 50  # Lark's: `x~m..n` with n past this is built of sub-rules
 SMALL_FACTOR_THRESHOLD = 5  # Lark's factor bound for those sub-rules
+EMPTY = "__empty__"  # Lark's placeholder for an absent `[...]` (never a rule's or terminal's name)
 MAX_ALTERNATIVES = 20_000  # a rule whose optional parts distribute to more is refused (Lark had no bound:
 # `(a? b? ... )` of 30 optionals is 2^30 alternatives, memory gone before the compile's timeout)
+
+
+class Filtered(str):
+    """A terminal Lark leaves out of its trees (a string literal, or a name starting with `_`): `[...]`
+    keeps no placeholder for it. Equal to its name."""
+
+    __slots__ = ()
 
 
 class Node:
@@ -53,7 +65,7 @@ class Node:
         return Node(self.data, [c.copy() if isinstance(c, Node) else c for c in self.children])
 
 
-def _subtrees(tree: Node) -> list[Node]:
+def subtrees(tree: Node) -> list[Node]:
     """Lark's `Tree.iter_subtrees` order: each node once, children before parents (the order in which
     Lark transforms decides which of two repeated operands names the rule they share)."""
     queue, seen = [tree], {}
@@ -75,13 +87,31 @@ class _ToBnf:
         self.new_rules: list[tuple[str, Node]] = []
         self.cache: dict[object, str] = {}
         self.prefix = ""
+        self.keep_all = False  # the rule's `!`: its `[...]` keeps placeholders for every terminal
         self.i = 0
 
     def transform(self, tree: Node) -> Node:
         """Lark's Transformer_InPlace: each subtree's operator children replaced, children first."""
-        for sub in _subtrees(tree):
-            sub.children = [self._expr(*c.children) if isinstance(c, Node) and c.data == "expr" else c for c in sub.children]
+        for sub in subtrees(tree):
+            sub.children = [self._operator(c) if isinstance(c, Node) and c.data in ("expr", "maybe") else c for c in sub.children]
         return tree
+
+    def _operator(self, node: Node):
+        if node.data == "maybe":  # Lark's `maybe`: the absent option holds one placeholder per kept symbol
+            inner = node.children[0]
+            return Node("expansions", [inner, Node("expansion", [EMPTY] * self._size(inner))])
+        return self._expr(*node.children)
+
+    def _size(self, item) -> int:
+        """Lark's FindRuleSize: the symbols of `item` its tree would keep (max over alternatives)."""
+        if isinstance(item, Node):
+            sizes = [self._size(c) for c in item.children]
+            return sum(sizes) if item.data == "expansion" else max(sizes)
+        if item == EMPTY:
+            return 0
+        if item.isupper():
+            return int(self.keep_all or not isinstance(item, Filtered))
+        return int(not item.startswith("_"))
 
     def _expr(self, operand, op: str, *bounds: int):
         if op == "?":
@@ -151,11 +181,15 @@ def _simplify(tree: Node, made: list[int]) -> Node:
     sequence distributed over it (its options deduplicated), duplicate alternatives dropped. made[0]
     counts the sequences distribution makes; past MAX_ALTERNATIVES, or a sequence whose groups
     multiply past it (refused before distributing: one level of recursion per group), GrammarError."""
-    for sub in _subtrees(tree):
+    for sub in subtrees(tree):
         _flatten(sub)
         if sub.data == "expansions":
             if len(set(sub.children)) != len(sub.children):
                 sub.children = list(dict.fromkeys(sub.children))
+        elif sub.data == "alias":  # Lark's: an alias over alternatives names each of them
+            inner, name = sub.children
+            if inner.data == "expansions":
+                sub.data, sub.children = "expansions", [Node("alias", [c, name]) for c in inner.children]
         elif sub.data == "expansion":
             counts = [len(set(c.children)) for c in sub.children if isinstance(c, Node) and c.data == "expansions"]
             for i, child in enumerate(sub.children):
@@ -180,24 +214,39 @@ def rule_tree(item) -> Node:
     return Node("expansions", [Node("expansion", [item])])
 
 
-def to_bnf(trees: dict[str, Node]) -> list[Rule]:
-    """{rule name: its `expansions` tree} -> the BNF rules Lark compiles them to (the trees are not changed)."""
+def to_bnf(trees: dict[str, Node], keep_all: frozenset[str] = frozenset(), priorities: dict[str, int] | None = None) -> list[Rule]:
+    """{rule name: its `expansions` tree} -> the BNF rules Lark compiles them to (the trees are not
+    changed). `keep_all`: the rules marked `!`; `priorities`: the rules' `.n` (their own
+    alternatives take it, not the rules made of their operators). Lark's errors: an alias on a
+    `_rule`, and the same alternative twice (`[a] [a]`, or aliases apart)."""
     converter = _ToBnf()
     named: list[tuple[str, Node]] = []
     for name, tree in trees.items():
-        converter.prefix = name
+        converter.prefix, converter.keep_all = name, name in keep_all
         named.append((name, converter.transform(tree.copy())))
     named += converter.new_rules
-    rules: list[Rule] = []
+    rules: dict[Rule, None] = {}
     for name, tree in named:
         try:
             simple = _simplify(tree, [0])
         except GrammarError as e:
             raise GrammarError(f"rule {name!r}: {e}; split it into rules", e.kind) from None
+        priority = (priorities or {}).get(name, 0)
         for alternative in simple.children:
-            assert isinstance(alternative, Node) and all(isinstance(s, str) for s in alternative.children), alternative
-            rules.append(Rule(name, tuple(alternative.children)))
-    return rules
+            if alternative.data == "alias":
+                alternative, alias = alternative.children
+                if name.startswith("_"):
+                    raise GrammarError(
+                        f"Rule {name} is marked for expansion (it starts with an underscore) and isn't allowed to have aliases (alias={alias})"
+                    )
+            assert alternative.data == "expansion" and all(isinstance(s, str) for s in alternative.children), alternative
+            rule = Rule(name, tuple(s for s in alternative.children if s != EMPTY), priority)
+            if rule in rules and rule.expansion:  # (Lark's message)
+                raise GrammarError(
+                    f"Rules defined twice: \n  * <{name} : {' '.join(rule.expansion)}>\n\n(Might happen due to colliding expansion of optionals: [] or ?)"
+                )
+            rules[rule] = None
+    return list(rules)
 
 
 def to_lark(item) -> str:

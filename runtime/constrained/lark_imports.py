@@ -7,7 +7,8 @@ definition is its own pattern with every terminal it names inlined (Lark resolve
 references before it drops the unused), so it depends on nothing but the name: the library is
 read here once, and each import gets a copy of the resolved tree under its alias. Imports of
 rules, from files of the user's (a relative import, import paths) or of names the library lacks
-run Lark's own code.
+run Lark's own code. `library_pattern` gives lark_plain.py an imported terminal's compiled pattern
+(Lark's own transformers run once per name and process).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 
 _LOCK = threading.Lock()
 _LIBRARIES: dict[tuple[str, ...], dict] = {}  # dotted path -> the library's definitions, resolved
+_PATTERNS: dict[tuple[tuple[str, ...], str], object] = {}  # (dotted path, terminal) -> its lark Pattern, or None
 replaced: list = []  # Lark's own do_import, once installed
 
 
@@ -70,3 +72,24 @@ def install() -> bool:
             replaced.append(builder.do_import)
         builder.do_import = _cached_import
         return True
+
+
+def library_pattern(dotted_path: tuple[str, ...], name: str):
+    """The lark Pattern that Lark's compile makes of terminal `name` of its library `dotted_path`
+    (e.g. ("common",), "WS"), or None where the library has no such terminal."""
+    key = (dotted_path, name)
+    with _LOCK:
+        if key in _PATTERNS:
+            return _PATTERNS[key]
+    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern, nr_deepcopy_tree
+
+    try:
+        definition = _library(dotted_path, False).get(name)
+    except OSError:
+        definition = None
+    pattern = None
+    if definition is not None and definition.is_term and definition.tree is not None:
+        pattern = (PrepareLiterals() * TerminalTreeToPattern()).transform(nr_deepcopy_tree(definition.tree))
+    with _LOCK:
+        _PATTERNS[key] = pattern
+    return pattern
