@@ -36,6 +36,7 @@ from loom.runtime.constrained.ebnf_walk import native_stacks
 from loom.runtime.constrained.errors import ErrorKind, GrammarError
 from loom.runtime.constrained.lalr import LalrTable, Rule, lalr_table
 from loom.runtime.constrained.lark_imports import install as install_import_cache
+from loom.runtime.constrained.lark_imports import warm_library
 from loom.runtime.constrained.lark_plain import plain_lark
 from loom.runtime.constrained.matcher import TokenMatcher
 from loom.runtime.constrained.regex_syntax import category_ranges
@@ -407,12 +408,15 @@ class EbnfGrammar(TokenMatcher):
 def warm_up(vocab: TokenVocab) -> None:
     """What a process pays once, before its first grammar over `vocab` (GrammarBackend's set-up runs
     it with the vocabulary's): the token trie and its string profile (counted_scan.warm), Unicode's
-    \\d \\s \\w (~20-30 ms each), Lark's own loader with its `common` library (a first grammar
-    importing it took ~15 ms more than the next), and the GBNF parser's lexers (built by Lark per
-    parser state as a first text reaches it: ~5 ms of a first GBNF grammar)."""
+    \\d \\s \\w (~20-30 ms each), the patterns of Lark's `common` library (~10 ms), Lark's own
+    loader for grammars lark_plain leaves to it (its parser; a first grammar took ~15 ms more than
+    the next), and the GBNF parser's lexers (built by Lark per parser state as a first text
+    reaches it: ~5 ms of a first GBNF grammar)."""
     for category in ("DIGIT", "SPACE", "WORD"):
         category_ranges(category, False)
+    warm_library(("common",))
     compile_grammar("lark", _WARM_UP_LARK, vocab)
+    lark_tables(_WARM_UP_LARK + "\n%declare UNUSED")  # (outside lark_plain's subset: Lark's loader)
     gbnf_rules(_WARM_UP_GBNF)
 
 
