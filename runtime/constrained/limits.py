@@ -37,6 +37,10 @@ def check_source(kind: str, source: str, limits: GrammarLimits) -> None:
         raise refuse(limits, f"{kind}: the source has", len(source), "max_source_chars")
     if kind == "regex":
         check_regex(source, "regex", limits)
+    elif kind in ("ebnf", "lark"):
+        depth = _group_depth(source, _GROUP_TOKENS[kind])
+        if depth > limits.max_nesting:  # (the grammar readers recurse per level: ~300 levels was a RecursionError)
+            raise refuse(limits, f"{kind}: groups nested", depth, "max_nesting")
     elif kind == "json_schema":
         try:
             schema = json.loads(source)
@@ -47,6 +51,28 @@ def check_source(kind: str, source: str, limits: GrammarLimits) -> None:
         except json.JSONDecodeError:
             return  # parse_schema says what is wrong with it
         _check_schema(schema, limits)
+
+
+def _group_depth(source: str, tokens: re.Pattern[str]) -> int:
+    """How deep groups (`(`, and Lark's `[`) nest in an EBNF / Lark grammar; string literals,
+    character classes, regexes and comments are read past (a bracket left unpaired outside them is
+    a syntax error, which the grammar's reader reports)."""
+    depth = deepest = 0
+    for m in tokens.finditer(source):
+        c = m.group()
+        if c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+_STRING = r'"(?:\\.|[^"\\\n])*"'
+_GROUP_TOKENS = {
+    "ebnf": re.compile(rf"{_STRING}|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[()]"),  # GBNF: `[...]` is a character class
+    "lark": re.compile(rf"{_STRING}|//[^\n]*|#[^\n]*|/(?!/)(?:\\.|[^/\\\n])*/|[()\[\]]"),
+}
 
 
 def _check_schema(schema: Any, limits: GrammarLimits) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from loom.runtime.constrained import ErrorKind, GrammarBackend, GrammarError, allocate_token_bitmask, unpack_bitmask
 from loom.runtime.constrained.compile_jobs import CompileCancelled, CompileJobs, CompileStopped
+from loom.runtime.constrained.ebnf import gbnf_tables, lark_tables
 from loom.runtime.constrained.limits import GrammarLimits, check_source
 from loom.runtime.entrypoints.engine import LocalEngine
 from loom.runtime.server_args import EngineArgumentError, ServerArgs
@@ -47,6 +48,24 @@ def test_limits_name_the_keyword_the_value_and_the_limit():
     assert "max_nesting" in refused("json_schema", json.dumps(deep))
     assert "max_nesting" in refused("json_schema", "[" * 100_000 + "]" * 100_000)
     assert "max_source_chars" in refused("regex", "a" * 2001, GrammarLimits(max_source_chars=2000))
+    # grammars nested past the limit (their readers recurse per level: ~300 levels raised RecursionError)
+    msg = refused("lark", "start: " + "([" * 65 + "A" + "])" * 65 + '\nA: "a"')
+    assert "lark: groups nested 130" in msg and "max_nesting" in msg
+    assert "ebnf: groups nested 129" in refused("ebnf", "root ::= " + "(" * 129 + '"a"' + ")" * 129)
+
+
+def test_what_looks_like_nesting_in_literals_classes_and_regexes_is_not_counted():
+    opens = "(" * 200
+    check_source("ebnf", f'root ::= "{opens}" [(\\]] x # {opens}\nx ::= ("a")', GrammarLimits())
+    check_source("lark", f'start: "{opens}" /[(]+/ A // {opens}\nA: "a"', GrammarLimits())
+    n = GrammarLimits().max_nesting  # and what the limit lets through compiles (no RecursionError)
+    for lark_source in [
+        "start: " + "([" * (n // 2) + "A" + "])" * (n // 2) + '\nA: "a"',
+        "start: " + "(" * n + "A" + ")" * n + '\nA: "a"\n%declare B',
+    ]:
+        check_source("lark", lark_source, GrammarLimits())
+        assert lark_tables(lark_source).terminals  # (the second outside lark_plain's subset: Lark's loader)
+    assert gbnf_tables("root ::= " + "(" * n + '"a"' + ")" * n).terminals
 
 
 def test_the_limits_are_engine_arguments(make_tiny_model):
@@ -71,6 +90,7 @@ def test_sizes_within_the_limits_pass_the_check():
         ("json_schema", json.dumps({"enum": ["x" * 100_000]})),  # values are not sizes
         ("regex", "[0-9]{1,1000}(\\.[0-9]+)?"),
         ("ebnf", 'root ::= "a"{1000}'),
+        ("ebnf", "root ::= " + "(" * 128 + '"a"' + ")" * 128),
     ]:
         check_source(kind, source, GrammarLimits())
 
