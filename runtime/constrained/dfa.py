@@ -41,6 +41,7 @@ class ByteDFA:
     string_states: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)  # counted_scan.string_contents
     safe_runs: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict, compare=False, repr=False)  # (state,
     # depth) -> ebnf_scan.safe_runs' answer, kept with the automaton (every grammar holding it reads it)
+    lexer_rows: dict[str, tuple] = field(default_factory=dict, compare=False, repr=False)  # ebnf.py's view of its rows, kept likewise
 
     @property
     def dead(self) -> int:
