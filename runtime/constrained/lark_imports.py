@@ -81,11 +81,11 @@ def library_pattern(dotted_path: tuple[str, ...], name: str):
     with _LOCK:
         if key in _PATTERNS:
             return _PATTERNS[key]
-    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern, nr_deepcopy_tree
-
     try:
+        from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern, nr_deepcopy_tree
+
         definition = _library(dotted_path, False).get(name)
-    except OSError:
+    except (ImportError, OSError):  # (not in the library; a Lark without these pieces: Lark imports it)
         definition = None
     pattern = None
     if definition is not None and definition.is_term and definition.tree is not None:

@@ -30,8 +30,12 @@ from dataclasses import dataclass
 from lark import Token
 from lark.exceptions import GrammarError as LarkGrammarError
 from lark.lexer import Pattern, PatternRE, PatternStr
-from lark.load_grammar import _TERMINAL_NAMES, _literal_to_pattern, eval_escaping
-from lark.utils import is_id_continue, is_id_start
+
+try:  # (Lark's own pieces, not its public API: a Lark without them reads every grammar itself)
+    from lark.load_grammar import _TERMINAL_NAMES, _literal_to_pattern, eval_escaping
+    from lark.utils import is_id_continue, is_id_start
+except ImportError:  # pragma: no cover
+    _TERMINAL_NAMES = None
 
 from loom.runtime.constrained.ebnf_bnf import Filtered, Node, subtrees, to_bnf
 from loom.runtime.constrained.lalr import Rule
@@ -98,6 +102,8 @@ class PlainLark:
 
 def plain_lark(text: str) -> PlainLark | None:
     """The definitions of a Lark grammar in the subset, or None where it is not in it."""
+    if _TERMINAL_NAMES is None:
+        return None
     try:
         return _Reader(_tokens(text)).grammar()
     except _NotPlain:
