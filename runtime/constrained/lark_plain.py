@@ -92,7 +92,7 @@ class PlainLark:
                 patterns[name] = _pattern(self.terminals[name], self.terminals, patterns, set())
             named = _AnonymousTerminals(patterns)
             bodies = {name: _resolve(tree, named) for name, tree in self.rules.items()}
-        except (_NotPlain, LarkGrammarError, AssertionError):
+        except (_NotPlain, LarkGrammarError, AssertionError, RecursionError):  # (a chain of thousands of terminals: Lark's loop)
             return None
         rules = _used_rules(to_bnf(bodies, self.keep_all, self.priorities))
         used = {s for r in rules for s in r.expansion if s.isupper()} | set(self.ignore)

@@ -209,6 +209,7 @@ def test_calc_is_left_to_lark():
         "start: (A\n A)\nA: /a/",  # a line break inside parentheses
         "start: A -> B\nA: /a/",  # an alias to a terminal
         "start: (A -> b)\nA: /a/",  # an alias inside a group
+        "start: T0\n" + "".join(f'T{i}: T{i + 1} "a"\n' for i in range(400)) + 'T400: "b"',  # terminals 400 deep
     ],
 )
 def test_what_is_not_in_the_subset_is_left_to_lark(text):
