@@ -29,6 +29,7 @@ from lark.load_grammar import load_grammar
 from loom.runtime.constrained.counted_scan import mark_string_states, warm_counts
 from loom.runtime.constrained.counted_scan import warm as warm_counted
 from loom.runtime.constrained.dfa import ByteDFA, terminal_dfa
+from loom.runtime.constrained.ebnf_gbnf import LARK_PARSER as gbnf_parser
 from loom.runtime.constrained.ebnf_gbnf import gbnf_rules
 from loom.runtime.constrained.ebnf_masks import EbnfMasks
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
@@ -424,14 +425,15 @@ def warm_up(vocab: TokenVocab) -> None:
     it with the vocabulary's): the token trie and its string profile (counted_scan.warm), Unicode's
     \\d \\s \\w (~20-30 ms each), the patterns of Lark's `common` library (~10 ms), Lark's own
     loader for grammars lark_plain leaves to it (its parser; a first grammar took ~15 ms more than
-    the next), and the GBNF parser's lexers (built by Lark per parser state as a first text
-    reaches it: ~5 ms of a first GBNF grammar)."""
+    the next), the GBNF translation, and Lark's GBNF parser, which reads what read_gbnf refuses
+    to say what is wrong (Lark builds its lexers per parser state as a first text reaches it)."""
     for category in ("DIGIT", "SPACE", "WORD"):
         category_ranges(category, False)
     warm_library(("common",))
     compile_grammar("lark", _WARM_UP_LARK, vocab)
     lark_tables(_WARM_UP_LARK + "\n%declare UNUSED")  # (outside lark_plain's subset: Lark's loader)
     gbnf_rules(_WARM_UP_GBNF)
+    gbnf_parser.parse(_WARM_UP_GBNF)
 
 
 _WARM_UP_LARK = "start: WORD (WS WORD)*\n%import common.WORD\n%import common.WS"
