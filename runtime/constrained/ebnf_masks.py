@@ -23,6 +23,7 @@ at every offset) are crossed in one C call at a new stack.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width, pack_ids
-from loom.runtime.constrained.counted_scan import counted_scan, split_tails, string_contents
+from loom.runtime.constrained.counted_scan import counted_scan, listed_rows, split_tails, string_contents
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
@@ -57,6 +58,48 @@ def _unpack_few(words: np.ndarray) -> np.ndarray:
     w = np.flatnonzero(words)
     hit = (words[w, None] >> _BITS) & 1  # [k, 32]
     return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
+
+
+def _restarts(dfa) -> bool:
+    """Whether every accepting state of the automaton reads each byte as its start state does (kept
+    with it): a lexeme may end and a new one start anywhere inside a run, to the same effect."""
+    held = dfa.lexer_rows.get("restarts")
+    if held is None:
+        accepting = np.flatnonzero(dfa.accepting[: dfa.dead])
+        held = dfa.lexer_rows["restarts"] = (len(accepting) > 0 and bool((dfa.table[accepting] == dfa.table[0]).all()),)
+    return held[0]
+
+
+_RUN_ENDS: dict[int, tuple] = {}  # id(a scan's splits) -> (them, _runs_split's answer): every grammar's WS scans are shared
+_RUN_ENDS_LOCK = threading.Lock()
+_RUN_ENDS_MAX = 256  # entries (an ignored run's scans: its states at a few offsets, per vocabulary)
+
+
+def _runs_split(splits: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], tuple | None]:
+    """`EbnfMasks._run_ends`' rows, kept per scan for every grammar (a scan's rows are shared:
+    shared_scans): those of more than _MANY tokens as rows (big), the few-token ones (a run's end
+    in an indentation token, at each offset) listed to cross in one walk (_cross_list) rather than
+    one C call and two memo rows each. -> (big, few, few's listing or None)."""
+    with _RUN_ENDS_LOCK:
+        held = _RUN_ENDS.get(id(splits))
+    if held is not None and held[0] is splits:
+        return held[1]
+    big: dict[int, np.ndarray] = {}
+    few: dict[int, np.ndarray] = {}
+    for j, enders in splits.items():
+        later = splits.get(j + 1)
+        row = enders & ~later if later is not None else enders
+        if int(np.bitwise_count(row).sum()) > _MANY:
+            big[j] = row
+        elif row.any():
+            few[j] = row
+    listed = listed_rows({j: _unpack_few(row) for j, row in few.items()}) if len(few) >= 2 and cross_walk_available() else None
+    answer = (big, few, listed)
+    with _RUN_ENDS_LOCK:
+        if len(_RUN_ENDS) >= _RUN_ENDS_MAX:
+            _RUN_ENDS.clear()
+        _RUN_ENDS[id(splits)] = (splits, answer)
+    return answer
 
 
 def _held(memo: dict[int, tuple], words: np.ndarray) -> tuple | None:
@@ -108,6 +151,8 @@ class EbnfMasks:
         self._lists: dict[int, tuple[dict[int, np.ndarray], tuple[int, int, int], tuple]] = {}  # id(splits) -> (them, the
         # addresses of every row's ids and offsets and their count, counted_scan's `listed` holding those arrays)
         self._at: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its address): _cross_rows
+        self._runs_only: dict[int, tuple[dict[int, np.ndarray], list]] = {}  # id(splits) -> (them, _run_ends' rows)
+        self._alone: dict[tuple[int, int], bool] = {}  # (ignored terminal, stack) -> its first bytes start nothing else there
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -122,7 +167,8 @@ class EbnfMasks:
         """Drop every cached mask once they pass MASK_CACHE_BYTES (recomputed as positions are visited)."""
         if self.count() * self.eos_words.nbytes > MASK_CACHE_BYTES:
             memos = (self._inside, self._splits, self._crossed, self._shared_crossed, self._offset_scans, self._rests, self._word_cache, self._masks)
-            for memo in (*memos, self._ids, self._listed, self._across, self._across_shared, self._bulk, self._shared, self._lists, self._at):
+            for memo in (*memos, self._ids, self._listed, self._across, self._across_shared, self._bulk, self._shared, self._lists, self._at,
+                         self._runs_only):  # fmt: skip
                 memo.clear()
             self._scan_rows = 0
 
@@ -264,9 +310,36 @@ class EbnfMasks:
                 words |= inside
                 after = g.after(sid, t) if splits else None
                 if after is not None:
-                    self._cross_splits(splits, after, words)
+                    for part in self._run_ends(t, after, splits):
+                        self._cross_splits(part, after, words)
             self._rests[key] = words
         return words
+
+    def _run_ends(self, t: int, sid: int, splits: dict[int, np.ndarray]) -> list[dict[int, np.ndarray]]:
+        """A scan's split rows for terminal `t` ending at stack `sid`, less the splits that change
+        nothing. Where `t` is ignored, continues as it restarts (every accepting state reads each
+        byte as its start state does: `WS: /[ \t\n]+/`), and its first bytes start no other
+        terminal at `sid`, a lexeme ending inside a run and the next one starting there is the run
+        going on: a token that may also end the lexeme one byte later (row j + 1) needs no split at
+        j. A whitespace token is then crossed where its run ends, not at each of its bytes (~80
+        rows of indentation tokens at a new stack: ~1 ms of a JSON Lark grammar's first mask)."""
+        g = self.g
+        if t not in g.ignored or len(splits) < 2 or not _restarts(g.dfas[t]):
+            return [splits]
+        alone = self._alone.get((t, sid))
+        if alone is None:
+            others = set().union(*(g.first_bytes(g.offsets[u]) for u in g.startable(sid) if u != t))
+            alone = self._alone[(t, sid)] = g.first_bytes(g.offsets[t]).isdisjoint(others)
+        if not alone:
+            return [splits]
+        held = _held(self._runs_only, splits)
+        if held is None:
+            big, few, listed = _runs_split(splits)
+            if listed is not None:  # (named by the rows they come from, held in _RUN_ENDS and here)
+                self._listed[id(few)] = (few, ("run ends", id(splits)))
+                self._lists[id(few)] = (few, listed[2], listed)
+            held = self._runs_only[id(splits)] = (splits, [part for part in (big, few) if part])
+        return held[1]
 
     def _cross_splits(self, splits: dict[int, np.ndarray], sid: int, out: np.ndarray) -> None:
         """`_crossing` of each of a scan's split rows at stack `sid`. Where the scan listed every
@@ -523,8 +596,8 @@ class EbnfMasks:
                     continue
                 if g.accepting[lex]:
                     words |= self._words(frozenset({after * g.n_lex + g.boundary}))
-                if splits:
-                    self._cross_splits(splits, after, words)
+                for part in self._run_ends(g.lex_terminal[lex], after, splits) if splits else ():
+                    self._cross_splits(part, after, words)
         if len(self._word_cache) > _CACHE_LIMIT // 100:
             self._word_cache.clear()
         self._word_cache[configs] = words

@@ -34,7 +34,7 @@ EOS = 0
 KEYWORDS_LARK = r"""
 start: stmt+
 stmt: NAME "=" NUMBER ";" | "if" NAME ":" stmt
-NAME: /[a-z]+/
+NAME: /[a-p]+/
 NUMBER: /[0-9]+/
 %ignore " "
 """
@@ -46,15 +46,27 @@ A: /[a-zA-Z0-9]{5}/
 B: /[a-zA-Z0-9]{0,3}!/
 C: /[a-zA-Z]{0,9}\?/
 """
+# Ignored whitespace, and a terminal that starts with a space too: where Q may come, a run's split
+# inside it is not redundant (ebnf_masks._run_ends keeps every split there).
+SPACES_LARK = r"""
+start: item+
+item: NAME | Q | "{" start "}"
+NAME: /[a-p]+/
+Q: / q/
+%import common.WS
+%ignore WS
+"""
 SCHEMA = '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 1200}, "tags": {"type": "array", "items": {"$ref": "#"}}}}'  # fmt: skip
 # Tokens that close one lexeme and open the next (some more than once), or end one mid-token.
-CROSSING = [b'"a":', b'],[', b'"},', b'"}]', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]", b"abcde123", b"abcde1234", b"abcde1zzzz", b"abcdezzzzz"]  # fmt: skip
+CROSSING = [b'"a":', b'],[', b'"},', b'"}]', b'1,"', b'":"', b'"}', b"}]", b'{"', b"a=1;", b"=12;if", b" if a", b"; ", b"12;x=", b'\\"', b'",', b"e+1", b"1.5]", b"abcde123", b"abcde1234", b"abcde1zzzz", b"abcdezzzzz",
+            b"  \n  {", b"   q", b"\n\n  \"a", b"  1,", b"    ", b" \n ", b"\t\t}"]  # fmt: skip
 GRAMMARS = {
     "json gbnf": ("ebnf", JSON_GBNF, None),
     "arith gbnf": ("ebnf", ARITH_GBNF, None),
     "json lark": ("lark", JSON_LARK, None),
     "keywords lark": ("lark", KEYWORDS_LARK, None),
     "runs lark": ("lark", RUNS_LARK, None),
+    "spaces lark": ("lark", SPACES_LARK, None),
     "schema": ("lark", *schema_to_grammar(SCHEMA, DEFAULT_WHITESPACE, False)),
 }
 
