@@ -23,7 +23,6 @@ at every offset) are crossed in one C call at a new stack.
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING
@@ -32,7 +31,8 @@ import numpy as np
 import torch
 
 from loom.runtime.constrained.bitmask import bitmask_width, pack_ids
-from loom.runtime.constrained.counted_scan import counted_scan, listed_rows, split_tails, string_contents
+from loom.runtime.constrained.counted_scan import counted_scan, split_tails, string_contents
+from loom.runtime.constrained.ebnf_runs import restarts, split_at_run_ends
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
@@ -58,48 +58,6 @@ def _unpack_few(words: np.ndarray) -> np.ndarray:
     w = np.flatnonzero(words)
     hit = (words[w, None] >> _BITS) & 1  # [k, 32]
     return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
-
-
-def _restarts(dfa) -> bool:
-    """Whether every accepting state of the automaton reads each byte as its start state does (kept
-    with it): a lexeme may end and a new one start anywhere inside a run, to the same effect."""
-    held = dfa.lexer_rows.get("restarts")
-    if held is None:
-        accepting = np.flatnonzero(dfa.accepting[: dfa.dead])
-        held = dfa.lexer_rows["restarts"] = (len(accepting) > 0 and bool((dfa.table[accepting] == dfa.table[0]).all()),)
-    return held[0]
-
-
-_RUN_ENDS: dict[int, tuple] = {}  # id(a scan's splits) -> (them, _runs_split's answer): every grammar's WS scans are shared
-_RUN_ENDS_LOCK = threading.Lock()
-_RUN_ENDS_MAX = 256  # entries (an ignored run's scans: its states at a few offsets, per vocabulary)
-
-
-def _runs_split(splits: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], tuple | None]:
-    """`EbnfMasks._run_ends`' rows, kept per scan for every grammar (a scan's rows are shared:
-    shared_scans): those of more than _MANY tokens as rows (big), the few-token ones (a run's end
-    in an indentation token, at each offset) listed to cross in one walk (_cross_list) rather than
-    one C call and two memo rows each. -> (big, few, few's listing or None)."""
-    with _RUN_ENDS_LOCK:
-        held = _RUN_ENDS.get(id(splits))
-    if held is not None and held[0] is splits:
-        return held[1]
-    big: dict[int, np.ndarray] = {}
-    few: dict[int, np.ndarray] = {}
-    for j, enders in splits.items():
-        later = splits.get(j + 1)
-        row = enders & ~later if later is not None else enders
-        if int(np.bitwise_count(row).sum()) > _MANY:
-            big[j] = row
-        elif row.any():
-            few[j] = row
-    listed = listed_rows({j: _unpack_few(row) for j, row in few.items()}) if len(few) >= 2 and cross_walk_available() else None
-    answer = (big, few, listed)
-    with _RUN_ENDS_LOCK:
-        if len(_RUN_ENDS) >= _RUN_ENDS_MAX:
-            _RUN_ENDS.clear()
-        _RUN_ENDS[id(splits)] = (splits, answer)
-    return answer
 
 
 def _held(memo: dict[int, tuple], words: np.ndarray) -> tuple | None:
@@ -324,7 +282,7 @@ class EbnfMasks:
         j. A whitespace token is then crossed where its run ends, not at each of its bytes (~80
         rows of indentation tokens at a new stack: ~1 ms of a JSON Lark grammar's first mask)."""
         g = self.g
-        if t not in g.ignored or len(splits) < 2 or not _restarts(g.dfas[t]):
+        if t not in g.ignored or len(splits) < 2 or not restarts(g.dfas[t]):
             return [splits]
         alone = self._alone.get((t, sid))
         if alone is None:
@@ -334,8 +292,8 @@ class EbnfMasks:
             return [splits]
         held = _held(self._runs_only, splits)
         if held is None:
-            big, few, listed = _runs_split(splits)
-            if listed is not None:  # (named by the rows they come from, held in _RUN_ENDS and here)
+            big, few, listed = split_at_run_ends(splits, _MANY, _unpack_few, cross_walk_available())
+            if listed is not None:  # (named by the rows they come from, held by ebnf_runs and here)
                 self._listed[id(few)] = (few, ("run ends", id(splits)))
                 self._lists[id(few)] = (few, listed[2], listed)
             held = self._runs_only[id(splits)] = (splits, [part for part in (big, few) if part])
