@@ -149,13 +149,13 @@ class CompiledEbnf:
         self.offsets: list[int] = []
         self.accepting: list[bool] = []
         self.lex_terminal: list[int] = []
-        self._rows: list[list[list[int]]] = []  # terminal -> its live states' 256 next states, its own numbers (-1: dead)
+        self._lex_rows: list[list[int]] = []  # lexer id -> its 256 next states in its terminal's numbers (-1: dead; the automaton's own lists)
         blocks: list[np.ndarray] = []
         base = 0
         for k, dfa in enumerate(self.dfas):
             rows, block, accepting = _lexer_rows(dfa)
             self.offsets.append(base)
-            self._rows.append(rows)
+            self._lex_rows += rows
             blocks.append(np.where(block < 0, np.int32(-1), block + np.int32(base)))
             self.accepting += accepting
             self.lex_terminal += [k] * len(rows)
@@ -294,14 +294,14 @@ class CompiledEbnf:
             starts: int | None = sid
         else:
             k = self.lex_terminal[lex]
-            nxt = self._rows[k][lex - self.offsets[k]][byte]
+            nxt = self._lex_rows[lex][byte]
             if nxt >= 0:
                 res.append(sid * self.n_lex + self.offsets[k] + nxt)
             starts = self.after(sid, k) if self.accepting[lex] else None
         if starts is not None:
             base = starts * self.n_lex
             for t in self.startable(starts):
-                nxt = self._rows[t][0][byte]
+                nxt = self._lex_rows[self.offsets[t]][byte]
                 if nxt >= 0:
                     res.append(base + self.offsets[t] + nxt)
         out = self._step1[key] = tuple(res)
