@@ -1,7 +1,21 @@
 """Grammars and schemas shared by the constrained-decoding tests, and the two views of a compiled
 grammar's mask they compare (the fast mask, every token walked by brute force)."""
 
-from loom.runtime.constrained import allocate_token_bitmask, unpack_bitmask
+from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, unpack_bitmask
+
+
+def tiny_vocab(extra: list[bytes], eos: int = 0) -> TokenVocab:
+    """The tiny trained byte-level BPE vocabulary (1024 ids, specials 0-2 left out) plus `extra`
+    hand-made tokens at ids 1024 on (tokens that cross lexeme ends)."""
+    from loom.runtime.constrained.vocabulary import byte_decoder
+    from loom.tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(1024)
+    dec = byte_decoder()
+    tb = {i: bytes(dec[c] for c in s) for s, i in tok.get_vocab().items() if i >= 3}
+    for k, b in enumerate(extra):
+        tb[1024 + k] = b
+    return TokenVocab.build(tb, 1024 + len(extra), frozenset({eos}))
 
 
 def allowed_tokens(compiled, state) -> set[int]:
@@ -43,6 +57,14 @@ pair : ESCAPED_STRING ":" value
 %import common.SIGNED_NUMBER
 %import common.WS
 %ignore WS
+"""
+# After a number, "+" may come (no digit: its splits inside the digits are dead) or, after "h", a
+# hexadecimal literal that starts with a digit ("h120xab" is 12 then 0xab: a split inside the run).
+DIGITS_LARK = r"""
+start: item ("," item)*
+item: NUM "+" NUM | "h" NUM HEX | "(" start ")"
+NUM: /[0-9]+/
+HEX: /0x[a-f]+/
 """
 CHOICES_GBNF = r'root ::= ("cat" | "dog" | "bird" | "日本" | "élan") ("s")? ("," " "? root)?'
 

@@ -309,10 +309,11 @@ def test_the_count_of_held_masks_is_kept_as_scans_add_them(vocab, monkeypatch, n
     assert m.count() == recount() == 0
 
 
-# After "a" and after "b", x's WORD ends at stacks of one signature (";" is all that may start):
-# what a token's rest does once that ";" is complete ("cat;;" against "cat;!") is not.
+# After "a" and after "b", x's WORD ends at stacks of one signature (";" or "q" may start; "q", a
+# letter, keeps WORD's split rows whole: EbnfMasks._run_ends): what a token's rest does once that
+# ";" is complete ("cat;;" against "cat;!") is not.
 SIGNATURE_LARK = r"""
-start: "a" x ";" ";" | "b" x ";" "!"
+start: "a" x ";" ";" | "b" x ";" "!" | ("a" | "b") x "q"
 x: WORD
 WORD: /[a-z]+/
 """
