@@ -18,7 +18,8 @@ state seen before costs one copy. A string's contents (any unbounded string's, a
 string's chunks and tail) are scanned once per vocabulary, not per grammar (counted_scan.py), as
 is any lexer state of an automaton another terminal or grammar shares (shared_scans.py), and what
 such a shared row lets cross is kept per stack. A scan's dozens of split rows (a whitespace ending
-at every offset) are crossed in one C call at a new stack.
+at every offset) are crossed in one C call at a new stack. A mask is taken at its stacks' top frames
+(ebnf_tops.py), so a deeper nesting of what was seen finds every memo filled.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from loom.runtime.constrained.counted_scan import counted_scan, split_tails, str
 from loom.runtime.constrained.ebnf_runs import restarts, split_at_run_ends, staying_bytes
 from loom.runtime.constrained.ebnf_scan import available as lexeme_scan_available
 from loom.runtime.constrained.ebnf_scan import lexeme_scan, safe_runs
+from loom.runtime.constrained.ebnf_tops import TopFrames
 from loom.runtime.constrained.ebnf_walk import CrossingWalker
 from loom.runtime.constrained.ebnf_walk import available as cross_walk_available
 from loom.runtime.constrained.shared_scans import keep_scan, shared_scan
@@ -111,6 +113,7 @@ class EbnfMasks:
         self._at: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its address): _cross_rows
         self._runs_only: dict[int, tuple[dict[int, np.ndarray], list]] = {}  # id(splits) -> (them, _run_ends' rows)
         self._alone: dict[tuple[int, int], bool] = {}  # (ignored terminal, stack) -> its first bytes start nothing else there
+        self._tops = TopFrames(grammar.stacks, grammar.n_lex) if grammar.stacks is not None else None  # (masks at stand-ins)
 
     def count(self) -> int:
         """How many packed masks are held."""
@@ -330,8 +333,9 @@ class EbnfMasks:
                     continue
                 crossed = self._across.get((row[1], sid))  # a counted scan's row, shared by scans that differ elsewhere
                 if crossed is None:
-                    crossed = self._across[(row[1], sid)] = np.zeros(self.width, dtype=np.uint32)
+                    crossed = np.zeros(self.width, dtype=np.uint32)
                     self._crossing(j, sid, enders, crossed)
+                    self._across[(row[1], sid)] = crossed  # (kept once filled: a BottomRead half-way keeps nothing)
                 words |= crossed
             if key is not None:
                 self._across[key] = words
@@ -572,7 +576,7 @@ class EbnfMasks:
         if hit is not None:
             return hit
         self._bound()
-        words = self._words(configs)
+        words = self._tops.taken(configs, self._words) if self._tops is not None else self._words(configs)
         more = bool(words.any())
         if self.g.can_end(configs):
             words = words | self.eos_words

@@ -4,6 +4,8 @@
     stacks.feed(sid, terminal) -> sid | -1        the stack after a lexeme of `terminal` (reducing
                                                   first, as LALR does); -1: not acceptable here
     stacks.top(sid), stacks.count
+    stacks.top_frames(sid, k) -> sid'             sid's top k frames, standing for every stack
+                                                  with them (BottomRead where that is not enough)
 
 A stack is interned as (parent id, top state), so equal stacks are one id. CompiledEbnf keeps them
 in Python lists where there is no C compiler; here they live in C so that the crossing walk
@@ -28,6 +30,7 @@ C_SOURCE = r"""
 
 typedef struct {
     int32_t n_terms, n_nt, end_term, end_state;
+    int32_t bottom;    /* a state beyond the table: the frame under a stack's top frames (loom_lalr_top_frames) */
     int32_t *action;   /* [states * n_terms]: 0 none, s + 1 shift to s, -(r + 1) reduce by rule r */
     int32_t *go;       /* [states * n_nt]: the state after a nonterminal (-1 none) */
     int32_t *rule_nt, *rule_len;
@@ -86,14 +89,20 @@ static int64_t lalr_push(lalr_t *p, int64_t parent, int32_t state) {
 }
 
 /* The stack after a lexeme of `term` at stack sid (reductions first, then the shift); for the end
-   marker, the stack once reduced to the end state. -1: not acceptable; -3: out of memory. */
+   marker, the stack once reduced to the end state. -1: not acceptable; -3: out of memory; -4: the
+   answer reads the frame under a stack of top frames (loom_lalr_top_frames), which stands for
+   frames not kept. */
 int64_t loom_lalr_feed(lalr_t *p, int64_t sid, int32_t term) {
     for (;;) {
+        if (p->top[sid] == p->bottom) return -4;
         int32_t a = p->action[(int64_t)p->top[sid] * p->n_terms + term];
         if (a == 0) return -1;
         if (a > 0) return lalr_push(p, sid, a - 1);
         int32_t r = -a - 1;
-        for (int32_t k = 0; k < p->rule_len[r]; k++) sid = p->parent[sid];
+        for (int32_t k = 0; k < p->rule_len[r]; k++) {
+            sid = p->parent[sid];
+            if (p->top[sid] == p->bottom) return -4;
+        }
         int32_t g = p->go[(int64_t)p->top[sid] * p->n_nt + p->rule_nt[r]];
         if (g < 0) return -1;
         sid = lalr_push(p, sid, g);
@@ -104,7 +113,7 @@ int64_t loom_lalr_feed(lalr_t *p, int64_t sid, int32_t term) {
 
 /* Stack sid's parser row into pairs[0 ..): (terminal, stack after) for each terminal a lexeme may be
    of there, ascending (the end marker excluded; an ignored terminal leaves sid). -> the pairs
-   written; -3: out of memory. pairs has room for n_terms pairs. */
+   written; -3: out of memory; -4 as loom_lalr_feed. pairs has room for n_terms pairs. */
 int64_t loom_lalr_row(lalr_t *p, int64_t sid, int32_t *pairs) {
     int64_t k = 0;
     for (int32_t t = 0; t < p->n_terms; t++) {
@@ -117,6 +126,25 @@ int64_t loom_lalr_row(lalr_t *p, int64_t sid, int32_t *pairs) {
         k++;
     }
     return k;
+}
+
+/* Stack sid's top k frames on a bottom frame that reads as no state (loom_lalr_feed's -4): the stack
+   that answers as sid does wherever the answer reads no deeper. sid itself when it has at most k
+   frames; -3: out of memory. */
+int64_t loom_lalr_top_frames(lalr_t *p, int64_t sid, int64_t k) {
+    int32_t states[256];
+    if (k > 256) k = 256;
+    int64_t n = 0, s = sid;
+    while (s >= 0 && n <= k) {
+        if (p->top[s] == p->bottom) return sid;  /* (already a stack of top frames) */
+        if (n < k) states[n] = p->top[s];
+        n++;
+        s = p->parent[s];
+    }
+    if (n <= k) return sid;
+    int64_t out = lalr_push(p, -1, p->bottom);
+    for (int64_t i = k - 1; i >= 0 && out >= 0; i--) out = lalr_push(p, out, states[i]);
+    return out;
 }
 
 static void *copy(const void *src, size_t bytes) {
@@ -138,6 +166,7 @@ lalr_t *loom_lalr_new(int64_t n_states, int32_t n_terms, int32_t n_nt, int64_t n
     lalr_t *p = calloc(1, sizeof(lalr_t));
     if (!p) return 0;
     p->n_terms = n_terms; p->n_nt = n_nt; p->end_term = end_term; p->end_state = end_state;
+    p->bottom = (int32_t)n_states;
     p->action = copy(action, n_states * n_terms * sizeof(int32_t));
     p->go = copy(go, n_states * n_nt * sizeof(int32_t));
     p->rule_nt = copy(rule_nt, n_rules * sizeof(int32_t));
@@ -164,6 +193,11 @@ int64_t loom_lalr_nbytes(const lalr_t *p) { return p->cap * 8 + p->hcap * 16; }
 """
 
 
+class BottomRead(Exception):
+    """A question about a stack of top frames (NativeStacks.top_frames) read under them: only the
+    whole stack answers it."""
+
+
 def bind(lib: Any) -> None:
     """Declare the functions of C_SOURCE on the library compiled from it."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -172,6 +206,7 @@ def bind(lib: Any) -> None:
     lib.loom_lalr_free.argtypes = [ptr]
     lib.loom_lalr_free.restype = None
     signatures = {"loom_lalr_feed": [ptr, i64, i32], "loom_lalr_row": [ptr, i64, ptr], "loom_lalr_top": [ptr, i64],
+                  "loom_lalr_top_frames": [ptr, i64, i64],
                   "loom_lalr_count": [ptr], "loom_lalr_nbytes": [ptr]}  # fmt: skip
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
@@ -221,9 +256,21 @@ class NativeStacks:
         weakref.finalize(self, lib.loom_lalr_free, handle)
 
     def feed(self, sid: int, terminal: int) -> int:
-        """The stack after a lexeme of `terminal` at stack `sid`; -1: not acceptable there."""
+        """The stack after a lexeme of `terminal` at stack `sid`; -1: not acceptable there. Raises
+        BottomRead where the answer reads under a stack of top frames (`top_frames`)."""
         out = self._feed(self.handle, sid, terminal)
+        if out == -4:
+            raise BottomRead(sid)
         if out < -1:
+            raise MemoryError("the grammar's parser stacks ran out of memory")
+        return out
+
+    def top_frames(self, sid: int, k: int) -> int:
+        """Stack `sid`'s top `k` frames (k <= 256) on a bottom frame that reads as no state: a stack
+        that answers every question as `sid` does wherever the answer reads no deeper, and
+        raises BottomRead (from `feed`) where it would. `sid` itself when it has at most k frames."""
+        out = self._lib.loom_lalr_top_frames(self.handle, sid, k)
+        if out < 0:
             raise MemoryError("the grammar's parser stacks ran out of memory")
         return out
 
