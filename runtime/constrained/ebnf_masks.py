@@ -112,7 +112,7 @@ class EbnfMasks:
         # addresses of every row's ids and offsets and their count, counted_scan's `listed` holding those arrays)
         self._at: dict[int, tuple[np.ndarray, int]] = {}  # id(split row) -> (it, its address): _cross_rows
         self._runs_only: dict[int, tuple[dict[int, np.ndarray], list]] = {}  # id(splits) -> (them, _run_ends' rows)
-        self._alone: dict[tuple[int, int], bool] = {}  # (ignored terminal, stack) -> its first bytes start nothing else there
+        self._alone: dict[tuple[int, int], bool] = {}  # (terminal, stack after it) -> its splits inside a run change nothing (_run_ends)
         self._tops = TopFrames(grammar.stacks, grammar.n_lex) if grammar.stacks is not None else None  # (masks at stand-ins)
 
     def count(self) -> int:
