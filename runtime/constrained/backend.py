@@ -42,11 +42,12 @@ GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "lark")
 # 27M-character regex took over 3 minutes to refuse; the largest MaskBench one that compiles is 1.4M).
 MAX_SCHEMA_REGEX_CHARS = 4_000_000
 # Past this, the grammar path is tried first: its compile stays at tens of ms where the DFA's (the
-# regex parsed and its NFA built in Python) grows with the regex, ~1.5 ms per 1,000 characters (a
-# 426k-character Kubernetes schema: 600 ms against 32; a 3.9M one: 8 s against 0.34 s). Below it,
-# the DFA's first masks are the cheaper (a 125k-character one: 195 ms to compile against 35, then
-# 0.15 ms masks against 1-2.6 ms for its object's first keys, each key a lexer state to scan).
-GRAMMAR_FIRST_CHARS = 250_000
+# regex parsed and its NFA built in Python) grows with the regex, ~1.5-3 ms per 1,000 characters
+# (JSONSchemaBench at a 128k vocabulary: 70k-126k characters, 37-435 ms against 11-33; a 426k
+# Kubernetes schema: 600 ms against 32; a 3.9M one: 8 s against 0.34 s), and its masks' p99 stays
+# under 1 ms (0.45-0.81 ms there, against the DFA's 0.18-0.44). Below it the two compile alike
+# (20-50k characters: 17-135 ms against 19-110) and the DFA's masks are the cheaper.
+GRAMMAR_FIRST_CHARS = 60_000
 CACHE_BYTES = 512 << 20  # compiled grammars kept (tables and masks), least recently used dropped first
 
 
