@@ -1,6 +1,7 @@
 """Per-step mask time of EBNF / Lark grammars and regexes on a ~49k-token vocabulary, per grammar backend.
 
     python benchmarks/bench_ebnf_mask.py [--vocab-size 49152] [--runs 20] [--steps 200] [--backends loom llguidance xgrammar] [--grammars regex]
+    python benchmarks/bench_ebnf_mask.py --nest 30 [--vocab-size 131072]
 
 Each run samples a document token by token under the mask (uniformly among allowed tokens,
 preferring short ones so that strings close and documents end), timing every `fill_mask`.
@@ -10,6 +11,11 @@ first mask, and for the first grammar the vocabulary's token trie, built once pe
 timed apart. Every backend compiles the same source (`GrammarBackend`, as the server does) and
 walks with the same random seed; a backend's one-time set-up (its tokenizer index) is taken
 before any timing.
+
+--nest N instead walks N levels into nested text (an arithmetic expression: `1 + (` per level; a
+JSON value: `{"a": [` per level), a fresh grammar per run, timing each mask: every level's
+positions are new stacks. Loom runs with its masks taken at a stack's top frames (ebnf_tops, the
+default) and without (every stack whole), beside llguidance.
 """
 
 from __future__ import annotations
@@ -97,6 +103,52 @@ def run(compiled, vocab: TokenVocab, rnd: random.Random, steps: int) -> list[flo
     return walk(g.fill_mask, accept, vocab, rnd, steps)
 
 
+NESTS = [("arith gbnf", ARITH_GBNF, [b"1", b" +", b" ("]), ("json gbnf", JSON_GBNF, [b'{"', b"a", b'":', b" ["])]
+
+
+def nest_report(backends: dict, vocab: TokenVocab, levels: int) -> None:
+    """--nest: mask times along a walk `levels` deep, per backend (Loom with and without stand-ins)."""
+    from loom.runtime.constrained import ebnf_tops
+
+    ids = {b: t for t, b in vocab.by_id.items()}
+
+    def tokens(text: bytes) -> list[int]:  # longest match first (a piece may not be one token of a small vocabulary)
+        out = []
+        while text:
+            n = max(k for k in range(1, len(text) + 1) if text[:k] in ids)
+            out.append(ids[text[:n]])
+            text = text[n:]
+        return out
+
+    print(f"{'grammar':<12} {'backend':<24} {'first 10 levels: mean':>22} {'max':>6} {'levels after: mean':>19} {'max':>6}")
+    for name, source, level in NESTS:
+        runs = [(b, b, ebnf_tops.FRAMES) for b in backends]
+        if "loom" in backends:
+            runs.insert(1, ("loom", "loom, whole stacks", ()))
+        for backend, label, frames in runs:
+            saved, ebnf_tops.FRAMES = ebnf_tops.FRAMES, frames
+            try:
+                compiled = backends[backend]._compile("ebnf", source)
+                g = compiled.matcher()
+                row = allocate_token_bitmask(1, vocab.vocab_size)
+                times = []
+                walk = [t for piece in level for t in tokens(piece)]
+                for _ in range(levels):
+                    for token in walk:
+                        t0 = time.perf_counter()
+                        g.fill_mask(row[0])
+                        times.append(time.perf_counter() - t0)
+                        assert g.accept_token(token), (name, backend, vocab.by_id[token])
+            finally:
+                ebnf_tops.FRAMES = saved
+            t = np.array(times) * 1e3
+            head, tail = t[: 10 * len(walk)], t[10 * len(walk) :]
+            print(
+                f"{name:<12} {label:<24} {head.mean():>22.3f} {head.max():>6.2f} {tail.mean() if len(tail) else 0:>19.3f} {tail.max() if len(tail) else 0:>6.2f}"
+            )
+    print("times in ms per fill_mask")
+
+
 def main() -> None:
     from loom.runtime.constrained import GrammarBackend, GrammarError
 
@@ -106,6 +158,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--backends", nargs="+", default=["loom", "llguidance", "xgrammar"], choices=["loom", "llguidance", "xgrammar"])
     ap.add_argument("--grammars", nargs="+", default=None, help="only the cases whose name holds one of these words (e.g. regex, lark)")
+    ap.add_argument("--nest", type=int, default=0, help="walk this many levels into nested text instead (see above)")
     args = ap.parse_args()
     tb, vocab = demo_vocab(args.vocab_size)
     print(f"vocabulary: {len(vocab.ids)} tokens (vocab_size {args.vocab_size})")
@@ -115,6 +168,8 @@ def main() -> None:
         backends[name]._token_vocab() if name == "loom" else backends[name]._native_compiler()  # (set-up kept out of the times)
     gc.collect()
     gc.freeze()  # as the scheduler process does once started (a full collection walked the tokenizer's training: 40-80 ms)
+    if args.nest:
+        return nest_report(backends, vocab, args.nest)
     print(
         f"{'grammar':<16} {'backend':<11} {'compile ms':>10} {'cold p50':>9} {'cold p99':>9} {'warm p50':>9} {'warm p99':>9}"
         f" {'warm max':>9} {'masks':>6}"
