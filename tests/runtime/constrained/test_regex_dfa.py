@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -332,3 +333,21 @@ def test_categories_hold_the_code_points_python_s_str_tests_accept(name, ascii_o
     for lo, hi in category_ranges(name, ascii_only):
         inside[lo : hi + 1] = True
     assert inside.tolist() == [test(chr(cp)) for cp in range(top + 1)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab{}[]()?*+.^$|\\-&~# \n\t\"'é日,:;0_")), min_size=1, max_size=12))
+def test_a_literal_terminal_s_direct_automaton_is_the_regex_s(text):
+    """A terminal that is a plain literal (every metacharacter escaped) is built as a chain of states
+    (dfa._literal, words_dfa), not through the regex: the very automaton the regex gives, states
+    numbered alike; regexes that are not plain literals still take the regex path."""
+    from loom.runtime.constrained import dfa as dfa_module
+
+    pattern = re.escape(text)
+    assert dfa_module._literal(pattern) == text
+    fast = terminal_dfa(pattern, "literal")
+    table, byte_class, accepting = dfa_module.subset_table(pattern, "literal", 1 << 30, float("inf"))
+    slow = dfa_module.minimal_dfa(table, accepting, byte_class)
+    assert np.array_equal(fast.table, slow.table) and np.array_equal(fast.accepting, slow.accepting)
+    for other in (pattern + "+", f"(?:{pattern})", pattern + r"\d", "[" + pattern + "]", pattern + "\\"):
+        assert dfa_module._literal(other) is None
