@@ -25,6 +25,24 @@ def allowed_tokens(compiled, state) -> set[int]:
     return set(unpack_bitmask(row, compiled.vocab.vocab_size)[0].nonzero().view(-1).tolist())
 
 
+def random_walk(compiled, seed: int, steps: int, prefer: set[int], p: float, eos: int) -> list[frozenset[int]]:
+    """The states along a random walk of `compiled`'s masks, taking a token of `prefer` with
+    probability p where one is allowed (tokens that cross lexeme ends, open levels, ...)."""
+    import random
+
+    rnd = random.Random(seed)
+    g = compiled.matcher()
+    states = [g.state]
+    for _ in range(steps):
+        allowed = sorted(allowed_tokens(compiled, g.state) - {eos})
+        if not allowed:
+            break
+        pool = [t for t in allowed if t in prefer]
+        g.accept_token(rnd.choice(pool if pool and rnd.random() < p else allowed))
+        states.append(g.state)
+    return states
+
+
 def brute_force_tokens(compiled, state, eos: int) -> set[int]:
     """Every token fed byte by byte through the lexer and parser from `state` (no scan, no trie)."""
     out = {t for t, b in compiled.vocab.by_id.items() if compiled.walk(state, b)}

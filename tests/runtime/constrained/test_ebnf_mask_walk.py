@@ -25,10 +25,8 @@ from loom.runtime.constrained import (
 )
 from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
-from loom.runtime.constrained.vocabulary import byte_decoder
-from loom.tiny_tokenizer import tiny_tokenizer
 
-from grammars import ARITH_GBNF, JSON_GBNF, JSON_LARK, allowed_tokens, brute_force_tokens
+from grammars import ARITH_GBNF, JSON_GBNF, JSON_LARK, allowed_tokens, brute_force_tokens, random_walk, tiny_vocab
 
 EOS = 0
 KEYWORDS_LARK = r"""
@@ -74,12 +72,7 @@ GRAMMARS = {
 @pytest.fixture(scope="module")
 def vocab() -> TokenVocab:
     """A small trained byte-level BPE vocabulary plus hand-made tokens that cross lexeme ends."""
-    tok = tiny_tokenizer(1024)
-    dec = byte_decoder()
-    tb = {i: bytes(dec[c] for c in s) for s, i in tok.get_vocab().items() if i >= 3}
-    for k, b in enumerate(CROSSING):
-        tb[1024 + k] = b
-    return TokenVocab.build(tb, 1024 + len(CROSSING), frozenset({EOS}))
+    return tiny_vocab(CROSSING, EOS)
 
 
 def _compile(name: str, vocab: TokenVocab):
@@ -97,18 +90,7 @@ def _brute(compiled, state) -> set[int]:
 
 def _random_walk(compiled, seed: int, steps: int = 25) -> list[frozenset[int]]:
     """States along a random walk that prefers the crossing tokens (so lexemes end mid-token)."""
-    rnd = random.Random(seed)
-    g = compiled.matcher()
-    states = [g.state]
-    crossing = set(range(1024, 1024 + len(CROSSING)))
-    for _ in range(steps):
-        allowed = sorted(_allowed(compiled, g.state) - {EOS})
-        if not allowed:
-            break
-        pool = [t for t in allowed if t in crossing]
-        g.accept_token(rnd.choice(pool if pool and rnd.random() < 0.5 else allowed))
-        states.append(g.state)
-    return states
+    return random_walk(compiled, seed, steps, set(range(1024, 1024 + len(CROSSING))), 0.5, EOS)
 
 
 @pytest.mark.parametrize("walk", ["c", "c from words", "c rows at once", "python"])

@@ -4,8 +4,6 @@ costs no new walks."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from loom.runtime.constrained import TokenVocab, compile_grammar, ebnf_tops, ebnf_walk
@@ -13,7 +11,7 @@ from loom.runtime.constrained.json_regex import DEFAULT_WHITESPACE
 from loom.runtime.constrained.lalr_native import BottomRead
 from loom.runtime.constrained.schema_grammar import schema_to_grammar
 
-from grammars import ARITH_GBNF, DIGITS_LARK, JSON_GBNF, JSON_LARK, allowed_tokens, brute_force_tokens, tiny_vocab
+from grammars import ARITH_GBNF, DIGITS_LARK, JSON_GBNF, JSON_LARK, allowed_tokens, brute_force_tokens, random_walk, tiny_vocab
 
 pytestmark = pytest.mark.skipif(not ebnf_walk.available(), reason="no C compiler: stacks are Python lists, no stand-ins")
 
@@ -43,18 +41,7 @@ def _compile(name: str, vocab: TokenVocab):
 
 def _walk(compiled, seed: int, steps: int = 40) -> list[frozenset[int]]:
     """States along a random walk that prefers the tokens opening levels (so stacks grow deep)."""
-    rnd = random.Random(seed)
-    g = compiled.matcher()
-    states = [g.state]
-    extra = set(range(1024, 1024 + len(EXTRA)))
-    for _ in range(steps):
-        allowed = sorted(allowed_tokens(compiled, g.state) - {EOS})
-        if not allowed:
-            break
-        pool = [t for t in allowed if t in extra]
-        g.accept_token(rnd.choice(pool if pool and rnd.random() < 0.7 else allowed))
-        states.append(g.state)
-    return states
+    return random_walk(compiled, seed, steps, set(range(1024, 1024 + len(EXTRA))), 0.7, EOS)
 
 
 @pytest.mark.parametrize("frames", [(1, 2, 4), (3,), ebnf_tops.FRAMES], ids=["1-2-4 frames", "3 frames", "default frames"])
