@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,7 +41,8 @@ class ByteDFA:
     string_states: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)  # counted_scan.string_contents
     safe_runs: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict, compare=False, repr=False)  # (state,
     # depth) -> ebnf_scan.safe_runs' answer, kept with the automaton (every grammar holding it reads it)
-    lexer_rows: dict[str, tuple] = field(default_factory=dict, compare=False, repr=False)  # ebnf.py's view of its rows, kept likewise
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # what the EBNF engine derives from it once
+    # (its lexer rows, whether it restarts, its staying bytes), kept likewise
 
     @property
     def dead(self) -> int:

@@ -393,11 +393,11 @@ def _lexer_rows(dfa: ByteDFA) -> tuple[list[list[int]], np.ndarray, list[bool]]:
     """A terminal's live states as the lexer reads them: their rows as lists and as int32 [live, 256]
     (-1: dead), and whether each accepts; kept with the automaton (a grammar's lexer is these rows
     renumbered, and building the lists took ~0.5 ms of a JSON grammar's compile)."""
-    held = dfa.lexer_rows.get("rows")
+    held = dfa.derived.get("rows")
     if held is None:
         block = dfa.table[: dfa.dead].astype(np.int32)
         block[block == dfa.dead] = -1
-        held = dfa.lexer_rows["rows"] = (block.tolist(), block, dfa.accepting[: dfa.dead].astype(bool).tolist())
+        held = dfa.derived["rows"] = (block.tolist(), block, dfa.accepting[: dfa.dead].astype(bool).tolist())
     return held
 
 

@@ -96,21 +96,21 @@ def _library() -> ctypes.CDLL | None:
 def restarts(dfa) -> bool:
     """Whether every accepting state of the automaton reads each byte as its start state does (kept
     with it): a lexeme may end and a new one start anywhere inside a run, to the same effect."""
-    held = dfa.lexer_rows.get("restarts")
+    held = dfa.derived.get("restarts")
     if held is None:
         accepting = np.flatnonzero(dfa.accepting[: dfa.dead])
-        held = dfa.lexer_rows["restarts"] = (len(accepting) > 0 and bool((dfa.table[accepting] == dfa.table[0]).all()),)
-    return held[0]
+        held = dfa.derived["restarts"] = len(accepting) > 0 and bool((dfa.table[accepting] == dfa.table[0]).all())
+    return held
 
 
 def staying_bytes(dfa) -> frozenset[int]:
     """The bytes some accepting state of the automaton reads into an accepting state (kept with it):
     a token that may end a lexeme after j bytes and after j + 1 has one of these at byte j."""
-    held = dfa.lexer_rows.get("staying")
+    held = dfa.derived.get("staying")
     if held is None:
         accepting = np.flatnonzero(dfa.accepting[: dfa.dead])
         nxt = dfa.table[accepting]  # [accepting states, 256]
-        held = dfa.lexer_rows["staying"] = frozenset(np.flatnonzero(dfa.accepting[nxt].any(axis=0)).tolist())
+        held = dfa.derived["staying"] = frozenset(np.flatnonzero(dfa.accepting[nxt].any(axis=0)).tolist())
     return held
 
 
