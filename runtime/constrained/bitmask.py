@@ -31,6 +31,17 @@ def pack_ids(ids: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+_BITS = np.arange(32, dtype=np.uint32)
+
+
+def unpack_ids(words: np.ndarray) -> np.ndarray:
+    """Packed words (uint32, 1-D) -> the token ids set in them, ascending, int64 (a sparse mask: only
+    its non-zero words are read; rows of a block flattened number on: row r's id i is r * 32 * width + i)."""
+    w = np.flatnonzero(words != 0)  # (a bool array: ~7x faster than the words)
+    hit = (words[w, None] >> _BITS) & 1  # [k, 32]
+    return (w[:, None] * 32 + _BITS)[hit.astype(bool)].astype(np.int64)
+
+
 def allocate_token_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
     """An all-allowed bitmask [B, ceil(V / 32)] int32 (every bit set: -1)."""
     return torch.full((batch_size, bitmask_width(vocab_size)), -1, dtype=torch.int32)

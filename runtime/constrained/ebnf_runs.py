@@ -25,11 +25,11 @@ import threading
 
 import numpy as np
 
+from loom.runtime.constrained.bitmask import unpack_ids
 from loom.runtime.constrained.native_c import compile_c
 
 _KEPT: dict[int, tuple] = {}  # id(a scan's splits) -> (them, split_at_run_ends' answer)
 _LOCK = threading.Lock()
-_BITS = np.arange(32, dtype=np.uint32)
 _MAX_KEPT = 256  # entries (an ignored run's scans: its states at a few offsets, per vocabulary)
 
 _C_SOURCE = r"""
@@ -144,9 +144,7 @@ def _numpy_run_ends(rows: np.ndarray, js: np.ndarray, many: int, listable: bool)
     few = {int(js[i]): words[i] for i in small.tolist()}
     listed = None
     if len(few) >= 2 and listable:
-        block = words[small].reshape(-1)
-        nz = np.flatnonzero(block != 0)  # (row, word) flattened, ascending (a bool array: ~7x faster than the words)
-        flat = (nz[:, None] * 32 + _BITS)[((block[nz][:, None] >> _BITS) & 1).astype(bool)]  # ids numbered row by row
+        flat = unpack_ids(words[small].reshape(-1))  # ids numbered row by row
         ids = np.ascontiguousarray(flat % (32 * words.shape[1]), dtype=np.int64)
         offs = np.ascontiguousarray(js[small][flat // (32 * words.shape[1])])
         listed = (ids, offs, (ids.ctypes.data, offs.ctypes.data, len(ids)))

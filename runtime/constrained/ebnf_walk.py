@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loom.runtime.constrained.bitmask import bitmask_width
+from loom.runtime.constrained.bitmask import bitmask_width, unpack_ids
 from loom.runtime.constrained.lalr_native import C_SOURCE as LALR_C_SOURCE
 from loom.runtime.constrained.lalr_native import NativeStacks
 from loom.runtime.constrained.lalr_native import bind as bind_lalr
@@ -505,5 +505,4 @@ class CrossingWalker:
         out, shared, own = np.zeros_like(enders), np.zeros(3 * len(enders), dtype=np.uint32), np.zeros(2 * len(enders), dtype=np.uint32)
         listed = np.unique(np.asarray(ids, dtype=np.int64)) if by_ids else None
         self.cross(offset, sid, enders, shared, own, out, len(ids), listed)
-        bits = np.unpackbits(out.view(np.uint8), bitorder="little")[: v.vocab_size]
-        return np.flatnonzero(bits).astype(np.int64)
+        return unpack_ids(out)
