@@ -1,15 +1,16 @@
 """Grammars and schemas shared by the constrained-decoding tests, and the two views of a compiled
 grammar's mask they compare (the fast mask, every token walked by brute force)."""
 
+import random
+
 from loom.runtime.constrained import TokenVocab, allocate_token_bitmask, unpack_bitmask
+from loom.runtime.constrained.vocabulary import byte_decoder
+from loom.tiny_tokenizer import tiny_tokenizer
 
 
 def tiny_vocab(extra: list[bytes], eos: int = 0) -> TokenVocab:
     """The tiny trained byte-level BPE vocabulary (1024 ids, specials 0-2 left out) plus `extra`
     hand-made tokens at ids 1024 on (tokens that cross lexeme ends)."""
-    from loom.runtime.constrained.vocabulary import byte_decoder
-    from loom.tiny_tokenizer import tiny_tokenizer
-
     tok = tiny_tokenizer(1024)
     dec = byte_decoder()
     tb = {i: bytes(dec[c] for c in s) for s, i in tok.get_vocab().items() if i >= 3}
@@ -28,8 +29,6 @@ def allowed_tokens(compiled, state) -> set[int]:
 def random_walk(compiled, seed: int, steps: int, prefer: set[int], p: float, eos: int) -> list[frozenset[int]]:
     """The states along a random walk of `compiled`'s masks, taking a token of `prefer` with
     probability p where one is allowed (tokens that cross lexeme ends, open levels, ...)."""
-    import random
-
     rnd = random.Random(seed)
     g = compiled.matcher()
     states = [g.state]
